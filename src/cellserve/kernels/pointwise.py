@@ -1,0 +1,112 @@
+"""Fused per-element gate math and the sequential scans of SRU/QRNN.
+
+Each kernel does all the non-matmul work of a step (or of k steps) in one pass over the state, so
+no temporary (B, gates*H) arrays are made and the hidden-unit loop is compiled, not Python.
+Signatures are given so Numba compiles (or loads from its cache) once at import, never per request.
+Gate layouts follow torch: LSTM [i, f, g, o], GRU [r, z, n].
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+F2 = "float32[:, ::1]"
+F1 = "float32[::1]"
+F3 = "float32[:, :, ::1]"
+F3A = "float32[:, :, :]"
+
+
+@njit(inline="always")
+def _sigmoid(x):
+    return np.float32(1.0) / (np.float32(1.0) + math.exp(-x))
+
+
+@njit(f"void({F2}, {F2}, {F1}, {F2}, {F2}, {F2})", cache=True, nogil=True)
+def lstm_step(gi, gh, bias, c_prev, h_out, c_out):
+    """gates = gi + gh + bias; c' = f*c + i*g; h' = o*tanh(c'). c_out may alias c_prev."""
+    batch, hidden = c_prev.shape
+    for b in range(batch):
+        for j in range(hidden):
+            i = _sigmoid(gi[b, j] + gh[b, j] + bias[j])
+            f = _sigmoid(gi[b, hidden + j] + gh[b, hidden + j] + bias[hidden + j])
+            g = math.tanh(gi[b, 2 * hidden + j] + gh[b, 2 * hidden + j] + bias[2 * hidden + j])
+            o = _sigmoid(gi[b, 3 * hidden + j] + gh[b, 3 * hidden + j] + bias[3 * hidden + j])
+            c = f * c_prev[b, j] + i * g
+            c_out[b, j] = c
+            h_out[b, j] = o * math.tanh(c)
+
+
+@njit(f"void({F2}, {F2}, {F1}, {F1}, {F2}, {F2})", cache=True, nogil=True)
+def gru_step(gi, gh, b_ih, b_hh, h_prev, h_out):
+    """torch's GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); h' = (1-z)*n + z*h."""
+    batch, hidden = h_prev.shape
+    for b in range(batch):
+        for j in range(hidden):
+            r = _sigmoid(gi[b, j] + b_ih[j] + gh[b, j] + b_hh[j])
+            z = _sigmoid(gi[b, hidden + j] + b_ih[hidden + j] + gh[b, hidden + j] + b_hh[hidden + j])
+            n = math.tanh(gi[b, 2 * hidden + j] + b_ih[2 * hidden + j]
+                          + r * (gh[b, 2 * hidden + j] + b_hh[2 * hidden + j]))
+            h_out[b, j] = (np.float32(1.0) - z) * n + z * h_prev[b, j]
+
+
+@njit(f"void({F3}, {F3A}, {F1}, {F1}, {F1}, {F1}, {F2}, {F3}, boolean)", cache=True, nogil=True)
+def sru_scan(u, highway, v_f, v_r, b_f, b_r, c, h_out, use_tanh):
+    """SRU recurrence over T steps, given u = x W^T with columns [x~, f, r] (Lei et al. 2018):
+    f = s(Wf x + vf*c + bf); r = s(Wr x + vr*c + br); c' = f*c + (1-f)*x~; h = r*g(c') + (1-r)*hw.
+    c is updated in place to the state after the last step."""
+    steps, batch, hidden = h_out.shape
+    one = np.float32(1.0)
+    for b in range(batch):
+        for j in range(hidden):
+            cj = c[b, j]
+            for t in range(steps):
+                f = _sigmoid(u[t, b, hidden + j] + v_f[j] * cj + b_f[j])
+                r = _sigmoid(u[t, b, 2 * hidden + j] + v_r[j] * cj + b_r[j])
+                cj = f * cj + (one - f) * u[t, b, j]
+                g = math.tanh(cj) if use_tanh else cj
+                h_out[t, b, j] = r * g + (one - r) * highway[t, b, j]
+            c[b, j] = cj
+
+
+@njit(f"void({F3}, {F1}, {F2}, {F3})", cache=True, nogil=True)
+def qrnn_scan(u, bias, c, h_out):
+    """QRNN fo-pooling over T steps (Bradbury et al. 2016), u = masked-conv pre-activations [z, f, o]:
+    c' = f*c + (1-f)*tanh(z); h = o*c'. c is updated in place."""
+    steps, batch, hidden = h_out.shape
+    one = np.float32(1.0)
+    for b in range(batch):
+        for j in range(hidden):
+            cj = c[b, j]
+            for t in range(steps):
+                z = math.tanh(u[t, b, j] + bias[j])
+                f = _sigmoid(u[t, b, hidden + j] + bias[hidden + j])
+                o = _sigmoid(u[t, b, 2 * hidden + j] + bias[2 * hidden + j])
+                cj = f * cj + (one - f) * z
+                h_out[t, b, j] = o * cj
+            c[b, j] = cj
+
+
+@njit(f"void({F2}, {F1}, {F2}, {F2}, {F2}, int64[::1], {F2}, {F2})", cache=True, nogil=True)
+def child_sum_tree_step(gx, bias, gh_iou, fh_children, c_children, child_parent, h_out, c_out):
+    """Child-sum TreeLSTM for a batch of nodes (Tai et al. 2015).
+
+    gx: (N, 4H) x W^T with columns [i, o, u, f]; gh_iou: (N, 3H) = (sum of children h) U_iou^T;
+    fh_children: (C, H) = h_k U_f^T for every child k; c_children: (C, H); child_parent[k] is the
+    batch row of child k's parent. Leaves simply have no children rows.
+    """
+    nodes, hidden = h_out.shape
+    csum = np.zeros((nodes, hidden), dtype=np.float32)
+    for k in range(child_parent.shape[0]):
+        p = child_parent[k]
+        for j in range(hidden):
+            f = _sigmoid(gx[p, 3 * hidden + j] + bias[3 * hidden + j] + fh_children[k, j])
+            csum[p, j] += f * c_children[k, j]
+    for n in range(nodes):
+        for j in range(hidden):
+            i = _sigmoid(gx[n, j] + bias[j] + gh_iou[n, j])
+            o = _sigmoid(gx[n, hidden + j] + bias[hidden + j] + gh_iou[n, hidden + j])
+            u = math.tanh(gx[n, 2 * hidden + j] + bias[2 * hidden + j] + gh_iou[n, 2 * hidden + j])
+            c = i * u + csum[n, j]
+            c_out[n, j] = c
+            h_out[n, j] = o * math.tanh(c)

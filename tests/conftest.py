@@ -1,0 +1,17 @@
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def assert_close(ours, ref, rtol=1e-4, atol=1e-5):
+    """fp32 agreement with a torch reference (relative 1e-4; a small absolute floor for values near 0)."""
+    if hasattr(ref, "detach"):
+        ref = ref.detach().numpy()
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
