@@ -3,18 +3,23 @@
 Weights are kept in torch's (out_features, in_features) layout. The product picks its path by
 batch rows M, because OpenBLAS's GEMM packs the whole weight matrix on every call, which at
 small M costs several times a GEMV (measured: M=2 is ~7x slower than M=1 at 512x1024):
-  M == 1      BLAS GEMV, reads the weights once;
-  2 <= M <= 8 a Numba dot-product kernel that streams each weight row once for all M rows;
-  M > 8       BLAS GEMM, where packing pays for itself.
+  M == 1       BLAS GEMV, reads the weights once;
+  2 <= M <= 32 Numba dot-product kernels that stream each weight row once for all M rows, with
+               register blocking (4 input rows, and 2 weight rows once M >= 4): 1.5-2.5x faster
+               than OpenBLAS at these sizes on the dev machines;
+  M > 32       BLAS GEMM, where packing pays for itself.
+Rows are not bit-identical across paths (summation order differs); they agree to fp32 rounding.
 """
 
 import numpy as np
 from numba import njit
 
-SMALL_BATCH_MAX = 8
+SMALL_BATCH_MAX = 32
+SIGNATURE = "void(float32[:, ::1], float32[:, ::1], float32[:, ::1])"
+KERNEL = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 
 
-@njit("void(float32[:, ::1], float32[:, ::1], float32[:, ::1])", cache=True, fastmath=True, nogil=True)
+@njit(SIGNATURE, **KERNEL)
 def _matmul_rows(x, weight, out):
     """out = x @ weight.T for a few rows: each weight row is loaded once and used by 4 rows of x."""
     m_total, k_total = x.shape
@@ -45,6 +50,57 @@ def _matmul_rows(x, weight, out):
             m += 1
 
 
+@njit(SIGNATURE, **KERNEL)
+def _matmul_blocked(x, weight, out):
+    """out = x @ weight.T, 2 weight rows x 4 input rows per block: 6 loads feed 8 multiply-adds."""
+    m_total, k_total = x.shape
+    n_total = weight.shape[0]
+    n = 0
+    while n + 2 <= n_total:
+        m = 0
+        while m + 4 <= m_total:
+            a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = np.float32(0.0)
+            for k in range(k_total):
+                w0 = weight[n, k]
+                w1 = weight[n + 1, k]
+                x0 = x[m, k]
+                x1 = x[m + 1, k]
+                x2 = x[m + 2, k]
+                x3 = x[m + 3, k]
+                a00 += x0 * w0
+                a01 += x0 * w1
+                a10 += x1 * w0
+                a11 += x1 * w1
+                a20 += x2 * w0
+                a21 += x2 * w1
+                a30 += x3 * w0
+                a31 += x3 * w1
+            out[m, n] = a00
+            out[m, n + 1] = a01
+            out[m + 1, n] = a10
+            out[m + 1, n + 1] = a11
+            out[m + 2, n] = a20
+            out[m + 2, n + 1] = a21
+            out[m + 3, n] = a30
+            out[m + 3, n + 1] = a31
+            m += 4
+        while m < m_total:
+            a0 = a1 = np.float32(0.0)
+            for k in range(k_total):
+                a0 += x[m, k] * weight[n, k]
+                a1 += x[m, k] * weight[n + 1, k]
+            out[m, n] = a0
+            out[m, n + 1] = a1
+            m += 1
+        n += 2
+    if n < n_total:
+        for m in range(m_total):
+            acc = np.float32(0.0)
+            for k in range(k_total):
+                acc += x[m, k] * weight[n, k]
+            out[m, n] = acc
+
+
 def matmul(x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Return x @ weight.T for x (M, in) and weight (out, in), both C-contiguous float32."""
     m = x.shape[0]
@@ -52,8 +108,10 @@ def matmul(x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> 
         out = np.empty((m, weight.shape[0]), dtype=np.float32)
     if m == 1:
         np.matmul(weight, x[0], out=out[0])
-    elif m <= SMALL_BATCH_MAX:
+    elif m < 4:
         _matmul_rows(np.ascontiguousarray(x), weight, out)
+    elif m <= SMALL_BATCH_MAX:
+        _matmul_blocked(np.ascontiguousarray(x), weight, out)
     else:
         np.matmul(x, weight.T, out=out)
     return out

@@ -1,0 +1,86 @@
+"""`cellserve bench cells`: microseconds per step of one cell, ours beside torch eager and ONNX Runtime,
+all on one intra-op thread in this process with the same inputs, and the memory-bandwidth floor."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cellserve.bench.common import limit_threads, median_us, memory_bandwidth_gbs, print_table, write_json
+from cellserve.cells import CELLS
+from cellserve.models.rnn import RNN
+
+CELL_KINDS = ("lstm", "gru", "sru")
+
+
+def _torch_step(kind: str, cell, torch):
+    """A torch eager step function for our cell's weights."""
+    from cellserve.models.torch_reference import TorchSRU
+
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    if kind == "sru":
+        ref = TorchSRU(cell.input_size, cell.hidden_size)
+        ref.load_state_dict({k: t(v) for k, v in cell.tensors().items()})
+        return lambda x, h, c: ref(x[None], c)
+    module = (torch.nn.LSTMCell if kind == "lstm" else torch.nn.GRUCell)(cell.input_size, cell.hidden_size)
+    module.weight_ih.data, module.weight_hh.data = t(cell.ih.weight), t(cell.hh.weight)
+    if kind == "lstm":
+        module.bias_ih.data, module.bias_hh.data = t(cell.bias), torch.zeros_like(module.bias_hh)
+        return lambda x, h, c: module(x, (h, c))
+    module.bias_ih.data, module.bias_hh.data = t(cell.b_ih), t(cell.b_hh)
+    return lambda x, h, c: module(x, h)
+
+
+def _ort_step(kind: str, cell, batch: int):
+    from cellserve.models.onnx_io import ort_session, rnn_to_onnx, sru_steps_to_onnx
+
+    hidden = cell.hidden_size
+    if kind == "sru":
+        session = ort_session(sru_steps_to_onnx(cell, 1))
+        feeds = {"X": np.zeros((1, batch, cell.input_size), np.float32), "c0": np.zeros((batch, hidden), np.float32)}
+    else:
+        session = ort_session(rnn_to_onnx(RNN([[cell]])))
+        feeds = {"X": np.zeros((1, batch, cell.input_size), np.float32), "h0": np.zeros((1, batch, hidden), np.float32)}
+        if kind == "lstm":
+            feeds["c0"] = feeds["h0"]
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in feeds.items()}
+    return lambda: session.run(None, feeds)
+
+
+def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth) -> dict:
+    cell = CELLS[kind].random(hidden, hidden, 0)
+    rng = np.random.default_rng(batch)
+    x = rng.standard_normal((batch, hidden)).astype(np.float32)
+    state = tuple(rng.standard_normal((batch, w)).astype(np.float32) for w in cell.state_widths())
+    row = {"cell": kind, "hidden": hidden, "batch": batch, "ours_us": median_us(lambda: cell.step(x, state), seconds)}
+    if torch is not None:
+        torch_step = _torch_step(kind, cell, torch)
+        tx, th, tc = (torch.from_numpy(a) for a in (x, state[0], state[-1]))
+        row["torch_us"] = median_us(lambda: torch_step(tx, th, tc), seconds)
+        row["speedup_vs_torch"] = row["torch_us"] / row["ours_us"]
+    if with_ort:
+        row["ort_us"] = median_us(_ort_step(kind, cell, batch), seconds)
+        row["speedup_vs_ort"] = row["ort_us"] / row["ours_us"]
+    row["floor_us"] = cell.weight_bytes / (bandwidth * 1e3)
+    return row
+
+
+def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), seconds: float = 0.3,
+        json_path=None, with_torch: bool = True, with_ort: bool = True) -> list[dict]:
+    torch = None
+    if with_torch:
+        import torch
+
+        torch.set_grad_enabled(False)
+    with limit_threads(1):
+        bandwidth = memory_bandwidth_gbs()
+        rows = [_measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth)
+                for kind in cells for hidden in hiddens for batch in batches]
+    print_table("microseconds per step (1 thread, median)", rows,
+                [("cell", "cell"), ("hidden", "hidden"), ("batch", "batch"), ("ours_us", "ours us"),
+                 ("torch_us", "torch us"), ("ort_us", "ORT us"), ("floor_us", "DRAM floor us"),
+                 ("speedup_vs_torch", "x torch"), ("speedup_vs_ort", "x ORT")],
+                caption=f"floor = weight bytes / {bandwidth:.1f} GB/s streaming-copy bandwidth; small weights "
+                        f"sit in cache and can beat it")
+    write_json(json_path, {"bandwidth_gbs": bandwidth, "rows": rows})
+    return rows

@@ -1,0 +1,79 @@
+"""Shared measurement helpers: thread pinning, median timing, memory bandwidth, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def limit_threads(threads: int = 1):
+    """Pin BLAS, Numba and (if loaded) torch to `threads` intra-op threads; returns the BLAS limiter."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return threadpool_limits(threads)
+
+
+def median_us(fn, seconds: float = 0.3, repeats: int = 7) -> float:
+    """Median microseconds per call of fn over `repeats` timed loops lasting ~seconds in all."""
+    fn()  # warm-up: caches, lazy allocations
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    loops = max(1, int(seconds / repeats / once))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        samples.append((time.perf_counter() - start) / loops * 1e6)
+    return float(np.median(samples))
+
+
+def memory_bandwidth_gbs(megabytes: int = 256) -> float:
+    """Streaming copy bandwidth (bytes read + written per second), median of 5, in GB/s."""
+    src = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        samples.append(2 * src.nbytes / (time.perf_counter() - start))
+    return float(np.median(samples)) / 1e9
+
+
+def write_json(path: str | Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    console.print(f"wrote {path}")
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]], caption: str | None = None) -> None:
+    """columns: (key, header); floats print with 3 significant digits."""
+    table = Table(title=title, caption=caption)
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*[_fmt(row.get(key)) for key, _ in columns])
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,103 @@
+"""The `cellserve` command. Usage errors and bad input exit with code 2 and a one-line message."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _words(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def _bench_cells(args):
+    from cellserve.bench import cells
+
+    unknown = set(args.cells) - set(cells.CELL_KINDS)
+    if unknown:
+        raise UsageError(f"unknown cell(s) {sorted(unknown)}; choose from {list(cells.CELL_KINDS)}")
+    cells.run(args.cells, args.hidden, args.batch, args.seconds, args.json,
+              with_torch=not args.no_torch, with_ort=not args.no_ort)
+
+
+def _import_torch(args):
+    import torch
+
+    from cellserve import models
+
+    try:
+        state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise UsageError(f"cannot read {args.state_dict}: {exc}")
+    try:
+        rnn = models.rnn_from_torch(state, args.kind)
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{args.state_dict}: {exc}")
+    models.save(rnn, args.out)
+    print(f"saved {rnn.config()} to {args.out}")
+
+
+def _info(args):
+    import json
+
+    from cellserve import models
+
+    try:
+        model = models.load(args.model)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc))
+    print(json.dumps(model.config(), indent=2))
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellserve", description="Low-latency RNN inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    b = bench_sub.add_parser("cells", help="microseconds per cell step: ours vs torch eager vs ONNX Runtime")
+    b.add_argument("--json", help="write the rows to this file")
+    b.add_argument("--cells", type=_words, default=["lstm", "gru", "sru"], help="comma list (lstm,gru,sru)")
+    b.add_argument("--hidden", type=_ints, default=[256, 512, 1024], help="comma list of hidden sizes")
+    b.add_argument("--batch", type=_ints, default=[1, 8, 32, 128], help="comma list of batch sizes")
+    b.add_argument("--seconds", type=float, default=0.3, help="time budget per measurement")
+    b.add_argument("--no-torch", action="store_true", help="skip the torch column")
+    b.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
+    b.set_defaults(func=_bench_cells)
+
+    imp = sub.add_parser("import-torch", help="convert a torch nn.LSTM/nn.GRU(/Cell) state dict to our format")
+    imp.add_argument("state_dict", help="a file written by torch.save(module.state_dict())")
+    imp.add_argument("out", help="output .safetensors path")
+    imp.add_argument("--kind", choices=["lstm", "gru"], help="cell type (inferred when omitted)")
+    imp.set_defaults(func=_import_torch)
+
+    info = sub.add_parser("info", help="print a model file's architecture")
+    info.add_argument("model")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as exc:
+        print(f"cellserve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
