@@ -1,0 +1,42 @@
+"""A request inside the engine, and the errors the engine reports to its callers."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_ids = itertools.count()
+
+
+class EngineError(Exception):
+    """Base of the errors a caller sees from the engine."""
+
+
+class EngineFull(EngineError):
+    """Admission refused: the waiting queue is at capacity."""
+
+
+class EngineStopped(EngineError):
+    """The engine shut down before the request finished."""
+
+
+@dataclass(eq=False)
+class Request:
+    payload: object
+    slots_needed: int = 1
+    id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+    slots: np.ndarray | None = None
+    started: float | None = None  # when it got state slots and joined the running set
+    ready: dict[str, list] = field(default_factory=dict)  # cell type -> nodes ready to run
+    progress: dict = field(default_factory=dict)  # runner-private bookkeeping
+    done: bool = False
+    result: object = None
+
+    def has_ready(self, cell_type: str) -> bool:
+        return bool(self.ready.get(cell_type))

@@ -1,0 +1,237 @@
+"""Scheduler invariants: outputs equal unbatched runs, nothing lost or duplicated, no starvation,
+cell types batched apart and both served, admission and cancellation."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cellserve.engine import Engine, EngineFull, EngineStopped, make_runner
+from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM
+from cellserve.models.lm import log_softmax
+
+VOCAB = 40
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LanguageModel.random(VOCAB, 8, 12, num_layers=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def s2s():
+    return Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return TreeLSTM.random(VOCAB, 8, 12, num_classes=3, seed=3)
+
+
+def random_tree(rng, leaves):
+    """A random binary bracketing over `leaves` words: parents list, root last."""
+    nodes = list(range(leaves))
+    parents = [-1] * leaves
+    while len(nodes) > 1:
+        i = int(rng.integers(0, len(nodes) - 1))
+        parents.append(-1)
+        new = len(parents) - 1
+        parents[nodes[i]] = parents[nodes[i + 1]] = new
+        nodes[i:i + 2] = [new]
+    return parents
+
+
+def lm_reference(model, tokens):
+    logp = log_softmax(model.forward(np.asarray(tokens)[:, None])[:, 0])
+    return float(logp[np.arange(len(tokens) - 1), tokens[1:]].sum()), int(logp[-1].argmax())
+
+
+def make_requests(kind, rng, n):
+    if kind == "lm":
+        return [{"tokens": rng.integers(0, VOCAB, int(rng.integers(1, 30))).tolist()} for _ in range(n)]
+    if kind == "s2s":
+        return [{"tokens": rng.integers(0, VOCAB, int(rng.integers(1, 20))).tolist(),
+                 "max_output_tokens": int(rng.integers(1, 25)), "stop_at_eos": bool(rng.integers(0, 2))}
+                for _ in range(n)]
+    out = []
+    for _ in range(n):
+        parents = random_tree(rng, int(rng.integers(1, 12)))
+        out.append({"parents": parents, "tokens": rng.integers(0, VOCAB, len(parents)).tolist()})
+    return out
+
+
+def reference(kind, model, inputs):
+    if kind == "lm":
+        ll, nxt = lm_reference(model, inputs["tokens"])
+        return {"log_likelihood": ll, "next_token": nxt}
+    if kind == "s2s":
+        return {"tokens": model.translate(np.array(inputs["tokens"]), inputs["max_output_tokens"],
+                                          inputs["stop_at_eos"])}
+    return {"logits": model.forward(inputs["tokens"], inputs["parents"]).tolist()}
+
+
+def assert_same(kind, got, want):
+    """Batched and unbatched runs use different BLAS paths (GEMV vs blocked kernels vs GEMM), so floats
+    agree to fp32 rounding rather than bit for bit; discrete outputs (tokens) must be identical."""
+    if kind == "lm":
+        assert got["log_likelihood"] == pytest.approx(want["log_likelihood"], rel=1e-5, abs=1e-4)
+        assert got["next_token"] == want["next_token"]
+    elif kind == "s2s":
+        assert got == want
+    else:
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["cellular", "graph", "none"])
+@pytest.mark.parametrize("kind", ["lm", "s2s", "tree"])
+def test_every_output_equals_its_unbatched_run(kind, policy, lm, s2s, tree):
+    model = {"lm": lm, "s2s": s2s, "tree": tree}[kind]
+    rng = np.random.default_rng(7)
+    inputs = make_requests(kind, rng, 40)
+    engine = Engine(make_runner(model, capacity=256), policy, max_batch=8, max_delay_ms=2,
+                    length_buckets=(8, 16) if policy == "graph" else ()).start()
+    futures = []
+    for i, inp in enumerate(inputs):  # staggered arrivals: requests join a running batch
+        futures.append(engine.submit(inp))
+        if i % 5 == 0:
+            time.sleep(0.002)
+    results = [f.result(timeout=60) for f in futures]
+    engine.stop()
+    for inp, got in zip(inputs, results):
+        assert_same(kind, got, reference(kind, model, inp))
+    assert engine.stats.completed == len(inputs) and engine.stats.failed == 0
+    assert engine.runner.pool.used == 0  # every slot returned
+
+
+def test_cellular_batches_cell_types_apart_and_serves_both(s2s):
+    seen = []
+
+    class Observer:
+        def on_batch(self, cell_type, size, seconds):
+            seen.append((cell_type, size))
+
+        def on_done(self, req):
+            pass
+
+    engine = Engine(make_runner(s2s, 64), "cellular", max_batch=16, observer=Observer()).start()
+    rng = np.random.default_rng(3)
+    futures = [engine.submit(r) for r in make_requests("s2s", rng, 30)]
+    [f.result(timeout=60) for f in futures]
+    engine.stop()
+    types = {t for t, _ in seen}
+    assert types == {"encoder", "decoder"}
+    assert max(size for _, size in seen) > 1  # requests really were batched together
+
+
+def test_requests_join_a_running_batch_and_leave_when_done(lm):
+    """A short request submitted while a long one runs finishes first (no waiting for the batch)."""
+    engine = Engine(make_runner(lm, 16), "cellular", max_batch=8).start()
+    done_order = []
+    long = engine.submit({"tokens": list(range(VOCAB)) * 30})
+    long.add_done_callback(lambda f: done_order.append("long"))
+    time.sleep(0.01)
+    short = engine.submit({"tokens": [1, 2, 3]})
+    short.add_done_callback(lambda f: done_order.append("short"))
+    long.result(timeout=60)
+    short.result(timeout=60)
+    engine.stop()
+    assert done_order == ["short", "long"]
+
+
+def test_no_starvation_under_long_adversarial_run(lm):
+    """A flood of short requests keeps arriving; a long one submitted early still finishes, and
+    all finish, each exactly once."""
+    engine = Engine(make_runner(lm, 64), "cellular", max_batch=4).start()
+    rng = np.random.default_rng(5)
+    long = engine.submit({"tokens": rng.integers(0, VOCAB, 200).tolist()})
+    stop = time.perf_counter() + 1.5
+    futures = []
+    while time.perf_counter() < stop:
+        try:
+            futures.append(engine.submit({"tokens": rng.integers(0, VOCAB, 3).tolist()}))
+        except EngineFull:
+            time.sleep(0.001)
+        if long.done():
+            break
+    assert long.result(timeout=30)["next_token"] >= 0
+    results = [f.result(timeout=60) for f in futures]
+    engine.stop()
+    assert len(results) == len(futures)
+    assert engine.stats.completed == len(futures) + 1
+
+
+def test_admission_refuses_over_capacity_and_loses_nothing(lm):
+    engine = Engine(make_runner(lm, 2), "cellular", max_batch=2, max_queue=5).start()
+    accepted, refused = [], 0
+    for _ in range(50):
+        try:
+            accepted.append(engine.submit({"tokens": list(range(30))}))
+        except EngineFull as exc:
+            assert "queue full" in str(exc)
+            refused += 1
+    assert refused > 0
+    assert all(f.result(timeout=60)["next_token"] >= 0 for f in accepted)
+    engine.stop()
+    assert engine.stats.completed + engine.stats.refused == 50
+
+
+def test_cancel_frees_the_slot(lm):
+    engine = Engine(make_runner(lm, 1), "cellular", max_batch=1, max_queue=10).start()
+    running = engine.submit({"tokens": list(range(VOCAB)) * 20})
+    waiting = engine.submit({"tokens": [1, 2]})
+    assert waiting.cancel()
+    assert running.result(timeout=60)
+    after = engine.submit({"tokens": [3, 4]})
+    assert after.result(timeout=60)
+    engine.stop()
+    assert engine.runner.pool.used == 0 and engine.stats.cancelled == 1
+
+
+def test_bad_input_is_rejected_at_submit_and_engine_keeps_serving(lm, tree):
+    engine = Engine(make_runner(lm, 8)).start()
+    for bad in [{"tokens": [VOCAB]}, {"tokens": []}, {"tokens": [[1, 2]]}, {"tokens": [1.5, 2]}, {}]:
+        with pytest.raises(ValueError):
+            engine.submit(bad)
+    assert engine.submit({"tokens": [1, 2, 3]}).result(timeout=30)
+    engine.stop()
+    tree_engine = Engine(make_runner(tree, 8)).start()
+    with pytest.raises(ValueError):
+        tree_engine.submit({"parents": [-1, 0], "tokens": [1]})
+    with pytest.raises(ValueError, match="state slots"):
+        tree_engine.submit({"parents": [-1] + [0] * 20, "tokens": [1] * 21})
+    tree_engine.stop()
+
+
+def test_stop_fails_unfinished_requests_instead_of_hanging(lm):
+    engine = Engine(make_runner(lm, 1), "cellular", max_batch=1).start()
+    futures = [engine.submit({"tokens": list(range(VOCAB)) * 50}) for _ in range(5)]
+    engine.stop(drain=False)
+    outcomes = []
+    for f in futures:
+        try:
+            f.result(timeout=10)
+            outcomes.append("ok")
+        except EngineStopped:
+            outcomes.append("stopped")
+    assert "stopped" in outcomes and len(outcomes) == 5
+    with pytest.raises(EngineStopped):
+        engine.submit({"tokens": [1, 2]})
+
+
+def test_engine_thread_safe_submission(lm):
+    engine = Engine(make_runner(lm, 64), "cellular", max_batch=16).start()
+    results, rng = [], np.random.default_rng(9)
+    inputs = make_requests("lm", rng, 60)
+
+    def client(chunk):
+        for inp in chunk:
+            results.append((inp, engine.submit(inp).result(timeout=60)))
+
+    threads = [threading.Thread(target=client, args=(inputs[i::4],)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    engine.stop()
+    assert len(results) == 60
+    for inp, got in results:
+        assert_same("lm", got, reference("lm", lm, inp))
