@@ -13,6 +13,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
 def _words(text: str) -> list[str]:
     return [v for v in text.split(",") if v]
 
@@ -25,6 +32,21 @@ def _bench_cells(args):
         raise UsageError(f"unknown cell(s) {sorted(unknown)}; choose from {list(cells.CELL_KINDS)}")
     cells.run(args.cells, args.hidden, args.batch, args.seconds, args.json,
               with_torch=not args.no_torch, with_ort=not args.no_ort)
+
+
+def _bench_serving(args):
+    from cellserve.bench import serving
+    from cellserve.bench.workloads import WORKLOADS
+    from cellserve.engine import POLICIES
+
+    unknown = set(args.workloads) - set(WORKLOADS) or set(args.policies) - set(POLICIES)
+    if unknown:
+        raise UsageError(f"unknown workload/policy {sorted(unknown)}; workloads {list(WORKLOADS)}, "
+                         f"policies {list(POLICIES)}")
+    if args.duration <= 0 or any(r <= 0 for r in args.rates or []):
+        raise UsageError("--duration and --rates must be positive")
+    serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
+                args.max_delay_ms, args.buckets, args.json, args.plots)
 
 
 def _import_torch(args):
@@ -75,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-torch", action="store_true", help="skip the torch column")
     b.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
     b.set_defaults(func=_bench_cells)
+
+    sv = bench_sub.add_parser("serving", help="cellular vs graph vs no batching under open-loop Poisson load")
+    sv.add_argument("--json", help="write the rows and summary to this file")
+    sv.add_argument("--plots", default="results", help="folder for the latency-vs-throughput PNGs")
+    sv.add_argument("--workloads", type=_words, default=["lm", "seq2seq", "treelstm"])
+    sv.add_argument("--policies", type=_words, default=["cellular", "graph", "none"])
+    sv.add_argument("--rates", type=_floats, help="offered rates in req/s (default: a grid from the "
+                    "unbatched capacity up to saturation)")
+    sv.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per rate and policy")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--max-batch", type=int, default=64)
+    sv.add_argument("--max-delay-ms", type=float, default=5.0, help="graph policy: batching window")
+    sv.add_argument("--buckets", type=_ints, default=[], help="graph policy: length bucket bounds, e.g. 10,20,40")
+    sv.set_defaults(func=_bench_serving)
 
     imp = sub.add_parser("import-torch", help="convert a torch nn.LSTM/nn.GRU(/Cell) state dict to our format")
     imp.add_argument("state_dict", help="a file written by torch.save(module.state_dict())")

@@ -10,7 +10,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 160)  # logs and CI get whole table rows
 
 
 def limit_threads(threads: int = 1):

@@ -1,0 +1,143 @@
+"""`cellserve bench serving`: one seeded open-loop trace per offered rate, run through the cellular,
+graph and none policies of the same engine; latency percentiles, throughput, refusals and losses,
+a summary of the targets, and a latency-vs-throughput plot per workload."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cellserve.bench.common import console, limit_threads, print_table, write_json
+from cellserve.bench.loadgen import poisson_arrivals, run_load
+from cellserve.bench.workloads import WORKLOADS, sentence_lengths
+from cellserve.engine import POLICIES, Engine, make_runner
+
+SLO_P99_MS = 1000.0
+
+
+def sustained(row: dict) -> bool:
+    """The policy kept up: nothing refused, failed or lost, and p99 under the 1 s objective."""
+    return (row["refused"] == 0 and row["failed"] == 0 and row["lost"] == 0 and row["p99_ms"] is not None
+            and row["p99_ms"] < SLO_P99_MS)
+
+
+def unbatched_capacity(workload, model, seed: int, samples: int = 8) -> float:
+    """Requests per second one request at a time can serve (to place the rate grid)."""
+    rng = np.random.default_rng(seed + 99)
+    engine = Engine(make_runner(model, 4096), "none").start()
+    requests = [workload.make_request(rng, int(n)) for n in sentence_lengths(rng, samples)]
+    engine.submit(requests[0]).result()  # warm-up
+    start = time.perf_counter()
+    for r in requests:
+        engine.submit(r).result()
+    engine.stop()
+    return samples / (time.perf_counter() - start)
+
+
+def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: float = 8.0, seed: int = 0,
+        max_batch: int = 64, max_delay_ms: float = 5.0, buckets=(), json_path=None, plot_dir=None) -> list[dict]:
+    rows = []
+    with limit_threads(1):
+        for name in workloads:
+            workload = WORKLOADS[name]
+            model = workload.make_model()
+            base = unbatched_capacity(workload, model, seed)
+            grid = list(rates) if rates else [round(base * m, 1) for m in (0.5, 1, 2, 4, 8, 16, 32)]
+            console.print(f"[bold]{name}[/]: {workload.description}; unbatched capacity ~{base:.1f} req/s; "
+                          f"rates {grid}")
+            saturated = {p: 0 for p in policies}
+            for rate in grid:
+                arrivals = poisson_arrivals(rate, duration, seed)
+                rng = np.random.default_rng(seed)
+                requests = [workload.make_request(rng, int(n)) for n in sentence_lengths(rng, len(arrivals))]
+                for policy in policies:
+                    if saturated[policy] >= 2:  # saturated twice already: higher rates tell nothing new
+                        continue
+                    engine = Engine(make_runner(model, 16384 if name == "treelstm" else 1024), policy,
+                                    max_batch=max_batch, max_queue=4 * max_batch + int(rate),
+                                    max_delay_ms=max_delay_ms, length_buckets=buckets).start()
+                    result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
+                    row = {"workload": name, "policy": policy, "rate_rps": rate,
+                           "throughput_rps": result.throughput_rps, "p50_ms": result.percentile_ms(50),
+                           "p90_ms": result.percentile_ms(90), "p99_ms": result.percentile_ms(99),
+                           "completed": result.completed, "refused": result.refused, "failed": result.failed,
+                           "lost": result.lost, "mean_batch": _mean_batch(engine)}
+                    row["sustained"] = sustained(row)
+                    saturated[policy] += 0 if row["sustained"] else 1
+                    rows.append(row)
+                    console.print(f"  {policy:8s} {rate:7.1f} req/s -> {row['throughput_rps']:6.1f} done/s, "
+                                  f"p90 {_ms(row['p90_ms'])}, p99 {_ms(row['p99_ms'])}, "
+                                  f"refused {row['refused']}, failed {row['failed']}, lost {row['lost']}")
+                if all(v >= 2 for v in saturated.values()):
+                    break
+    columns = [("workload", "workload"), ("policy", "policy"), ("rate_rps", "offered/s"),
+               ("throughput_rps", "done/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
+               ("mean_batch", "mean batch"), ("completed", "done"), ("refused", "refused"), ("failed", "failed"),
+               ("lost", "lost")]
+    print_table("serving: open-loop Poisson load, same trace per rate", rows, columns)
+    summary = summarize(rows)
+    print_table("targets: cellular vs graph", summary,
+                [("workload", "workload"), ("max_sustained_cellular", "cellular max/s"),
+                 ("max_sustained_graph", "graph max/s"), ("max_sustained_none", "none max/s"),
+                 ("throughput_ratio", "cellular/graph thr"), ("worst_p90_ratio", "worst p90 cell/graph"),
+                 ("lost", "lost")],
+                caption="sustained = p99 < 1 s with nothing refused, failed or lost; p90 ratio over the rates "
+                        "graph sustains")
+    write_json(json_path, {"rows": rows, "summary": summary})
+    if plot_dir:
+        plot(rows, Path(plot_dir))
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        mine = [r for r in rows if r["workload"] == name]
+        best = {p: max((r["throughput_rps"] for r in mine if r["policy"] == p and r["sustained"]), default=0.0)
+                for p in POLICIES}
+        graph_ok = {r["rate_rps"]: r for r in mine if r["policy"] == "graph" and r["sustained"]}
+        ratios = [r["p90_ms"] / graph_ok[r["rate_rps"]]["p90_ms"] for r in mine
+                  if r["policy"] == "cellular" and r["rate_rps"] in graph_ok and r["p90_ms"]]
+        out.append({"workload": name, **{f"max_sustained_{p}": best[p] for p in POLICIES},
+                    "throughput_ratio": best["cellular"] / best["graph"] if best["graph"] else None,
+                    "worst_p90_ratio": max(ratios) if ratios else None, "lost": sum(r["lost"] for r in mine)})
+    return out
+
+
+def plot(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for policy in POLICIES:
+            pts = [(r["throughput_rps"], r["p90_ms"]) for r in rows
+                   if r["workload"] == name and r["policy"] == policy and r["p90_ms"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=policy)
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput (requests/s)")
+        ax.set_ylabel("p90 latency (ms)")
+        ax.set_title(f"{name}: latency vs throughput")
+        ax.axhline(SLO_P99_MS, color="grey", linestyle=":", linewidth=1)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"serving_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        console.print(f"wrote {path}")
+
+
+def _mean_batch(engine: Engine) -> float | None:
+    sizes = engine.stats.batch_sizes
+    total = sum(sizes.values())
+    return sum(size * n for (_, size), n in sizes.items()) / total if total else None
+
+
+def _ms(v) -> str:
+    return f"{v:.0f} ms" if v is not None else "-"

@@ -1,0 +1,66 @@
+"""Request streams with realistic sizes.
+
+Sentence lengths follow a log-normal fitted to the shape of WMT-15 sentence lengths (median ~20 tokens,
+mean ~25, a long tail past 100); seq2seq output lengths track input lengths (x0.8-1.2); trees are random
+binary bracketings over sentences of the same lengths (2n-1 nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM
+
+VOCAB = 10_000
+
+
+def sentence_lengths(rng: np.random.Generator, n: int, max_len: int = 200) -> np.ndarray:
+    return np.clip(np.round(rng.lognormal(mean=np.log(20.0), sigma=0.62, size=n)), 2, max_len).astype(int)
+
+
+def binary_tree(rng: np.random.Generator, leaves: int) -> list[int]:
+    """Parents of a random binary bracketing over `leaves` words (leaves first, root last)."""
+    frontier = list(range(leaves))
+    parents = [-1] * leaves
+    while len(frontier) > 1:
+        i = int(rng.integers(0, len(frontier) - 1))
+        parents.append(-1)
+        node = len(parents) - 1
+        parents[frontier[i]] = parents[frontier[i + 1]] = node
+        frontier[i:i + 2] = [node]
+    return parents
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    make_model: Callable[[], object]
+    make_request: Callable[[np.random.Generator, int], dict]  # (rng, sentence length) -> inputs
+
+
+def _lm_request(rng, n):
+    return {"tokens": rng.integers(0, VOCAB, n).tolist()}
+
+
+def _s2s_request(rng, n):
+    out = max(1, int(round(n * rng.uniform(0.8, 1.2))))
+    return {"tokens": rng.integers(0, VOCAB, n).tolist(), "max_output_tokens": out, "stop_at_eos": False}
+
+
+def _tree_request(rng, n):
+    parents = binary_tree(rng, min(n, 100))
+    return {"parents": parents, "tokens": rng.integers(0, VOCAB, len(parents)).tolist()}
+
+
+WORKLOADS = {
+    "lm": Workload("lm", "LSTM language model, 2x512, vocab 10k: log-likelihood of a sentence",
+                   lambda: LanguageModel.random(VOCAB, 512, 512, num_layers=2, seed=0), _lm_request),
+    "seq2seq": Workload("seq2seq", "LSTM encoder-decoder, 2x512 each, vocab 10k, greedy decode of ~input length",
+                        lambda: Seq2Seq.random(VOCAB, VOCAB, 512, 512, num_layers=2, seed=0), _s2s_request),
+    "treelstm": Workload("treelstm", "child-sum TreeLSTM, 512 hidden, binary trees over sentences",
+                         lambda: TreeLSTM.random(VOCAB, 512, 512, num_classes=5, seed=0), _tree_request),
+}
