@@ -24,6 +24,12 @@ def _words(text: str) -> list[str]:
     return [v for v in text.split(",") if v]
 
 
+def _demo(args):
+    from cellserve import demo
+
+    demo.run()
+
+
 def _bench_cells(args):
     from cellserve.bench import cells
 
@@ -47,6 +53,18 @@ def _bench_serving(args):
         raise UsageError("--duration and --rates must be positive")
     serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
                 args.max_delay_ms, args.buckets, args.json, args.plots)
+
+
+def _bench_multistep(args):
+    from cellserve.bench import multistep
+
+    unknown = set(args.cells) - {"sru", "qrnn"}
+    if unknown:
+        raise UsageError(f"multi-step runs SRU and QRNN only, not {sorted(unknown)}")
+    if min(args.k) < 1 or args.layers < 1 or args.hidden < 1 or min(args.threads) < 1:
+        raise UsageError("--k, --layers, --hidden and --threads must be positive")
+    multistep.run(args.cells, args.layers, args.hidden, args.k, args.threads, args.seconds, args.frame_ms,
+                  with_torch=not args.no_torch, with_ort=not args.no_ort, json_path=args.json)
 
 
 def _import_torch(args):
@@ -86,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellserve", description="Low-latency RNN inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    demo = sub.add_parser("demo", help="serve the embedded number-speller and compare batching policies")
+    demo.set_defaults(func=_demo)
+
     bench = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     b = bench_sub.add_parser("cells", help="microseconds per cell step: ours vs torch eager vs ONNX Runtime")
@@ -111,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-delay-ms", type=float, default=5.0, help="graph policy: batching window")
     sv.add_argument("--buckets", type=_ints, default=[], help="graph policy: length bucket bounds, e.g. 10,20,40")
     sv.set_defaults(func=_bench_serving)
+
+    ms = bench_sub.add_parser("multistep", help="single-stream SRU/QRNN run k time steps per call")
+    ms.add_argument("--json", help="write the rows to this file")
+    ms.add_argument("--cells", type=_words, default=["sru", "qrnn"])
+    ms.add_argument("--layers", type=int, default=4)
+    ms.add_argument("--hidden", type=int, default=1024)
+    ms.add_argument("--k", type=_ints, default=[1, 2, 4, 8, 16, 32], help="block sizes")
+    ms.add_argument("--threads", type=_ints, default=[1, 2], help="intra-op thread counts to measure")
+    ms.add_argument("--seconds", type=float, default=0.5, help="time budget per measurement")
+    ms.add_argument("--frame-ms", type=float, default=10.0, help="input frame period, for the added latency")
+    ms.add_argument("--no-torch", action="store_true")
+    ms.add_argument("--no-ort", action="store_true")
+    ms.set_defaults(func=_bench_multistep)
 
     imp = sub.add_parser("import-torch", help="convert a torch nn.LSTM/nn.GRU(/Cell) state dict to our format")
     imp.add_argument("state_dict", help="a file written by torch.save(module.state_dict())")

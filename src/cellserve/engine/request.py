@@ -24,6 +24,22 @@ class EngineStopped(EngineError):
     """The engine shut down before the request finished."""
 
 
+class SessionError(EngineError, ValueError):
+    """A chunk names a sequence that is unknown, expired or busy (the caller's mistake: HTTP 400)."""
+
+
+@dataclass(eq=False)
+class Session:
+    """A stream's recurrent state, kept in the pool between chunks. Chunks run one at a time, in order."""
+
+    id: str
+    slots: np.ndarray | None = None  # allocated when its first chunk is admitted
+    buffer: object = None  # runner-private: input not yet consumed (e.g. frames short of a block)
+    last_active: float = field(default_factory=time.perf_counter)
+    busy: bool = False  # a chunk is in the running set
+    queued: int = 0  # chunks waiting in the queue
+
+
 @dataclass(eq=False)
 class Request:
     payload: object
@@ -37,6 +53,8 @@ class Request:
     progress: dict = field(default_factory=dict)  # runner-private bookkeeping
     done: bool = False
     result: object = None
+    session: Session | None = None
+    end: bool = False  # the last chunk of its session
 
     def has_ready(self, cell_type: str) -> bool:
         return bool(self.ready.get(cell_type))

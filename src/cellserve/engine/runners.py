@@ -37,19 +37,23 @@ class StackedState:
 
     def step(self, rnn: RNN, pool: StatePool, slots: np.ndarray, x: np.ndarray, pad_rows: int = 0) -> np.ndarray:
         """One step of `rnn` (encoder or decoder, same shapes) for the rows `slots`; returns top h."""
+        return self.steps(rnn, pool, slots, x[None], pad_rows)[0]
+
+    def steps(self, rnn: RNN, pool: StatePool, slots: np.ndarray, xs: np.ndarray, pad_rows: int = 0) -> np.ndarray:
+        """T steps, xs (T, B, in), for the rows `slots`: each layer runs all T steps in one call, so SRU and
+        QRNN read their weights once per block. Returns the top layer's outputs (T, B + pad_rows, H)."""
         n = len(slots)
         if pad_rows:
-            x = np.concatenate([x, np.zeros((pad_rows, x.shape[1]), np.float32)])
+            xs = np.concatenate([xs, np.zeros((xs.shape[0], pad_rows, xs.shape[2]), np.float32)], axis=1)
         for l, cell in enumerate(rnn.cells):
             names = [f"s{l}_{i}" for i in range(len(cell.state_widths()))]
             state = tuple(pool[name][slots] for name in names)
             if pad_rows:
                 state = tuple(np.concatenate([s, np.zeros((pad_rows, s.shape[1]), np.float32)]) for s in state)
-            new = cell.step(np.ascontiguousarray(x), state)
+            xs, new = cell.steps(np.ascontiguousarray(xs), state)
             for name, arr in zip(names, new):
                 pool[name][slots] = arr[:n]
-            x = new[0]
-        return x
+        return xs
 
 
 class Runner:
@@ -225,8 +229,71 @@ class TreeRunner(Runner):
                 req.ready["internal"].append(int(parent))
 
 
-def make_runner(model, capacity: int) -> Runner:
+class StreamRunner(Runner):
+    """A stacked unidirectional RNN over feature frames (speech, sensors): returns the top layer's output
+    per frame. Frames run in blocks of `block_steps`, one cell call per block, so SRU/QRNN read their
+    weights once per block; in a session, frames short of a full block wait for the next chunk or the
+    session's end. Rows of one batch share a block length (partial blocks are batched apart)."""
+
+    cell_types = ("block",)
+
+    def __init__(self, model: RNN, capacity: int, block_steps: int = 1):
+        if model.bidirectional:
+            raise ValueError("streaming needs a unidirectional RNN")
+        if block_steps < 1:
+            raise ValueError("block_steps must be >= 1")
+        self.model, self.block_steps = model, int(block_steps)
+        self.layers = StackedState(model)
+        super().__init__(StatePool(capacity, self.layers.widths))
+
+    def prepare(self, inputs):
+        frames = np.asarray(inputs.get("frames"), dtype=np.float32)
+        if frames.ndim != 2 or frames.shape[1] != self.model.input_size:
+            raise ValueError(f"frames must have shape [T, {self.model.input_size}], got {list(frames.shape)}")
+        if not np.isfinite(frames).all():
+            raise ValueError("frames contain NaN or infinity")
+        return frames, 1
+
+    def start(self, req):
+        session = req.session
+        frames = req.payload if session is None or session.buffer is None else np.concatenate(
+            [session.buffer, req.payload])
+        k = self.block_steps
+        usable = len(frames) if session is None or req.end else len(frames) // k * k
+        if session is not None:
+            session.buffer = frames[usable:]
+        req.progress["frames"] = frames[:usable]
+        req.progress["out"] = np.empty((usable, self.model.hidden_size), np.float32)
+        req.ready["block"] = [0] if usable else []
+        if not usable:
+            self._finish(req, self._result(req))
+
+    def run(self, cell_type, nodes, pad_rows=0):
+        k = self.block_steps
+        groups: dict[int, list] = {}
+        for req, start in nodes:
+            groups.setdefault(min(k, len(req.progress["frames"]) - start), []).append((req, start))
+        for length, group in groups.items():
+            slots = np.concatenate([r.slots for r, _ in group])
+            xs = np.stack([r.progress["frames"][s:s + length] for r, s in group], axis=1)
+            ys = self.layers.steps(self.model, self.pool, slots, xs, pad_rows)
+            pad_rows = 0  # the padding (graph baseline) is paid once per step
+            for row, (req, start) in enumerate(group):
+                req.progress["out"][start:start + length] = ys[:, row]
+                if start + length < len(req.progress["frames"]):
+                    req.ready["block"] = [start + length]
+                else:
+                    self._finish(req, self._result(req))
+
+    def _result(self, req):
+        session = req.session
+        return {"outputs": req.progress["out"], "frames_pending": 0 if session is None else len(session.buffer)}
+
+
+def make_runner(model, capacity: int, block_steps: int = 1) -> Runner:
     """The runner for a loaded model (by its architecture)."""
+    if isinstance(model, RNN):
+        return StreamRunner(model, capacity, block_steps)
     kinds = {LanguageModel: LanguageModelRunner, Seq2Seq: Seq2SeqRunner, TreeLSTM: TreeRunner}
     for cls, runner in kinds.items():
         if isinstance(model, cls):

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from cellserve.engine.request import EngineFull, EngineStopped, Request
+from cellserve.engine.request import EngineFull, EngineStopped, Request, Session, SessionError
 from cellserve.engine.runners import Runner
 
 POLICIES = ("cellular", "graph", "none")
@@ -37,7 +37,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: Runner, policy: str = "cellular", max_batch: int = 32, max_queue: int = 1024,
-                 max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None):
+                 max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None,
+                 idle_timeout_s: float = 60.0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if max_batch < 1 or max_queue < 1:
@@ -49,6 +50,10 @@ class Engine:
         self.max_delay = max_delay_ms / 1000.0
         self.length_buckets = tuple(sorted(length_buckets))
         self.observer = observer  # optional: on_batch(cell_type, size, seconds), on_done(request)
+        self.idle_timeout = float(idle_timeout_s)
+        self._sessions: dict[str, Session] = {}
+        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
+        self._next_expiry_check = 0.0
         self.stats = EngineStats()
         self._queue: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []  # arrival order
@@ -65,23 +70,73 @@ class Engine:
                 self._thread.start()
         return self
 
-    def submit(self, inputs: dict) -> Future:
+    def submit(self, inputs: dict, sequence_id: str | None = None, sequence_start: bool = False,
+               sequence_end: bool = False) -> Future:
         """Queue a request; returns a Future with the result. Raises ValueError on bad input and
-        EngineFull when the queue is at capacity (nothing is dropped silently)."""
+        EngineFull when the queue is at capacity (nothing is dropped silently).
+
+        With a sequence_id the request is one chunk of a stateful stream: sequence_start opens the
+        session (or restarts an idle one), sequence_end closes it after this chunk; any other chunk
+        must name a live session, else SessionError."""
         payload, slots_needed = self.runner.prepare(inputs)
         if slots_needed > self.runner.pool.capacity:
             raise ValueError(f"request needs {slots_needed} state slots; the pool holds {self.runner.pool.capacity}")
-        req = Request(payload, slots_needed)
+        req = Request(payload, slots_needed, end=bool(sequence_end))
         with self._cv:
             if not self._running:
                 raise EngineStopped("engine is not running")
             if len(self._queue) >= self.max_queue:
                 self.stats.refused += 1
                 raise EngineFull(f"queue full ({self.max_queue} waiting requests); retry later")
+            if sequence_id is not None:
+                req.session = self._session_for(str(sequence_id), sequence_start)
+                req.session.queued += 1
+                req.session.last_active = time.perf_counter()
             self.stats.submitted += 1
             self._queue.append(req)
             self._cv.notify()
         return req.future
+
+    def _session_for(self, sequence_id: str, start: bool) -> Session:
+        session = self._sessions.get(sequence_id)
+        if start:
+            if session is not None:
+                if session.busy or session.queued:
+                    raise SessionError(f"sequence {sequence_id!r} has chunks in flight; end it before restarting")
+                self._close_session(session)
+            session = self._sessions[sequence_id] = Session(sequence_id)
+            self._expired.pop(sequence_id, None)
+            return session
+        if session is None:
+            if sequence_id in self._expired:
+                raise SessionError(f"sequence {sequence_id!r} expired after {self.idle_timeout:g} s idle; "
+                                   "start a new one with sequence_start")
+            raise SessionError(f"unknown sequence {sequence_id!r}; its first chunk needs sequence_start")
+        return session
+
+    def _close_session(self, session: Session) -> None:
+        if session.slots is not None:
+            self.runner.pool.release(session.slots)
+            session.slots = None
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+
+    def _expire_idle_sessions(self) -> None:
+        now = time.perf_counter()
+        if now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + min(1.0, self.idle_timeout / 4)
+        with self._cv:
+            for session in list(self._sessions.values()):
+                if not session.busy and not session.queued and now - session.last_active > self.idle_timeout:
+                    self._close_session(session)
+                    self._expired[session.id] = None
+                    while len(self._expired) > 100_000:
+                        self._expired.popitem(last=False)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop the scheduler. With drain, queued and running requests finish first (up to timeout);
@@ -118,9 +173,15 @@ class Engine:
         while True:
             with self._cv:
                 while self._running and not self._queue and not self._active:
-                    self._cv.wait()
+                    self._cv.wait(timeout=0.25 if self._sessions else None)
+                    if self._sessions:
+                        break
                 if not self._running:
                     return
+            self._expire_idle_sessions()
+            with self._cv:
+                if not self._queue and not self._active:
+                    continue
             try:
                 if self.policy == "cellular":
                     self._cellular_round()
@@ -136,20 +197,35 @@ class Engine:
         """Move queued requests into the running set while state slots last (oldest first)."""
         with self._cv:
             kept = collections.deque()
+            held: set[int] = set()  # sessions with an earlier chunk still waiting: keep chunk order
             while self._queue and (limit is None or len(self._active) < limit):
                 req = self._queue.popleft()
+                session = req.session
                 if req.future.cancelled():
                     self.stats.cancelled += 1
+                    if session is not None:
+                        session.queued -= 1
                     continue
-                if bucket is not None and self._bucket(req) != bucket:
+                if (bucket is not None and self._bucket(req) != bucket) or (
+                        session is not None and (session.busy or id(session) in held)):
                     kept.append(req)
+                    if session is not None:
+                        held.add(id(session))
                     continue
-                slots = self.runner.pool.alloc(req.slots_needed)
+                if session is not None and session.slots is None:
+                    session.slots = self.runner.pool.alloc(1)
+                slots = session.slots if session is not None else self.runner.pool.alloc(req.slots_needed)
                 if slots is None:
                     kept.append(req)
                     break
+                if session is not None:
+                    session.busy, session.queued = True, session.queued - 1
                 req.slots, req.started = slots, time.perf_counter()
-                self.runner.start(req)
+                try:
+                    self.runner.start(req)
+                except Exception as exc:  # fail this request alone, never lose it
+                    self._fail(req, exc)
+                    continue
                 self._active.append(req)
             kept.extend(self._queue)
             self._queue = kept
@@ -166,8 +242,8 @@ class Engine:
             for cell_type in self.runner.cell_types:
                 if cell_type not in oldest and req.has_ready(cell_type):
                     oldest[cell_type] = req.arrival
-        if not oldest:
-            time.sleep(0)  # only open requests (e.g. sessions waiting for input)
+        if not oldest:  # e.g. a chunk whose frames all wait for a full block: finished at admission
+            self._retire()
             return
         cell_type = min(oldest, key=oldest.get)
         nodes = []
@@ -217,7 +293,7 @@ class Engine:
         with self._cv:
             for req in [r for r in self._active if r.future.cancelled()]:
                 self._active.remove(req)
-                self.runner.pool.release(req.slots)
+                self._release(req)
                 self.stats.cancelled += 1
 
     def _retire(self, all_at_once: bool = False) -> None:
@@ -228,7 +304,7 @@ class Engine:
                 return
             for req in finished:
                 self._active.remove(req)
-                self.runner.pool.release(req.slots)
+                self._release(req)
                 if req.future.set_running_or_notify_cancel():
                     req.future.set_result(req.result)
                     self.stats.completed += 1
@@ -237,10 +313,22 @@ class Engine:
                 if self.observer:
                     self.observer.on_done(req)
 
+    def _release(self, req: Request, failed: bool = False) -> None:
+        """Free a finished request's slots; a session keeps its slots until its last chunk (or a failure)."""
+        session = req.session
+        if session is None:
+            if req.slots is not None:
+                self.runner.pool.release(req.slots)
+        else:
+            session.busy = False
+            session.last_active = time.perf_counter()
+            if req.end or failed:
+                self._close_session(session)
+        req.slots = None
+
     def _fail(self, req: Request, exc: Exception) -> None:
-        if req.slots is not None:
-            self.runner.pool.release(req.slots)
-            req.slots = None
+        if req.slots is not None or req.session is not None:
+            self._release(req, failed=True)
         if not req.future.done() and req.future.set_running_or_notify_cancel():
             req.future.set_exception(exc)
             self.stats.failed += 1

@@ -1,0 +1,75 @@
+"""The `cellserve` command: bench commands write the promised JSON; bad input exits with code 2."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cellserve import models
+from cellserve.cli import main
+
+
+def test_bench_cells_writes_rows(tmp_path):
+    out = tmp_path / "cells.json"
+    assert main(["bench", "cells", "--cells", "lstm,sru", "--hidden", "16", "--batch", "1,3", "--seconds", "0.01",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["cell"], r["batch"]) for r in rows} == {("lstm", 1), ("lstm", 3), ("sru", 1), ("sru", 3)}
+    for row in rows:
+        assert {"cell", "hidden", "batch", "ours_us", "torch_us", "ort_us"} <= set(row)
+        assert all(row[k] > 0 for k in ("ours_us", "torch_us", "ort_us"))
+
+
+def test_bench_serving_writes_rows_and_plot(tmp_path):
+    out = tmp_path / "serving.json"
+    assert main(["bench", "serving", "--workloads", "treelstm", "--policies", "cellular,graph", "--rates", "30",
+                 "--duration", "0.5", "--json", str(out), "--plots", str(tmp_path)]) == 0
+    payload = json.loads(out.read_text())
+    keys = {"workload", "policy", "rate_rps", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "completed",
+            "refused", "lost"}
+    assert len(payload["rows"]) == 2 and all(keys <= set(r) for r in payload["rows"])
+    assert all(r["lost"] == 0 and r["completed"] > 0 for r in payload["rows"])
+    assert (tmp_path / "serving_treelstm.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "cells", "--cells", "transformer"],
+    ["bench", "cells", "--hidden", "abc"],
+    ["bench", "serving", "--workloads", "nope"],
+    ["bench", "serving", "--duration", "-1"],
+    ["info", "/nonexistent/model.safetensors"],
+    ["import-torch", "/nonexistent.pt", "/tmp/x.safetensors"],
+    ["no-such-command"],
+])
+def test_bad_input_exits_with_code_2(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_import_torch_state_dict_round_trip(tmp_path, capsys):
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(6, 9, num_layers=2, bidirectional=True)
+    torch.save(gru.state_dict(), tmp_path / "gru.pt")
+    assert main(["import-torch", str(tmp_path / "gru.pt"), str(tmp_path / "gru.safetensors")]) == 0
+    model = models.load(tmp_path / "gru.safetensors")
+    x = np.random.default_rng(0).standard_normal((5, 2, 6)).astype(np.float32)
+    np.testing.assert_allclose(model.forward(x)[0], gru(torch.from_numpy(x))[0].detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    assert main(["info", str(tmp_path / "gru.safetensors")]) == 0
+    assert '"bidirectional": true' in capsys.readouterr().out
+
+
+def test_bench_multistep_writes_rows(tmp_path):
+    out = tmp_path / "ms.json"
+    assert main(["bench", "multistep", "--layers", "2", "--hidden", "32", "--k", "1,4", "--threads", "1",
+                 "--seconds", "0.01", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    blocks = [r for r in rows if r["cell"] in ("sru", "qrnn") and "users" not in r]
+    assert {(r["cell"], r["k"]) for r in blocks} == {("sru", 1), ("sru", 4), ("qrnn", 1), ("qrnn", 4)}
+    assert all({"cell", "layers", "hidden", "k", "us_per_step", "speedup_vs_k1"} <= set(r) for r in rows)
+    assert any(r["cell"] == "sru" and r.get("ort_us_per_step") for r in rows)
