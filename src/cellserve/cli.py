@@ -24,6 +24,23 @@ def _words(text: str) -> list[str]:
     return [v for v in text.split(",") if v]
 
 
+def _serve(args):
+    import uvicorn
+
+    from cellserve.server.app import create_app
+    from cellserve.server.repository import Repository
+
+    try:
+        repository = Repository.from_directory(args.model_dir) if args.model_dir else Repository.defaults()
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc))
+    app = create_app(repository, max_body_bytes=args.max_body_mb * 2**20)
+    base = f"http://{args.host}:{args.port}"
+    print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
+          f"metrics {base}/metrics, API docs {base}/docs", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15)
+
+
 def _demo(args):
     from cellserve import demo
 
@@ -103,6 +120,14 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellserve", description="Low-latency RNN inference.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve models over the Open Inference Protocol (KServe v2) HTTP API")
+    serve.add_argument("model_dir", nargs="?", help="model repository: one folder per model (weights + "
+                       "config.json); the embedded models when omitted")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-body-mb", type=int, default=16, help="largest request body accepted")
+    serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="serve the embedded number-speller and compare batching policies")
     demo.set_defaults(func=_demo)

@@ -161,6 +161,10 @@ class Engine:
             return len(self._queue) + len(self._active)
 
     @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 

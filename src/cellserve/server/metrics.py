@@ -1,0 +1,53 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process, as in tests)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("cellserve_requests", "Inference requests by outcome", ["model", "outcome"], registry=r)
+        self.latency = Histogram("cellserve_request_latency_seconds", "Engine latency, arrival to result",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("cellserve_queue_time_seconds", "Time waiting for a state slot",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("cellserve_batch_size", "Rows per batched cell step",
+                                    ["model", "cell_type"], buckets=BATCH_BUCKETS, registry=r)
+        self.step_time = Histogram("cellserve_step_seconds", "Time of one batched cell step",
+                                   ["model", "cell_type"], buckets=LATENCY_BUCKETS, registry=r)
+        self.sessions = Gauge("cellserve_active_sessions", "Open streaming sessions", ["model"], registry=r)
+        self.pool_used = Gauge("cellserve_state_pool_used_slots", "State pool slots in use", ["model"], registry=r)
+        self.pool_capacity = Gauge("cellserve_state_pool_capacity_slots", "State pool slots", ["model"], registry=r)
+        self.queue_depth = Gauge("cellserve_queue_depth", "Requests waiting for admission", ["model"], registry=r)
+
+    def watch(self, served) -> None:
+        """Sample a model's engine at scrape time, and observe its batches and finished requests."""
+        name, engine = served.name, served.engine
+        self.sessions.labels(name).set_function(lambda: engine.sessions)
+        self.pool_used.labels(name).set_function(lambda: engine.runner.pool.used)
+        self.pool_capacity.labels(name).set(engine.runner.pool.capacity)
+        self.queue_depth.labels(name).set_function(lambda: engine.queue_depth)
+        engine.observer = EngineObserver(self, name)
+
+
+class EngineObserver:
+    def __init__(self, metrics: Metrics, model: str):
+        self.metrics, self.model = metrics, model
+
+    def on_batch(self, cell_type: str, size: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(self.model, cell_type).observe(size)
+        self.metrics.step_time.labels(self.model, cell_type).observe(seconds)
+
+    def on_done(self, req) -> None:
+        now = time.perf_counter()
+        self.metrics.latency.labels(self.model).observe(now - req.arrival)
+        if req.started is not None:
+            self.metrics.queue_time.labels(self.model).observe(req.started - req.arrival)
