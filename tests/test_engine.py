@@ -235,3 +235,32 @@ def test_engine_thread_safe_submission(lm):
     assert len(results) == 60
     for inp, got in results:
         assert_same("lm", got, reference("lm", lm, inp))
+
+
+def test_cell_types_are_fair_under_a_flood_of_the_other_type(s2s):
+    """New arrivals keep the encoder busiest, yet a decoding request progresses at least once every
+    max_wait_steps + 1 steps, and finishes."""
+    progress = []
+
+    class Observer:
+        def on_batch(self, cell_type, size, seconds):
+            progress.append(cell_type)
+
+        def on_done(self, req):
+            pass
+
+    engine = Engine(make_runner(s2s, 256), "cellular", max_batch=64, max_wait_steps=4, observer=Observer()).start()
+    rng = np.random.default_rng(11)
+    decoding = engine.submit({"tokens": [1, 2], "max_output_tokens": 60, "stop_at_eos": False})
+    flood = []
+    while not decoding.done():
+        try:
+            flood.append(engine.submit({"tokens": rng.integers(0, VOCAB, 20).tolist(), "max_output_tokens": 1}))
+        except EngineFull:
+            pass
+        time.sleep(0.0005)
+    assert len(decoding.result(timeout=30)["tokens"]) == 60
+    [f.result(timeout=60) for f in flood]
+    engine.stop()
+    decoder_steps = [i for i, t in enumerate(progress) if t == "decoder"]
+    assert decoder_steps and max(np.diff(decoder_steps), default=1) <= 4 + 2

@@ -40,6 +40,7 @@ class Workload:
     description: str
     make_model: Callable[[], object]
     make_request: Callable[[np.random.Generator, int], dict]  # (rng, sentence length) -> inputs
+    rows_per_request: int = 1  # cell-step rows one request brings at once: cellular's max_batch is in rows
 
 
 def _lm_request(rng, n):
@@ -62,5 +63,6 @@ WORKLOADS = {
     "seq2seq": Workload("seq2seq", "LSTM encoder-decoder, 2x512 each, vocab 10k, greedy decode of ~input length",
                         lambda: Seq2Seq.random(VOCAB, VOCAB, 512, 512, num_layers=2, seed=0), _s2s_request),
     "treelstm": Workload("treelstm", "child-sum TreeLSTM, 512 hidden, binary trees over sentences",
-                         lambda: TreeLSTM.random(VOCAB, 512, 512, num_classes=5, seed=0), _tree_request),
+                         lambda: TreeLSTM.random(VOCAB, 512, 512, num_classes=5, seed=0), _tree_request,
+                         rows_per_request=16),
 }

@@ -49,6 +49,7 @@ class Request:
     future: Future = field(default_factory=Future)
     slots: np.ndarray | None = None
     started: float | None = None  # when it got state slots and joined the running set
+    last_step: int = 0  # engine step count when it last made progress (for the starvation bound)
     ready: dict[str, list] = field(default_factory=dict)  # cell type -> nodes ready to run
     progress: dict = field(default_factory=dict)  # runner-private bookkeeping
     done: bool = False

@@ -1,9 +1,10 @@
 """The engine: one scheduler thread that turns queued requests into batched cell steps.
 
 Policies, all over the same runner and kernels:
-  cellular  every step, pick the cell type whose oldest ready node belongs to the oldest request, run up
-            to max_batch ready nodes of that type (oldest requests first); requests join between steps
-            and leave the moment they finish (BatchMaker's cellular batching).
+  cellular  every step, run the cell type with the most ready nodes (the fullest batch), up to max_batch
+            of them, oldest requests first; but a request that has waited more than max_wait_steps steps
+            without progress gets its cell type run first, so no request starves. Requests join between
+            steps and leave the moment they finish (BatchMaker's cellular batching).
   graph     request-level dynamic batching: wait up to max_delay_ms or max_batch requests (optionally from
             one length bucket), then run every cell type's phase to completion with finished requests as
             padding rows, and answer all requests together (TF-Serving / Triton / Clipper style).
@@ -38,7 +39,7 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: Runner, policy: str = "cellular", max_batch: int = 32, max_queue: int = 1024,
                  max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None,
-                 idle_timeout_s: float = 60.0):
+                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if max_batch < 1 or max_queue < 1:
@@ -51,6 +52,7 @@ class Engine:
         self.length_buckets = tuple(sorted(length_buckets))
         self.observer = observer  # optional: on_batch(cell_type, size, seconds), on_done(request)
         self.idle_timeout = float(idle_timeout_s)
+        self.max_wait_steps = int(max_wait_steps)
         self._sessions: dict[str, Session] = {}
         self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
         self._next_expiry_check = 0.0
@@ -224,7 +226,7 @@ class Engine:
                     break
                 if session is not None:
                     session.busy, session.queued = True, session.queued - 1
-                req.slots, req.started = slots, time.perf_counter()
+                req.slots, req.started, req.last_step = slots, time.perf_counter(), self.stats.steps
                 try:
                     self.runner.start(req)
                 except Exception as exc:  # fail this request alone, never lose it
@@ -241,15 +243,22 @@ class Engine:
     def _cellular_round(self) -> None:
         self._admit()
         self._drop_cancelled()
-        oldest = {}
-        for req in self._active:  # arrival order: the first hit per type is its oldest ready node
+        ready, starving = collections.Counter(), {}
+        step = self.stats.steps
+        for req in self._active:  # arrival order: the first starving request per type is its oldest
             for cell_type in self.runner.cell_types:
-                if cell_type not in oldest and req.has_ready(cell_type):
-                    oldest[cell_type] = req.arrival
-        if not oldest:  # e.g. a chunk whose frames all wait for a full block: finished at admission
+                n = len(req.ready.get(cell_type, ()))
+                if n:
+                    ready[cell_type] += n
+                    if step - req.last_step > self.max_wait_steps and cell_type not in starving:
+                        starving[cell_type] = req.arrival
+        if not ready:  # e.g. a chunk whose frames all wait for a full block: finished at admission
             self._retire()
             return
-        cell_type = min(oldest, key=oldest.get)
+        if starving:
+            cell_type = min(starving, key=starving.get)
+        else:
+            cell_type = max(ready, key=lambda t: min(ready[t], self.max_batch))
         nodes = []
         for req in self._active:
             for node in req.ready.get(cell_type, ()):
@@ -289,6 +298,8 @@ class Engine:
         start = time.perf_counter()
         self.runner.run(cell_type, nodes, pad_rows)
         self.stats.steps += 1
+        for req, _ in nodes:
+            req.last_step = self.stats.steps
         self.stats.batch_sizes[(cell_type, len(nodes) + pad_rows)] += 1
         if self.observer:
             self.observer.on_batch(cell_type, len(nodes) + pad_rows, time.perf_counter() - start)

@@ -78,8 +78,8 @@ def train(steps: int = 3000, hidden: int = 128, seed: int = 0, out: str | Path |
         tgt = torch.tensor([t + [WORD_ID["<pad>"]] * (width - len(t)) for t in targets]).T
         dec_in = torch.cat([torch.full((1, len(numbers)), WORD_ID["<bos>"]), tgt[:-1]])
         _, state = encoder(src_emb(src))
-        out, _ = decoder(tgt_emb(dec_in), state)
-        loss = loss_fn(head(out).reshape(-1, len(WORDS)), tgt.reshape(-1))
+        dec_out, _ = decoder(tgt_emb(dec_in), state)
+        loss = loss_fn(head(dec_out).reshape(-1, len(WORDS)), tgt.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
