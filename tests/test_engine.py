@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from cellserve.bench.workloads import binary_tree
 from cellserve.engine import Engine, EngineFull, EngineStopped, make_runner
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM
 from cellserve.models.lm import log_softmax
@@ -29,19 +30,6 @@ def tree():
     return TreeLSTM.random(VOCAB, 8, 12, num_classes=3, seed=3)
 
 
-def random_tree(rng, leaves):
-    """A random binary bracketing over `leaves` words: parents list, root last."""
-    nodes = list(range(leaves))
-    parents = [-1] * leaves
-    while len(nodes) > 1:
-        i = int(rng.integers(0, len(nodes) - 1))
-        parents.append(-1)
-        new = len(parents) - 1
-        parents[nodes[i]] = parents[nodes[i + 1]] = new
-        nodes[i:i + 2] = [new]
-    return parents
-
-
 def lm_reference(model, tokens):
     logp = log_softmax(model.forward(np.asarray(tokens)[:, None])[:, 0])
     return float(logp[np.arange(len(tokens) - 1), tokens[1:]].sum()), int(logp[-1].argmax())
@@ -56,7 +44,7 @@ def make_requests(kind, rng, n):
                 for _ in range(n)]
     out = []
     for _ in range(n):
-        parents = random_tree(rng, int(rng.integers(1, 12)))
+        parents = binary_tree(rng, int(rng.integers(1, 12)))
         out.append({"parents": parents, "tokens": rng.integers(0, VOCAB, len(parents)).tolist()})
     return out
 
@@ -240,14 +228,14 @@ def test_engine_thread_safe_submission(lm):
 def test_cell_types_are_fair_under_a_flood_of_the_other_type(s2s):
     """New arrivals keep the encoder busiest, yet a decoding request progresses at least once every
     max_wait_steps + 1 steps, and finishes."""
-    progress = []
+    progress, finished_at = [], {}
 
     class Observer:
         def on_batch(self, cell_type, size, seconds):
             progress.append(cell_type)
 
         def on_done(self, req):
-            pass
+            finished_at.setdefault(req.future, len(progress))
 
     engine = Engine(make_runner(s2s, 256), "cellular", max_batch=64, max_wait_steps=4, observer=Observer()).start()
     rng = np.random.default_rng(11)
@@ -262,5 +250,20 @@ def test_cell_types_are_fair_under_a_flood_of_the_other_type(s2s):
     assert len(decoding.result(timeout=30)["tokens"]) == 60
     [f.result(timeout=60) for f in flood]
     engine.stop()
-    decoder_steps = [i for i, t in enumerate(progress) if t == "decoder"]
-    assert decoder_steps and max(np.diff(decoder_steps), default=1) <= 4 + 2
+    # while it decodes, every decoder step includes it (oldest first): gaps are at most max_wait_steps + 2
+    decoder_steps = [i for i, t in enumerate(progress[:finished_at[decoding]]) if t == "decoder"]
+    assert len(decoder_steps) >= 60 and max(np.diff(decoder_steps)) <= 4 + 2
+    assert progress.count("encoder") > 60  # the flood really competed for steps
+
+
+@pytest.mark.parametrize("kind", ["s2s", "tree"])
+def test_oldest_first_pick_gives_the_same_outputs(kind, s2s, tree):
+    model = {"s2s": s2s, "tree": tree}[kind]
+    inputs = make_requests(kind, np.random.default_rng(8), 25)
+    engine = Engine(make_runner(model, 256), "cellular", max_batch=16, pick="oldest").start()
+    futures = [engine.submit(inp) for inp in inputs]
+    for inp, f in zip(inputs, futures):
+        assert_same(kind, f.result(timeout=60), reference(kind, model, inp))
+    engine.stop()
+    with pytest.raises(ValueError, match="pick"):
+        Engine(make_runner(model, 8), pick="random")

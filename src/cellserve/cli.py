@@ -84,6 +84,14 @@ def _bench_multistep(args):
                   with_torch=not args.no_torch, with_ort=not args.no_ort, json_path=args.json)
 
 
+def _bench_http(args):
+    from cellserve.bench import http
+
+    if args.requests < 1 or min(args.clients) < 1:
+        raise UsageError("--requests and --clients must be positive")
+    http.run(args.requests, args.clients, json_path=args.json)
+
+
 def _import_torch(args):
     import torch
 
@@ -170,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--no-torch", action="store_true")
     ms.add_argument("--no-ort", action="store_true")
     ms.set_defaults(func=_bench_multistep)
+
+    hb = bench_sub.add_parser("http", help="latency the HTTP server adds over calling the engine in-process")
+    hb.add_argument("--json", help="write the rows to this file")
+    hb.add_argument("--requests", type=int, default=400)
+    hb.add_argument("--clients", type=_ints, default=[1, 16], help="concurrent clients to measure")
+    hb.set_defaults(func=_bench_http)
 
     imp = sub.add_parser("import-torch", help="convert a torch nn.LSTM/nn.GRU(/Cell) state dict to our format")
     imp.add_argument("state_dict", help="a file written by torch.save(module.state_dict())")

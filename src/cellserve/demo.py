@@ -1,50 +1,103 @@
-"""`cellserve demo`: the embedded number-speller served by the engine. Shows answers a person can check,
-then one burst of requests through cellular batching, request-level (graph) batching and no batching."""
+"""`cellserve demo`: start the server on the embedded models, spell some numbers over HTTP, stream a
+session of audio-like frames, send a burst of concurrent requests, print latency percentiles, compare
+batching policies on the same trace in-process, and stop the server."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import numpy as np
 
 from cellserve.bench.common import console, limit_threads, print_table
 from cellserve.bench.loadgen import poisson_arrivals, run_load
 from cellserve.engine import POLICIES, Engine, make_runner
-from cellserve.models.speller import MAX_NUMBER, decode_words, encode_number, load_default, spell
+from cellserve.models.speller import MAX_NUMBER, encode_number, spell
 
 
-def run(burst_rate: float = 400.0, burst_seconds: float = 3.0, seed: int = 0) -> dict:
-    model = load_default()
-    console.print(f"[bold]cellserve demo[/]: a 2-layer LSTM encoder-decoder (hidden {model.encoder.hidden_size}) "
-                  "that spells numbers in words, served with cellular batching.")
+def _text_request(numbers) -> dict:
+    return {"inputs": [{"name": "text", "shape": [len(numbers)], "datatype": "BYTES",
+                        "data": [str(n) for n in numbers]}]}
+
+
+def _percentiles(latencies_ms) -> dict:
+    return {f"p{q}_ms": float(np.percentile(latencies_ms, q)) for q in (50, 90, 99)}
+
+
+def run(seed: int = 0) -> dict:
+    from cellserve.server.app import create_app
+    from cellserve.server.background import BackgroundServer
+    from cellserve.server.repository import Repository
+
     rng = np.random.default_rng(seed)
-    examples = [7, 15, 300, 4096, 12345, 99017, 500000, int(rng.integers(0, MAX_NUMBER + 1))]
-    with limit_threads(1):
-        engine = Engine(make_runner(model, 256), "cellular", max_batch=64).start()
-        futures = [engine.submit({"tokens": encode_number(str(n)), "max_output_tokens": 16}) for n in examples]
-        right = 0
-        for n, f in zip(examples, futures):
-            words = decode_words(f.result(timeout=30)["tokens"])
-            ok = words == " ".join(spell(n))
-            right += ok
-            console.print(f"  {n:>7} -> {words}  {'[green]correct[/]' if ok else '[red]wrong[/]'}")
-        engine.stop()
-        console.print(f"{right}/{len(examples)} spelled correctly.\n")
+    repository = Repository.defaults()
+    with limit_threads(1), BackgroundServer(create_app(repository)) as server:
+        base = server.url
+        console.print(f"[bold]cellserve demo[/]: serving {sorted(repository.models)} at {base} "
+                      f"(Open Inference Protocol v2; metrics at {base}/metrics)\n")
+        http = httpx.Client(base_url=base, timeout=60)
 
-        arrivals = poisson_arrivals(burst_rate, burst_seconds, seed)
-        numbers = rng.integers(0, MAX_NUMBER + 1, len(arrivals))
-        requests = [{"tokens": encode_number(str(n)), "max_output_tokens": 16} for n in numbers]
-        console.print(f"A burst of {len(requests)} requests at {burst_rate:.0f} req/s (Poisson), same trace per policy:")
-        rows = []
+        numbers = [7, 15, 300, 4096, 12345, 99017, 500000, int(rng.integers(0, MAX_NUMBER + 1))]
+        reply = http.post("/v2/models/speller/infer", json=_text_request(numbers)).json()
+        words = next(o for o in reply["outputs"] if o["name"] == "text")["data"]
+        right = sum(w == " ".join(spell(n)) for n, w in zip(numbers, words))
+        console.print("1. The speller (an LSTM encoder-decoder) answers one batched request:")
+        for n, w in zip(numbers, words):
+            console.print(f"   {n:>7} -> {w}  {'[green]correct[/]' if w == ' '.join(spell(n)) else '[red]wrong[/]'}")
+        console.print(f"   {right}/{len(numbers)} correct.\n")
+
+        console.print("2. A streaming session on sru-stream (40 features per 10 ms frame, blocks of 4 frames):")
+        frames = rng.standard_normal((100, 40)).astype(np.float32)
+        cuts = [0, 23, 50, 61, 100]
+        for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            start = time.perf_counter()
+            body = {"inputs": [{"name": "frames", "shape": [b - a, 40], "datatype": "FP32",
+                                "data": frames[a:b].reshape(-1).tolist()}],
+                    "parameters": {"sequence_id": "demo-stream", "sequence_start": i == 0, "sequence_end": b == 100}}
+            out = http.post("/v2/models/sru-stream/infer", json=body).json()
+            shape = out["outputs"][0]["shape"]
+            console.print(f"   chunk {i + 1}: {b - a:3d} frames in -> {shape[0]:3d} outputs of {shape[1]}, "
+                          f"{out['parameters']['frames_pending']} frames wait for a full block "
+                          f"({(time.perf_counter() - start) * 1000:.1f} ms)")
+
+        total, clients = 300, 16
+        console.print(f"\n3. A burst of {total} spelling requests from {clients} concurrent HTTP clients:")
+        burst = [int(n) for n in rng.integers(0, MAX_NUMBER + 1, total)]
+
+        def one(n):
+            start = time.perf_counter()
+            r = http.post("/v2/models/speller/infer", json=_text_request([n]))
+            return (time.perf_counter() - start) * 1000, r.status_code
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one, burst))
+        elapsed = time.perf_counter() - start
+        ok = sum(code == 200 for _, code in results)
+        pct = _percentiles([ms for ms, _ in results])
+        console.print(f"   {ok}/{total} answered in {elapsed:.2f} s ({total / elapsed:.0f} req/s); latency "
+                      f"p50 {pct['p50_ms']:.1f} ms, p90 {pct['p90_ms']:.1f} ms, p99 {pct['p99_ms']:.1f} ms")
+        http.close()
+    console.print("   server stopped.\n")
+
+    console.print("4. The same Poisson trace (400 req/s for 3 s) through each batching policy, in-process:")
+    model = repository.get("speller").model
+    arrivals = poisson_arrivals(400.0, 3.0, seed)
+    requests = [{"tokens": encode_number(str(n)), "max_output_tokens": 16}
+                for n in rng.integers(0, MAX_NUMBER + 1, len(arrivals))]
+    rows = []
+    with limit_threads(1):
         for policy in POLICIES:
             engine = Engine(make_runner(model, 1024), policy, max_batch=64, max_queue=len(requests)).start()
             result = run_load(engine, requests, arrivals, drain_s=60)
-            rows.append({"policy": policy, "throughput_rps": result.throughput_rps,
-                         "p50_ms": result.percentile_ms(50), "p90_ms": result.percentile_ms(90),
-                         "p99_ms": result.percentile_ms(99), "completed": result.completed, "lost": result.lost})
-    print_table("latency of the burst", rows,
+            rows.append({"policy": policy, "throughput_rps": result.throughput_rps, "p50_ms": result.percentile_ms(50),
+                         "p90_ms": result.percentile_ms(90), "p99_ms": result.percentile_ms(99),
+                         "completed": result.completed, "lost": result.lost})
+    print_table("latency by batching policy", rows,
                 [("policy", "policy"), ("throughput_rps", "done/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
                  ("p99_ms", "p99 ms"), ("completed", "done"), ("lost", "lost")])
     cell, graph = rows[0], rows[1]
     console.print(f"Cellular batching: p90 {cell['p90_ms']:.0f} ms vs {graph['p90_ms']:.0f} ms for request-level "
-                  f"batching ({graph['p90_ms'] / cell['p90_ms']:.1f}x lower), "
-                  f"{cell['throughput_rps']:.0f} vs {graph['throughput_rps']:.0f} requests/s.")
-    return {"examples_correct": right, "rows": rows}
+                  f"batching ({graph['p90_ms'] / cell['p90_ms']:.1f}x lower).")
+    return {"examples_correct": right, "burst_ok": ok, "burst": pct, "rows": rows}

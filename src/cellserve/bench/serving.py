@@ -56,9 +56,9 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                     if saturated[policy] >= 2:  # saturated twice already: higher rates tell nothing new
                         continue
                     # graph batches whole requests; a cellular step's rows are nodes (16 per tree)
-                    rows = max_batch * (workload.rows_per_request if policy == "cellular" else 1)
+                    step_rows = max_batch * (workload.rows_per_request if policy == "cellular" else 1)
                     engine = Engine(make_runner(model, 16384 if name == "treelstm" else 1024), policy,
-                                    max_batch=rows, max_queue=4 * max_batch + int(rate),
+                                    max_batch=step_rows, max_queue=4 * max_batch + int(rate),
                                     max_delay_ms=max_delay_ms, length_buckets=buckets).start()
                     result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
                     row = {"workload": name, "policy": policy, "rate_rps": rate,

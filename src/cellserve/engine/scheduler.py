@@ -39,7 +39,9 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: Runner, policy: str = "cellular", max_batch: int = 32, max_queue: int = 1024,
                  max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None,
-                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8):
+                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str = "fullest"):
+        if pick not in ("fullest", "oldest"):
+            raise ValueError(f"pick must be 'fullest' or 'oldest', got {pick!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if max_batch < 1 or max_queue < 1:
@@ -53,6 +55,7 @@ class Engine:
         self.observer = observer  # optional: on_batch(cell_type, size, seconds), on_done(request)
         self.idle_timeout = float(idle_timeout_s)
         self.max_wait_steps = int(max_wait_steps)
+        self.pick = pick
         self._sessions: dict[str, Session] = {}
         self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
         self._next_expiry_check = 0.0
@@ -243,20 +246,22 @@ class Engine:
     def _cellular_round(self) -> None:
         self._admit()
         self._drop_cancelled()
-        ready, starving = collections.Counter(), {}
+        ready, oldest, starving = collections.Counter(), {}, {}
         step = self.stats.steps
-        for req in self._active:  # arrival order: the first starving request per type is its oldest
+        for req in self._active:  # arrival order: the first hit per type is its oldest (starving) request
             for cell_type in self.runner.cell_types:
                 n = len(req.ready.get(cell_type, ()))
                 if n:
                     ready[cell_type] += n
-                    if step - req.last_step > self.max_wait_steps and cell_type not in starving:
-                        starving[cell_type] = req.arrival
+                    oldest.setdefault(cell_type, req.arrival)
+                    if step - req.last_step > self.max_wait_steps:
+                        starving.setdefault(cell_type, req.arrival)
         if not ready:  # e.g. a chunk whose frames all wait for a full block: finished at admission
             self._retire()
             return
-        if starving:
-            cell_type = min(starving, key=starving.get)
+        if self.pick == "oldest" or starving:
+            first = starving or oldest
+            cell_type = min(first, key=first.get)
         else:
             cell_type = max(ready, key=lambda t: min(ready[t], self.max_batch))
         nodes = []

@@ -141,3 +141,102 @@ def ort_session(model: onnx.ModelProto, threads: int = 1):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _inverse_reorder(a: np.ndarray, kind: str) -> np.ndarray:
+    blocks = np.split(a, len(_ORDER[kind]), axis=0)
+    inverse = np.argsort(_ORDER[kind])
+    return np.concatenate([blocks[i] for i in inverse], axis=0)
+
+
+def rnn_from_onnx(source) -> RNN:
+    """Import the LSTM/GRU operators of an ONNX model (a path, bytes or ModelProto), in graph order, as a
+    stacked RNN: consecutive operators are consecutive layers. Activations must be the defaults, and GRU
+    needs linear_before_reset=1 (torch's and cuDNN's GRU)."""
+    model = source if isinstance(source, onnx.ModelProto) else (
+        onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source)))
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in ("LSTM", "GRU"):
+            continue
+        kind = node.op_type.lower()
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        for unsupported in ("activations", "clip", "input_forget"):
+            if attrs.get(unsupported):
+                raise ValueError(f"{node.op_type} with {unsupported} is not supported")
+        if kind == "gru" and attrs.get("linear_before_reset", 0) != 1:
+            raise ValueError("GRU needs linear_before_reset=1 (the torch/cuDNN formulation)")
+        if attrs.get("layout", 0) != 0:
+            raise ValueError("only layout=0 ([T, B, F]) is supported")
+        names = list(node.input) + [""] * (4 - len(node.input))
+        try:
+            w, r = weights[names[1]], weights[names[2]]
+        except KeyError:
+            raise ValueError(f"{node.op_type} weights must be initializers")
+        hidden = r.shape[-1]
+        gates = len(_ORDER[kind])
+        b = weights.get(names[3]) if names[3] else None
+        if b is None:
+            b = np.zeros((w.shape[0], 2 * gates * hidden), np.float32)
+        cells = []
+        for d in range(w.shape[0]):
+            w_ih, w_hh = _inverse_reorder(w[d], kind), _inverse_reorder(r[d], kind)
+            b_ih, b_hh = _inverse_reorder(b[d, :gates * hidden], kind), _inverse_reorder(b[d, gates * hidden:], kind)
+            if kind == "lstm":
+                cells.append(LSTMCell(w_ih, w_hh, b_ih + b_hh))
+            else:
+                cells.append(GRUCell(w_ih, w_hh, b_ih, b_hh))
+        if attrs.get("direction", b"forward") in (b"reverse", "reverse"):
+            raise ValueError("a lone reverse-direction layer is not supported")
+        layers.append(cells)
+    if not layers:
+        raise ValueError("no LSTM or GRU operator in the ONNX graph")
+    return RNN(layers)
+
+
+class OnnxRuntimeCell:
+    """An LSTM/GRU cell executed by ONNX Runtime, with our cell interface, so the engine and models run on
+    either backend unchanged (per-model `backend: onnxruntime`)."""
+
+    def __init__(self, cell: Cell, threads: int = 1):
+        self.cell, self.kind = cell, cell.kind
+        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
+        self.session = ort_session(rnn_to_onnx(RNN([[cell]])), threads)
+
+    def state_widths(self):
+        return self.cell.state_widths()
+
+    def zero_state(self, batch):
+        return self.cell.zero_state(batch)
+
+    def options(self):
+        return self.cell.options()
+
+    def tensors(self):
+        return self.cell.tensors()
+
+    @property
+    def weight_bytes(self):
+        return self.cell.weight_bytes
+
+    def step(self, x, state):
+        return self.steps(x[None], state)[1]
+
+    def steps(self, xs, state):
+        feeds = {"X": np.ascontiguousarray(xs, dtype=np.float32), "h0": np.ascontiguousarray(state[0][None])}
+        if self.kind == "lstm":
+            feeds["c0"] = np.ascontiguousarray(state[1][None])
+        out = self.session.run(None, feeds)
+        return out[0], tuple(o[0] for o in out[1:])
+
+
+def use_onnxruntime(model, threads: int = 1):
+    """Switch every LSTM/GRU layer inside a model (RNN, LM, classifier, seq2seq) to ONNX Runtime, in place."""
+    rnns = [getattr(model, n) for n in ("rnn", "encoder", "decoder") if isinstance(getattr(model, n, None), RNN)]
+    rnns = rnns or ([model] if isinstance(model, RNN) else [])
+    if not rnns or any(r.cell_kind not in _ORDER for r in rnns):
+        raise ValueError("the onnxruntime backend runs LSTM and GRU models")
+    for rnn in rnns:
+        rnn.layers = [[OnnxRuntimeCell(c, threads) for c in dirs] for dirs in rnn.layers]
+    return model

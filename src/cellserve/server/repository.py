@@ -27,9 +27,11 @@ class ModelConfig(BaseModel):
     max_queue: int = Field(1024, ge=1)
     capacity: int = Field(4096, ge=1, description="state pool slots (tree nodes for a TreeLSTM)")
     max_delay_ms: float = Field(5.0, ge=0, description="graph policy batching window")
+    pick: Literal["fullest", "oldest"] = Field("fullest", description="cellular: which cell type runs next")
     idle_timeout_s: float = Field(60.0, gt=0, description="streaming sessions expire after this idle time")
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
     text_codec: Literal["number-speller"] | None = None
+    backend: Literal["cellserve", "onnxruntime"] = Field("cellserve", description="who runs the LSTM/GRU cells")
 
 
 @dataclass
@@ -57,7 +59,8 @@ class ServedModel:
         self.name, self.model, self.config = name, model, config
         self.engine = Engine(make_runner(model, config.capacity, config.block_steps), config.policy,
                              max_batch=config.max_batch, max_queue=config.max_queue,
-                             max_delay_ms=config.max_delay_ms, idle_timeout_s=config.idle_timeout_s)
+                             max_delay_ms=config.max_delay_ms, idle_timeout_s=config.idle_timeout_s,
+                             pick=config.pick)
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [self.version], "platform": self.platform,
@@ -201,6 +204,10 @@ KINDS = {Seq2Seq: Seq2SeqModel, LanguageModel: LanguageModelModel, TreeLSTM: Tre
 
 
 def serve_model(name: str, model, config: ModelConfig) -> ServedModel:
+    if config.backend == "onnxruntime":
+        from cellserve.models.onnx_io import use_onnxruntime
+
+        use_onnxruntime(model)
     for cls, kind in KINDS.items():
         if isinstance(model, cls):
             return kind(name, model, config)

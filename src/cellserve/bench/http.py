@@ -1,0 +1,93 @@
+"""`cellserve bench http`: what the HTTP layer adds. The same requests go to the engine in-process and to
+`cellserve serve` in a separate process over loopback, at 1 and at 16 concurrent clients; the table gives
+p50/p99 of both and the difference. Bounded in count and time; traffic stays on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+
+from cellserve.bench.common import console, limit_threads, print_table, write_json
+from cellserve.engine import Engine, make_runner
+from cellserve.models.speller import MAX_NUMBER, encode_number, load_default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(call, items, clients: int) -> np.ndarray:
+    def timed(item):
+        start = time.perf_counter()
+        call(item)
+        return (time.perf_counter() - start) * 1000
+
+    with ThreadPoolExecutor(clients) as pool:
+        return np.array(list(pool.map(timed, items)))
+
+
+def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rows = []
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError("cellserve serve did not become ready")
+            time.sleep(0.1)
+        with limit_threads(1):
+            engine = Engine(make_runner(load_default(), 1024), "cellular", max_batch=64).start()
+            http = httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=64))
+
+            def in_process(n):
+                engine.submit({"tokens": encode_number(n), "max_output_tokens": 16}).result()
+
+            def over_http(n):
+                body = {"inputs": [{"name": "tokens", "shape": [1, len(n)], "datatype": "INT64",
+                                    "data": encode_number(n)},
+                                   {"name": "max_output_tokens", "shape": [1], "datatype": "INT64", "data": [16]}]}
+                r = http.post("/v2/models/speller/infer", json=body)
+                r.raise_for_status()
+
+            for clients in concurrency:
+                _run(in_process, numbers[:20], clients)  # warm-up
+                _run(over_http, numbers[:20], clients)
+                local = _run(in_process, numbers, clients)
+                remote = _run(over_http, numbers, clients)
+                row = {"clients": clients, "requests": requests}
+                for q in (50, 99):
+                    row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
+                    row[f"http_p{q}_ms"] = float(np.percentile(remote, q))
+                    row[f"overhead_p{q}_ms"] = row[f"http_p{q}_ms"] - row[f"engine_p{q}_ms"]
+                rows.append(row)
+            engine.stop()
+            http.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+    print_table("HTTP overhead: the speller in-process vs over loopback HTTP (JSON)", rows,
+                [("clients", "clients"), ("engine_p50_ms", "engine p50"), ("http_p50_ms", "HTTP p50"),
+                 ("overhead_p50_ms", "+p50 ms"), ("engine_p99_ms", "engine p99"), ("http_p99_ms", "HTTP p99"),
+                 ("overhead_p99_ms", "+p99 ms")],
+                caption="server in its own process; clients are threads here, one per concurrent client")
+    write_json(json_path, {"rows": rows})
+    console.print("done")
+    return rows
