@@ -126,7 +126,7 @@ def plot(rows: list[dict], out_dir: Path) -> None:
         ax.set_xlabel("throughput (requests/s)")
         ax.set_ylabel("p90 latency (ms)")
         ax.set_title(f"{name}: latency vs throughput")
-        ax.axhline(SLO_P99_MS, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(SLO_P99_MS, color="grey", linestyle=":", linewidth=1, label="1 s (p99 objective)")
         ax.legend()
         fig.tight_layout()
         path = out_dir / f"serving_{name}.png"

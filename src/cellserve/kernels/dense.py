@@ -3,11 +3,11 @@
 Weights are kept in torch's (out_features, in_features) layout. The product picks its path by
 batch rows M, because OpenBLAS's GEMM packs the whole weight matrix on every call, which at
 small M costs several times a GEMV (measured: M=2 is ~7x slower than M=1 at 512x1024):
-  M == 1       BLAS GEMV, reads the weights once;
-  2 <= M <= 32 Numba dot-product kernels that stream each weight row once for all M rows, with
-               register blocking (4 input rows, and 2 weight rows once M >= 4): 1.5-2.5x faster
-               than OpenBLAS at these sizes on the dev machines;
-  M > 32       BLAS GEMM, where packing pays for itself.
+  M <= 32  Numba dot-product kernels that stream each weight row once for all M rows, with register
+           blocking (4 input rows, and 2 weight rows once M >= 4). Measured on the dev machines: at
+           M=1 as fast as OpenBLAS's GEMV on cached weights and up to 2x faster on weights streamed
+           from DRAM; at 4 <= M <= 32, 1.5-2.5x faster than OpenBLAS's GEMM;
+  M > 32   BLAS GEMM, where packing pays for itself.
 Rows are not bit-identical across paths (summation order differs); they agree to fp32 rounding.
 """
 
@@ -106,9 +106,7 @@ def matmul(x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> 
     m = x.shape[0]
     if out is None:
         out = np.empty((m, weight.shape[0]), dtype=np.float32)
-    if m == 1:
-        np.matmul(weight, x[0], out=out[0])
-    elif m < 4:
+    if m < 4:
         _matmul_rows(np.ascontiguousarray(x), weight, out)
     elif m <= SMALL_BATCH_MAX:
         _matmul_blocked(np.ascontiguousarray(x), weight, out)
