@@ -34,17 +34,50 @@ def _serve(args):
         repository = Repository.from_directory(args.model_dir) if args.model_dir else Repository.defaults()
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc))
-    app = create_app(repository, max_body_bytes=args.max_body_mb * 2**20)
     base = f"http://{args.host}:{args.port}"
+    if args.ray:
+        return _serve_on_ray(args, base)
+    app = create_app(repository, max_body_bytes=args.max_body_mb * 2**20)
     print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
           f"metrics {base}/metrics, API docs {base}/docs", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15)
+
+
+def _serve_on_ray(args, base: str):
+    import os
+
+    try:
+        import ray
+        from ray import serve
+
+        from cellserve.server.ray_serve import build
+    except ImportError:
+        raise UsageError("--ray needs Ray Serve: pip install 'cellserve[ray]'")
+    if args.replicas < 1:
+        raise UsageError("--replicas must be >= 1")
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"cellserve on Ray Serve, {args.replicas} engine shard(s), on {base}: inference "
+          f"{base}/v2/models/<name>/infer, metrics {base}/metrics, API docs {base}/docs", flush=True)
+    serve.run(build(args.model_dir, args.replicas, args.max_body_mb * 2**20), name="cellserve", route_prefix="/",
+              blocking=True)
 
 
 def _demo(args):
     from cellserve import demo
 
     demo.run()
+
+
+def _installed(module: str, extra: str) -> bool:
+    """Whether an optional peer is installed; says so when it is not (its column is then left out)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        print(f"note: {module} is not installed (pip install 'cellserve[{extra}]'); its column is left out",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _bench_cells(args):
@@ -54,7 +87,8 @@ def _bench_cells(args):
     if unknown:
         raise UsageError(f"unknown cell(s) {sorted(unknown)}; choose from {list(cells.CELL_KINDS)}")
     cells.run(args.cells, args.hidden, args.batch, args.seconds, args.json,
-              with_torch=not args.no_torch, with_ort=not args.no_ort)
+              with_torch=not args.no_torch and _installed("torch", "torch"),
+              with_ort=not args.no_ort and _installed("onnxruntime", "onnx"))
 
 
 def _bench_serving(args):
@@ -81,7 +115,8 @@ def _bench_multistep(args):
     if min(args.k) < 1 or args.layers < 1 or args.hidden < 1 or min(args.threads) < 1:
         raise UsageError("--k, --layers, --hidden and --threads must be positive")
     multistep.run(args.cells, args.layers, args.hidden, args.k, args.threads, args.seconds, args.frame_ms,
-                  with_torch=not args.no_torch, with_ort=not args.no_ort, json_path=args.json)
+                  with_torch=not args.no_torch and _installed("torch", "torch"),
+                  with_ort=not args.no_ort and _installed("onnxruntime", "onnx"), json_path=args.json)
 
 
 def _bench_http(args):
@@ -90,6 +125,16 @@ def _bench_http(args):
     if args.requests < 1 or min(args.clients) < 1:
         raise UsageError("--requests and --clients must be positive")
     http.run(args.requests, args.clients, json_path=args.json)
+
+
+def _bench_ray(args):
+    try:
+        from cellserve.bench import ray_scale
+    except ImportError:
+        raise UsageError("needs Ray Serve: pip install 'cellserve[ray]'")
+    if min(args.replicas) < 1 or args.requests < 1 or args.clients < 1:
+        raise UsageError("--replicas, --requests and --clients must be positive")
+    ray_scale.run(args.replicas, args.requests, args.clients, args.json)
 
 
 def _import_torch(args):
@@ -135,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-body-mb", type=int, default=16, help="largest request body accepted")
+    serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (joins RAY_ADDRESS if set)")
+    serve.add_argument("--replicas", type=int, default=2, help="with --ray: engine shards; sessions stick to one")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="serve the embedded number-speller and compare batching policies")
@@ -184,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--requests", type=int, default=400)
     hb.add_argument("--clients", type=_ints, default=[1, 16], help="concurrent clients to measure")
     hb.set_defaults(func=_bench_http)
+
+    rb = bench_sub.add_parser("ray", help="throughput through Ray Serve with 1 vs N engine shards")
+    rb.add_argument("--json", help="write the rows to this file")
+    rb.add_argument("--replicas", type=_ints, default=[1, 2])
+    rb.add_argument("--requests", type=int, default=600)
+    rb.add_argument("--clients", type=int, default=16)
+    rb.set_defaults(func=_bench_ray)
 
     imp = sub.add_parser("import-torch", help="convert a torch nn.LSTM/nn.GRU(/Cell) state dict to our format")
     imp.add_argument("state_dict", help="a file written by torch.save(module.state_dict())")

@@ -42,71 +42,54 @@ class HTTPError(Exception):
         self.status = status
 
 
-def create_app(repository: Repository, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    metrics = Metrics()
-    for served in repository.models.values():
-        metrics.watch(served)
+class LocalBackend:
+    """Models served by engines in this process. `replica` names the process when several serve
+    (Ray Serve shards); it is reported in infer responses and metrics."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        repository.start()
-        yield
-        # graceful: running requests finish (or fail with a clear error), nothing hangs
-        await asyncio.get_running_loop().run_in_executor(None, repository.stop)
+    def __init__(self, repository: Repository, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 replica: int | None = None):
+        self.repository, self.max_body_bytes, self.replica = repository, max_body_bytes, replica
+        self.metrics = Metrics()
+        for served in repository.models.values():
+            self.metrics.watch(served)
 
-    app = FastAPI(title="cellserve", version=__version__, lifespan=lifespan,
-                  description="Open Inference Protocol (KServe v2) server for recurrent models with cellular batching.")
-    app.state.repository, app.state.metrics = repository, metrics
+    def start(self) -> None:
+        self.repository.start()
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(request, exc: HTTPError):
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+    def stop(self) -> None:
+        self.repository.stop()
 
-    def model_or_404(name: str):
-        served = repository.get(name)
+    def _model(self, name: str):
+        served = self.repository.get(name)
         if served is None:
-            raise HTTPError(404, f"unknown model {name!r}; this server has {sorted(repository.models)}")
+            raise HTTPError(404, f"unknown model {name!r}; this server has {sorted(self.repository.models)}")
         return served
 
-    @app.get("/v2", summary="Server metadata")
-    async def server_metadata():
-        return {"name": "cellserve", "version": __version__, "extensions": ["binary_tensor_data", "sequence"]}
+    async def ready(self) -> bool:
+        return all(m.engine.running for m in self.repository.models.values())
 
-    @app.get("/v2/health/live", summary="Liveness")
-    async def live():
-        return Response(status_code=200)
+    async def model_metadata(self, name: str) -> dict:
+        return self._model(name).metadata()
 
-    @app.get("/v2/health/ready", summary="Readiness: every model's engine is running")
-    async def ready():
-        ok = all(m.engine.running for m in repository.models.values())
-        return Response(status_code=200 if ok else 503)
+    async def model_ready(self, name: str) -> bool:
+        return self._model(name).engine.running
 
-    @app.get("/v2/models/{name}", summary="Model metadata")
-    @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
-    async def model_metadata(name: str, version: str | None = None):
-        return model_or_404(name).metadata()
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
 
-    @app.get("/v2/models/{name}/ready", summary="Model readiness")
-    @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
-    async def model_ready(name: str, version: str | None = None):
-        return Response(status_code=200 if model_or_404(name).engine.running else 503)
-
-    @app.post("/v2/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOC)
-    @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
-    async def infer(name: str, request: Request, version: str | None = None):
-        served = model_or_404(name)
+    async def infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, dict]:
+        served = self._model(name)
         try:
-            body, headers = await _infer(served, request)
+            result = await self._infer(served, body, header_length)
         except HTTPError as exc:
-            metrics.requests.labels(name, f"http_{exc.status}").inc()
+            self.metrics.requests.labels(name, f"http_{exc.status}").inc()
             raise
-        metrics.requests.labels(name, "success").inc()
-        return Response(body, headers=headers)
+        self.metrics.requests.labels(name, "success").inc()
+        return result
 
-    async def _infer(served, request: Request):
-        body = await _read_body(request, max_body_bytes)
+    async def _infer(self, served, body: bytes, header_length: str | None):
         try:
-            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+            req = parse_infer_request(body, header_length)
             sequence = _sequence_parameters(req.parameters, served.stateful)
             inputs = served.requests(req.inputs)
             if sequence and len(inputs) != 1:
@@ -132,14 +115,71 @@ def create_app(repository: Repository, max_body_bytes: int = DEFAULT_MAX_BODY_BY
         outputs, parameters = served.outputs_of(results)
         if sequence:
             parameters = {**parameters, "sequence_id": sequence["sequence_id"]}
+        if self.replica is not None:
+            parameters = {**parameters, "replica": self.replica}
         try:
             return build_response(served.name, served.version, req, outputs, parameters)
         except ProtocolError as exc:
             raise HTTPError(400, str(exc))
 
+
+def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_provider=None) -> FastAPI:
+    """The HTTP API over a backend: a Repository (served here) or any object with LocalBackend's
+    async methods. backend_provider, when given, is called per request instead (the Ray Serve ingress
+    binds its router after Ray has copied the app into the replica)."""
+    if isinstance(backend, Repository):
+        backend = LocalBackend(backend, max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        target = app.state.backend
+        if hasattr(target, "start"):
+            target.start()
+        yield
+        if hasattr(target, "stop"):  # graceful: running requests finish (or fail clearly), nothing hangs
+            await asyncio.get_running_loop().run_in_executor(None, target.stop)
+
+    app = FastAPI(title="cellserve", version=__version__, lifespan=lifespan,
+                  description="Open Inference Protocol (KServe v2) server for recurrent models with cellular batching.")
+    app.state.backend = backend
+    current = backend_provider or (lambda: app.state.backend)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request, exc: HTTPError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.get("/v2", summary="Server metadata")
+    async def server_metadata():
+        return {"name": "cellserve", "version": __version__, "extensions": ["binary_tensor_data", "sequence"]}
+
+    @app.get("/v2/health/live", summary="Liveness")
+    async def live():
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", summary="Readiness: every model's engine is running")
+    async def ready():
+        return Response(status_code=200 if await current().ready() else 503)
+
+    @app.get("/v2/models/{name}", summary="Model metadata")
+    @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
+    async def model_metadata(name: str, version: str | None = None):
+        return await current().model_metadata(name)
+
+    @app.get("/v2/models/{name}/ready", summary="Model readiness")
+    @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+    async def model_ready(name: str, version: str | None = None):
+        return Response(status_code=200 if await current().model_ready(name) else 503)
+
+    @app.post("/v2/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOC)
+    @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
+    async def infer(name: str, request: Request, version: str | None = None):
+        body = await _read_body(request, max_body_bytes)
+        content, headers = await current().infer(name, body, request.headers.get(HEADER_LENGTH))
+        return Response(content, headers=headers)
+
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await current().metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -1,0 +1,141 @@
+"""Scale-out on Ray Serve: N engine shards behind one HTTP ingress.
+
+Each shard is its own single-replica deployment running our engines, because a streaming session's
+recurrent state lives in one engine's state pool: the ingress sends every chunk of a sequence to the
+shard chosen by a stable hash of its sequence_id, and spreads stateless requests round-robin. (Ray
+Serve's own replica routing has no strict affinity, so shards are separate deployments.) Ray places the
+shards on any node of the cluster: see docs/ray.md. Needs `ray[serve]` (the `ray` extra).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import zlib
+
+from ray import serve
+
+from cellserve.server.app import HTTPError, LocalBackend, create_app
+from cellserve.server.repository import Repository
+
+
+def _repository(model_dir: str | None) -> Repository:
+    return Repository.from_directory(model_dir) if model_dir else Repository.defaults()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class EngineShard:
+    """One engine process: the models of the repository, served by LocalBackend."""
+
+    def __init__(self, model_dir: str | None, index: int, max_body_bytes: int):
+        self.backend = LocalBackend(_repository(model_dir), max_body_bytes, replica=index)
+        self.backend.start()
+
+    async def call(self, method: str, *args):
+        """Run a LocalBackend method; HTTP errors come back as (status, message) so they cross processes."""
+        try:
+            return 200, await getattr(self.backend, method)(*args)
+        except HTTPError as exc:
+            return exc.status, str(exc)
+
+    def __del__(self):
+        self.backend.stop()
+
+
+def sequence_key(body: bytes, header_length: str | None) -> str | None:
+    """The sequence_id a request names, read from its JSON header (None when it names none, or when the
+    body is malformed: a shard will then answer 400 with the reason)."""
+    try:
+        header = body[: int(header_length)] if header_length else body
+        sid = json.loads(header).get("parameters", {}).get("sequence_id")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return None if sid is None else str(sid)
+
+
+class ShardRouter:
+    """The backend the ingress app talks to: same methods as LocalBackend, answered by the shards."""
+
+    def __init__(self, shards: list):
+        self.shards = shards
+        self._round_robin = itertools.cycle(range(len(shards)))
+
+    def shard_for(self, key: str | None) -> int:
+        return zlib.crc32(key.encode()) % len(self.shards) if key is not None else next(self._round_robin)
+
+    async def _call(self, shard: int, method: str, *args):
+        status, value = await self.shards[shard].call.remote(method, *args)
+        if status != 200:
+            raise HTTPError(status, value)
+        return value
+
+    async def infer(self, name: str, body: bytes, header_length: str | None):
+        return await self._call(self.shard_for(sequence_key(body, header_length)), "infer", name, body, header_length)
+
+    async def ready(self) -> bool:
+        return all([await self._call(i, "ready") for i in range(len(self.shards))])
+
+    async def model_metadata(self, name: str) -> dict:
+        return await self._call(0, "model_metadata", name)
+
+    async def model_ready(self, name: str) -> bool:
+        return all([await self._call(i, "model_ready", name) for i in range(len(self.shards))])
+
+    async def metrics_text(self) -> bytes:
+        texts = [(await self._call(i, "metrics_text")).decode() for i in range(len(self.shards))]
+        return merge_metrics(texts).encode()
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?( .*)$")
+
+
+def merge_metrics(texts: list[str]) -> str:
+    """Shards' Prometheus exports as one, each sample labelled replica="i" (HELP/TYPE lines once)."""
+    families: dict[str, list[str]] = {}
+    order: list[str] = []
+    for replica, text in enumerate(texts):
+        current = None
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                current = line.split()[2]
+                if current not in families:
+                    families[current] = [line]
+                    order.append(current)
+            elif line.startswith("# TYPE "):
+                if replica == 0:
+                    families[current].append(line)
+            elif line and current is not None:
+                match = _SAMPLE.match(line)
+                if match:
+                    name, labels, rest = match.groups()
+                    inner = f'replica="{replica}"' + ("," + labels[1:-1] if labels and labels != "{}" else "")
+                    families[current].append(f"{name}{{{inner}}}{rest}")
+    return "\n".join(line for name in order for line in families[name]) + "\n"
+
+
+_ingress: dict[str, ShardRouter] = {}
+
+
+def ingress_router() -> ShardRouter:
+    """The replica's router. Module-level functions are pickled by reference, so inside the replica this
+    and bind_router share the replica's module state (the Ingress class itself is pickled by value)."""
+    return _ingress["router"]
+
+
+def bind_router(router: ShardRouter) -> None:
+    _ingress["router"] = router
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(create_app(None, backend_provider=ingress_router))
+class Ingress:
+    def __init__(self, *shards):
+        bind_router(ShardRouter(list(shards)))
+
+
+def build(model_dir: str | None = None, replicas: int = 2, max_body_bytes: int = 16 * 2**20):
+    """The Ray Serve application: `replicas` engine shards and the HTTP ingress."""
+    shards = [EngineShard.options(name=f"cellserve-shard-{i}").bind(model_dir, i, max_body_bytes)
+              for i in range(replicas)]
+    return Ingress.options(name="cellserve-ingress").bind(*shards)
