@@ -102,8 +102,10 @@ def _bench_serving(args):
                          f"policies {list(POLICIES)}")
     if args.duration <= 0 or any(r <= 0 for r in args.rates or []):
         raise UsageError("--duration and --rates must be positive")
+    if set(args.backends) - {"cellserve", "onnxruntime"}:
+        raise UsageError("--backends takes cellserve and/or onnxruntime")
     serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
-                args.max_delay_ms, args.buckets, args.json, args.plots)
+                args.max_delay_ms, args.buckets, args.json, args.plots, args.backends)
 
 
 def _bench_multistep(args):
@@ -211,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=64)
     sv.add_argument("--max-delay-ms", type=float, default=5.0, help="graph policy: batching window")
     sv.add_argument("--buckets", type=_ints, default=[], help="graph policy: length bucket bounds, e.g. 10,20,40")
+    sv.add_argument("--backends", type=_words, default=["cellserve"],
+                    help="who runs the cells: cellserve and/or onnxruntime (LSTM workloads)")
     sv.set_defaults(func=_bench_serving)
 
     ms = bench_sub.add_parser("multistep", help="single-stream SRU/QRNN run k time steps per call")

@@ -37,44 +37,53 @@ def unbatched_capacity(workload, model, seed: int, samples: int = 8) -> float:
 
 
 def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: float = 8.0, seed: int = 0,
-        max_batch: int = 64, max_delay_ms: float = 5.0, buckets=(), json_path=None, plot_dir=None) -> list[dict]:
+        max_batch: int = 64, max_delay_ms: float = 5.0, buckets=(), json_path=None, plot_dir=None,
+        backends=("cellserve",)) -> list[dict]:
+    """backends: who runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers."""
     rows = []
     with limit_threads(1):
         for name in workloads:
             workload = WORKLOADS[name]
-            model = workload.make_model()
+            models = {"cellserve": workload.make_model()}
+            if "onnxruntime" in backends and name != "treelstm":  # ORT has no TreeLSTM operator
+                from cellserve.models.onnx_io import use_onnxruntime
+
+                models["onnxruntime"] = use_onnxruntime(workload.make_model())
+            model = models["cellserve"]
             base = unbatched_capacity(workload, model, seed)
             grid = list(rates) if rates else [round(base * m, 1) for m in (0.5, 1, 2, 4, 8, 16, 32)]
             console.print(f"[bold]{name}[/]: {workload.description}; unbatched capacity ~{base:.1f} req/s; "
                           f"rates {grid}")
-            saturated = {p: 0 for p in policies}
+            runs = [(p, b) for b in models for p in policies]
+            saturated = {run: 0 for run in runs}
             for rate in grid:
                 arrivals = poisson_arrivals(rate, duration, seed)
                 rng = np.random.default_rng(seed)
                 requests = [workload.make_request(rng, int(n)) for n in sentence_lengths(rng, len(arrivals))]
-                for policy in policies:
-                    if saturated[policy] >= 2:  # saturated twice already: higher rates tell nothing new
+                for policy, backend in runs:
+                    if saturated[(policy, backend)] >= 2:  # saturated twice already: higher rates tell nothing new
                         continue
+                    model = models[backend]
                     # graph batches whole requests; a cellular step's rows are nodes (16 per tree)
                     step_rows = max_batch * (workload.rows_per_request if policy == "cellular" else 1)
                     engine = Engine(make_runner(model, 16384 if name == "treelstm" else 1024), policy,
                                     max_batch=step_rows, max_queue=4 * max_batch + int(rate),
                                     max_delay_ms=max_delay_ms, length_buckets=buckets).start()
                     result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
-                    row = {"workload": name, "policy": policy, "rate_rps": rate,
+                    row = {"workload": name, "policy": policy, "backend": backend, "rate_rps": rate,
                            "throughput_rps": result.throughput_rps, "p50_ms": result.percentile_ms(50),
                            "p90_ms": result.percentile_ms(90), "p99_ms": result.percentile_ms(99),
                            "completed": result.completed, "refused": result.refused, "failed": result.failed,
                            "lost": result.lost, "mean_batch": _mean_batch(engine)}
                     row["sustained"] = sustained(row)
-                    saturated[policy] += 0 if row["sustained"] else 1
+                    saturated[(policy, backend)] += 0 if row["sustained"] else 1
                     rows.append(row)
-                    console.print(f"  {policy:8s} {rate:7.1f} req/s -> {row['throughput_rps']:6.1f} done/s, "
+                    console.print(f"  {policy:8s} {backend:11s} {rate:7.1f} req/s -> {row['throughput_rps']:6.1f} done/s, "
                                   f"p90 {_ms(row['p90_ms'])}, p99 {_ms(row['p99_ms'])}, "
                                   f"refused {row['refused']}, failed {row['failed']}, lost {row['lost']}")
                 if all(v >= 2 for v in saturated.values()):
                     break
-    columns = [("workload", "workload"), ("policy", "policy"), ("rate_rps", "offered/s"),
+    columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("rate_rps", "offered/s"),
                ("throughput_rps", "done/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
                ("mean_batch", "mean batch"), ("completed", "done"), ("refused", "refused"), ("failed", "failed"),
                ("lost", "lost")]
@@ -96,7 +105,7 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["workload"] for r in rows):
-        mine = [r for r in rows if r["workload"] == name]
+        mine = [r for r in rows if r["workload"] == name and r.get("backend", "cellserve") == "cellserve"]
         best = {p: max((r["throughput_rps"] for r in mine if r["policy"] == p and r["sustained"]), default=0.0)
                 for p in POLICIES}
         graph_ok = {r["rate_rps"]: r for r in mine if r["policy"] == "graph" and r["sustained"]}
@@ -118,8 +127,8 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     for name in dict.fromkeys(r["workload"] for r in rows):
         fig, ax = plt.subplots(figsize=(6, 4))
         for policy in POLICIES:
-            pts = [(r["throughput_rps"], r["p90_ms"]) for r in rows
-                   if r["workload"] == name and r["policy"] == policy and r["p90_ms"]]
+            pts = [(r["throughput_rps"], r["p90_ms"]) for r in rows if r["workload"] == name
+                   and r["policy"] == policy and r.get("backend", "cellserve") == "cellserve" and r["p90_ms"]]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=policy)
         ax.set_yscale("log")
