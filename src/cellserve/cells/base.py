@@ -49,6 +49,14 @@ class Cell:
         """T time steps of one batch: xs (T, B, input_size) -> (hs (T, B, H), final state)."""
         raise NotImplementedError
 
+    @staticmethod
+    def project(weight, xs: np.ndarray) -> np.ndarray:
+        """The input projections of all T steps in one product, so the weights are read once:
+        xs (T, B, in) -> (T, B, out)."""
+        steps, batch, _ = xs.shape
+        flat = np.ascontiguousarray(xs, dtype=np.float32).reshape(steps * batch, -1)
+        return weight(flat).reshape(steps, batch, -1)
+
     # --- weights -----------------------------------------------------------------------------
     def options(self) -> dict:
         """Architecture options beyond the sizes (saved in the model header)."""

@@ -19,12 +19,10 @@ class GRUCell(Cell):
         self.b_hh = f32(b_hh)
 
     def steps(self, xs, state):
-        steps, batch, _ = xs.shape
-        hidden = self.hidden_size
-        gi_all = self.ih(xs.reshape(steps * batch, self.input_size)).reshape(steps, batch, 3 * hidden)
-        hs = np.empty((steps, batch, hidden), dtype=np.float32)
+        gi_all = self.project(self.ih, xs)
+        hs = np.empty((*gi_all.shape[:2], self.hidden_size), dtype=np.float32)
         (h,) = state
-        for t in range(steps):
+        for t in range(len(hs)):
             gh = self.hh(h)
             pointwise.gru_step(gi_all[t], gh, self.b_ih, self.b_hh, h, hs[t])
             h = hs[t]

@@ -22,12 +22,10 @@ class LSTMCell(Cell):
         return (self.hidden_size, self.hidden_size)
 
     def steps(self, xs, state):
-        steps, batch, _ = xs.shape
-        hidden = self.hidden_size
-        gi_all = self.ih(xs.reshape(steps * batch, self.input_size)).reshape(steps, batch, 4 * hidden)
-        hs = np.empty((steps, batch, hidden), dtype=np.float32)
+        gi_all = self.project(self.ih, xs)
+        hs = np.empty((*gi_all.shape[:2], self.hidden_size), dtype=np.float32)
         h, c = state[0], state[1].copy()
-        for t in range(steps):
+        for t in range(len(hs)):
             pointwise.lstm_step(gi_all[t], self.hh(h), self.bias, c, hs[t], c)
             h = hs[t]
         return hs, (hs[-1].copy(), c)

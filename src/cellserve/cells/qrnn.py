@@ -39,7 +39,7 @@ class QRNNCell(Cell):
             windowed[:, :, self.input_size:] = xs
         else:
             windowed = xs
-        u = self.w(windowed.reshape(steps * batch, -1)).reshape(steps, batch, -1)
+        u = self.project(self.w, windowed)
         c = state[1].copy()
         hs = np.empty((steps, batch, self.hidden_size), dtype=np.float32)
         pointwise.qrnn_scan(u, self.bias, c, hs)

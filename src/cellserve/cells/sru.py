@@ -35,7 +35,7 @@ class SRUCell(Cell):
         steps, batch, _ = xs.shape
         hidden = self.hidden_size
         xs = np.ascontiguousarray(xs, dtype=np.float32)
-        u = self.w(xs.reshape(steps * batch, self.input_size)).reshape(steps, batch, -1)
+        u = self.project(self.w, xs)
         highway = xs if self.input_size == hidden else u[:, :, 3 * hidden:]
         c = state[1].copy()
         hs = np.empty((steps, batch, hidden), dtype=np.float32)
