@@ -4,7 +4,9 @@ Policies, all over the same runner and kernels:
   cellular  every step, run the cell type with the most ready nodes (the fullest batch), up to max_batch
             of them, oldest requests first; but a request that has waited more than max_wait_steps steps
             without progress gets its cell type run first, so no request starves. Requests join between
-            steps and leave the moment they finish (BatchMaker's cellular batching).
+            steps and leave the moment they finish (BatchMaker's cellular batching). pick="oldest" runs
+            the oldest request's cell type instead: lower tree latency at light load, less throughput
+            at saturation (measured in the notes of issue 3).
   graph     request-level dynamic batching: wait up to max_delay_ms or max_batch requests (optionally from
             one length bucket), then run every cell type's phase to completion with finished requests as
             padding rows, and answer all requests together (TF-Serving / Triton / Clipper style).
