@@ -71,10 +71,16 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data belong to no input")
     outputs = {}
-    for spec in header.get("outputs") or []:
+    requested = header.get("outputs") or []
+    if not isinstance(requested, list):
+        raise ProtocolError("'outputs' must be a list of objects with a 'name'")
+    for spec in requested:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise ProtocolError("each requested output needs a 'name'")
-        outputs[spec["name"]] = bool((spec.get("parameters") or {}).get("binary_data", False))
+        out_parameters = spec.get("parameters") or {}
+        if not isinstance(out_parameters, dict):
+            raise ProtocolError(f"output {spec['name']!r}: 'parameters' must be an object")
+        outputs[spec["name"]] = bool(out_parameters.get("binary_data", False))
     req_id = header.get("id")
     return InferRequest(str(req_id) if req_id is not None else None, parameters, tensors, outputs,
                         bool(parameters.get("binary_data_output", False)))
