@@ -5,18 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense, pointwise
+from cellserve.kernels import Dense, load_dense
+from cellserve.kernels.recurrence import lstm_sequence
 
 
 class LSTMCell(Cell):
     kind = "lstm"
 
-    def __init__(self, w_ih: np.ndarray, w_hh: np.ndarray, bias: np.ndarray):
-        hidden = w_hh.shape[1]
-        super().__init__(w_ih.shape[1], hidden)
-        self.ih = Dense(w_ih)
-        self.hh = Dense(w_hh)
+    def __init__(self, w_ih, w_hh, bias: np.ndarray, cell_quant: tuple[float, float] | None = None):
+        """w_ih, w_hh: fp32 arrays or Dense-like matrices (quantized ones from compress/).
+        cell_quant (step, limit): hold the cell state on that grid, as the model was trained."""
+        self.ih = w_ih if hasattr(w_ih, "dense_weight") else Dense(w_ih)
+        self.hh = w_hh if hasattr(w_hh, "dense_weight") else Dense(w_hh)
+        super().__init__(self.ih.in_features, self.hh.in_features)
         self.bias = f32(bias)  # b_ih + b_hh: the kernel adds them once
+        self.cell_quant = None if cell_quant is None else (float(cell_quant[0]), float(cell_quant[1]))
 
     def state_widths(self):
         return (self.hidden_size, self.hidden_size)
@@ -24,14 +27,15 @@ class LSTMCell(Cell):
     def steps(self, xs, state):
         gi_all = self.project(self.ih, xs)
         hs = np.empty((*gi_all.shape[:2], self.hidden_size), dtype=np.float32)
-        h, c = state[0], state[1].copy()
-        for t in range(len(hs)):
-            pointwise.lstm_step(gi_all[t], self.hh(h), self.bias, c, hs[t], c)
-            h = hs[t]
+        c = np.array(state[1], dtype=np.float32, order="C")
+        lstm_sequence(self.hh, gi_all, self.bias, np.ascontiguousarray(state[0]), c, hs, self.cell_quant)
         return hs, (hs[-1].copy(), c)
 
     def tensors(self):
-        return {"w_ih": self.ih.weight, "w_hh": self.hh.weight, "bias": self.bias}
+        out = {**self.ih.tensors("w_ih"), **self.hh.tensors("w_hh"), "bias": self.bias}
+        if self.cell_quant is not None:
+            out["cell_quant"] = np.array(self.cell_quant, dtype=np.float32)
+        return out
 
     @classmethod
     def tensor_shapes(cls, input_size, hidden_size, **options):
@@ -40,4 +44,6 @@ class LSTMCell(Cell):
 
     @classmethod
     def from_tensors(cls, input_size, hidden_size, tensors, **options):
-        return cls(tensors["w_ih"], tensors["w_hh"], tensors["bias"])
+        cell_quant = tensors.get("cell_quant")
+        return cls(load_dense("w_ih", tensors), load_dense("w_hh", tensors), tensors["bias"],
+                   None if cell_quant is None else tuple(cell_quant))

@@ -139,3 +139,6 @@ class Dense:
     def dense_weight(self) -> np.ndarray:
         """The fp32 matrix (exact here; dequantized for quantized variants)."""
         return self.weight
+
+    def tensors(self, name: str) -> dict[str, np.ndarray]:
+        return {name: self.weight}
