@@ -14,6 +14,7 @@ from cellserve.engine.pool import StatePool
 from cellserve.engine.request import Request
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM, tree_levels
 from cellserve.models.lm import log_softmax
+from cellserve.models.ocr import OCRModel, columns, ctc_greedy
 from cellserve.models.rnn import RNN
 
 
@@ -290,11 +291,61 @@ class StreamRunner(Runner):
         return {"outputs": req.progress["out"], "frames_pending": 0 if session is None else len(session.buffer)}
 
 
+class OCRRunner(Runner):
+    """A 1-layer bidirectional recognizer over a line image: its forward and backward directions are two
+    cell types, each stepped over many lines at once; when both have covered a line, the CTC head and
+    greedy decoding give its text."""
+
+    cell_types = ("forward", "backward")
+
+    def __init__(self, model: OCRModel, capacity: int):
+        if model.rnn.num_layers != 1 or not model.rnn.bidirectional:
+            raise ValueError("OCR serving needs a 1-layer bidirectional recognizer")
+        self.model = model
+        self.cells = dict(zip(self.cell_types, model.rnn.layers[0]))
+        widths = {f"{d}{i}": w for d, cell in self.cells.items() for i, w in enumerate(cell.state_widths())}
+        super().__init__(StatePool(capacity, widths))
+
+    def prepare(self, inputs):
+        image = np.asarray(inputs.get("image"), dtype=np.float32)
+        height = self.model.rnn.input_size // self.model.stride
+        if image.ndim != 2 or image.shape[0] != height or image.shape[1] < self.model.stride:
+            raise ValueError(f"image must have shape [{height}, width >= {self.model.stride}], got {list(image.shape)}")
+        if not np.isfinite(image).all():
+            raise ValueError("image contains NaN or infinity")
+        return columns(image, self.model.stride), 1
+
+    def start(self, req):
+        steps, hidden = len(req.payload), self.model.rnn.hidden_size
+        req.progress["h"] = {d: np.empty((steps, hidden), np.float32) for d in self.cell_types}
+        req.ready["forward"] = [0]
+        req.ready["backward"] = [0]
+
+    def run(self, cell_type, nodes, pad_rows=0):
+        cell = self.cells[cell_type]
+        slots = np.concatenate([r.slots for r, _ in nodes])
+        frame = (lambda req, t: t) if cell_type == "forward" else (lambda req, t: len(req.payload) - 1 - t)
+        x = np.stack([req.payload[frame(req, t)] for req, t in nodes] + [np.zeros_like(nodes[0][0].payload[0])] * pad_rows)
+        names = [f"{cell_type}{i}" for i in range(len(cell.state_widths()))]
+        state = tuple(np.concatenate([self.pool[n][slots], np.zeros((pad_rows, self.pool[n].shape[1]), np.float32)])
+                      for n in names)
+        new = cell.step(x, state)
+        for name, arr in zip(names, new):
+            self.pool[name][slots] = arr[: len(nodes)]
+        for row, (req, t) in enumerate(nodes):
+            req.progress["h"][cell_type][frame(req, t)] = new[0][row]
+            req.ready[cell_type] = [t + 1] if t + 1 < len(req.payload) else []
+            if not req.ready["forward"] and not req.ready["backward"]:
+                hidden = np.concatenate([req.progress["h"][d] for d in self.cell_types], axis=1)
+                ids = ctc_greedy(self.model.head(hidden).argmax(axis=-1))
+                self._finish(req, {"text": "".join(self.model.alphabet[i - 1] for i in ids)})
+
+
 def make_runner(model, capacity: int, block_steps: int = 1) -> Runner:
     """The runner for a loaded model (by its architecture)."""
     if isinstance(model, RNN):
         return StreamRunner(model, capacity, block_steps)
-    kinds = {LanguageModel: LanguageModelRunner, Seq2Seq: Seq2SeqRunner, TreeLSTM: TreeRunner}
+    kinds = {LanguageModel: LanguageModelRunner, Seq2Seq: Seq2SeqRunner, TreeLSTM: TreeRunner, OCRModel: OCRRunner}
     for cls, runner in kinds.items():
         if isinstance(model, cls):
             return runner(model, capacity)

@@ -9,12 +9,13 @@ from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
 from cellserve.models.lm import Classifier, LanguageModel
+from cellserve.models.ocr import OCRModel
 from cellserve.models.rnn import RNN
 from cellserve.models.seq2seq import Seq2Seq
 from cellserve.models.tree import TreeLSTM
 
 FORMAT_VERSION = "1"
-ARCHS = {cls.arch: cls for cls in (RNN, LanguageModel, Classifier, Seq2Seq, TreeLSTM)}
+ARCHS = {cls.arch: cls for cls in (RNN, LanguageModel, Classifier, Seq2Seq, TreeLSTM, OCRModel)}
 
 
 def save(model, path: str | Path) -> Path:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cellserve import models
 from cellserve.engine import Engine, make_runner
 from cellserve.models import LanguageModel, RNN, Seq2Seq, TreeLSTM
+from cellserve.models.ocr import OCRModel
 from cellserve.server.protocol import ProtocolError
 
 
@@ -200,7 +201,31 @@ class StreamModel(ServedModel):
         return {"outputs": result["outputs"]}, {"frames_pending": result["frames_pending"]}
 
 
-KINDS = {Seq2Seq: Seq2SeqModel, LanguageModel: LanguageModelModel, TreeLSTM: TreeModel, RNN: StreamModel}
+class OCRServedModel(ServedModel):
+    """Line images in ([height, width] or [batch, height, width], ink bright on dark), text out."""
+
+    def __init__(self, name, model: OCRModel, config):
+        super().__init__(name, model, config)
+        self.inputs = [TensorSpec("image", "FP32", [-1, model.rnn.input_size // model.stride, -1])]
+        self.outputs = [TensorSpec("text", "BYTES", [-1])]
+
+    def requests(self, tensors):
+        self._check_names(tensors)
+        images = tensors["image"]
+        if images.dtype not in (np.float32, np.float64, np.float16):
+            raise ProtocolError(f"input 'image' must be FP32, got {images.dtype}")
+        if images.ndim == 2:
+            images = images[None]
+        if images.ndim != 3:
+            raise ProtocolError(f"input 'image' must have shape [height, width] or [batch, height, width], "
+                                f"got {list(images.shape)}")
+        return [{"image": image} for image in images]
+
+    def outputs_of(self, results):
+        return {"text": np.array([r["text"].encode() for r in results], dtype=object)}, {}
+
+
+KINDS = {OCRModel: OCRServedModel, Seq2Seq: Seq2SeqModel, LanguageModel: LanguageModelModel, TreeLSTM: TreeModel, RNN: StreamModel}
 
 
 def serve_model(name: str, model, config: ModelConfig) -> ServedModel:

@@ -1,0 +1,1 @@
+"""Doing less work for the same answers: the OCR proof task, quantization, pruning, distillation."""

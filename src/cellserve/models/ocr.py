@@ -1,0 +1,55 @@
+"""Line OCR: a bidirectional RNN over pixel columns with a CTC head, decoded greedily in our runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cellserve.models.layers import Linear
+from cellserve.models.rnn import RNN, prefixed, unprefixed
+
+
+def columns(image: np.ndarray, stride: int) -> np.ndarray:
+    """(height, width) image -> (steps, height * stride) frames: `stride` adjacent columns per time step."""
+    height, width = image.shape
+    width -= width % stride
+    return np.ascontiguousarray(image[:, :width].T.reshape(width // stride, height * stride), dtype=np.float32)
+
+
+def ctc_greedy(best: np.ndarray) -> list[int]:
+    """Collapse repeats, then drop blanks (id 0)."""
+    keep = np.ones(len(best), dtype=bool)
+    keep[1:] = best[1:] != best[:-1]
+    return [int(i) for i in best[keep] if i != 0]
+
+
+class OCRModel:
+    arch = "ocr"
+
+    def __init__(self, rnn: RNN, head: Linear, alphabet: str, stride: int = 2):
+        if head.out_features != len(alphabet) + 1:
+            raise ValueError("the CTC head needs one output per character plus the blank")
+        self.rnn, self.head, self.alphabet, self.stride = rnn, head, alphabet, int(stride)
+
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """(steps, classes) for one line image (height, width)."""
+        frames = columns(np.asarray(image, dtype=np.float32), self.stride)
+        ys, _ = self.rnn.forward(frames[:, None, :])
+        return self.head(ys[:, 0])
+
+    def recognize(self, image: np.ndarray) -> str:
+        return "".join(self.alphabet[i - 1] for i in ctc_greedy(self.logits(image).argmax(axis=-1)))
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.rnn.weight_bytes + sum(t.nbytes for t in self.head.tensors().values())
+
+    def config(self) -> dict:
+        return {"arch": self.arch, "rnn": self.rnn.config(), "alphabet": self.alphabet, "stride": self.stride}
+
+    def tensors(self) -> dict:
+        return {**prefixed("rnn", self.rnn.tensors()), **prefixed("head", self.head.tensors())}
+
+    @classmethod
+    def from_tensors(cls, config, tensors):
+        return cls(RNN.from_tensors(config["rnn"], unprefixed("rnn", tensors)),
+                   Linear.from_tensors(unprefixed("head", tensors)), config["alphabet"], config["stride"])
