@@ -73,3 +73,32 @@ def test_bench_multistep_writes_rows(tmp_path):
     assert {(r["cell"], r["k"]) for r in blocks} == {("sru", 1), ("sru", 4), ("qrnn", 1), ("qrnn", 4)}
     assert all({"cell", "layers", "hidden", "k", "us_per_step", "speedup_vs_k1"} <= set(r) for r in rows)
     assert any(r["cell"] == "sru" and r.get("ort_us_per_step") for r in rows)
+
+
+@pytest.mark.parametrize("argv", [
+    ["ocr", "eval", "/nonexistent/model.safetensors"],
+    ["bench", "compress", "--qat", "3/8"],
+    ["bench", "compress", "--sparsities", "1.5"],
+])
+def test_ocr_and_compress_bad_input_exits_with_code_2(argv, capsys):
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_ocr_quantize_and_read(tmp_path, capsys):
+    from PIL import Image
+
+    from cellserve.compress import ocr_train
+    from cellserve.compress.ocr_data import render
+
+    fp32 = tmp_path / "ocr.safetensors"
+    models.save(ocr_train.to_runtime(ocr_train.build(16)), fp32)
+    assert main(["ocr", "quantize", str(fp32), str(tmp_path / "int8.safetensors")]) == 0
+    image = render("hello", np.random.default_rng(0))
+    Image.fromarray((255 - image * 255).astype(np.uint8)).save(tmp_path / "line.png")  # dark ink on paper
+    assert main(["ocr", "read", str(tmp_path / "int8.safetensors"), str(tmp_path / "line.png")]) == 0
+    assert "line.png:" in capsys.readouterr().out
+    assert main(["ocr", "read", str(tmp_path / "int8.safetensors"), str(fp32)]) == 2  # not an image
+    lm = tmp_path / "lm.safetensors"
+    models.save(models.LanguageModel.random(10, 4, 8, seed=0), lm)
+    assert main(["ocr", "read", str(lm), str(tmp_path / "line.png")]) == 2

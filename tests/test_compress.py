@@ -225,3 +225,29 @@ def test_ocr_serving_equals_direct_recognition():
     assert texts == [model.recognize(img) for img in images]
     with pytest.raises(ValueError, match="image must have shape"):
         make_runner(model, 4).prepare({"image": np.zeros((7, 20), np.float32)})
+
+
+def test_compressed_ocr_model_served_over_http_from_a_repository(tmp_path):
+    """A QAT model saved to a model folder loads and serves like any other model (KServe v2 JSON)."""
+    from fastapi.testclient import TestClient
+
+    from cellserve.server.app import create_app
+    from cellserve.server.repository import Repository
+
+    model = ot.to_runtime(small_recognizer(QuantSpec(4, 8, cell_limit=2.0)))
+    (tmp_path / "ocr").mkdir()
+    models.save(model, tmp_path / "ocr" / "model.safetensors")
+    images = np.random.default_rng(5).random((2, HEIGHT, 24), dtype=np.float32)
+    body = {"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "FP32",
+                        "data": images.reshape(-1).tolist()}]}
+    with TestClient(create_app(Repository.from_directory(tmp_path))) as client:
+        meta = client.get("/v2/models/ocr").json()
+        assert meta["inputs"][0]["shape"] == [-1, HEIGHT, -1] and meta["parameters"]["architecture"] == "ocr"
+        response = client.post("/v2/models/ocr/infer", json=body)
+        assert response.status_code == 200, response.text
+        (text,) = response.json()["outputs"]
+        assert text["datatype"] == "BYTES" and text["data"] == [model.recognize(img) for img in images]
+        body["inputs"][0]["shape"] = [2, 24, HEIGHT]
+        bad = client.post("/v2/models/ocr/infer", json=body)
+        assert bad.status_code == 400 and "image must have shape" in bad.json()["error"]
+        assert client.post("/v2/models/ocr/infer", json=body | {"inputs": [body["inputs"][0] | {"shape": [2, HEIGHT, 24]}]}).status_code == 200

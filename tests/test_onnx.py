@@ -68,3 +68,22 @@ def test_onnxruntime_backend_serves_the_same_results(rng):
     ours.stop()
     with pytest.raises(ValueError, match="LSTM and GRU"):
         use_onnxruntime(RNN.random("sru", 4, 4))
+
+
+def test_onnxruntime_int8_backend_is_close_and_smaller(rng):
+    """ORT's dynamic int8 LSTM: outputs near fp32 (int8 rounding), weights about a quarter."""
+    rnn = RNN.random("lstm", 16, 32, num_layers=1, bidirectional=True, seed=2)
+    reference = RNN.random("lstm", 16, 32, num_layers=1, bidirectional=True, seed=2)
+    xs = rng.standard_normal((20, 1, 16)).astype(np.float32)
+    use_onnxruntime(rnn, int8=True)
+    got, want = rnn.forward(xs)[0], reference.forward(xs)[0]
+    assert np.abs(got - want).max() < 0.05
+    assert not np.allclose(got, want, atol=1e-6)  # it really is quantized
+    assert rnn.weight_bytes < 0.4 * reference.weight_bytes
+
+
+def test_onnxruntime_refuses_already_quantized_models():
+    from cellserve.compress.quantize import quantize_dynamic
+
+    with pytest.raises(ValueError, match="fp32 weights"):
+        use_onnxruntime(quantize_dynamic(LanguageModel.random(40, 8, 12, seed=1)))

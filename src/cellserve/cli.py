@@ -139,6 +139,92 @@ def _bench_ray(args):
     ray_scale.run(args.replicas, args.requests, args.clients, args.json)
 
 
+def _bench_compress(args):
+    from cellserve.bench import compress
+
+    try:
+        qat = [tuple(int(b) for b in pair.split("/")) for pair in args.qat.split(",") if pair]
+    except ValueError:
+        raise UsageError(f"--qat takes weight/activation bit pairs like 8/8,4/4, not {args.qat!r}")
+    if any(len(p) != 2 or p[0] not in (8, 4, 2, 1) or not 2 <= p[1] <= 8 for p in qat):
+        raise UsageError("--qat pairs: weight bits 8, 4, 2 or 1 / activation bits 2..8")
+    if any(not 0 < s < 1 for s in args.sparsities):
+        raise UsageError("--sparsities must lie strictly between 0 and 1")
+    if min(args.train_lines, args.test_lines, args.hidden, args.student_hidden) < 2:
+        raise UsageError("--train-lines, --test-lines, --hidden and --student-hidden must be >= 2")
+    compress.run(args.workdir, args.train_lines, args.test_lines, args.hidden, args.train_seconds,
+                 args.finetune_seconds, qat, args.sparsities, args.student_hidden, args.student_seconds,
+                 json_path=args.json, plot_path=args.plot)
+
+
+def _ocr_train(args):
+    from cellserve import models
+    from cellserve.compress import ocr_train as ot
+    from cellserve.compress.ocr_data import make_datasets
+
+    if args.lines < 2 or args.hidden < 2 or args.seconds <= 0:
+        raise UsageError("--lines and --hidden must be >= 2, --seconds positive")
+    train_set, test_set = make_datasets(args.lines, max(2, args.lines // 10), args.seed)
+    module = ot.train(ot.build(args.hidden, args.seed), train_set, epochs=1000, seconds=args.seconds)
+    model = ot.to_runtime(module)
+    models.save(model, args.out)
+    print(f"saved {args.out}: held-out CER {ot.evaluate(model, test_set):.4f} on {len(test_set.texts)} lines")
+
+
+def _load_ocr(path):
+    from cellserve import models
+    from cellserve.models.ocr import OCRModel
+
+    try:
+        model = models.load(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc))
+    if not isinstance(model, OCRModel):
+        raise UsageError(f"{path} holds a {model.arch!r} model, not an OCR recognizer")
+    return model
+
+
+def _ocr_quantize(args):
+    from cellserve import models
+    from cellserve.compress.quantize import quantize_dynamic
+
+    model = _load_ocr(args.model)
+    quantized = quantize_dynamic(model, args.bits)
+    models.save(quantized, args.out)
+    print(f"saved {args.out}: {args.bits}-bit weights, {quantized.weight_bytes} bytes (fp32: {model.weight_bytes})")
+
+
+def _ocr_eval(args):
+    from cellserve.bench.compress import us_per_line
+    from cellserve.compress.ocr_train import evaluate
+    from cellserve.compress.ocr_data import make_datasets
+
+    model = _load_ocr(args.model)
+    _, test_set = make_datasets(0, args.lines, args.seed)
+    print(f"CER {evaluate(model, test_set):.4f} on {args.lines} held-out lines; "
+          f"{us_per_line(model, test_set.images[:50]):.0f} us per line (1 thread, median)")
+
+
+def _ocr_read(args):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from cellserve.compress.ocr_data import HEIGHT
+
+    model = _load_ocr(args.model)
+    for path in args.images:
+        try:
+            image = Image.open(path).convert("L")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UsageError(f"cannot read image {path}: {exc}")
+        if image.height != HEIGHT:
+            image = image.resize((max(1, round(image.width * HEIGHT / image.height)), HEIGHT))
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        if pixels.mean() > 0.5:  # dark text on light paper: the model reads light ink on dark
+            pixels = 1.0 - pixels
+        print(f"{path}: {model.recognize(pixels)}")
+
+
 def _import_torch(args):
     import torch
 
@@ -242,6 +328,45 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--requests", type=int, default=600)
     rb.add_argument("--clients", type=int, default=16)
     rb.set_defaults(func=_bench_ray)
+
+    cb = bench_sub.add_parser("compress", help="OCR BiLSTM-CTC: CER vs speed of int8, QAT, pruning, distillation")
+    cb.add_argument("--json", help="write the rows to this file (and a Pareto plot beside it)")
+    cb.add_argument("--plot", help="Pareto plot path (default: the JSON path with .png)")
+    cb.add_argument("--workdir", default="cellserve-compress", help="trained and compressed models go here")
+    cb.add_argument("--train-lines", type=int, default=4000)
+    cb.add_argument("--test-lines", type=int, default=400)
+    cb.add_argument("--hidden", type=int, default=128, help="fp32 model (the teacher): hidden units per direction")
+    cb.add_argument("--train-seconds", type=float, default=360)
+    cb.add_argument("--finetune-seconds", type=float, default=90, help="per QAT / pruning fine-tune")
+    cb.add_argument("--qat", default="8/8,4/8,4/4,2/8,2/4,1/8", help="weight/activation bit pairs")
+    cb.add_argument("--sparsities", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.75, 0.9])
+    cb.add_argument("--student-hidden", type=int, default=48)
+    cb.add_argument("--student-seconds", type=float, default=200)
+    cb.set_defaults(func=_bench_compress)
+
+    ocr = sub.add_parser("ocr", help="the OCR proof task: train, quantize, evaluate and read text lines")
+    ocr_sub = ocr.add_subparsers(dest="ocr_command", required=True)
+    ot = ocr_sub.add_parser("train", help="train the BiLSTM-CTC recognizer on rendered docstring lines")
+    ot.add_argument("out", help="output .safetensors path")
+    ot.add_argument("--lines", type=int, default=4000)
+    ot.add_argument("--hidden", type=int, default=128)
+    ot.add_argument("--seconds", type=float, default=300, help="training time budget")
+    ot.add_argument("--seed", type=int, default=0)
+    ot.set_defaults(func=_ocr_train)
+    oq = ocr_sub.add_parser("quantize", help="post-training int8 (or 4/2/1-bit) weights, dynamic int8 activations")
+    oq.add_argument("model")
+    oq.add_argument("out")
+    oq.add_argument("--bits", type=int, choices=[8, 4, 2, 1], default=8)
+    oq.set_defaults(func=_ocr_quantize)
+    oe = ocr_sub.add_parser("eval", help="character error rate on freshly rendered held-out lines, and speed")
+    oe.add_argument("model")
+    oe.add_argument("--lines", type=int, default=200)
+    oe.add_argument("--seed", type=int, default=0)
+    oe.set_defaults(func=_ocr_eval)
+    orr = ocr_sub.add_parser("read", help="recognize the text in line images (PNG/JPEG files)")
+    orr.add_argument("model")
+    orr.add_argument("images", nargs="+")
+    orr.set_defaults(func=_ocr_read)
 
     imp = sub.add_parser("import-torch", help="convert a torch nn.LSTM/nn.GRU(/Cell) state dict to our format")
     imp.add_argument("state_dict", help="a file written by torch.save(module.state_dict())")

@@ -65,7 +65,7 @@ def fake_grid(x: torch.Tensor, step: float, limit: float) -> torch.Tensor:
 
 def lstm_direction(x: torch.Tensor, w_ih, w_hh, bias, spec: QuantSpec | None, peaks: list | None = None):
     """One fake-quantized LSTM direction over x (T, B, in) -> (T, B, H), from zero state.
-    spec None runs in fp32; `peaks` collects max|c| per step (to calibrate cell_limit)."""
+    spec None runs in fp32; `peaks` collects |c| of every step (to calibrate cell_limit)."""
     same = lambda v: v  # noqa: E731
     act = (lambda v: fake_grid(v, spec.act_scale, 1.0)) if spec else same
     weight = (lambda w: fake_weight(w, spec.weight_bits)) if spec else same
@@ -79,7 +79,7 @@ def lstm_direction(x: torch.Tensor, w_ih, w_hh, bias, spec: QuantSpec | None, pe
         i, f, g, o = (gates_x[t] + act(h) @ w_hh.T).chunk(4, dim=-1)
         c = cell(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g))
         if peaks is not None:
-            peaks.append(float(c.detach().abs().max()))
+            peaks.append(c.detach().abs().flatten())
         h = torch.sigmoid(o) * torch.tanh(c)
         outputs.append(h)
     return torch.stack(outputs)

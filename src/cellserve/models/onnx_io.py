@@ -23,8 +23,8 @@ def _reorder(a: np.ndarray, kind: str) -> np.ndarray:
 
 def _rnn_op_weights(kind: str, dirs: list[Cell]):
     """W [D, G*H, in], R [D, G*H, H], B [D, 2*G*H] in ONNX gate order."""
-    w = np.stack([_reorder(c.ih.weight, kind) for c in dirs])
-    r = np.stack([_reorder(c.hh.weight, kind) for c in dirs])
+    w = np.stack([_reorder(c.ih.dense_weight(), kind) for c in dirs])  # quantized cells export dequantized
+    r = np.stack([_reorder(c.hh.dense_weight(), kind) for c in dirs])
     if kind == "lstm":
         b = np.stack([np.concatenate([_reorder(c.bias, kind), np.zeros_like(c.bias)]) for c in dirs])
     else:
@@ -195,14 +195,34 @@ def rnn_from_onnx(source) -> RNN:
     return RNN(layers)
 
 
+def quantize_onnx_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's dynamic int8 quantization of the LSTM/GRU operators (per-channel weights; at run
+    time DynamicQuantizeLSTM quantizes activations per call and uses its VNNI/AVX2 int8 GEMM)."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, source)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["LSTM", "GRU"])
+        return onnx.load(target)
+
+
 class OnnxRuntimeCell:
     """An LSTM/GRU cell executed by ONNX Runtime, with our cell interface, so the engine and models run on
-    either backend unchanged (per-model `backend: onnxruntime`)."""
+    either backend unchanged (per-model `backend: onnxruntime` or `onnxruntime-int8`)."""
 
-    def __init__(self, cell: Cell, threads: int = 1):
-        self.cell, self.kind = cell, cell.kind
+    def __init__(self, cell: Cell, threads: int = 1, int8: bool = False):
+        self.cell, self.kind, self.int8 = cell, cell.kind, int8
         self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
-        self.session = ort_session(rnn_to_onnx(RNN([[cell]])), threads)
+        graph = rnn_to_onnx(RNN([[cell]]))
+        if int8:
+            graph = quantize_onnx_int8(graph)
+        self.graph_weight_bytes = sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
+        self.session = ort_session(graph, threads)
 
     def state_widths(self):
         return self.cell.state_widths()
@@ -218,7 +238,7 @@ class OnnxRuntimeCell:
 
     @property
     def weight_bytes(self):
-        return self.cell.weight_bytes
+        return self.graph_weight_bytes if self.int8 else self.cell.weight_bytes
 
     def step(self, x, state):
         return self.steps(x[None], state)[1]
@@ -231,12 +251,15 @@ class OnnxRuntimeCell:
         return out[0], tuple(o[0] for o in out[1:])
 
 
-def use_onnxruntime(model, threads: int = 1):
-    """Switch every LSTM/GRU layer inside a model (RNN, LM, classifier, seq2seq) to ONNX Runtime, in place."""
+def use_onnxruntime(model, threads: int = 1, int8: bool = False):
+    """Switch every LSTM/GRU layer inside a model (RNN, LM, classifier, seq2seq, OCR) to ONNX Runtime, in
+    place; int8 uses ORT's dynamically quantized operators."""
     rnns = [getattr(model, n) for n in ("rnn", "encoder", "decoder") if isinstance(getattr(model, n, None), RNN)]
     rnns = rnns or ([model] if isinstance(model, RNN) else [])
     if not rnns or any(r.cell_kind not in _ORDER for r in rnns):
         raise ValueError("the onnxruntime backend runs LSTM and GRU models")
     for rnn in rnns:
-        rnn.layers = [[OnnxRuntimeCell(c, threads) for c in dirs] for dirs in rnn.layers]
+        if any(not hasattr(c.ih, "weight") or not hasattr(c.hh, "weight") for c in rnn.cells):
+            raise ValueError("ONNX Runtime takes fp32 weights; quantize with backend onnxruntime-int8 instead")
+        rnn.layers = [[OnnxRuntimeCell(c, threads, int8) for c in dirs] for dirs in rnn.layers]
     return model

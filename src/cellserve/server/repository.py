@@ -32,7 +32,8 @@ class ModelConfig(BaseModel):
     idle_timeout_s: float = Field(60.0, gt=0, description="streaming sessions expire after this idle time")
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
     text_codec: Literal["number-speller"] | None = None
-    backend: Literal["cellserve", "onnxruntime"] = Field("cellserve", description="who runs the LSTM/GRU cells")
+    backend: Literal["cellserve", "onnxruntime", "onnxruntime-int8"] = Field(
+        "cellserve", description="who runs the LSTM/GRU cells (onnxruntime-int8: ORT's dynamic int8 quantization)")
 
 
 @dataclass
@@ -229,10 +230,10 @@ KINDS = {OCRModel: OCRServedModel, Seq2Seq: Seq2SeqModel, LanguageModel: Languag
 
 
 def serve_model(name: str, model, config: ModelConfig) -> ServedModel:
-    if config.backend == "onnxruntime":
+    if config.backend.startswith("onnxruntime"):
         from cellserve.models.onnx_io import use_onnxruntime
 
-        use_onnxruntime(model)
+        use_onnxruntime(model, int8=config.backend == "onnxruntime-int8")
     for cls, kind in KINDS.items():
         if isinstance(model, cls):
             return kind(name, model, config)
