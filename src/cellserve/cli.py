@@ -150,10 +150,11 @@ def _bench_compress(args):
         raise UsageError("--qat pairs: weight bits 8, 4, 2 or 1 / activation bits 2..8")
     if any(not 0 < s < 1 for s in args.sparsities):
         raise UsageError("--sparsities must lie strictly between 0 and 1")
-    if min(args.train_lines, args.test_lines, args.hidden, args.student_hidden) < 2:
-        raise UsageError("--train-lines, --test-lines, --hidden and --student-hidden must be >= 2")
+    if min(args.train_lines, args.test_lines, args.hidden, args.student_hidden) < 2 or args.student_epochs < 1:
+        raise UsageError("--train-lines, --test-lines, --hidden and --student-hidden must be >= 2, "
+                         "--student-epochs >= 1")
     compress.run(args.workdir, args.train_lines, args.test_lines, args.hidden, args.train_seconds,
-                 args.finetune_seconds, qat, args.sparsities, args.student_hidden, args.student_seconds,
+                 args.finetune_seconds, qat, args.sparsities, args.student_hidden, args.student_epochs,
                  json_path=args.json, plot_path=args.plot)
 
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--qat", default="8/8,4/8,4/4,2/8,2/4,1/8", help="weight/activation bit pairs")
     cb.add_argument("--sparsities", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.75, 0.9])
     cb.add_argument("--student-hidden", type=int, default=48)
-    cb.add_argument("--student-seconds", type=float, default=200)
+    cb.add_argument("--student-epochs", type=int, default=20, help="epochs for the student, with and without KD")
     cb.set_defaults(func=_bench_compress)
 
     ocr = sub.add_parser("ocr", help="the OCR proof task: train, quantize, evaluate and read text lines")

@@ -203,11 +203,19 @@ def quantize_onnx_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, source)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["LSTM", "GRU"])
+        root.setLevel(logging.ERROR)  # its advice to run shape-inference pre-processing is for CNN graphs
+        try:
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["LSTM", "GRU"])
+        finally:
+            root.setLevel(level)
         return onnx.load(target)
 
 
