@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--train-lines", type=int, default=4000)
     cb.add_argument("--test-lines", type=int, default=400)
     cb.add_argument("--hidden", type=int, default=128, help="fp32 model (the teacher): hidden units per direction")
-    cb.add_argument("--train-seconds", type=float, default=360)
+    cb.add_argument("--train-seconds", type=float, default=420)
     cb.add_argument("--finetune-seconds", type=float, default=90, help="per QAT / pruning fine-tune")
     cb.add_argument("--qat", default="8/8,4/8,4/4,2/8,2/4,1/8", help="weight/activation bit pairs")
     cb.add_argument("--sparsities", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.75, 0.9])

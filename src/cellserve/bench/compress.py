@@ -43,7 +43,7 @@ def time_models(candidates: list, images, repeats: int = 7) -> list[float]:
 
 
 def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int = 400, hidden: int = 128,
-        train_seconds: float = 360, finetune_seconds: float = 90, qat=DEFAULT_QAT, sparsities=(0.5, 0.75, 0.9),
+        train_seconds: float = 420, finetune_seconds: float = 90, qat=DEFAULT_QAT, sparsities=(0.5, 0.75, 0.9),
         student_hidden: int = 48, student_epochs: int = 20, timing_lines: int = 60, json_path=None,
         plot_path=None, seed: int = 0) -> list[dict]:
     import torch
