@@ -209,13 +209,14 @@ def test_quantized_models_save_and_load(tmp_path):
     assert ptq.rnn.cells[0].hh.nbytes < Dense(ptq.rnn.cells[0].hh.dense_weight()).nbytes / 3
 
 
-def test_ocr_serving_equals_direct_recognition():
-    """Lines of different widths batched per cell step give each line's unbatched result."""
+@pytest.mark.parametrize("policy", ["cellular", "graph", "none"])
+def test_ocr_serving_equals_direct_recognition(policy):
+    """Lines of different widths batched per cell step (or padded, or alone) give each line's unbatched result."""
     from cellserve.engine import Engine, make_runner
 
     model = quantize_dynamic(ot.to_runtime(small_recognizer()))
     images = [np.random.default_rng(i).random((HEIGHT, w), dtype=np.float32) for i, w in enumerate((20, 34, 8, 50))]
-    engine = Engine(make_runner(model, 16), "cellular", max_batch=8)
+    engine = Engine(make_runner(model, 16), policy, max_batch=8)
     engine.start()
     try:
         results = [engine.submit({"image": img}) for img in images]
