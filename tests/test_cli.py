@@ -99,6 +99,8 @@ def test_ocr_quantize_and_read(tmp_path, capsys):
     assert main(["ocr", "read", str(tmp_path / "int8.safetensors"), str(tmp_path / "line.png")]) == 0
     assert "line.png:" in capsys.readouterr().out
     assert main(["ocr", "read", str(tmp_path / "int8.safetensors"), str(fp32)]) == 2  # not an image
+    Image.new("L", (1, 64), 255).save(tmp_path / "sliver.png")  # 1 px wide at height 32: no frame
+    assert main(["ocr", "read", str(tmp_path / "int8.safetensors"), str(tmp_path / "sliver.png")]) == 2
     lm = tmp_path / "lm.safetensors"
     models.save(models.LanguageModel.random(10, 4, 8, seed=0), lm)
     assert main(["ocr", "read", str(lm), str(tmp_path / "line.png")]) == 2

@@ -223,7 +223,10 @@ def _ocr_read(args):
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         if pixels.mean() > 0.5:  # dark text on light paper: the model reads light ink on dark
             pixels = 1.0 - pixels
-        print(f"{path}: {model.recognize(pixels)}")
+        try:
+            print(f"{path}: {model.recognize(pixels)}")
+        except ValueError as exc:
+            raise UsageError(f"{path}: {exc}")
 
 
 def _import_torch(args):

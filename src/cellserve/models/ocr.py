@@ -32,7 +32,11 @@ class OCRModel:
 
     def logits(self, image: np.ndarray) -> np.ndarray:
         """(steps, classes) for one line image (height, width)."""
-        frames = columns(np.asarray(image, dtype=np.float32), self.stride)
+        image = np.asarray(image, dtype=np.float32)
+        height = self.rnn.input_size // self.stride
+        if image.ndim != 2 or image.shape[0] != height or image.shape[1] < self.stride:
+            raise ValueError(f"a line image must have shape [{height}, width >= {self.stride}], got {list(image.shape)}")
+        frames = columns(image, self.stride)
         ys, _ = self.rnn.forward(frames[:, None, :])
         return self.head(ys[:, 0])
 
