@@ -3,8 +3,11 @@
 Weights are symmetric and per output channel (row): w ~= q * scale[row]. Activations are quantized to
 int8 per input row, either dynamically (scale = max|x| / 127, post-training int8) or with a fixed scale
 (quantization-aware training fixed the grid, e.g. 1/7 for 4-bit activations of values in [-1, 1]).
-Products accumulate in int32 and are scaled back to fp32 once per output: the weights are read as
-1 byte (or 1/2, 1/4, 1/8 byte) instead of 4, and the multiply-adds run on 8-bit lanes.
+Products accumulate in int32 and are scaled back to fp32 once per output: int8 weights are read as 1
+byte instead of 4, and the multiply-adds run as 16-bit pairs (vpmaddwd: 32 per instruction, twice an
+fp32 FMA's 16). This CPU's VNNI (vpdpbusd, 64 per instruction) is out of Numba's reach, and at small K
+the per-output horizontal sum costs as much as the products: measured, int8 here is about as fast as
+fp32, not faster (see README, Compression); ONNX Runtime's int8 LSTM is the fast path.
 
 Packed layout (bits < 8): the row-major codes of the whole matrix, flattened and zero padded to a
 multiple of 8/bits, are cut into 8/bits planes of equal length P; byte i holds, in bit field s, code
