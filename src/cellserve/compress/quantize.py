@@ -7,18 +7,14 @@ import copy
 
 from cellserve.cells import LSTMCell
 from cellserve.kernels import Dense, QuantizedDense
-
-
-def recurrent_cells(model) -> list:
-    rnns = [getattr(model, name) for name in ("rnn", "encoder", "decoder") if hasattr(model, name)]
-    return [cell for rnn in (rnns or [model]) for cell in rnn.cells]
+from cellserve.models.rnn import rnns_of
 
 
 def quantize_dynamic(model, bits: int = 8):
     """A copy of `model` whose LSTM weight matrices are `bits`-bit (per channel, max-abs scaled) with
     dynamic int8 activations. The head and embeddings stay fp32: they are a small share of the work."""
     model = copy.deepcopy(model)
-    cells = recurrent_cells(model)
+    cells = [cell for rnn in rnns_of(model) for cell in rnn.cells]
     if not cells or not all(isinstance(c, LSTMCell) for c in cells):
         raise ValueError("post-training quantization supports LSTM models (the OCR recognizer, LMs, seq2seq)")
     for cell in cells:

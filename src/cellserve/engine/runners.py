@@ -14,7 +14,7 @@ from cellserve.engine.pool import StatePool
 from cellserve.engine.request import Request
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM, tree_levels
 from cellserve.models.lm import log_softmax
-from cellserve.models.ocr import OCRModel, columns, ctc_greedy
+from cellserve.models.ocr import OCRModel, ctc_greedy
 from cellserve.models.rnn import RNN
 
 
@@ -307,13 +307,7 @@ class OCRRunner(Runner):
         super().__init__(StatePool(capacity, widths))
 
     def prepare(self, inputs):
-        image = np.asarray(inputs.get("image"), dtype=np.float32)
-        height = self.model.rnn.input_size // self.model.stride
-        if image.ndim != 2 or image.shape[0] != height or image.shape[1] < self.model.stride:
-            raise ValueError(f"image must have shape [{height}, width >= {self.model.stride}], got {list(image.shape)}")
-        if not np.isfinite(image).all():
-            raise ValueError("image contains NaN or infinity")
-        return columns(image, self.model.stride), 1
+        return self.model.frames(inputs.get("image")), 1
 
     def start(self, req):
         steps, hidden = len(req.payload), self.model.rnn.hidden_size

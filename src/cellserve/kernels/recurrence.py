@@ -16,7 +16,7 @@ from numba import njit
 from cellserve.kernels import pointwise
 from cellserve.kernels.dense import Dense, matmul
 from cellserve.kernels.pointwise import sigmoid, tanh
-from cellserve.kernels.quantized import QuantizedDense, dot_i8, round_code
+from cellserve.kernels.quantized import QuantizedDense, dot_i8, quantize_rows, round_code
 
 F1, F2, F3 = "float32[::1]", "float32[:, ::1]", "float32[:, :, ::1]"
 KERNEL = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -54,33 +54,20 @@ def lstm_sequence_f32(gi_all, w_hh, bias, h0, c, hs, cell_step, cell_limit):
             _update(gates, hidden, c, b, hs[t, b], cell_step, cell_limit)
 
 
-@njit(inline="always")
-def _quantize_into(h, hq, act_scale):
-    """h -> int8 codes in hq[0, :len(h)]; returns the scale (act_scale, or max|h| / 127 when 0)."""
-    scale = act_scale
-    if scale == 0:
-        peak = np.float32(0.0)
-        for k in range(h.shape[0]):
-            peak = max(peak, abs(h[k]))
-        scale = peak / np.float32(127.0) if peak > 0 else np.float32(1.0)
-    inverse = np.float32(1.0) / scale
-    for k in range(h.shape[0]):
-        hq[0, k] = np.int8(round_code(h[k] * inverse, np.float32(127.0)))
-    return scale
-
-
 @njit(f"void({F3}, int8[:, ::1], {F1}, float32, {F1}, {F2}, {F2}, {F3}, float32, float32)", **KERNEL)
 def lstm_sequence_i8(gi_all, wq, w_scales, act_scale, bias, h0, c, hs, cell_step, cell_limit):
     steps, batch, width = gi_all.shape
     hidden = width // 4
     gates = np.empty(width, dtype=np.float32)
     hq = np.zeros((1, hidden), dtype=np.int8)
+    scale = np.zeros(1, dtype=np.float32)
     for t in range(steps):
         for b in range(batch):
-            scale = _quantize_into(hs[t - 1, b] if t > 0 else h0[b], hq, act_scale)
+            h_prev = hs[t - 1, b] if t > 0 else h0[b]
+            quantize_rows(h_prev.reshape((1, hidden)), act_scale, hq, scale)
             for n in range(width):
                 acc = dot_i8(hq, 0, wq, n, hidden)
-                gates[n] = np.float32(acc) * scale * w_scales[n] + gi_all[t, b, n] + bias[n]
+                gates[n] = np.float32(acc) * scale[0] * w_scales[n] + gi_all[t, b, n] + bias[n]
             _update(gates, hidden, c, b, hs[t, b], cell_step, cell_limit)
 
 

@@ -30,14 +30,19 @@ class OCRModel:
             raise ValueError("the CTC head needs one output per character plus the blank")
         self.rnn, self.head, self.alphabet, self.stride = rnn, head, alphabet, int(stride)
 
-    def logits(self, image: np.ndarray) -> np.ndarray:
-        """(steps, classes) for one line image (height, width)."""
+    def frames(self, image) -> np.ndarray:
+        """A checked line image (height, width) as its time steps; ValueError names what is wrong."""
         image = np.asarray(image, dtype=np.float32)
         height = self.rnn.input_size // self.stride
         if image.ndim != 2 or image.shape[0] != height or image.shape[1] < self.stride:
-            raise ValueError(f"a line image must have shape [{height}, width >= {self.stride}], got {list(image.shape)}")
-        frames = columns(image, self.stride)
-        ys, _ = self.rnn.forward(frames[:, None, :])
+            raise ValueError(f"image must have shape [{height}, width >= {self.stride}], got {list(image.shape)}")
+        if not np.isfinite(image).all():
+            raise ValueError("image contains NaN or infinity")
+        return columns(image, self.stride)
+
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """(steps, classes) for one line image (height, width)."""
+        ys, _ = self.rnn.forward(self.frames(image)[:, None, :])
         return self.head(ys[:, 0])
 
     def recognize(self, image: np.ndarray) -> str:

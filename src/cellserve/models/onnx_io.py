@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from cellserve.cells import Cell, GRUCell, LSTMCell, SRUCell
-from cellserve.models.rnn import RNN
+from cellserve.models.rnn import RNN, rnns_of
 
 OPSET = 18
 IR_VERSION = 8  # enough for opset 18; runtimes reject IR versions newer than they know
@@ -262,8 +262,7 @@ class OnnxRuntimeCell:
 def use_onnxruntime(model, threads: int = 1, int8: bool = False):
     """Switch every LSTM/GRU layer inside a model (RNN, LM, classifier, seq2seq, OCR) to ONNX Runtime, in
     place; int8 uses ORT's dynamically quantized operators."""
-    rnns = [getattr(model, n) for n in ("rnn", "encoder", "decoder") if isinstance(getattr(model, n, None), RNN)]
-    rnns = rnns or ([model] if isinstance(model, RNN) else [])
+    rnns = rnns_of(model)
     if not rnns or any(r.cell_kind not in _ORDER for r in rnns):
         raise ValueError("the onnxruntime backend runs LSTM and GRU models")
     for rnn in rnns:

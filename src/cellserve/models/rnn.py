@@ -16,6 +16,13 @@ def unprefixed(prefix: str, tensors: dict) -> dict:
     return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
 
 
+def rnns_of(model) -> list:
+    """The recurrent stacks inside a model (an RNN itself, or its rnn / encoder / decoder)."""
+    if isinstance(model, RNN):
+        return [model]
+    return [getattr(model, n) for n in ("rnn", "encoder", "decoder") if isinstance(getattr(model, n, None), RNN)]
+
+
 class RNN:
     """layers[l][d]: the cell of layer l, direction d (0 forward, 1 backward)."""
 
