@@ -14,7 +14,7 @@ from torch import nn
 
 from cellserve.compress.ocr_data import ALPHABET, HEIGHT, OCRDataset, character_error_rate, encode
 from cellserve.compress.qat import QuantSpec, quantized_lstm
-from cellserve.kernels import QuantizedDense
+from cellserve.compress.quantize import quantize_cells
 from cellserve.models.layers import Linear
 from cellserve.models.ocr import OCRModel, columns
 from cellserve.models.torch_import import rnn_from_torch
@@ -103,10 +103,7 @@ def to_runtime(module: Recognizer) -> OCRModel:
     rnn = rnn_from_torch(module.rnn)
     spec = module.spec
     if spec is not None:
-        for cell in rnn.cells:
-            cell.ih = QuantizedDense.from_float(cell.ih.weight, spec.weight_bits, spec.act_scale)
-            cell.hh = QuantizedDense.from_float(cell.hh.weight, spec.weight_bits, spec.act_scale)
-            cell.cell_quant = spec.cell_quant
+        quantize_cells(rnn.cells, spec.weight_bits, spec.act_scale, spec.cell_quant)
     return OCRModel(rnn, head, ALPHABET, module.stride)
 
 

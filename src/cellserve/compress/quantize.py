@@ -17,9 +17,16 @@ def quantize_dynamic(model, bits: int = 8):
     cells = [cell for rnn in rnns_of(model) for cell in rnn.cells]
     if not cells or not all(isinstance(c, LSTMCell) for c in cells):
         raise ValueError("post-training quantization supports LSTM models (the OCR recognizer, LMs, seq2seq)")
+    quantize_cells(cells, bits)
+    return model
+
+
+def quantize_cells(cells: list[LSTMCell], bits: int, act_scale: float = 0.0, cell_quant=None) -> None:
+    """In place: the cells' fp32 W_ih and W_hh become `bits`-bit QuantizedDense (act_scale 0: dynamic int8
+    activations; > 0: the fixed grid QAT trained on), and the cell state is held on cell_quant's grid."""
     for cell in cells:
         for name in ("ih", "hh"):
             dense = getattr(cell, name)
             if isinstance(dense, Dense):
-                setattr(cell, name, QuantizedDense.from_float(dense.weight, bits))
-    return model
+                setattr(cell, name, QuantizedDense.from_float(dense.weight, bits, act_scale))
+        cell.cell_quant = cell_quant
