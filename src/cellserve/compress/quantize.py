@@ -23,10 +23,12 @@ def quantize_dynamic(model, bits: int = 8):
 
 def quantize_cells(cells: list[LSTMCell], bits: int, act_scale: float = 0.0, cell_quant=None) -> None:
     """In place: the cells' fp32 W_ih and W_hh become `bits`-bit QuantizedDense (act_scale 0: dynamic int8
-    activations; > 0: the fixed grid QAT trained on), and the cell state is held on cell_quant's grid."""
+    activations; > 0: the fixed grid QAT trained on), and, if given, the cell state is held on cell_quant's
+    grid. Matrices already quantized are left as they are."""
     for cell in cells:
         for name in ("ih", "hh"):
             dense = getattr(cell, name)
             if isinstance(dense, Dense):
                 setattr(cell, name, QuantizedDense.from_float(dense.weight, bits, act_scale))
-        cell.cell_quant = cell_quant
+        if cell_quant is not None:
+            cell.cell_quant = cell_quant
