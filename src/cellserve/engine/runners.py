@@ -14,7 +14,7 @@ from cellserve.engine.pool import StatePool
 from cellserve.engine.request import Request
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM, tree_levels
 from cellserve.models.lm import log_softmax
-from cellserve.models.ocr import OCRModel, ctc_greedy
+from cellserve.models.ocr import OCRModel
 from cellserve.models.rnn import RNN
 
 
@@ -319,7 +319,8 @@ class OCRRunner(Runner):
         cell = self.cells[cell_type]
         slots = np.concatenate([r.slots for r, _ in nodes])
         frame = (lambda req, t: t) if cell_type == "forward" else (lambda req, t: len(req.payload) - 1 - t)
-        x = np.stack([req.payload[frame(req, t)] for req, t in nodes] + [np.zeros_like(nodes[0][0].payload[0])] * pad_rows)
+        padding = [np.zeros_like(nodes[0][0].payload[0])] * pad_rows
+        x = np.stack([req.payload[frame(req, t)] for req, t in nodes] + padding)
         names = [f"{cell_type}{i}" for i in range(len(cell.state_widths()))]
         state = tuple(np.concatenate([self.pool[n][slots], np.zeros((pad_rows, self.pool[n].shape[1]), np.float32)])
                       for n in names)
@@ -331,8 +332,7 @@ class OCRRunner(Runner):
             req.ready[cell_type] = [t + 1] if t + 1 < len(req.payload) else []
             if not req.ready["forward"] and not req.ready["backward"]:
                 hidden = np.concatenate([req.progress["h"][d] for d in self.cell_types], axis=1)
-                ids = ctc_greedy(self.model.head(hidden).argmax(axis=-1))
-                self._finish(req, {"text": "".join(self.model.alphabet[i - 1] for i in ids)})
+                self._finish(req, {"text": self.model.text(self.model.head(hidden))})
 
 
 def make_runner(model, capacity: int, block_steps: int = 1) -> Runner:

@@ -46,17 +46,22 @@ def sigmoid(x):
 KERNEL = dict(cache=True, nogil=True, error_model="numpy")
 
 
+@njit(inline="always")
+def lstm_unit(i_pre, f_pre, g_pre, o_pre, c_prev):
+    """One hidden unit from its four gate pre-activations: (c', o*tanh(c') before any cell-state grid)."""
+    c = sigmoid(f_pre) * c_prev + sigmoid(i_pre) * tanh(g_pre)
+    return c, sigmoid(o_pre)
+
+
 @njit(f"void({F2}, {F2}, {F1}, {F2}, {F2}, {F2})", **KERNEL)
 def lstm_step(gi, gh, bias, c_prev, h_out, c_out):
     """gates = gi + gh + bias; c' = f*c + i*g; h' = o*tanh(c'). c_out may alias c_prev."""
     batch, hidden = c_prev.shape
     for b in range(batch):
         for j in range(hidden):
-            i = sigmoid(gi[b, j] + gh[b, j] + bias[j])
-            f = sigmoid(gi[b, hidden + j] + gh[b, hidden + j] + bias[hidden + j])
-            g = tanh(gi[b, 2 * hidden + j] + gh[b, 2 * hidden + j] + bias[2 * hidden + j])
-            o = sigmoid(gi[b, 3 * hidden + j] + gh[b, 3 * hidden + j] + bias[3 * hidden + j])
-            c = f * c_prev[b, j] + i * g
+            c, o = lstm_unit(gi[b, j] + gh[b, j] + bias[j], gi[b, hidden + j] + gh[b, hidden + j] + bias[hidden + j],
+                             gi[b, 2 * hidden + j] + gh[b, 2 * hidden + j] + bias[2 * hidden + j],
+                             gi[b, 3 * hidden + j] + gh[b, 3 * hidden + j] + bias[3 * hidden + j], c_prev[b, j])
             c_out[b, j] = c
             h_out[b, j] = o * tanh(c)
 

@@ -91,12 +91,12 @@ def dot_i8(x, m, w, n, k_total):
     return np.int32(acc)
 
 
-@njit("void(uint8[::1], int64, int8[::1])", **KERNEL)
-def unpack_codes(packed, bits, codes):
-    """Packed bytes -> int8 weights (flat, padded length len(packed) * 8/bits), plane by plane."""
+@njit("void(uint8[::1], int64, int64, int8[::1])", **KERNEL)
+def unpack_codes(packed, bits, offset, codes):
+    """Packed bytes -> int8 weights (flat, padded length len(packed) * 8/bits), plane by plane; code - offset
+    (2 * code - 1 for 1 bit)."""
     planes = packed.shape[0]
     mask = np.int32((1 << bits) - 1)
-    offset = np.int32(8 if bits == 4 else 1)
     for s in range(8 // bits):
         shift = s * bits
         if bits == 1:  # separate loops: a branch inside would stop vectorization
@@ -131,7 +131,7 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(packed: np.ndarray, bits: int, shape: tuple[int, int]) -> np.ndarray:
     codes = np.empty(packed.size * (8 // bits), dtype=np.int8)
-    unpack_codes(packed, bits, codes)
+    unpack_codes(packed, bits, OFFSET[bits], codes)
     return codes[: shape[0] * shape[1]].reshape(shape)
 
 

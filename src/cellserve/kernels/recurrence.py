@@ -15,7 +15,7 @@ from numba import njit
 
 from cellserve.kernels import pointwise
 from cellserve.kernels.dense import Dense, matmul
-from cellserve.kernels.pointwise import sigmoid, tanh
+from cellserve.kernels.pointwise import lstm_unit, tanh
 from cellserve.kernels.quantized import QuantizedDense, dot_i8, quantize_rows, round_code
 
 F1, F2, F3 = "float32[::1]", "float32[:, ::1]", "float32[:, :, ::1]"
@@ -27,11 +27,7 @@ LOOP_BATCH_MIN = 4  # from here, fp32 steps go through the blocked/BLAS matmul, 
 def _update(gates, hidden, c, b, h_out, cell_step, cell_limit):
     """gates (4H) = all pre-activations [i, f, g, o] -> c[b] and h_out updated in place."""
     for j in range(hidden):
-        i = sigmoid(gates[j])
-        f = sigmoid(gates[hidden + j])
-        g = tanh(gates[2 * hidden + j])
-        o = sigmoid(gates[3 * hidden + j])
-        cell = f * c[b, j] + i * g
+        cell, o = lstm_unit(gates[j], gates[hidden + j], gates[2 * hidden + j], gates[3 * hidden + j], c[b, j])
         if cell_step > 0:
             cell = np.float32(round_code(cell / cell_step, cell_limit / cell_step)) * cell_step
         c[b, j] = cell

@@ -45,8 +45,12 @@ class OCRModel:
         ys, _ = self.rnn.forward(self.frames(image)[:, None, :])
         return self.head(ys[:, 0])
 
+    def text(self, logits: np.ndarray) -> str:
+        """Greedy CTC decoding of (steps, classes) logits."""
+        return "".join(self.alphabet[i - 1] for i in ctc_greedy(logits.argmax(axis=-1)))
+
     def recognize(self, image: np.ndarray) -> str:
-        return "".join(self.alphabet[i - 1] for i in ctc_greedy(self.logits(image).argmax(axis=-1)))
+        return self.text(self.logits(image))
 
     @property
     def weight_bytes(self) -> int:

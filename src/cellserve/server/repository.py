@@ -86,6 +86,11 @@ class ServedModel:
             raise ProtocolError(f"model {self.name!r} needs input(s) {missing}")
 
 
+def _check_float(array: np.ndarray, name: str) -> None:
+    if array.dtype not in (np.float32, np.float64, np.float16):
+        raise ProtocolError(f"input {name!r} must be FP32, got {array.dtype}")
+
+
 def _rows(array: np.ndarray, name: str, integer: bool = True) -> np.ndarray:
     """A [batch, length] view of a token tensor given as [length] or [batch, length]."""
     if integer and not np.issubdtype(array.dtype, np.integer):
@@ -191,8 +196,7 @@ class StreamModel(ServedModel):
     def requests(self, tensors):
         self._check_names(tensors)
         frames = tensors["frames"]
-        if frames.dtype not in (np.float32, np.float64, np.float16):
-            raise ProtocolError(f"input 'frames' must be FP32, got {frames.dtype}")
+        _check_float(frames, "frames")
         if frames.ndim == 3 and frames.shape[0] == 1:
             frames = frames[0]
         return [{"frames": frames}]
@@ -213,8 +217,7 @@ class OCRServedModel(ServedModel):
     def requests(self, tensors):
         self._check_names(tensors)
         images = tensors["image"]
-        if images.dtype not in (np.float32, np.float64, np.float16):
-            raise ProtocolError(f"input 'image' must be FP32, got {images.dtype}")
+        _check_float(images, "image")
         if images.ndim == 2:
             images = images[None]
         if images.ndim != 3:
@@ -226,7 +229,8 @@ class OCRServedModel(ServedModel):
         return {"text": np.array([r["text"].encode() for r in results], dtype=object)}, {}
 
 
-KINDS = {OCRModel: OCRServedModel, Seq2Seq: Seq2SeqModel, LanguageModel: LanguageModelModel, TreeLSTM: TreeModel, RNN: StreamModel}
+KINDS = {OCRModel: OCRServedModel, Seq2Seq: Seq2SeqModel, LanguageModel: LanguageModelModel, TreeLSTM: TreeModel,
+         RNN: StreamModel}
 
 
 def serve_model(name: str, model, config: ModelConfig) -> ServedModel:
