@@ -104,3 +104,22 @@ def test_ocr_quantize_and_read(tmp_path, capsys):
     lm = tmp_path / "lm.safetensors"
     models.save(models.LanguageModel.random(10, 4, 8, seed=0), lm)
     assert main(["ocr", "read", str(lm), str(tmp_path / "line.png")]) == 2
+
+
+def test_bench_compress_writes_the_rows_and_plot(tmp_path):
+    """A tiny end-to-end run: every scheme gets a row with the issue's keys, and the plot is written."""
+    out = tmp_path / "compress.json"
+    assert main(["bench", "compress", "--workdir", str(tmp_path / "work"), "--train-lines", "60", "--test-lines",
+                 "10", "--hidden", "8", "--train-seconds", "1", "--finetune-seconds", "1", "--qat", "4/4",
+                 "--sparsities", "0.5", "--student-hidden", "4", "--student-epochs", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {"fp32", "int8-ptq", "int8-ptq-onnxruntime", "qat-w4a4", "prune-magnitude-50", "prune-units-half",
+            "distilled-bilstm4"} <= {r["scheme"] for r in rows}
+    keys = {"scheme", "weight_bits", "act_bits", "sparsity", "cer", "weight_bytes", "us_per_line", "speedup"}
+    assert all(keys <= set(r) for r in rows)
+    by_scheme = {r["scheme"]: r for r in rows}
+    assert by_scheme["fp32"]["speedup"] == 1.0
+    sizes = [by_scheme[s]["weight_bytes"] for s in ("qat-w4a4", "int8-ptq", "fp32")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert (tmp_path / "work" / "ocr_qat-w4a4.safetensors").exists()
