@@ -67,12 +67,14 @@ def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth) -> dict:
 
 def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), seconds: float = 0.3,
         json_path=None, with_torch: bool = True, with_ort: bool = True) -> list[dict]:
-    torch = None
+    import contextlib
+
+    torch, no_grad = None, contextlib.nullcontext()
     if with_torch:
         import torch
 
-        torch.set_grad_enabled(False)
-    with limit_threads(1):
+        no_grad = torch.no_grad()  # for the measurement only: not the caller's process-wide setting
+    with limit_threads(1), no_grad:
         bandwidth = memory_bandwidth_gbs()
         rows = [_measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth)
                 for kind in cells for hidden in hiddens for batch in batches]
