@@ -1,29 +1,38 @@
-# Two commands matter: `make demo` and `make test`. Both build .venv from pinned dependencies first.
+# Two commands matter: `make demo` and `make test`. Both build .venv from pinned dependencies and compile
+# the native kernel core (src/cellserve/kernels/native) with the system's C++ compiler first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+DEPS := $(VENV)/.deps-installed
+NATIVE := $(VENV)/.native-built
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*)
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench native clean
 
-$(STAMP): requirements.lock pyproject.toml
+$(DEPS): requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps -e .
-	touch $(STAMP)
+	touch $(DEPS)
 
-demo: $(STAMP)
+$(NATIVE): $(DEPS) $(NATIVE_SOURCES)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(NATIVE)
+
+native: $(NATIVE)
+
+demo: $(NATIVE)
 	$(BIN)/cellserve demo
 
-test: $(STAMP)
+test: $(NATIVE)
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(NATIVE)
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP)
+bench: $(NATIVE)
+	$(BIN)/cellserve bench gemm --json results/gemm.json
 	$(BIN)/cellserve bench cells --json results/cells.json
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist src/*.egg-info src/cellserve/kernels/_native*.so

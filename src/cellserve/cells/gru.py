@@ -5,31 +5,35 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense, pointwise
+from cellserve.kernels import Dense, load_dense
+from cellserve.kernels.recurrence import gru_sequence, gru_step
 
 
 class GRUCell(Cell):
     kind = "gru"
 
     def __init__(self, w_ih, w_hh, b_ih, b_hh):
-        super().__init__(w_ih.shape[1], w_hh.shape[1])
-        self.ih = Dense(w_ih)
-        self.hh = Dense(w_hh)
+        """w_ih, w_hh: fp32 arrays or Dense-like matrices (quantized ones from compress/)."""
+        self.ih = w_ih if hasattr(w_ih, "dense_weight") else Dense(w_ih)
+        self.hh = w_hh if hasattr(w_hh, "dense_weight") else Dense(w_hh)
+        super().__init__(self.ih.in_features, self.hh.in_features)
         self.b_ih = f32(b_ih)
         self.b_hh = f32(b_hh)
 
+    def step(self, x, state):
+        return (gru_step(self.ih, self.hh, self.b_ih, self.b_hh, x, state[0]),)
+
     def steps(self, xs, state):
+        if len(xs) == 1:
+            (h,) = self.step(xs[0], state)
+            return h[None], (h,)
         gi_all = self.project(self.ih, xs)
         hs = np.empty((*gi_all.shape[:2], self.hidden_size), dtype=np.float32)
-        (h,) = state
-        for t in range(len(hs)):
-            gh = self.hh(h)
-            pointwise.gru_step(gi_all[t], gh, self.b_ih, self.b_hh, h, hs[t])
-            h = hs[t]
+        gru_sequence(self.hh, gi_all, self.b_ih, self.b_hh, state[0], hs)
         return hs, (hs[-1].copy(),)
 
     def tensors(self):
-        return {"w_ih": self.ih.weight, "w_hh": self.hh.weight, "b_ih": self.b_ih, "b_hh": self.b_hh}
+        return {**self.ih.tensors("w_ih"), **self.hh.tensors("w_hh"), "b_ih": self.b_ih, "b_hh": self.b_hh}
 
     @classmethod
     def tensor_shapes(cls, input_size, hidden_size, **options):
@@ -38,4 +42,4 @@ class GRUCell(Cell):
 
     @classmethod
     def from_tensors(cls, input_size, hidden_size, tensors, **options):
-        return cls(tensors["w_ih"], tensors["w_hh"], tensors["b_ih"], tensors["b_hh"])
+        return cls(load_dense("w_ih", tensors), load_dense("w_hh", tensors), tensors["b_ih"], tensors["b_hh"])

@@ -6,7 +6,7 @@ import numpy as np
 
 from cellserve.cells.base import Cell, f32
 from cellserve.kernels import Dense, load_dense
-from cellserve.kernels.recurrence import lstm_sequence
+from cellserve.kernels.recurrence import lstm_sequence, lstm_step
 
 
 class LSTMCell(Cell):
@@ -24,11 +24,17 @@ class LSTMCell(Cell):
     def state_widths(self):
         return (self.hidden_size, self.hidden_size)
 
+    def step(self, x, state):
+        return lstm_step(self.ih, self.hh, self.bias, x, state[0], state[1], self.cell_quant)
+
     def steps(self, xs, state):
+        if len(xs) == 1:
+            h, c = self.step(xs[0], state)
+            return h[None], (h, c)
         gi_all = self.project(self.ih, xs)
         hs = np.empty((*gi_all.shape[:2], self.hidden_size), dtype=np.float32)
-        c = np.array(state[1], dtype=np.float32, order="C")
-        lstm_sequence(self.hh, gi_all, self.bias, np.ascontiguousarray(state[0]), c, hs, self.cell_quant)
+        c = np.array(state[1], dtype=np.float32)
+        lstm_sequence(self.hh, gi_all, self.bias, state[0], c, hs, self.cell_quant)
         return hs, (hs[-1].copy(), c)
 
     def tensors(self):

@@ -1,8 +1,25 @@
-"""Hot loops: matrix products (fp32, int8, packed low-bit), fused gate math and recurrences (NumPy + Numba)."""
+"""Hot loops. The native core (kernels/native/: C++, runtime ISA dispatch) runs every matrix product
+(fp32 and int8, weights packed once at load), the LSTM/GRU gate math and their whole-sequence
+recurrences; Numba runs the element-wise scans of SRU, QRNN and TreeLSTM, where it is as fast.
 
-from cellserve.kernels.dense import Dense, matmul
+Thread count: products run on `set_threads(n)` threads, a setting of the calling thread (each engine
+sets its own); the default is 1."""
+
+try:
+    from cellserve.kernels import _native
+except ImportError as exc:  # a source checkout that was never built
+    raise ImportError("cellserve's native kernel core is not built: run `make test` (or `pip install -e .`), "
+                      f"which compiles it with the system's C++ compiler ({exc})") from exc
+
 from cellserve.kernels import pointwise
+from cellserve.kernels.dense import Dense
 from cellserve.kernels.quantized import QuantizedDense
+
+isa = _native.isa  # the instruction-set path in use: avx512, avx2 or portable
+isas = _native.isas  # the paths this CPU can run, best first
+set_isa = _native.set_isa  # force a path (CELLSERVE_ISA does the same at import)
+set_threads = _native.set_threads
+get_threads = _native.get_threads
 
 
 def load_dense(name: str, tensors: dict):
@@ -10,4 +27,5 @@ def load_dense(name: str, tensors: dict):
     return Dense(tensors[name]) if name in tensors else QuantizedDense.from_tensors(name, tensors)
 
 
-__all__ = ["Dense", "QuantizedDense", "load_dense", "matmul", "pointwise"]
+__all__ = ["Dense", "QuantizedDense", "load_dense", "pointwise", "isa", "isas", "set_isa", "set_threads",
+           "get_threads"]

@@ -1,4 +1,5 @@
-"""Fused per-element gate math and the sequential scans of SRU/QRNN.
+"""The element-wise scans of SRU and QRNN and the TreeLSTM node update, in Numba (as fast as native
+code here: no product inside, one call per block). LSTM and GRU gate math lives in the native core.
 
 Each kernel does all the non-matmul work of a step (or of k steps) in one pass over the state, so
 no temporary (B, gates*H) arrays are made and the hidden-unit loop is compiled, not Python.
@@ -7,7 +8,8 @@ Gate layouts follow torch: LSTM [i, f, g, o], GRU [r, z, n].
 
 tanh is the rational approximation Eigen and TensorFlow use (max abs error 4e-7 on fp32, checked in
 tests/test_kernels.py) and sigmoid(x) = tanh(x/2)/2 + 1/2. Being plain arithmetic, unlike libm calls,
-they vectorize: 30x faster than math.exp/math.tanh here, where Numba has no SVML. The hidden-unit loop
+they vectorize: 30x faster than math.exp/math.tanh here, where Numba has no SVML. The native core
+uses the same formula (kernels/native/kernels.inc). The hidden-unit loop
 is innermost everywhere so LLVM can use SIMD across units; error_model="numpy" drops the
 division-by-zero checks that would stop it.
 """
@@ -44,39 +46,6 @@ def sigmoid(x):
 
 
 KERNEL = dict(cache=True, nogil=True, error_model="numpy")
-
-
-@njit(inline="always")
-def lstm_unit(i_pre, f_pre, g_pre, o_pre, c_prev):
-    """One hidden unit from its four gate pre-activations: (c', o*tanh(c') before any cell-state grid)."""
-    c = sigmoid(f_pre) * c_prev + sigmoid(i_pre) * tanh(g_pre)
-    return c, sigmoid(o_pre)
-
-
-@njit(f"void({F2}, {F2}, {F1}, {F2}, {F2}, {F2})", **KERNEL)
-def lstm_step(gi, gh, bias, c_prev, h_out, c_out):
-    """gates = gi + gh + bias; c' = f*c + i*g; h' = o*tanh(c'). c_out may alias c_prev."""
-    batch, hidden = c_prev.shape
-    for b in range(batch):
-        for j in range(hidden):
-            c, o = lstm_unit(gi[b, j] + gh[b, j] + bias[j], gi[b, hidden + j] + gh[b, hidden + j] + bias[hidden + j],
-                             gi[b, 2 * hidden + j] + gh[b, 2 * hidden + j] + bias[2 * hidden + j],
-                             gi[b, 3 * hidden + j] + gh[b, 3 * hidden + j] + bias[3 * hidden + j], c_prev[b, j])
-            c_out[b, j] = c
-            h_out[b, j] = o * tanh(c)
-
-
-@njit(f"void({F2}, {F2}, {F1}, {F1}, {F2}, {F2})", **KERNEL)
-def gru_step(gi, gh, b_ih, b_hh, h_prev, h_out):
-    """torch's GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)); h' = (1-z)*n + z*h."""
-    batch, hidden = h_prev.shape
-    for b in range(batch):
-        for j in range(hidden):
-            r = sigmoid(gi[b, j] + b_ih[j] + gh[b, j] + b_hh[j])
-            z = sigmoid(gi[b, hidden + j] + b_ih[hidden + j] + gh[b, hidden + j] + b_hh[hidden + j])
-            n = tanh(gi[b, 2 * hidden + j] + b_ih[2 * hidden + j]
-                          + r * (gh[b, 2 * hidden + j] + b_hh[2 * hidden + j]))
-            h_out[b, j] = (np.float32(1.0) - z) * n + z * h_prev[b, j]
 
 
 @njit(f"void({F3}, {F3A}, {F1}, {F1}, {F1}, {F1}, {F2}, {F3}, boolean)", **KERNEL)

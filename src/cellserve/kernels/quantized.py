@@ -1,29 +1,26 @@
-"""Integer matrix products for quantized weights: int8, and 4/2/1-bit codes packed several to a byte.
+"""Quantized weight matrices: int8, and 4/2/1-bit codes stored several to a byte.
 
 Weights are symmetric and per output channel (row): w ~= q * scale[row]. Activations are quantized to
-int8 per input row, either dynamically (scale = max|x| / 127, post-training int8) or with a fixed scale
-(quantization-aware training fixed the grid, e.g. 1/7 for 4-bit activations of values in [-1, 1]).
-Products accumulate in int32 and are scaled back to fp32 once per output: int8 weights are read as 1
-byte instead of 4, and the multiply-adds run as 16-bit pairs (vpmaddwd: 32 per instruction, twice an
-fp32 FMA's 16). This CPU's VNNI (vpdpbusd, 64 per instruction) is out of Numba's reach, and at small K
-the per-output horizontal sum costs as much as the products: measured, int8 here is about as fast as
-fp32, not faster (see README, Compression); ONNX Runtime's int8 LSTM is the fast path.
+int8 per input row on the way into each product, either dynamically (scale = max|x| / 127, post-training
+int8) or with a fixed scale (quantization-aware training fixed the grid, e.g. 1/7 for 4-bit activations
+of values in [-1, 1]). The native core multiplies int8 by int8 with int32 accumulation (VNNI's
+vpdpbusd on AVX-512: 64 multiply-adds per instruction; vpmaddwd on AVX2) and scales back to fp32 once per
+output: exact integer math, tested against numpy.
 
-Packed layout (bits < 8): the row-major codes of the whole matrix, flattened and zero padded to a
-multiple of 8/bits, are cut into 8/bits planes of equal length P; byte i holds, in bit field s, code
-s*P + i. Unpacking is then one long shift-and-mask loop over contiguous bytes, which vectorizes. Kernels
-unpack into an int8 scratch once per call, i.e. once per sequence in the LSTM recurrence, and then run
-the int8 product: the model is held (and loaded) at 4/2/1 bits, the arithmetic is int8.
-Codes are q + OFFSET[bits] (1 bit: q in {-1, +1} stored as 0/1).
+File layout of codes below 8 bits: the row-major codes of the whole matrix, flattened and zero padded to
+a multiple of 8/bits, are cut into 8/bits planes of equal length P; byte i holds, in bit field s, code
+s*P + i. Codes are q + OFFSET[bits] (1 bit: q in {-1, +1} stored as 0/1). In memory every width is held
+as packed int8 panels today, so 4/2/1-bit weights cost int8 time.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from cellserve.kernels import _native
+from cellserve.kernels.dense import rows
 
 OFFSET = {4: 8, 2: 1, 1: 0}
-KERNEL = dict(cache=True, nogil=True, error_model="numpy")
 
 
 def qmax(bits: int) -> int:
@@ -55,65 +52,14 @@ def weight_scale(weight: np.ndarray, bits: int) -> np.ndarray:
     return np.maximum(scale, np.float32(1e-12)).astype(np.float32)
 
 
-@njit(inline="always")
-def round_code(v, limit):
-    """Clip to +-limit and round half away from zero: a compare and a truncation, which vectorize
-    (np.rint compiles to a scalar call here). It differs from round-half-even only on exact ties."""
-    v = min(max(v, -limit), limit)
-    return np.int32(v + np.float32(0.5)) if v >= 0 else np.int32(v - np.float32(0.5))
-
-
-@njit("void(float32[:, ::1], float32, int8[:, ::1], float32[::1])", **KERNEL)
-def quantize_rows(x, static_scale, out, scales):
-    """x (M, K) fp32 -> int8 codes in out (M, K) and per-row scales; static_scale 0 means
-    dynamic per row (max|x| / 127)."""
-    m_total, k_total = x.shape
-    for m in range(m_total):
-        scale = static_scale
-        if scale == 0:
-            peak = np.float32(0.0)
-            for k in range(k_total):
-                peak = max(peak, abs(x[m, k]))
-            scale = peak / np.float32(127.0) if peak > 0 else np.float32(1.0)
-        inverse = np.float32(1.0) / scale
-        for k in range(k_total):
-            out[m, k] = np.int8(round_code(x[m, k] * inverse, np.float32(127.0)))
-        scales[m] = scale
-
-
-@njit(inline="always")
-def dot_i8(x, m, w, n, k_total):
-    """int8 dot product. Numba widens integer products to int64; the final cast to int32 (exact for
-    K < 2**17) lets LLVM narrow the loop back to 16x16->32-bit multiply-adds (vpmaddwd)."""
-    acc = 0
-    for k in range(k_total):
-        acc += np.int16(x[m, k]) * np.int16(w[n, k])
-    return np.int32(acc)
-
-
-@njit("void(uint8[::1], int64, int64, int8[::1])", **KERNEL)
-def unpack_codes(packed, bits, offset, codes):
-    """Packed bytes -> int8 weights (flat, padded length len(packed) * 8/bits), plane by plane; code - offset
-    (2 * code - 1 for 1 bit)."""
-    planes = packed.shape[0]
-    mask = np.int32((1 << bits) - 1)
-    for s in range(8 // bits):
-        shift = s * bits
-        if bits == 1:  # separate loops: a branch inside would stop vectorization
-            for i in range(planes):
-                codes[s * planes + i] = np.int8(2 * ((np.int32(packed[i]) >> shift) & 1) - 1)
-        else:
-            for i in range(planes):
-                codes[s * planes + i] = np.int8(((np.int32(packed[i]) >> shift) & mask) - offset)
-
-
-@njit("void(int8[:, ::1], float32[::1], int8[:, ::1], float32[::1], float32[:, ::1])", **KERNEL)
-def matmul_i8(xq, x_scales, wq, w_scales, out):
-    """out = (xq * x_scales) @ (wq * w_scales).T, int32 accumulation."""
-    m_total, k_total = xq.shape
-    for m in range(m_total):
-        for n in range(wq.shape[0]):
-            out[m, n] = np.float32(dot_i8(xq, m, wq, n, k_total)) * x_scales[m] * w_scales[n]
+def quantize_rows(x: np.ndarray, static_scale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """x (M, K) -> int8 codes (M, K) and per-row scales, by the rule every int8 product applies to its
+    input: round half away from zero, clip to +-127; static_scale 0 means max|x| / 127 per row."""
+    x = rows(x)
+    codes = np.empty(x.shape, dtype=np.int8)
+    scales = np.empty(x.shape[0], dtype=np.float32)
+    _native.quantize(x, float(static_scale), codes, scales)
+    return codes, scales
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -130,23 +76,28 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, bits: int, shape: tuple[int, int]) -> np.ndarray:
-    codes = np.empty(packed.size * (8 // bits), dtype=np.int8)
-    unpack_codes(packed, bits, OFFSET[bits], codes)
-    return codes[: shape[0] * shape[1]].reshape(shape)
+    """The inverse of pack: flat uint8 planes -> int8 codes of `shape`."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)[:, None]
+    fields = ((np.asarray(packed, dtype=np.uint8)[None, :] >> shifts) & ((1 << bits) - 1)).astype(np.int8)
+    codes = 2 * fields - 1 if bits == 1 else fields - OFFSET[bits]
+    return codes.ravel()[: shape[0] * shape[1]].reshape(shape)
 
 
 class QuantizedDense:
-    """A Dense with int8 or packed low-bit weights; same interface (called with fp32 x, returns fp32).
+    """A Dense with int8 or low-bit weights; same interface (called with fp32 x, returns fp32).
 
     act_scale: 0 quantizes each input row dynamically; > 0 is the fixed activation grid step."""
 
     def __init__(self, codes: np.ndarray, scale: np.ndarray, bits: int = 8, act_scale: float = 0.0):
         if bits not in (8, 4, 2, 1):
             raise ValueError(f"weight bits must be 8, 4, 2 or 1, not {bits}")
-        self.bits, self.act_scale = int(bits), np.float32(act_scale)
+        codes = np.asarray(codes, dtype=np.int8)
+        if codes.ndim != 2 or np.abs(codes.astype(np.int32)).max(initial=0) > qmax(bits):
+            raise ValueError(f"{bits}-bit codes must be a 2-D array within +-{qmax(bits)}")
+        self.bits, self.act_scale = int(bits), float(np.float32(act_scale))
         self.scale = np.ascontiguousarray(scale, dtype=np.float32)
         self.out_features, self.in_features = codes.shape
-        self.codes = np.ascontiguousarray(codes, dtype=np.int8) if bits == 8 else pack(codes, bits)
+        self.packed = _native.pack_s8(codes, self.scale, self.act_scale)
 
     @classmethod
     def from_float(cls, weight: np.ndarray, bits: int = 8, act_scale: float = 0.0) -> "QuantizedDense":
@@ -155,32 +106,33 @@ class QuantizedDense:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes
+        """Bytes of the weights at their bit width (as saved) plus the scales."""
+        return -(-self.out_features * self.in_features * self.bits // 8) + self.scale.nbytes
 
     def quantize_input(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        xq = np.empty((x.shape[0], self.in_features), dtype=np.int8)
-        scales = np.empty(x.shape[0], dtype=np.float32)
-        quantize_rows(x, self.act_scale, xq, scales)
-        return xq, scales
+        """The int8 codes and row scales this matrix's product gives x."""
+        return quantize_rows(x, self.act_scale)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        xq, scales = self.quantize_input(x)
+        x = rows(x)
         if out is None:
             out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
-        matmul_i8(xq, scales, self.int_codes(), self.scale, out)
+        _native.gemm(x, self.packed, out)
         return out
 
     def int_codes(self) -> np.ndarray:
-        """(out, in) int8 weights: the stored ones, or packed ones unpacked (a scratch copy)."""
-        return self.codes if self.bits == 8 else unpack(self.codes, self.bits, (self.out_features, self.in_features))
+        """(out, in) int8 codes (a new array)."""
+        codes = np.empty((self.out_features, self.in_features), dtype=np.int8)
+        self.packed.unpack(codes)
+        return codes
 
     def dense_weight(self) -> np.ndarray:
         return self.int_codes().astype(np.float32) * self.scale[:, None]
 
     def tensors(self, name: str) -> dict[str, np.ndarray]:
-        return {f"{name}.q{self.bits}": self.codes, f"{name}.scale": self.scale,
-                f"{name}.act_scale": np.array([self.act_scale], dtype=np.float32),
+        codes = self.int_codes()
+        return {f"{name}.q{self.bits}": codes if self.bits == 8 else pack(codes, self.bits),
+                f"{name}.scale": self.scale, f"{name}.act_scale": np.array([self.act_scale], dtype=np.float32),
                 f"{name}.shape": np.array([self.out_features, self.in_features], dtype=np.int64)}
 
     @classmethod
@@ -191,3 +143,9 @@ class QuantizedDense:
         q = codes if bits == 8 else unpack(codes, bits, (out_features, in_features))
         return cls(q.reshape(out_features, in_features), tensors[f"{name}.scale"], bits,
                    float(tensors[f"{name}.act_scale"][0]))
+
+    def __getstate__(self):
+        return {"codes": self.int_codes(), "scale": self.scale, "bits": self.bits, "act_scale": self.act_scale}
+
+    def __setstate__(self, state):
+        self.__init__(state["codes"], state["scale"], state["bits"], state["act_scale"])

@@ -1,82 +1,47 @@
-"""The LSTM recurrence over a whole sequence in one compiled loop.
+"""LSTM and GRU recurrences on the native core: one call per step, or per sequence.
 
-Per step, Python dispatch (a matmul call, a pointwise call, slicing) costs more than the arithmetic at
-small batch and hidden sizes; here the T steps run inside one kernel: h_{t-1} @ W_hh, the gates and the
-state update. Variants for fp32 and int8 W_hh (packed low-bit W_hh is unpacked to int8 once per call,
-see kernels.quantized). Optionally the
-cell state is held on a fixed grid (cell_step, clipped to +-cell_limit), as in quantization-aware
-training of the cell state's precision; cell_step 0 keeps it in fp32.
+A step computes both products (x W_ih^T and h W_hh^T; for fp32, both in one pass with the sum in
+registers) and the fused gate math in one call, so Python dispatch is paid once per step. A sequence
+takes the input projections of all T steps (one product, see Cell.project) and runs the T recurrent
+products and gate updates inside one call. Matrices are Dense or QuantizedDense (int8 activations per
+row, per step). The LSTM cell state can be held on a fixed grid (cell_quant = (step, limit)), as in
+quantization-aware training of its precision.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from cellserve.kernels import pointwise
-from cellserve.kernels.dense import Dense, matmul
-from cellserve.kernels.pointwise import lstm_unit, tanh
-from cellserve.kernels.quantized import QuantizedDense, dot_i8, quantize_rows, round_code
-
-F1, F2, F3 = "float32[::1]", "float32[:, ::1]", "float32[:, :, ::1]"
-KERNEL = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract", "nsz", "arcp"})
-LOOP_BATCH_MIN = 4  # from here, fp32 steps go through the blocked/BLAS matmul, which batches better
+from cellserve.kernels import _native
+from cellserve.kernels.dense import rows
 
 
-@njit(inline="always")
-def _update(gates, hidden, c, b, h_out, cell_step, cell_limit):
-    """gates (4H) = all pre-activations [i, f, g, o] -> c[b] and h_out updated in place."""
-    for j in range(hidden):
-        cell, o = lstm_unit(gates[j], gates[hidden + j], gates[2 * hidden + j], gates[3 * hidden + j], c[b, j])
-        if cell_step > 0:
-            cell = np.float32(round_code(cell / cell_step, cell_limit / cell_step)) * cell_step
-        c[b, j] = cell
-        h_out[j] = o * tanh(cell)
+def _grid(cell_quant) -> tuple[float, float]:
+    return (0.0, 0.0) if cell_quant is None else (float(cell_quant[0]), float(cell_quant[1]))
 
 
-@njit(f"void({F3}, {F2}, {F1}, {F2}, {F2}, {F3}, float32, float32)", **KERNEL)
-def lstm_sequence_f32(gi_all, w_hh, bias, h0, c, hs, cell_step, cell_limit):
-    steps, batch, width = gi_all.shape
-    hidden = width // 4
-    gates = np.empty(width, dtype=np.float32)
-    for t in range(steps):
-        for b in range(batch):
-            h_prev = hs[t - 1, b] if t > 0 else h0[b]
-            for n in range(width):
-                acc = np.float32(0.0)
-                for k in range(hidden):
-                    acc += h_prev[k] * w_hh[n, k]
-                gates[n] = acc + gi_all[t, b, n] + bias[n]
-            _update(gates, hidden, c, b, hs[t, b], cell_step, cell_limit)
+def lstm_step(ih, hh, bias, x, h, c, cell_quant=None) -> tuple[np.ndarray, np.ndarray]:
+    """One LSTM step for a batch: returns the new (h, c)."""
+    x, h, c = rows(x), rows(h), rows(c)
+    h_out = np.empty(h.shape, dtype=np.float32)
+    c_out = np.empty(c.shape, dtype=np.float32)
+    _native.lstm_step(x, h, c, ih.packed, hh.packed, bias, h_out, c_out, *_grid(cell_quant))
+    return h_out, c_out
 
 
-@njit(f"void({F3}, int8[:, ::1], {F1}, float32, {F1}, {F2}, {F2}, {F3}, float32, float32)", **KERNEL)
-def lstm_sequence_i8(gi_all, wq, w_scales, act_scale, bias, h0, c, hs, cell_step, cell_limit):
-    steps, batch, width = gi_all.shape
-    hidden = width // 4
-    gates = np.empty(width, dtype=np.float32)
-    hq = np.zeros((1, hidden), dtype=np.int8)
-    scale = np.zeros(1, dtype=np.float32)
-    for t in range(steps):
-        for b in range(batch):
-            h_prev = hs[t - 1, b] if t > 0 else h0[b]
-            quantize_rows(h_prev.reshape((1, hidden)), act_scale, hq, scale)
-            for n in range(width):
-                acc = dot_i8(hq, 0, wq, n, hidden)
-                gates[n] = np.float32(acc) * scale[0] * w_scales[n] + gi_all[t, b, n] + bias[n]
-            _update(gates, hidden, c, b, hs[t, b], cell_step, cell_limit)
+def lstm_sequence(hh, gi_all, bias, h0, c, hs, cell_quant=None) -> None:
+    """T steps: gi_all (T, B, 4H) input projections; fills hs (T, B, H) and updates c (B, H) in place."""
+    _native.lstm_sequence(gi_all, hh.packed, bias, rows(h0), c, hs, *_grid(cell_quant))
 
 
-def lstm_sequence(hh, gi_all: np.ndarray, bias: np.ndarray, h0: np.ndarray, c: np.ndarray, hs: np.ndarray,
-                  cell_quant: tuple[float, float] | None = None) -> None:
-    """Run T LSTM steps: gi_all (T, B, 4H) input projections, h0 (B, H); fills hs (T, B, H), updates c."""
-    step, limit = (np.float32(v) for v in (cell_quant or (0.0, 0.0)))
-    if isinstance(hh, QuantizedDense):  # packed low-bit weights: unpacked once for all T steps
-        lstm_sequence_i8(gi_all, hh.int_codes(), hh.scale, hh.act_scale, bias, h0, c, hs, step, limit)
-    elif isinstance(hh, Dense) and (gi_all.shape[1] < LOOP_BATCH_MIN or step > 0):
-        lstm_sequence_f32(gi_all, hh.weight, bias, h0, c, hs, step, limit)
-    else:
-        h = h0
-        for t in range(len(hs)):
-            pointwise.lstm_step(gi_all[t], hh(h), bias, c, hs[t], c)
-            h = hs[t]
+def gru_step(ih, hh, b_ih, b_hh, x, h) -> np.ndarray:
+    """One GRU step for a batch: returns the new h."""
+    x, h = rows(x), rows(h)
+    h_out = np.empty(h.shape, dtype=np.float32)
+    _native.gru_step(x, h, ih.packed, hh.packed, b_ih, b_hh, h_out)
+    return h_out
+
+
+def gru_sequence(hh, gi_all, b_ih, b_hh, h0, hs) -> None:
+    """T steps: gi_all (T, B, 3H) = x W_ih^T without bias; fills hs (T, B, H)."""
+    _native.gru_sequence(gi_all, hh.packed, b_ih, b_hh, rows(h0), hs)

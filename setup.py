@@ -1,0 +1,51 @@
+"""Builds cellserve's native kernel core (src/cellserve/kernels/native) with the system's C++ compiler.
+
+The ISA-specific translation units get their own instruction-set flags; the module picks among them at
+run time, so one build runs on any x86-64 CPU. Everything else (metadata, dependencies) is in
+pyproject.toml."""
+
+import platform
+import shutil
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+NATIVE = "src/cellserve/kernels/native"
+COMMON = ["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+ISA_UNITS = {  # translation unit -> flags; selected at run time by CPU features
+    f"{NATIVE}/isa_avx2.cpp": ["-mavx2", "-mfma"],
+    f"{NATIVE}/isa_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"],
+} if X86 else {}
+MISSING_COMPILER = ("cellserve builds its native kernels with a C++ compiler, and none worked here ({}). Install one: "
+                    "Debian/Ubuntu 'apt-get install g++', Fedora 'dnf install gcc-c++', macOS 'xcode-select --install'.")
+
+
+class BuildNative(build_ext):
+    def build_extension(self, ext):
+        compiler = self.compiler.compiler_so[0] if getattr(self.compiler, "compiler_so", None) else None
+        if compiler and shutil.which(compiler) is None:
+            sys.exit(MISSING_COMPILER.format(f"'{compiler}' not found"))
+        try:
+            for source, flags in ISA_UNITS.items():
+                ext.extra_objects += self.compiler.compile([source], output_dir=self.build_temp,
+                                                           include_dirs=[NATIVE], extra_postargs=COMMON + flags)
+            super().build_extension(ext)
+        except Exception as exc:  # CompileError, LinkError, a missing executable
+            if "not found" in str(exc) or "No such file" in str(exc):
+                sys.exit(MISSING_COMPILER.format(exc))
+            raise
+
+
+setup(
+    ext_modules=[Extension(
+        "cellserve.kernels._native",
+        sources=[f"{NATIVE}/module.cpp", f"{NATIVE}/pool.cpp", f"{NATIVE}/isa_portable.cpp"],
+        depends=[f"{NATIVE}/native.h", f"{NATIVE}/kernels.inc", *ISA_UNITS],
+        include_dirs=[NATIVE],
+        extra_compile_args=COMMON,
+        language="c++",
+    )],
+    cmdclass={"build_ext": BuildNative},
+)

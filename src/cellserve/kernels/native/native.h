@@ -1,0 +1,105 @@
+/* The native kernel core of cellserve: shared declarations.
+ *
+ * Weights are packed once, at model load, into panels of NR output columns: panel p holds columns
+ * [p*NR, p*NR + NR) for every k, so a micro-kernel streams one contiguous block per panel.
+ *   fp32: panel[k][NR] floats.
+ *   int8: panel[k/4][NR][4] bytes (4 consecutive k of one column side by side, the operand order of
+ *         VNNI's vpdpbusd), K zero-padded to a multiple of 4, plus per-column scales and code sums.
+ * The layout is the same on every ISA path, so a packed matrix can be used by any of them. */
+#ifndef CELLSERVE_NATIVE_H
+#define CELLSERVE_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NR 32       /* columns per packed panel */
+#define ALIGN 64    /* bytes: panels start on cache lines */
+
+enum { PACK_F32 = 0, PACK_S8 = 1 };
+
+typedef struct {
+    int kind;            /* PACK_F32 or PACK_S8 */
+    int n, k;            /* logical shape: the matrix is (n, k), computed as x @ W^T */
+    int panels;          /* ceil(n / NR) */
+    int kpad;            /* k rounded up: to 4 for int8, k itself for fp32 */
+    size_t panel_stride; /* elements (floats or bytes) per panel */
+    void *data;
+    float *scale;        /* int8: per column, padded to panels * NR */
+    int32_t *colsum128;  /* int8: 128 x each column's code sum: the correction for VNNI's activations + 128 */
+    float act_scale;     /* int8: fixed activation grid step; 0 = dynamic per row (max|x| / 127) */
+} packed_t;
+
+/* A left operand: rows of `a` (stride lda) times the packed columns [k0, k0 + klen) of w. */
+typedef struct {
+    const float *a;
+    ptrdiff_t lda;
+    const packed_t *w;
+    int k0, klen;
+} part_t;
+
+/* c (m x n, stride ldc) = [addend +] sum over parts of part.a @ part.w[:, k0:k0+klen]^T [+ bias].
+ * All parts' matrices have the same n; their sum stays in registers, so c is written once. */
+typedef struct {
+    const part_t *parts;
+    int nparts;
+    int m;
+    float *c;
+    ptrdiff_t ldc;
+    const float *addend;  /* optional m x n matrix added to the product (may be c itself) */
+    ptrdiff_t ld_addend;
+    const float *bias;    /* optional, length n */
+} gemm_t;
+
+/* Quantized activations of an int8 product, prepared once per call. */
+typedef struct {
+    const uint8_t *codes;  /* m x kpad, row stride kpad: s8 codes, or s8 + 128 (u8) for VNNI */
+    const float *scales;   /* m */
+    int is_unsigned;
+} qact_t;
+
+typedef struct {
+    const packed_t *w;
+    qact_t act;
+    int m;
+    float *c;              /* fp32 output: [addend +] deq(acc) [+ bias], or NULL */
+    int32_t *c32;          /* raw int32 output (exact), or NULL */
+    ptrdiff_t ldc;
+    const float *addend;
+    ptrdiff_t ld_addend;
+    const float *bias;
+} qgemm_t;
+
+typedef struct {
+    const char *name;
+    int (*supported)(void);
+    /* products, their panels split across `threads` threads (the pool below) */
+    void (*gemm_f32)(const gemm_t *g, int threads);
+    void (*gemm_s8)(const qgemm_t *g, int threads);
+    /* int8 activations: codes as this path's kernel wants them (signed, or +128 for VNNI) */
+    int s8_unsigned;      /* its int8 kernel wants activation codes + 128 (VNNI) */
+    void (*quantize)(const float *x, ptrdiff_t ldx, int m, int k, int kpad, float static_scale, int is_unsigned,
+                     uint8_t *codes, float *scales);
+    /* fused gate math over a batch (see kernels.inc) */
+    void (*lstm_gates)(const float *gates, int batch, int hidden, const float *c_prev, ptrdiff_t ldc_prev,
+                       float *h_out, ptrdiff_t ldh, float *c_out, float cell_step, float cell_limit);
+    void (*gru_gates)(const float *gi, ptrdiff_t ldgi, const float *gh, const float *b_ih, const float *b_hh,
+                      const float *h_prev, ptrdiff_t ldh_prev, int batch, int hidden, float *h_out, ptrdiff_t ldh);
+} isa_t;
+
+extern const isa_t ISA_PORTABLE;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const isa_t ISA_AVX2;
+extern const isa_t ISA_AVX512;
+#endif
+
+/* thread pool (pool.cpp): run fn(ctx, tid, nthreads) on nthreads threads, the caller being tid 0 */
+typedef void (*task_fn)(void *ctx, int tid, int nthreads);
+void pool_run(int nthreads, task_fn fn, void *ctx);
+
+/* per-thread scratch buffers (module.cpp), 64-byte aligned, grown on demand; NULL when out of memory */
+enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_PACKED_A, NUM_SLOTS };
+void *scratch(int slot, size_t bytes);
+
+#define MAX_PARTS 4
+
+#endif
