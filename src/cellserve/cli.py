@@ -91,6 +91,24 @@ def _bench_cells(args):
               with_ort=not args.no_ort and _installed("onnxruntime", "onnx"))
 
 
+def _bench_gemm(args):
+    from cellserve.bench import gemm
+
+    unknown = set(args.impls) - set(gemm.IMPLS)
+    if unknown:
+        raise UsageError(f"unknown implementation(s) {sorted(unknown)}; choose from {list(gemm.IMPLS)}")
+    if min(args.m) < 1 or any(min(s) < 1 for s in args.shapes) or args.seconds <= 0:
+        raise UsageError("--m, --shapes and --seconds must be positive")
+    gemm.run(args.m, args.shapes, args.impls, args.seconds, args.json)
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in s.lower().split("x", 1)) for s in text.split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shapes like 256x1024,512x2048 (K x N), got {text!r}")
+
+
 def _bench_serving(args):
     from cellserve.bench import serving
     from cellserve.bench.workloads import WORKLOADS
@@ -290,6 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-torch", action="store_true", help="skip the torch column")
     b.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
     b.set_defaults(func=_bench_cells)
+
+    bg = bench_sub.add_parser("gemm", help="x @ W^T GF/s: ours vs OpenBLAS, MKL, oneDNN, ONNX Runtime, BLIS")
+    bg.add_argument("--json", help="write the peak and the rows to this file")
+    bg.add_argument("--m", type=_ints, default=[1, 2, 4, 8, 16, 32, 64, 128, 256], help="comma list of rows M")
+    bg.add_argument("--shapes", type=_shapes, default=[(256, 1024), (512, 2048), (1024, 4096)],
+                    help="comma list of K x N weight shapes")
+    bg.add_argument("--impls", type=_words, default=["cellserve", "numpy", "torch", "torch-mkl-packed", "onednn",
+                                                       "onnxruntime", "blis"], help="implementations to time")
+    bg.add_argument("--seconds", type=float, default=0.4, help="time budget per shape (all implementations)")
+    bg.set_defaults(func=_bench_gemm)
 
     sv = bench_sub.add_parser("serving", help="cellular vs graph vs no batching under open-loop Poisson load")
     sv.add_argument("--json", help="write the rows and summary to this file")

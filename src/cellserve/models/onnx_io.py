@@ -133,6 +133,15 @@ def sru_steps_to_onnx(cell: SRUCell, steps: int) -> onnx.ModelProto:
     return _model(nodes, inputs, outputs, inits, "cellserve_sru")
 
 
+def matmul_to_onnx(weight: np.ndarray) -> onnx.ModelProto:
+    """y = x @ weight.T as one MatMul with the weight as an initializer (which ONNX Runtime prepacks)."""
+    n, k = weight.shape
+    return _model([helper.make_node("MatMul", ["x", "wt"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+                  [numpy_helper.from_array(np.ascontiguousarray(weight.T, dtype=np.float32), "wt")], "matmul")
+
+
 def ort_session(model: onnx.ModelProto, threads: int = 1):
     """An ONNX Runtime CPU session with a fixed number of intra-op threads."""
     import onnxruntime as ort

@@ -1,0 +1,140 @@
+"""`cellserve bench gemm`: x @ W^T on one thread, ours beside the libraries a user could pick instead, all
+in this process on the same inputs, each with its weights prepacked where the library allows:
+
+  numpy             OpenBLAS (packs W on every call)
+  torch             torch.matmul (MKL sgemm)
+  torch-mkl-packed  MKL's packed GEMM (cblas_sgemm_pack, through torch.ops.mkl)
+  onednn            oneDNN's matmul on weights reordered once (torch.ops.mkldnn; torch bundles oneDNN 3.x)
+  onnxruntime       MLAS: a MatMul node with W as an initializer (prepacked by the session)
+  blis              the `blis` package, if installed
+
+Implementations are timed in interleaved rounds (every round times each once), so drift on a shared
+machine hits all alike; the table quotes medians. The measured peak is the best GF/s of any
+implementation at any shape: the roofline the other rows are read against."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cellserve.bench.common import console, limit_threads, print_table, write_json
+
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SHAPES = ((256, 1024), (512, 2048), (1024, 4096))
+IMPLS = ("cellserve", "numpy", "torch", "torch-mkl-packed", "onednn", "onnxruntime", "blis")
+
+
+def _available(impl: str) -> bool:
+    import importlib.util
+
+    module = {"torch": "torch", "torch-mkl-packed": "torch", "onednn": "torch", "onnxruntime": "onnxruntime",
+              "blis": "blis"}.get(impl)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+def _product(impl: str, w: np.ndarray, m: int):
+    """A function computing x @ w.T for one fixed x of m rows, with whatever the library prepacks done now."""
+    n, k = w.shape
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    out = np.empty((m, n), np.float32)
+    if impl == "cellserve":
+        from cellserve.kernels import Dense
+
+        dense = Dense(w)
+        return lambda: dense(x, out)
+    if impl == "numpy":
+        wt = w.T
+        return lambda: np.matmul(x, wt, out=out)
+    if impl == "onnxruntime":
+        from cellserve.models.onnx_io import matmul_to_onnx, ort_session
+
+        session, feeds = ort_session(matmul_to_onnx(w)), {"x": x}
+        return lambda: session.run(None, feeds)
+    if impl == "blis":
+        import blis.py
+
+        return lambda: blis.py.gemm(x, w, trans2=True, out=out)
+    import torch
+
+    tx, tw, tout = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(out)
+    if impl == "torch":
+        return lambda: torch.matmul(tx, tw.T, out=tout)
+    if impl == "torch-mkl-packed":
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(tw, m)
+        return lambda: torch.ops.mkl._mkl_linear(tx, packed, tw, None, m)
+    if impl == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(tw, m)
+        return lambda: torch.ops.mkldnn._linear_pointwise(tx, packed, None, "none", [], "")
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _interleaved_us(fns: dict, seconds: float, rounds: int = 9) -> dict[str, float]:
+    """Median microseconds per call of each function, timed in alternating rounds."""
+    loops = {}
+    for name, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        loops[name] = max(1, int(seconds / rounds / len(fns) / max(time.perf_counter() - start, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(loops[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / loops[name] * 1e6)
+    return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def run(ms=MS, shapes=SHAPES, impls=IMPLS, seconds: float = 0.4, json_path=None) -> dict:
+    impls = [i for i in impls if _available(i)]
+    no_grad = None
+    if any(i.startswith(("torch", "onednn")) for i in impls):
+        import torch
+
+        no_grad = torch.no_grad()
+        no_grad.__enter__()
+    rows = []
+    try:
+        with limit_threads(1):
+            for k, n in shapes:
+                w = np.random.default_rng(k).standard_normal((n, k)).astype(np.float32)
+                for m in ms:
+                    times = _interleaved_us({impl: _product(impl, w, m) for impl in impls}, seconds)
+                    rows += [{"impl": impl, "m": m, "k": k, "n": n, "us": us, "gflops": 2 * m * k * n / us / 1e3}
+                             for impl, us in times.items()]
+    finally:
+        if no_grad is not None:
+            no_grad.__exit__(None, None, None)
+    peak = max(r["gflops"] for r in rows)
+    table = _summary(rows, impls, peak)
+    print_table("x @ W^T, 1 thread: GF/s (median of interleaved rounds)", table,
+                [("shape", "K x N"), ("m", "M"), ("ours_us", "ours us"), *[(i, i) for i in impls],
+                 ("best_lib", "best library"), ("ratio", "ours / best"), ("of_peak", "ours % of peak")],
+                caption=f"measured peak: {peak:.1f} GF/s (best of any implementation at any shape)")
+    compared = [t for t in table if "ratio" in t]
+    misses = ", ".join("{shape} M={m} ({ratio:.2f})".format(**t) for t in compared if t["ratio"] < 0.95)
+    console.print(f"ours >= 0.95x the best library at {sum(t['ratio'] >= 0.95 for t in compared)} of "
+                  f"{len(compared)} shapes" + (f"; below at {misses}" if misses else ""))
+    result = {"peak_gflops": peak, "rows": rows}
+    write_json(json_path, result)
+    return result
+
+
+def _summary(rows: list[dict], impls: list[str], peak: float) -> list[dict]:
+    table = []
+    for k, n in dict.fromkeys((r["k"], r["n"]) for r in rows):
+        for m in dict.fromkeys(r["m"] for r in rows):
+            here = {r["impl"]: r for r in rows if (r["k"], r["n"], r["m"]) == (k, n, m)}
+            libs = {i: r for i, r in here.items() if i != "cellserve"}
+            row = {"shape": f"{k}x{n}", "m": m, **{i: r["gflops"] for i, r in here.items()}}
+            if "cellserve" in here:
+                row["ours_us"] = here["cellserve"]["us"]
+                row["of_peak"] = 100 * here["cellserve"]["gflops"] / peak
+            if libs and "cellserve" in here:
+                best = max(libs.values(), key=lambda r: r["gflops"])
+                row["best_lib"] = best["impl"]
+                row["ratio"] = here["cellserve"]["gflops"] / best["gflops"]
+            table.append(row)
+    return table
