@@ -263,3 +263,47 @@ def test_numba_tanh_and_sigmoid_are_accurate_over_fp32_range():
     assert np.abs(t - np.tanh(x64)).max() < 1e-6
     assert np.abs(s - 1 / (1 + np.exp(-x64))).max() < 1e-6
     assert t.max() <= 1 and t.min() >= -1 and s.min() >= 0 and s.max() <= 1
+
+
+@pytest.mark.parametrize("inputs,hidden,use_tanh", [(5, 5, True), (7, 17, True), (33, 33, False)])
+def test_sru_steps_match_numpy(isa, inputs, hidden, use_tanh, rng):
+    """k SRU steps in one call: one product for the block, then the scan; highway from x or from W."""
+    from cellserve.kernels.recurrence import sru_steps
+
+    blocks = 3 if inputs == hidden else 4
+    w = rng.standard_normal((blocks * hidden, inputs)).astype(np.float32) * 0.3
+    v_f, v_r, b_f, b_r = (rng.standard_normal(hidden).astype(np.float32) for _ in range(4))
+    xs = rng.standard_normal((6, 3, inputs)).astype(np.float32)
+    c0 = rng.standard_normal((3, hidden)).astype(np.float32)
+    c, hs = c0.copy(), np.empty((6, 3, hidden), np.float32)
+    sru_steps(Dense(w), xs, v_f, v_r, b_f, b_r, c, hs, use_tanh)
+    ref_c, ref = c0.astype(np.float64), []
+    for x in xs:
+        u = x.astype(np.float64) @ w.T
+        f = sigmoid(u[:, hidden:2 * hidden] + v_f * ref_c + b_f)
+        r = sigmoid(u[:, 2 * hidden:3 * hidden] + v_r * ref_c + b_r)
+        ref_c = f * ref_c + (1 - f) * u[:, :hidden]
+        highway = x if blocks == 3 else u[:, 3 * hidden:]
+        ref.append(r * (np.tanh(ref_c) if use_tanh else ref_c) + (1 - r) * highway)
+    close(hs, np.stack(ref))
+    close(c, ref_c)
+
+
+def test_qrnn_steps_match_numpy(isa, rng):
+    from cellserve.kernels.recurrence import qrnn_steps
+
+    hidden, width = 19, 14
+    w = rng.standard_normal((3 * hidden, width)).astype(np.float32) * 0.3
+    bias = rng.standard_normal(3 * hidden).astype(np.float32)
+    xs = rng.standard_normal((5, 2, width)).astype(np.float32)
+    c0 = rng.standard_normal((2, hidden)).astype(np.float32)
+    c, hs = c0.copy(), np.empty((5, 2, hidden), np.float32)
+    qrnn_steps(Dense(w), xs, bias, c, hs)
+    ref_c, ref = c0.astype(np.float64), []
+    for x in xs:
+        u = x.astype(np.float64) @ w.T + bias
+        z, f, o = np.tanh(u[:, :hidden]), sigmoid(u[:, hidden:2 * hidden]), sigmoid(u[:, 2 * hidden:])
+        ref_c = f * ref_c + (1 - f) * z
+        ref.append(o * ref_c)
+    close(hs, np.stack(ref))
+    close(c, ref_c)

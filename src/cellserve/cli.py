@@ -86,9 +86,11 @@ def _bench_cells(args):
     unknown = set(args.cells) - set(cells.CELL_KINDS)
     if unknown:
         raise UsageError(f"unknown cell(s) {sorted(unknown)}; choose from {list(cells.CELL_KINDS)}")
+    if args.threads < 1:
+        raise UsageError("--threads must be >= 1")
     cells.run(args.cells, args.hidden, args.batch, args.seconds, args.json,
               with_torch=not args.no_torch and _installed("torch", "torch"),
-              with_ort=not args.no_ort and _installed("onnxruntime", "onnx"))
+              with_ort=not args.no_ort and _installed("onnxruntime", "onnx"), threads=args.threads)
 
 
 def _bench_gemm(args):
@@ -304,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cells", type=_words, default=["lstm", "gru", "sru"], help="comma list (lstm,gru,sru)")
     b.add_argument("--hidden", type=_ints, default=[256, 512, 1024], help="comma list of hidden sizes")
     b.add_argument("--batch", type=_ints, default=[1, 8, 32, 128], help="comma list of batch sizes")
-    b.add_argument("--seconds", type=float, default=0.3, help="time budget per measurement")
+    b.add_argument("--seconds", type=float, default=0.6, help="time budget per row (all implementations)")
+    b.add_argument("--threads", type=int, default=1, help="also time ours on this many threads (a column)")
     b.add_argument("--no-torch", action="store_true", help="skip the torch column")
     b.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
     b.set_defaults(func=_bench_cells)

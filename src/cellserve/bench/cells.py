@@ -1,11 +1,13 @@
 """`cellserve bench cells`: microseconds per step of one cell, ours beside torch eager and ONNX Runtime,
-all on one intra-op thread in this process with the same inputs, and the memory-bandwidth floor."""
+all on one intra-op thread in this process with the same inputs, timed in interleaved rounds; with
+--threads 2 also ours on two threads (the two-core speedup); and the memory-bandwidth floor."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from cellserve.bench.common import limit_threads, median_us, memory_bandwidth_gbs, print_table, write_json
+from cellserve import kernels
+from cellserve.bench.common import console, interleaved_us, limit_threads, memory_bandwidth_gbs, print_table, write_json
 from cellserve.cells import CELLS
 from cellserve.models.rnn import RNN
 
@@ -47,26 +49,42 @@ def _ort_step(kind: str, cell, batch: int):
     return lambda: session.run(None, feeds)
 
 
-def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth) -> dict:
+def _on_threads(threads: int, fn):
+    def run():
+        kernels.set_threads(threads)
+        fn()
+    return run
+
+
+def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads) -> dict:
     cell = CELLS[kind].random(hidden, hidden, 0)
     rng = np.random.default_rng(batch)
     x = rng.standard_normal((batch, hidden)).astype(np.float32)
     state = tuple(rng.standard_normal((batch, w)).astype(np.float32) for w in cell.state_widths())
-    row = {"cell": kind, "hidden": hidden, "batch": batch, "ours_us": median_us(lambda: cell.step(x, state), seconds)}
+    fns = {"ours_us": _on_threads(1, lambda: cell.step(x, state))}
+    if threads > 1:
+        fns[f"ours_{threads}t_us"] = _on_threads(threads, lambda: cell.step(x, state))
     if torch is not None:
         torch_step = _torch_step(kind, cell, torch)
         tx, th, tc = (torch.from_numpy(a) for a in (x, state[0], state[-1]))
-        row["torch_us"] = median_us(lambda: torch_step(tx, th, tc), seconds)
-        row["speedup_vs_torch"] = row["torch_us"] / row["ours_us"]
+        fns["torch_us"] = lambda: torch_step(tx, th, tc)
     if with_ort:
-        row["ort_us"] = median_us(_ort_step(kind, cell, batch), seconds)
-        row["speedup_vs_ort"] = row["ort_us"] / row["ours_us"]
+        fns["ort_us"] = _ort_step(kind, cell, batch)
+    try:
+        row = {"cell": kind, "hidden": hidden, "batch": batch, **interleaved_us(fns, seconds)}
+    finally:
+        kernels.set_threads(1)
+    for peer, key in (("torch_us", "speedup_vs_torch"), ("ort_us", "speedup_vs_ort")):
+        if peer in row:
+            row[key] = row[peer] / row["ours_us"]
+    if threads > 1:
+        row["thread_speedup"] = row["ours_us"] / row[f"ours_{threads}t_us"]
     row["floor_us"] = cell.weight_bytes / (bandwidth * 1e3)
     return row
 
 
-def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), seconds: float = 0.3,
-        json_path=None, with_torch: bool = True, with_ort: bool = True) -> list[dict]:
+def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), seconds: float = 0.6,
+        json_path=None, with_torch: bool = True, with_ort: bool = True, threads: int = 1) -> list[dict]:
     import contextlib
 
     torch, no_grad = None, contextlib.nullcontext()
@@ -76,13 +94,19 @@ def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), sec
         no_grad = torch.no_grad()  # for the measurement only: not the caller's process-wide setting
     with limit_threads(1), no_grad:
         bandwidth = memory_bandwidth_gbs()
-        rows = [_measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth)
+        rows = [_measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads)
                 for kind in cells for hidden in hiddens for batch in batches]
-    print_table("microseconds per step (1 thread, median)", rows,
+    two = [(f"ours_{threads}t_us", f"ours {threads} thr us"), ("thread_speedup", f"x {threads} thr")] if threads > 1 else []
+    print_table("microseconds per step (1 thread unless noted, median of interleaved rounds)", rows,
                 [("cell", "cell"), ("hidden", "hidden"), ("batch", "batch"), ("ours_us", "ours us"),
                  ("torch_us", "torch us"), ("ort_us", "ORT us"), ("floor_us", "DRAM floor us"),
-                 ("speedup_vs_torch", "x torch"), ("speedup_vs_ort", "x ORT")],
+                 ("speedup_vs_torch", "x torch"), ("speedup_vs_ort", "x ORT"), *two],
                 caption=f"floor = weight bytes / {bandwidth:.1f} GB/s streaming-copy bandwidth; small weights "
                         f"sit in cache and can beat it")
+    compared = [r for r in rows if "speedup_vs_ort" in r or "speedup_vs_torch" in r]
+    behind = [r for r in compared if min(r.get("speedup_vs_ort", 9), r.get("speedup_vs_torch", 9)) < 1]
+    console.print(f"ours at least as fast as every peer in {len(compared) - len(behind)} of {len(compared)} rows"
+                  + ("; behind in " + ", ".join(f"{r['cell']} {r['hidden']} b{r['batch']}" for r in behind)
+                     if behind else ""))
     write_json(json_path, {"bandwidth_gbs": bandwidth, "rows": rows})
     return rows

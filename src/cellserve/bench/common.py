@@ -40,6 +40,25 @@ def median_us(fn, seconds: float = 0.3, repeats: int = 7) -> float:
     return float(np.median(samples))
 
 
+def interleaved_us(fns: dict, seconds: float = 0.3, rounds: int = 9) -> dict[str, float]:
+    """Median microseconds per call of each function, timed in alternating rounds (every round times each
+    once), so drift on a shared machine hits all alike. `seconds` is the budget for all of them."""
+    loops = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: caches, lazy allocations
+        start = time.perf_counter()
+        fn()
+        loops[name] = max(1, int(seconds / rounds / len(fns) / max(time.perf_counter() - start, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(loops[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / loops[name] * 1e6)
+    return {name: float(np.median(s)) for name, s in samples.items()}
+
+
 def memory_bandwidth_gbs(megabytes: int = 256) -> float:
     """Streaming copy bandwidth (bytes read + written per second), median of 5, in GB/s."""
     src = np.ones(megabytes * 2**20 // 4, dtype=np.float32)

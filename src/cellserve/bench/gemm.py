@@ -14,11 +14,9 @@ implementation at any shape: the roofline the other rows are read against."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from cellserve.bench.common import console, limit_threads, print_table, write_json
+from cellserve.bench.common import console, interleaved_us, limit_threads, print_table, write_json
 
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHAPES = ((256, 1024), (512, 2048), (1024, 4096))
@@ -69,24 +67,6 @@ def _product(impl: str, w: np.ndarray, m: int):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def _interleaved_us(fns: dict, seconds: float, rounds: int = 9) -> dict[str, float]:
-    """Median microseconds per call of each function, timed in alternating rounds."""
-    loops = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        loops[name] = max(1, int(seconds / rounds / len(fns) / max(time.perf_counter() - start, 1e-7)))
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / loops[name] * 1e6)
-    return {name: float(np.median(s)) for name, s in samples.items()}
-
-
 def run(ms=MS, shapes=SHAPES, impls=IMPLS, seconds: float = 0.4, json_path=None) -> dict:
     impls = [i for i in impls if _available(i)]
     no_grad = None
@@ -101,7 +81,7 @@ def run(ms=MS, shapes=SHAPES, impls=IMPLS, seconds: float = 0.4, json_path=None)
             for k, n in shapes:
                 w = np.random.default_rng(k).standard_normal((n, k)).astype(np.float32)
                 for m in ms:
-                    times = _interleaved_us({impl: _product(impl, w, m) for impl in impls}, seconds)
+                    times = interleaved_us({impl: _product(impl, w, m) for impl in impls}, seconds)
                     rows += [{"impl": impl, "m": m, "k": k, "n": n, "us": us, "gflops": 2 * m * k * n / us / 1e3}
                              for impl, us in times.items()]
     finally:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense, pointwise
+from cellserve.kernels import Dense
+from cellserve.kernels.recurrence import qrnn_steps
 
 
 class QRNNCell(Cell):
@@ -39,10 +40,9 @@ class QRNNCell(Cell):
             windowed[:, :, self.input_size:] = xs
         else:
             windowed = xs
-        u = self.project(self.w, windowed)
-        c = state[1].copy()
+        c = np.array(state[1], dtype=np.float32)
         hs = np.empty((steps, batch, self.hidden_size), dtype=np.float32)
-        pointwise.qrnn_scan(u, self.bias, c, hs)
+        qrnn_steps(self.w, windowed, self.bias, c, hs)
         new_state = (hs[-1].copy(), c)
         return hs, new_state + ((xs[-1].copy(),) if self.window == 2 else ())
 

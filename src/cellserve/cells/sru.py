@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense, pointwise
+from cellserve.kernels import Dense
+from cellserve.kernels.recurrence import sru_steps
 
 
 class SRUCell(Cell):
@@ -35,11 +36,9 @@ class SRUCell(Cell):
         steps, batch, _ = xs.shape
         hidden = self.hidden_size
         xs = np.ascontiguousarray(xs, dtype=np.float32)
-        u = self.project(self.w, xs)
-        highway = xs if self.input_size == hidden else u[:, :, 3 * hidden:]
-        c = state[1].copy()
+        c = np.array(state[1], dtype=np.float32)
         hs = np.empty((steps, batch, hidden), dtype=np.float32)
-        pointwise.sru_scan(u, highway, self.v_f, self.v_r, self.b_f, self.b_r, c, hs, self.activation == "tanh")
+        sru_steps(self.w, xs, self.v_f, self.v_r, self.b_f, self.b_r, c, hs, self.activation == "tanh")
         return hs, (hs[-1].copy(), c)
 
     def options(self):

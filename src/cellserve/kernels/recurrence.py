@@ -1,10 +1,11 @@
-"""LSTM and GRU recurrences on the native core: one call per step, or per sequence.
+"""LSTM, GRU, SRU and QRNN recurrences on the native core: one call per step, or per block of steps.
 
 A step computes both products (x W_ih^T and h W_hh^T; for fp32, both in one pass with the sum in
 registers) and the fused gate math in one call, so Python dispatch is paid once per step. A sequence
 takes the input projections of all T steps (one product, see Cell.project) and runs the T recurrent
 products and gate updates inside one call. Matrices are Dense or QuantizedDense (int8 activations per
-row, per step). The LSTM cell state can be held on a fixed grid (cell_quant = (step, limit)), as in
+row, per step). SRU and QRNN have no product inside their recurrence: a block of k steps is one
+product (weights read once per k steps) and an element-wise scan, in one call. The LSTM cell state can be held on a fixed grid (cell_quant = (step, limit)), as in
 quantization-aware training of its precision.
 """
 
@@ -45,3 +46,13 @@ def gru_step(ih, hh, b_ih, b_hh, x, h) -> np.ndarray:
 def gru_sequence(hh, gi_all, b_ih, b_hh, h0, hs) -> None:
     """T steps: gi_all (T, B, 3H) = x W_ih^T without bias; fills hs (T, B, H)."""
     _native.gru_sequence(gi_all, hh.packed, b_ih, b_hh, rows(h0), hs)
+
+
+def sru_steps(w, xs, v_f, v_r, b_f, b_r, c, hs, use_tanh: bool) -> None:
+    """k SRU steps: xs (k, B, in) C-contiguous; c (B, H) updated in place; fills hs (k, B, H)."""
+    _native.sru_steps(xs, w.packed, v_f, v_r, b_f, b_r, c, hs, use_tanh)
+
+
+def qrnn_steps(w, windowed, bias, c, hs) -> None:
+    """k QRNN steps: windowed (k, B, window*in) C-contiguous; c (B, H) updated in place; fills hs."""
+    _native.qrnn_steps(windowed, w.packed, bias, c, hs)

@@ -67,19 +67,23 @@ void tile_s8(const qgemm_t *g, int m0, int p) {
     store_s8_tile(g, m0, mr, p, sums);
 }
 
+/* Panel blocks outer, then row tiles, then the block's panels (see panels_per_block in kernels.inc). */
 void gemm_s8_panels(const qgemm_t *g, int p0, int p1) {
-    for (int p = p0; p < p1; p++) {
-        int m0 = 0;
-        for (; m0 + MR_S8 <= g->m; m0 += MR_S8) tile_s8<MR_S8>(g, m0, p);
-        switch (g->m - m0) {
-            case 1: tile_s8<1>(g, m0, p); break;
-            case 2: tile_s8<2>(g, m0, p); break;
-            case 3: tile_s8<3>(g, m0, p); break;
-            case 4: tile_s8<4>(g, m0, p); break;
-            case 5: tile_s8<5>(g, m0, p); break;
-            case 6: tile_s8<6>(g, m0, p); break;
-            case 7: tile_s8<7>(g, m0, p); break;
-            default: break;
+    const int block = panels_per_block(g->w->panel_stride);
+    for (int b0 = p0; b0 < p1; b0 += block) {
+        const int b1 = b0 + block < p1 ? b0 + block : p1;
+        for (int m0 = 0; m0 < g->m; m0 += MR_S8) {
+            const int rows = g->m - m0 < MR_S8 ? g->m - m0 : MR_S8;
+            for (int p = b0; p < b1; p++) switch (rows) {
+                    case 1: tile_s8<1>(g, m0, p); break;
+                    case 2: tile_s8<2>(g, m0, p); break;
+                    case 3: tile_s8<3>(g, m0, p); break;
+                    case 4: tile_s8<4>(g, m0, p); break;
+                    case 5: tile_s8<5>(g, m0, p); break;
+                    case 6: tile_s8<6>(g, m0, p); break;
+                    case 7: tile_s8<7>(g, m0, p); break;
+                    default: tile_s8<MR_S8>(g, m0, p); break;
+                }
         }
     }
 }
@@ -94,4 +98,4 @@ int supported() {
 }  // namespace
 
 extern const isa_t ISA_AVX512 = {"avx512", supported, gemm_f32, gemm_s8, 1, quantize_rows,
-                                 lstm_gates, gru_gates};
+                                 lstm_gates, gru_gates, sru_scan, qrnn_scan};

@@ -29,19 +29,11 @@ typedef struct {
     float act_scale;     /* int8: fixed activation grid step; 0 = dynamic per row (max|x| / 127) */
 } packed_t;
 
-/* A left operand: rows of `a` (stride lda) times the packed columns [k0, k0 + klen) of w. */
+/* c (m x n, stride ldc) = [addend +] a @ w^T [+ bias], a (m x w->k, row stride lda). */
 typedef struct {
     const float *a;
     ptrdiff_t lda;
     const packed_t *w;
-    int k0, klen;
-} part_t;
-
-/* c (m x n, stride ldc) = [addend +] sum over parts of part.a @ part.w[:, k0:k0+klen]^T [+ bias].
- * All parts' matrices have the same n; their sum stays in registers, so c is written once. */
-typedef struct {
-    const part_t *parts;
-    int nparts;
     int m;
     float *c;
     ptrdiff_t ldc;
@@ -84,6 +76,9 @@ typedef struct {
                        float *h_out, ptrdiff_t ldh, float *c_out, float cell_step, float cell_limit);
     void (*gru_gates)(const float *gi, ptrdiff_t ldgi, const float *gh, const float *b_ih, const float *b_hh,
                       const float *h_prev, ptrdiff_t ldh_prev, int batch, int hidden, float *h_out, ptrdiff_t ldh);
+    void (*sru_scan)(const float *u, int width, const float *x, int steps, int batch, int hidden, const float *v_f,
+                     const float *v_r, const float *b_f, const float *b_r, int use_tanh, float *c, float *h_out);
+    void (*qrnn_scan)(const float *u, int steps, int batch, int hidden, const float *bias, float *c, float *h_out);
 } isa_t;
 
 extern const isa_t ISA_PORTABLE;
@@ -100,6 +95,5 @@ void pool_run(int nthreads, task_fn fn, void *ctx);
 enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_PACKED_A, NUM_SLOTS };
 void *scratch(int slot, size_t bytes);
 
-#define MAX_PARTS 4
 
 #endif
