@@ -267,3 +267,22 @@ def test_oldest_first_pick_gives_the_same_outputs(kind, s2s, tree):
     engine.stop()
     with pytest.raises(ValueError, match="pick"):
         Engine(make_runner(model, 8), pick="random")
+
+
+def test_engine_threads_split_products_and_change_no_result(monkeypatch):
+    """threads=2 is the scheduler thread's kernel setting; outputs equal the single-threaded engine's."""
+    from cellserve import kernels
+
+    model = LanguageModel.random(VOCAB, 16, 64, num_layers=2, seed=3)
+    seen = []
+    original = kernels.set_threads
+    monkeypatch.setattr(kernels, "set_threads", lambda n: (seen.append((threading.current_thread().name, n)),
+                                                           original(n)))
+    tokens = [[1, 5, 7, 9], [3, 4], [8, 8, 8, 2, 1]]
+    results = {}
+    for threads in (1, 2):
+        engine = Engine(make_runner(model, 64), "cellular", threads=threads).start()
+        results[threads] = [engine.submit({"tokens": t}).result(timeout=30) for t in tokens]
+        engine.stop()
+    assert ("cellserve-cellular", 2) in seen
+    assert results[1] == results[2]

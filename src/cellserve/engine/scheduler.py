@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from cellserve import kernels
 from cellserve.engine.request import EngineFull, EngineStopped, Request, Session, SessionError
 from cellserve.engine.runners import Runner
 
@@ -41,13 +42,15 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: Runner, policy: str = "cellular", max_batch: int = 32, max_queue: int = 1024,
                  max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None,
-                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str = "fullest"):
+                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str = "fullest", threads: int = 1):
+        """threads: cores each batched step's products are split across (set on the scheduler thread)."""
         if pick not in ("fullest", "oldest"):
             raise ValueError(f"pick must be 'fullest' or 'oldest', got {pick!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1")
+        if max_batch < 1 or max_queue < 1 or threads < 1:
+            raise ValueError("max_batch, max_queue and threads must be >= 1")
+        self.threads = int(threads)
         self.runner = runner
         self.policy = policy
         self.max_batch = 1 if policy == "none" else int(max_batch)
@@ -181,6 +184,7 @@ class Engine:
 
     # --- scheduler thread --------------------------------------------------------------------------
     def _loop(self) -> None:
+        kernels.set_threads(self.threads)  # a setting of this thread: every product this engine runs
         while True:
             with self._cv:
                 while self._running and not self._queue and not self._active:

@@ -31,6 +31,7 @@ class ModelConfig(BaseModel):
     pick: Literal["fullest", "oldest"] = Field("fullest", description="cellular: which cell type runs next")
     idle_timeout_s: float = Field(60.0, gt=0, description="streaming sessions expire after this idle time")
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
+    threads: int = Field(1, ge=1, le=256, description="cores each batched step's matrix products are split across")
     text_codec: Literal["number-speller"] | None = None
     backend: Literal["cellserve", "onnxruntime", "onnxruntime-int8"] = Field(
         "cellserve", description="who runs the LSTM/GRU cells (onnxruntime-int8: ORT's dynamic int8 quantization)")
@@ -62,7 +63,7 @@ class ServedModel:
         self.engine = Engine(make_runner(model, config.capacity, config.block_steps), config.policy,
                              max_batch=config.max_batch, max_queue=config.max_queue,
                              max_delay_ms=config.max_delay_ms, idle_timeout_s=config.idle_timeout_s,
-                             pick=config.pick)
+                             pick=config.pick, threads=config.threads)
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [self.version], "platform": self.platform,
