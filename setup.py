@@ -18,8 +18,9 @@ ISA_UNITS = {  # translation unit -> flags; selected at run time by CPU features
     f"{NATIVE}/isa_avx2.cpp": ["-mavx2", "-mfma"],
     f"{NATIVE}/isa_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"],
 } if X86 else {}
-MISSING_COMPILER = ("cellserve builds its native kernels with a C++ compiler, and none worked here ({}). Install one: "
-                    "Debian/Ubuntu 'apt-get install g++', Fedora 'dnf install gcc-c++', macOS 'xcode-select --install'.")
+MISSING_COMPILER = ("cellserve builds its native kernels with a C++17 compiler, and the build failed here ({}). "
+                    "Install one: Debian/Ubuntu 'apt-get install g++', Fedora 'dnf install gcc-c++', macOS "
+                    "'xcode-select --install'.")
 
 
 class BuildNative(build_ext):
@@ -32,10 +33,8 @@ class BuildNative(build_ext):
                 ext.extra_objects += self.compiler.compile([source], output_dir=self.build_temp,
                                                            include_dirs=[NATIVE], extra_postargs=COMMON + flags)
             super().build_extension(ext)
-        except Exception as exc:  # CompileError, LinkError, a missing executable
-            if "not found" in str(exc) or "No such file" in str(exc):
-                sys.exit(MISSING_COMPILER.format(exc))
-            raise
+        except Exception as exc:  # CompileError, LinkError, a missing executable or compiler part (cc1plus)
+            sys.exit(MISSING_COMPILER.format(f"the compiler's own messages are above; {exc}"))
 
 
 setup(
