@@ -89,7 +89,7 @@ def test_every_output_equals_its_unbatched_run(kind, policy, lm, s2s, tree):
     for inp, got in zip(inputs, results):
         assert_same(kind, got, reference(kind, model, inp))
     assert engine.stats.completed == len(inputs) and engine.stats.failed == 0
-    assert engine.runner.pool.used == 0  # every slot returned
+    assert engine.runner.used == 0  # every slot returned
 
 
 def test_cellular_batches_cell_types_apart_and_serves_both(s2s):
@@ -173,7 +173,7 @@ def test_cancel_frees_the_slot(lm):
     after = engine.submit({"tokens": [3, 4]})
     assert after.result(timeout=60)
     engine.stop()
-    assert engine.runner.pool.used == 0 and engine.stats.cancelled == 1
+    assert engine.runner.used == 0 and engine.stats.cancelled == 1
 
 
 def test_bad_input_is_rejected_at_submit_and_engine_keeps_serving(lm, tree):
@@ -240,7 +240,8 @@ def test_cell_types_are_fair_under_a_flood_of_the_other_type(s2s):
     engine = Engine(make_runner(s2s, 256), "cellular", max_batch=64, max_wait_steps=4, observer=Observer()).start()
     rng = np.random.default_rng(11)
     decoding = engine.submit({"tokens": [1, 2], "max_output_tokens": 60, "stop_at_eos": False})
-    flood = []
+    flood = [engine.submit({"tokens": rng.integers(0, VOCAB, 20).tolist(), "max_output_tokens": 1})
+             for _ in range(200)]
     while not decoding.done():
         try:
             flood.append(engine.submit({"tokens": rng.integers(0, VOCAB, 20).tolist(), "max_output_tokens": 1}))
@@ -253,7 +254,7 @@ def test_cell_types_are_fair_under_a_flood_of_the_other_type(s2s):
     # while it decodes, every decoder step includes it (oldest first): gaps are at most max_wait_steps + 2
     decoder_steps = [i for i, t in enumerate(progress[:finished_at[decoding]]) if t == "decoder"]
     assert len(decoder_steps) >= 60 and max(np.diff(decoder_steps)) <= 4 + 2
-    assert progress.count("encoder") > 60  # the flood really competed for steps
+    assert progress[:finished_at[decoding]].count("encoder") >= 10  # the flood really competed for steps
 
 
 @pytest.mark.parametrize("kind", ["s2s", "tree"])

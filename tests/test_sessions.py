@@ -34,7 +34,7 @@ def test_chunked_session_equals_one_pass(kind, block):
     got = np.concatenate(outputs)
     np.testing.assert_allclose(got, full_run(rnn, frames), rtol=1e-5, atol=1e-6)
     assert pending[-1] == 0 and all(p < block for p in pending)
-    assert engine.runner.pool.used == 0 and engine.sessions == 0
+    assert engine.runner.used == 0 and engine.sessions == 0
 
 
 def test_interleaved_sessions_batch_together_and_stay_separate():
@@ -67,7 +67,7 @@ def test_unknown_expired_and_restarted_sessions():
     deadline = time.time() + 5
     while engine.sessions and time.time() < deadline:
         time.sleep(0.05)
-    assert engine.sessions == 0 and engine.runner.pool.used == 0  # expired, slot freed
+    assert engine.sessions == 0 and engine.runner.used == 0  # expired, slot freed
     with pytest.raises(SessionError, match="expired"):
         engine.submit(chunk, "a")
     again = engine.submit(chunk, "a", sequence_start=True).result(timeout=10)["outputs"]

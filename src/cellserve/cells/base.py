@@ -45,6 +45,11 @@ class Cell:
         ys, new_state = self.steps(x[None], state)
         return new_state
 
+    def step_into(self, x: np.ndarray, state: State) -> None:
+        """One time step that overwrites `state` (views into an engine's persistent batch) in place."""
+        for view, value in zip(state, self.step(x, state)):
+            view[...] = value
+
     def steps(self, xs: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """T time steps of one batch: xs (T, B, input_size) -> (hs (T, B, H), final state)."""
         raise NotImplementedError

@@ -23,6 +23,9 @@ class GRUCell(Cell):
     def step(self, x, state):
         return (gru_step(self.ih, self.hh, self.b_ih, self.b_hh, x, state[0]),)
 
+    def step_into(self, x, state):
+        gru_step(self.ih, self.hh, self.b_ih, self.b_hh, x, state[0], out=state[0])
+
     def steps(self, xs, state):
         if len(xs) == 1:
             (h,) = self.step(xs[0], state)

@@ -27,6 +27,9 @@ class LSTMCell(Cell):
     def step(self, x, state):
         return lstm_step(self.ih, self.hh, self.bias, x, state[0], state[1], self.cell_quant)
 
+    def step_into(self, x, state):
+        lstm_step(self.ih, self.hh, self.bias, x, state[0], state[1], self.cell_quant, out=state)
+
     def steps(self, xs, state):
         if len(xs) == 1:
             h, c = self.step(xs[0], state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from concurrent.futures import Future
@@ -30,14 +31,15 @@ class SessionError(EngineError, ValueError):
 
 @dataclass(eq=False)
 class Session:
-    """A stream's recurrent state, kept in the pool between chunks. Chunks run one at a time, in order."""
+    """A stream's recurrent state, kept in the pool between chunks. Chunks run one at a time, in order:
+    while one is queued or running, later ones wait here."""
 
     id: str
     slots: np.ndarray | None = None  # allocated when its first chunk is admitted
     buffer: object = None  # runner-private: input not yet consumed (e.g. frames short of a block)
     last_active: float = field(default_factory=time.perf_counter)
-    busy: bool = False  # a chunk is in the running set
-    queued: int = 0  # chunks waiting in the queue
+    busy: bool = False  # a chunk is queued or running
+    waiting: collections.deque = field(default_factory=collections.deque)  # later chunks, in order
 
 
 @dataclass(eq=False)
@@ -47,15 +49,12 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
-    slots: np.ndarray | None = None
-    started: float | None = None  # when it got state slots and joined the running set
-    last_step: int = 0  # engine step count when it last made progress (for the starvation bound)
-    ready: dict[str, list] = field(default_factory=dict)  # cell type -> nodes ready to run
+    slots: np.ndarray | None = None  # pool slots (tree nodes), when the runner keeps state there
+    started: float | None = None  # when it joined the running set
+    ticket: int = -1  # its index in the engine's cancellation flags while it runs
+    cancelled: bool = False  # set by the future's callback; checked only for rows being batched
+    rows: dict = field(default_factory=dict)  # stage name -> row in that stage's persistent batch
     progress: dict = field(default_factory=dict)  # runner-private bookkeeping
-    done: bool = False
     result: object = None
     session: Session | None = None
     end: bool = False  # the last chunk of its session
-
-    def has_ready(self, cell_type: str) -> bool:
-        return bool(self.ready.get(cell_type))

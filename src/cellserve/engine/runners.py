@@ -1,21 +1,32 @@
-"""How each model's requests decompose into cell steps.
+"""How each model's requests become batched cell steps.
 
-A runner owns a model and its state pool. The engine asks it to `start` a request (fill its state slots
-and mark its first ready nodes) and to `run` one batched step of one cell type over nodes from many
-requests. `pad_rows` adds dummy rows to a step, which is how the graph baseline pays for padding.
+A runner owns a model and its batch memory. The engine asks it to `admit` a request (put it into its
+first stage), how many rows each stage has `ready`, and to `step` a stage: run its next window of rows
+and hand back the requests that left (finished with `result` set, or dropped because they were
+cancelled). Sequence models keep their rows in persistent per-stage batches (engine/batch.py); a tree's
+nodes live in pool slots and wait in ready queues. Per-row bookkeeping (token lookup, scores, lengths,
+end-of-sequence, finish detection) is numpy over the window, so a step costs the same number of Python
+calls whatever its batch size; only a finishing request costs Python of its own (building its result).
+`pad_to` widens a step with dummy rows, which is how the graph baseline pays for padding.
 Runners know nothing of threads or HTTP.
 """
 
 from __future__ import annotations
 
+import collections
+import time
+
 import numpy as np
 
-from cellserve.engine.pool import StatePool
+from cellserve.engine.batch import Stage, layer_state_names, layer_state_widths, stack_steps
+from cellserve.engine.pool import Arena, StatePool
 from cellserve.engine.request import Request
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM, tree_levels
 from cellserve.models.lm import log_softmax
 from cellserve.models.ocr import OCRModel
 from cellserve.models.rnn import RNN
+
+ADMITTED, NO_ROOM, DONE = "admitted", "no room", "done"  # what admit() says
 
 
 def _token_array(value, name: str, vocab: int, min_len: int = 1) -> np.ndarray:
@@ -29,102 +40,188 @@ def _token_array(value, name: str, vocab: int, min_len: int = 1) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-class StackedState:
-    """The per-layer state arrays of a stacked RNN inside a pool (names s{layer}_{i})."""
-
-    def __init__(self, rnn: RNN):
-        self.rnn = rnn
-        self.widths = {f"s{l}_{i}": w for l, cell in enumerate(rnn.cells) for i, w in enumerate(cell.state_widths())}
-
-    def step(self, rnn: RNN, pool: StatePool, slots: np.ndarray, x: np.ndarray, pad_rows: int = 0) -> np.ndarray:
-        """One step of `rnn` (encoder or decoder, same shapes) for the rows `slots`; returns top h."""
-        return self.steps(rnn, pool, slots, x[None], pad_rows)[0]
-
-    def steps(self, rnn: RNN, pool: StatePool, slots: np.ndarray, xs: np.ndarray, pad_rows: int = 0) -> np.ndarray:
-        """T steps, xs (T, B, in), for the rows `slots`: each layer runs all T steps in one call, so SRU and
-        QRNN read their weights once per block. Returns the top layer's outputs (T, B + pad_rows, H)."""
-        n = len(slots)
-        if pad_rows:
-            xs = np.concatenate([xs, np.zeros((xs.shape[0], pad_rows, xs.shape[2]), np.float32)], axis=1)
-        for l, cell in enumerate(rnn.cells):
-            names = [f"s{l}_{i}" for i in range(len(cell.state_widths()))]
-            state = tuple(pool[name][slots] for name in names)
-            if pad_rows:
-                state = tuple(np.concatenate([s, np.zeros((pad_rows, s.shape[1]), np.float32)]) for s in state)
-            xs, new = cell.steps(np.ascontiguousarray(xs), state)
-            for name, arr in zip(names, new):
-                pool[name][slots] = arr[:n]
-        return xs
-
-
 class Runner:
-    cell_types: tuple[str, ...] = ()
+    cell_types: tuple[str, ...] = ()  # stages, earliest first: later stages finish requests sooner
     pads = True  # sequence models pad finished requests in the graph baseline; trees do not
 
-    def __init__(self, pool: StatePool):
-        self.pool = pool
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)  # rows (requests) it can hold at once; tree nodes for trees
+        self.cancel_flags = np.zeros(0, bool)  # the engine's, indexed by Request.ticket
+        self.kernel_seconds = 0.0  # time inside the model's compute (kernels), for the overhead metric
+        self.last_rows = 0  # rows (without padding) of the last step
 
+    # --- engine-facing -------------------------------------------------------------------------------
     def prepare(self, inputs: dict) -> tuple[object, int]:
-        """Validate inputs; return (payload, number of state slots needed). Raises ValueError."""
+        """Validate inputs; return (payload, state slots needed). Raises ValueError."""
         raise NotImplementedError
 
     def length(self, payload) -> int:
         """The request's size for length bucketing (tokens, source tokens or tree nodes)."""
         return len(payload)
 
-    def start(self, req: Request) -> None:
+    def admit(self, reqs: list[Request]) -> list:
+        """Put requests into their first stage; for each: ADMITTED, NO_ROOM (try again later), DONE (its
+        result is already known, e.g. a chunk whose frames all wait for a full block) or the exception
+        that failed it alone."""
+        out = []
+        for req in reqs:  # one at a time, stopping at the first that finds no room (keeps arrival order)
+            if out and out[-1] == NO_ROOM:
+                out.append(NO_ROOM)
+                continue
+            try:
+                out.append(self._admit(req))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _admit(self, req: Request) -> str:
         raise NotImplementedError
 
-    def run(self, cell_type: str, nodes: list[tuple[Request, object]], pad_rows: int = 0) -> None:
+    def ready(self, cell_type: str) -> int:
         raise NotImplementedError
 
-    def _finish(self, req: Request, result) -> None:
-        req.result = result
-        req.done = True
-        req.ready.clear()
+    def oldest(self, cell_type: str) -> float:
+        """Arrival time of the oldest request with rows ready in this stage."""
+        raise NotImplementedError
+
+    def step(self, cell_type: str, max_rows: int, pad_to: int = 0) -> list[Request]:
+        raise NotImplementedError
+
+    def drop(self, req: Request) -> None:
+        """Forget a request that will not finish (cancelled, failed, engine stopped): free its memory."""
+        raise NotImplementedError
+
+    @property
+    def used(self) -> int:
+        raise NotImplementedError
 
 
-class LanguageModelRunner(Runner):
+class SequenceRunner(Runner):
+    """Runners whose requests hold one row per stage they are in (token and frame sequences)."""
+
+    def __init__(self, capacity: int, stages: list[Stage]):
+        super().__init__(capacity)
+        self.stages = {s.name: s for s in stages}
+
+    def ready(self, cell_type):
+        return self.stages[cell_type].n
+
+    def oldest(self, cell_type):
+        stage = self.stages[cell_type]
+        return float(stage["arrival"][: stage.n].min())
+
+    @property
+    def used(self) -> int:
+        return len({id(r) for s in self.stages.values() for r in s.reqs})
+
+    def _window(self, stage: Stage, max_rows: int) -> tuple[int, int, list[Request]]:
+        """The next window of rows, after dropping the cancelled requests found in it (their flags are
+        read for these rows only). Returns (a, b, dropped)."""
+        dropped = []
+        while True:
+            a, b = stage.window(max_rows)
+            flagged = np.flatnonzero(self.cancel_flags[stage["ticket"][a:b]])
+            if not len(flagged):
+                return a, b, dropped
+            for req in [stage.reqs[a + i] for i in flagged]:
+                self.drop(req)
+                dropped.append(req)
+            stage.cursor = a
+
+    def drop(self, req):
+        for name in list(req.rows):
+            self.stages[name].remove([req.rows[name]])
+        self._free(req)
+
+    def _free(self, req: Request) -> None:
+        """Give back a request's arena blocks."""
+
+    def _leave(self, stage: Stage, rows, finished: list[Request]) -> None:
+        """Rows whose requests finished: free their memory and take them out of the stage."""
+        for req in stage.remove(rows):
+            self._free(req)
+            finished.append(req)
+
+    @staticmethod
+    def _pad(values: np.ndarray, pad: int) -> np.ndarray:
+        return values if not pad else np.concatenate([values, np.zeros((pad,) + values.shape[1:], values.dtype)])
+
+    def _padding(self, stage: Stage, a: int, b: int, pad_to: int) -> int:
+        pad = max(0, pad_to - (b - a))
+        if b + pad > stage.capacity:
+            raise RuntimeError(f"stage {stage.name!r} cannot pad {b - a} rows to {pad_to}")
+        return pad
+
+
+class LanguageModelRunner(SequenceRunner):
     """Scores a token sequence: log-likelihood of tokens[1:] and the predicted next token."""
 
     cell_types = ("lm",)
 
     def __init__(self, model: LanguageModel, capacity: int):
         self.model = model
-        self.layers = StackedState(model.rnn)
-        super().__init__(StatePool(capacity, {**self.layers.widths, "score": 0}, {"score": np.float64}))
+        self.names = layer_state_names(model.rnn)
+        self.tokens = Arena(0, np.int64)
+        self.stage = Stage("lm", capacity, layer_state_widths(model.rnn),
+                           {"offset": np.int64, "length": np.int64, "pos": np.int64, "score": np.float64,
+                            "arrival": np.float64})
+        super().__init__(capacity, [self.stage])
 
     def prepare(self, inputs):
         return _token_array(inputs.get("tokens"), "tokens", self.model.embedding.vocab_size), 1
 
-    def start(self, req):
-        req.ready["lm"] = [0]
+    def admit(self, reqs):
+        for req in reqs:
+            req.progress["offset"] = self.tokens.put(req.payload)
+        self.stage.add(reqs, offset=[r.progress["offset"] for r in reqs], length=[len(r.payload) for r in reqs],
+                       pos=0, score=0.0, arrival=[r.arrival for r in reqs])
+        return [ADMITTED] * len(reqs)
 
-    def run(self, cell_type, nodes, pad_rows=0):
-        reqs = [r for r, _ in nodes]
-        slots = np.concatenate([r.slots for r in reqs])
-        tokens = np.fromiter((r.payload[t] for r, t in nodes), np.int64, len(nodes))
-        top = self.layers.step(self.model.rnn, self.pool, slots, self.model.embedding(tokens), pad_rows)
-        logp = log_softmax(self.model.head(top))  # padded rows pay for the head too, as in a padded graph
-        score = self.pool["score"]
-        for row, (req, t) in enumerate(nodes):
-            if t + 1 < len(req.payload):
-                score[req.slots[0]] += logp[row, req.payload[t + 1]]
-                req.ready["lm"] = [t + 1]
-            else:
-                self._finish(req, {"log_likelihood": float(score[req.slots[0]]),
-                                   "next_token": int(logp[row].argmax())})
+    def _free(self, req):
+        self.tokens.free(req.progress["offset"], len(req.payload))
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        st, model = self.stage, self.model
+        a, b, out = self._window(st, max_rows)
+        n = b - a
+        if not n:
+            return out
+        pad = self._padding(st, a, b, pad_to)
+        offset, pos, length = st["offset"][a:b], st["pos"][a:b], st["length"][a:b]
+        start = time.perf_counter()
+        x = model.embedding.table[self._pad(self.tokens.data[offset + pos], pad)]
+        top = stack_steps(model.rnn, st, self.names, x[None], a, b + pad)[0]
+        logp = log_softmax(model.head(top))  # padded rows pay for the head too, as in a padded graph
+        self.kernel_seconds += time.perf_counter() - start
+        nxt = pos + 1
+        more = nxt < length
+        go = np.flatnonzero(more)
+        st["score"][a + go] += logp[go, self.tokens.data[offset[go] + nxt[go]]]
+        st["pos"][a:b] = nxt
+        done = np.flatnonzero(~more)
+        for i in done:
+            st.reqs[a + i].result = {"log_likelihood": float(st["score"][a + i]), "next_token": int(logp[i].argmax())}
+        self._leave(st, a + done, out)
+        self.last_rows = n
+        return out
 
 
-class Seq2SeqRunner(Runner):
-    """Encoder steps over the source, then greedy decoder steps, as two cell types batched apart."""
+class Seq2SeqRunner(SequenceRunner):
+    """Encoder steps over the source, then greedy decoder steps, as two stages batched apart; a request
+    moves its states from the encoder's batch to the decoder's once, when its source is read."""
 
     cell_types = ("encoder", "decoder")
 
     def __init__(self, model: Seq2Seq, capacity: int):
         self.model = model
-        self.layers = StackedState(model.encoder)
-        super().__init__(StatePool(capacity, {**self.layers.widths, "prev": 0}, {"prev": np.int64}))
+        self.names = layer_state_names(model.encoder)
+        widths = layer_state_widths(model.encoder)
+        self.src, self.out = Arena(0, np.int64), Arena(0, np.int64)
+        self.encoder = Stage("encoder", capacity, widths, {"offset": np.int64, "length": np.int64,
+                                                           "pos": np.int64, "arrival": np.float64})
+        self.decoder = Stage("decoder", capacity, widths, {"prev": np.int64, "out": np.int64, "count": np.int64,
+                                                           "max_len": np.int64, "stop": bool, "arrival": np.float64})
+        super().__init__(capacity, [self.encoder, self.decoder])
 
     def prepare(self, inputs):
         src = _token_array(inputs.get("tokens"), "tokens", self.model.src_embedding.vocab_size)
@@ -136,105 +233,73 @@ class Seq2SeqRunner(Runner):
     def length(self, payload):
         return len(payload["src"])
 
-    def start(self, req):
-        req.ready["encoder"] = [0]
-        req.progress["out"] = []
+    def admit(self, reqs):
+        for req in reqs:
+            req.progress["src"] = self.src.put(req.payload["src"])
+        self.encoder.add(reqs, offset=[r.progress["src"] for r in reqs], length=[len(r.payload["src"]) for r in reqs],
+                         pos=0, arrival=[r.arrival for r in reqs])
+        return [ADMITTED] * len(reqs)
 
-    def run(self, cell_type, nodes, pad_rows=0):
-        slots = np.concatenate([r.slots for r, _ in nodes])
-        if cell_type == "encoder":
-            tokens = np.fromiter((r.payload["src"][t] for r, t in nodes), np.int64, len(nodes))
-            self.layers.step(self.model.encoder, self.pool, slots, self.model.src_embedding(tokens), pad_rows)
-            for req, t in nodes:
-                if t + 1 < len(req.payload["src"]):
-                    req.ready["encoder"] = [t + 1]
-                else:
-                    req.ready["encoder"] = []
-                    self.pool["prev"][req.slots[0]] = self.model.bos_id
-                    req.ready["decoder"] = [0]
+    def _free(self, req):
+        if "src" in req.progress:
+            self.src.free(req.progress.pop("src"), len(req.payload["src"]))
+        if "out" in req.progress:
+            self.out.free(req.progress.pop("out"), req.payload["max_len"])
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        st = self.stages[cell_type]
+        a, b, out = self._window(st, max_rows)
+        if b > a:
+            (self._encode if cell_type == "encoder" else self._decode)(st, a, b, self._padding(st, a, b, pad_to), out)
+            self.last_rows = b - a
+        return out
+
+    def _encode(self, st, a, b, pad, out):
+        model = self.model
+        offset, pos = st["offset"][a:b], st["pos"][a:b]
+        start = time.perf_counter()
+        x = model.src_embedding.table[self._pad(self.src.data[offset + pos], pad)]
+        stack_steps(model.encoder, st, self.names, x[None], a, b + pad)
+        self.kernel_seconds += time.perf_counter() - start
+        pos += 1
+        done = a + np.flatnonzero(pos >= st["length"][a:b])
+        if not len(done):
             return
-        prev = self.pool["prev"][slots]
-        top = self.layers.step(self.model.decoder, self.pool, slots, self.model.tgt_embedding(prev), pad_rows)
-        next_tokens = self.model.head(top).argmax(axis=-1)[: len(nodes)]
-        self.pool["prev"][slots] = next_tokens
-        for (req, t), token in zip(nodes, next_tokens):
-            out = req.progress["out"]
-            out.append(int(token))
-            eos = req.payload["stop_at_eos"] and token == self.model.eos_id
-            if eos or len(out) >= req.payload["max_len"]:
-                self._finish(req, {"tokens": out})
-            else:
-                req.ready["decoder"] = [t + 1]
+        moving = [st.reqs[row] for row in done]  # read their sources: states move to the decoder
+        for req in moving:
+            self.src.free(req.progress.pop("src"), len(req.payload["src"]))
+            req.progress["out"] = self.out.alloc(req.payload["max_len"])
+        rows = self.decoder.add(moving, prev=model.bos_id, out=[r.progress["out"] for r in moving], count=0,
+                                max_len=[r.payload["max_len"] for r in moving],
+                                stop=[r.payload["stop_at_eos"] for r in moving], arrival=st["arrival"][done])
+        for name, arr in self.decoder.states.items():
+            arr[rows] = st.states[name][done]
+        st.remove(done)
+
+    def _decode(self, st, a, b, pad, out):
+        model = self.model
+        start = time.perf_counter()
+        x = model.tgt_embedding.table[self._pad(st["prev"][a:b], pad)]
+        top = stack_steps(model.decoder, st, self.names, x[None], a, b + pad)[0]
+        tokens = model.head(top).argmax(axis=-1)[: b - a]
+        self.kernel_seconds += time.perf_counter() - start
+        count = st["count"][a:b]
+        self.out.data[st["out"][a:b] + count] = tokens
+        count += 1
+        st["prev"][a:b] = tokens
+        done = np.flatnonzero((st["stop"][a:b] & (tokens == model.eos_id)) | (count >= st["max_len"][a:b]))
+        for i in done:
+            o = st["out"][a + i]
+            st.reqs[a + i].result = {"tokens": self.out.data[o:o + count[i]].tolist()}
+        self._leave(st, a + done, out)
 
 
-class TreeRunner(Runner):
-    """Leaves and internal nodes are different cell types; a node is ready once its children are done.
-    Every node has its own state slot."""
-
-    cell_types = ("leaf", "internal")
-    pads = False
-
-    def __init__(self, model: TreeLSTM, capacity: int):
-        self.model = model
-        hidden = model.hidden_size
-        super().__init__(StatePool(capacity, {"h": hidden, "c": hidden}))
-
-    def prepare(self, inputs):
-        parents = np.asarray(inputs.get("parents"))
-        if parents.ndim != 1 or not np.issubdtype(parents.dtype, np.integer):
-            raise ValueError("parents must be a 1-D list of integer node indices (-1 for the root)")
-        levels = tree_levels(parents)
-        tokens = _token_array(inputs.get("tokens"), "tokens", self.model.embedding.vocab_size)
-        if len(tokens) != len(parents):
-            raise ValueError(f"tokens ({len(tokens)}) and parents ({len(parents)}) must have one entry per node")
-        children = [[] for _ in parents]
-        for node, parent in enumerate(parents):
-            if parent >= 0:
-                children[parent].append(node)
-        payload = {"tokens": tokens, "parents": parents.astype(np.int64), "children": children,
-                   "leaves": list(levels[0]), "root": int(np.flatnonzero(parents == -1)[0])}
-        return payload, len(parents)
-
-    def length(self, payload):
-        return len(payload["parents"])
-
-    def start(self, req):
-        req.ready["leaf"] = list(req.payload["leaves"])
-        req.ready["internal"] = []
-        req.progress["waiting"] = [len(c) for c in req.payload["children"]]
-
-    def run(self, cell_type, nodes, pad_rows=0):
-        slots = np.fromiter((r.slots[n] for r, n in nodes), np.int64, len(nodes))
-        x = self.model.embedding(np.fromiter((r.payload["tokens"][n] for r, n in nodes), np.int64, len(nodes)))
-        if cell_type == "leaf":
-            h, c = self.model.cell.nodes(x)
-        else:
-            child_slots, child_rows = [], []
-            for row, (req, n) in enumerate(nodes):
-                kids = req.payload["children"][n]
-                child_slots.extend(int(req.slots[k]) for k in kids)
-                child_rows.extend([row] * len(kids))
-            kid = np.array(child_slots, dtype=np.int64)
-            h, c = self.model.cell.nodes(x, self.pool["h"][kid], self.pool["c"][kid], np.array(child_rows, np.int64))
-        self.pool["h"][slots] = h
-        self.pool["c"][slots] = c
-        for req, n in nodes:
-            req.ready[cell_type].remove(n)
-            parent = req.payload["parents"][n]
-            if parent < 0:
-                root_h = self.pool["h"][req.slots[n]][None]
-                self._finish(req, {"logits": self.model.head(root_h)[0].tolist()})
-                continue
-            req.progress["waiting"][parent] -= 1
-            if req.progress["waiting"][parent] == 0:
-                req.ready["internal"].append(int(parent))
-
-
-class StreamRunner(Runner):
+class StreamRunner(SequenceRunner):
     """A stacked unidirectional RNN over feature frames (speech, sensors): returns the top layer's output
     per frame. Frames run in blocks of `block_steps`, one cell call per block, so SRU/QRNN read their
     weights once per block; in a session, frames short of a full block wait for the next chunk or the
-    session's end. Rows of one batch share a block length (partial blocks are batched apart)."""
+    session's end, and the state waits in a pool slot between chunks. A row whose chunk ends in a short
+    block runs it apart from the full-block rows of its step."""
 
     cell_types = ("block",)
 
@@ -244,8 +309,19 @@ class StreamRunner(Runner):
         if block_steps < 1:
             raise ValueError("block_steps must be >= 1")
         self.model, self.block_steps = model, int(block_steps)
-        self.layers = StackedState(model)
-        super().__init__(StatePool(capacity, self.layers.widths))
+        self.names = layer_state_names(model)
+        widths = layer_state_widths(model)
+        self.pool = StatePool(capacity, widths)  # sessions' states between chunks
+        self.frames = Arena(model.input_size, np.float32)
+        self.outputs = Arena(model.hidden_size, np.float32)
+        self.stage = Stage("block", capacity, widths, {"offset": np.int64, "length": np.int64, "pos": np.int64,
+                                                       "out": np.int64, "arrival": np.float64})
+        super().__init__(capacity, [self.stage])
+
+    @property
+    def used(self):
+        """Sessions' slots (held between chunks) and the rows of requests without a session."""
+        return self.pool.used + sum(1 for r in self.stage.reqs if r.session is None)
 
     def prepare(self, inputs):
         frames = np.asarray(inputs.get("frames"), dtype=np.float32)
@@ -255,45 +331,102 @@ class StreamRunner(Runner):
             raise ValueError("frames contain NaN or infinity")
         return frames, 1
 
-    def start(self, req):
+    def _admit(self, req):
         session = req.session
-        frames = req.payload if session is None or session.buffer is None else np.concatenate(
-            [session.buffer, req.payload])
+        if session is not None and session.slots is None:
+            session.slots = self.pool.alloc(1)
+            if session.slots is None:
+                return NO_ROOM
+        frames = req.payload
+        if session is not None and session.buffer is not None and len(session.buffer):
+            frames = np.concatenate([session.buffer, frames])
         k = self.block_steps
         usable = len(frames) if session is None or req.end else len(frames) // k * k
         if session is not None:
             session.buffer = frames[usable:]
-        req.progress["frames"] = frames[:usable]
-        req.progress["out"] = np.empty((usable, self.model.hidden_size), np.float32)
-        req.ready["block"] = [0] if usable else []
         if not usable:
-            self._finish(req, self._result(req))
+            req.result = self._result(req, np.empty((0, self.model.hidden_size), np.float32))
+            return DONE
+        req.progress["frames"] = (self.frames.put(frames[:usable]), usable)
+        req.progress["out"] = self.outputs.alloc(usable)
+        rows = self.stage.add([req], offset=req.progress["frames"][0], length=usable, pos=0, out=req.progress["out"],
+                              arrival=req.arrival)
+        if session is not None:
+            for name, arr in self.stage.states.items():
+                arr[rows] = self.pool[name][session.slots[0]]
+        return ADMITTED
 
-    def run(self, cell_type, nodes, pad_rows=0):
-        k = self.block_steps
-        groups: dict[int, list] = {}
-        for req, start in nodes:
-            groups.setdefault(min(k, len(req.progress["frames"]) - start), []).append((req, start))
-        for length, group in groups.items():
-            slots = np.concatenate([r.slots for r, _ in group])
-            xs = np.stack([r.progress["frames"][s:s + length] for r, s in group], axis=1)
-            ys = self.layers.steps(self.model, self.pool, slots, xs, pad_rows)
-            pad_rows = 0  # the padding (graph baseline) is paid once per step
-            for row, (req, start) in enumerate(group):
-                req.progress["out"][start:start + length] = ys[:, row]
-                if start + length < len(req.progress["frames"]):
-                    req.ready["block"] = [start + length]
-                else:
-                    self._finish(req, self._result(req))
+    def _free(self, req):
+        offset, usable = req.progress.pop("frames")
+        self.frames.free(offset, usable)
+        self.outputs.free(req.progress.pop("out"), usable)
 
-    def _result(self, req):
+    def step(self, cell_type, max_rows, pad_to=0):
+        st, k = self.stage, self.block_steps
+        a, b, out = self._window(st, max_rows)
+        if b == a:
+            return out
+        pos, length = st["pos"][a:b], st["length"][a:b]
+        steps = np.minimum(length - pos, k)
+        full = steps == k
+        if full.all():
+            self._run_block(a, b, k, self._padding(st, a, b, pad_to))
+        else:  # rows ending in a short block run apart, gathered (rare: the end of a stream)
+            if full.any():
+                self._run_rows(a + np.flatnonzero(full), k)
+            for t in np.unique(steps[~full]):
+                self._run_rows(a + np.flatnonzero(steps == t), int(t))
+        done = np.flatnonzero(st["pos"][a:b] >= length)
+        for i in done:
+            req = st.reqs[a + i]
+            o, n = st["out"][a + i], length[i]
+            if req.session is not None and not req.end:  # the state waits for the next chunk
+                for name, arr in st.states.items():
+                    self.pool[name][req.session.slots[0]] = arr[a + i]
+            req.result = self._result(req, self.outputs.data[o:o + n].copy())
+        self._leave(st, a + done, out)
+        self.last_rows = b - a
+        return out
+
+    def _inputs(self, rows, t: int) -> np.ndarray:
+        st = self.stage
+        index = (st["offset"][rows] + st["pos"][rows])[:, None] + np.arange(t)
+        return np.ascontiguousarray(self.frames.data[index].transpose(1, 0, 2))
+
+    def _outputs(self, rows, t: int, ys: np.ndarray) -> None:
+        st = self.stage
+        index = (st["out"][rows] + st["pos"][rows])[:, None] + np.arange(t)
+        self.outputs.data[index] = ys.transpose(1, 0, 2)
+        st["pos"][rows] += t
+
+    def _run_block(self, a: int, b: int, t: int, pad: int) -> None:
+        xs = self._inputs(slice(a, b), t)
+        if pad:
+            xs = np.concatenate([xs, np.zeros((t, pad, xs.shape[2]), np.float32)], axis=1)
+        start = time.perf_counter()
+        ys = stack_steps(self.model, self.stage, self.names, xs, a, b + pad)
+        self.kernel_seconds += time.perf_counter() - start
+        self._outputs(slice(a, b), t, ys[:, : b - a])
+
+    def _run_rows(self, rows: np.ndarray, t: int) -> None:
+        st = self.stage
+        xs = self._inputs(rows, t)
+        start = time.perf_counter()
+        for cell, layer in zip(self.model.cells, self.names):
+            xs, new = cell.steps(xs, tuple(st.states[name][rows] for name in layer))
+            for name, value in zip(layer, new):
+                st.states[name][rows] = value
+        self.kernel_seconds += time.perf_counter() - start
+        self._outputs(rows, t, xs)
+
+    def _result(self, req, outputs):
         session = req.session
-        return {"outputs": req.progress["out"], "frames_pending": 0 if session is None else len(session.buffer)}
+        return {"outputs": outputs, "frames_pending": 0 if session is None else len(session.buffer)}
 
 
-class OCRRunner(Runner):
+class OCRRunner(SequenceRunner):
     """A 1-layer bidirectional recognizer over a line image: its forward and backward directions are two
-    cell types, each stepped over many lines at once; when both have covered a line, the CTC head and
+    stages, each stepped over many lines at once; when both have covered a line, the CTC head and
     greedy decoding give its text."""
 
     cell_types = ("forward", "backward")
@@ -303,36 +436,203 @@ class OCRRunner(Runner):
             raise ValueError("OCR serving needs a 1-layer bidirectional recognizer")
         self.model = model
         self.cells = dict(zip(self.cell_types, model.rnn.layers[0]))
-        widths = {f"{d}{i}": w for d, cell in self.cells.items() for i, w in enumerate(cell.state_widths())}
-        super().__init__(StatePool(capacity, widths))
+        hidden = model.rnn.hidden_size
+        self.frames = Arena(model.rnn.input_size, np.float32)
+        self.hidden = {d: Arena(hidden, np.float32) for d in self.cell_types}
+        stages = [Stage(d, capacity, {f"s{i}": w for i, w in enumerate(cell.state_widths())},
+                        {"offset": np.int64, "length": np.int64, "pos": np.int64, "out": np.int64,
+                         "arrival": np.float64}) for d, cell in self.cells.items()]
+        super().__init__(capacity, stages)
 
     def prepare(self, inputs):
         return self.model.frames(inputs.get("image")), 1
 
-    def start(self, req):
-        steps, hidden = len(req.payload), self.model.rnn.hidden_size
-        req.progress["h"] = {d: np.empty((steps, hidden), np.float32) for d in self.cell_types}
-        req.ready["forward"] = [0]
-        req.ready["backward"] = [0]
+    def _admit(self, req):
+        steps = len(req.payload)
+        offset = self.frames.put(req.payload)
+        req.progress.update(frames=offset, left=2)
+        for d in self.cell_types:
+            req.progress[d] = self.hidden[d].alloc(steps)
+            self.stages[d].add([req], offset=offset, length=steps, pos=0, out=req.progress[d], arrival=req.arrival)
+        return ADMITTED
 
-    def run(self, cell_type, nodes, pad_rows=0):
-        cell = self.cells[cell_type]
-        slots = np.concatenate([r.slots for r, _ in nodes])
-        frame = (lambda req, t: t) if cell_type == "forward" else (lambda req, t: len(req.payload) - 1 - t)
-        padding = [np.zeros_like(nodes[0][0].payload[0])] * pad_rows
-        x = np.stack([req.payload[frame(req, t)] for req, t in nodes] + padding)
-        names = [f"{cell_type}{i}" for i in range(len(cell.state_widths()))]
-        state = tuple(np.concatenate([self.pool[n][slots], np.zeros((pad_rows, self.pool[n].shape[1]), np.float32)])
-                      for n in names)
-        new = cell.step(x, state)
-        for name, arr in zip(names, new):
-            self.pool[name][slots] = arr[: len(nodes)]
-        for row, (req, t) in enumerate(nodes):
-            req.progress["h"][cell_type][frame(req, t)] = new[0][row]
-            req.ready[cell_type] = [t + 1] if t + 1 < len(req.payload) else []
-            if not req.ready["forward"] and not req.ready["backward"]:
-                hidden = np.concatenate([req.progress["h"][d] for d in self.cell_types], axis=1)
-                self._finish(req, {"text": self.model.text(self.model.head(hidden))})
+    def _free(self, req):
+        steps = len(req.payload)
+        if "frames" in req.progress:
+            self.frames.free(req.progress.pop("frames"), steps)
+            for d in self.cell_types:
+                self.hidden[d].free(req.progress.pop(d), steps)
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        st, cell = self.stages[cell_type], self.cells[cell_type]
+        a, b, out = self._window(st, max_rows)
+        if b == a:
+            return out
+        pad = self._padding(st, a, b, pad_to)
+        pos, length = st["pos"][a:b], st["length"][a:b]
+        frame = pos if cell_type == "forward" else length - 1 - pos
+        x = self._pad(self.frames.data[st["offset"][a:b] + frame], pad)
+        state = tuple(st.states[f"s{i}"][a:b + pad] for i in range(len(st.states)))
+        start = time.perf_counter()
+        cell.step_into(x, state)
+        self.kernel_seconds += time.perf_counter() - start
+        self.hidden[cell_type].data[st["out"][a:b] + frame] = state[0][: b - a]
+        pos += 1
+        done = a + np.flatnonzero(pos >= length)
+        for req in st.remove(done):
+            req.progress["left"] -= 1
+            if req.progress["left"] == 0:  # both directions have covered the line
+                steps = len(req.payload)
+                hidden = np.concatenate([self.hidden[d].data[req.progress[d]:req.progress[d] + steps]
+                                         for d in self.cell_types], axis=1)
+                req.result = {"text": self.model.text(self.model.head(hidden))}
+                self._free(req)
+                out.append(req)
+        self.last_rows = b - a
+        return out
+
+
+class TreeRunner(Runner):
+    """Leaves and internal nodes are two cell types; a node is ready once its children are done. A tree's
+    nodes take contiguous pool slots [base, base + n), with its parents, child lists (CSR), pending-child
+    counts and tokens in per-slot arrays, so a step gathers children, stores states and finds the parents
+    that became ready with array operations. Ready queues hold (slots, owner ids) chunks; a chunk entry
+    whose slot changed owner (its tree was cancelled) is skipped."""
+
+    cell_types = ("leaf", "internal")
+    pads = False
+
+    def __init__(self, model: TreeLSTM, capacity: int):
+        super().__init__(capacity)
+        self.model = model
+        hidden = model.hidden_size
+        ints = {k: np.int64 for k in ("parent", "kid_start", "kid_count", "kids", "waiting", "token", "owner",
+                                      "ticket")}
+        self.pool = StatePool(capacity, {"h": hidden, "c": hidden, **{k: 0 for k in ints}}, ints)
+        self.pool["owner"][:] = -1
+        self.queues = {t: collections.deque() for t in self.cell_types}  # (slots, owners, arrival) chunks
+        self.counts = dict.fromkeys(self.cell_types, 0)
+        self.live: dict[int, Request] = {}
+
+    def prepare(self, inputs):
+        parents = np.asarray(inputs.get("parents"))
+        if parents.ndim != 1 or not np.issubdtype(parents.dtype, np.integer):
+            raise ValueError("parents must be a 1-D list of integer node indices (-1 for the root)")
+        tree_levels(parents)  # one tree, no cycles
+        tokens = _token_array(inputs.get("tokens"), "tokens", self.model.embedding.vocab_size)
+        if len(tokens) != len(parents):
+            raise ValueError(f"tokens ({len(tokens)}) and parents ({len(parents)}) must have one entry per node")
+        return {"tokens": tokens, "parents": parents.astype(np.int64)}, len(parents)
+
+    def length(self, payload):
+        return len(payload["parents"])
+
+    @property
+    def used(self):
+        return self.pool.used
+
+    def _admit(self, req):
+        slots = self.pool.alloc(req.slots_needed)
+        if slots is None:
+            return NO_ROOM
+        req.slots = slots
+        parents = req.payload["parents"]
+        n, base = len(parents), int(slots[0])
+        p, span = self.pool, slice(base, base + n)
+        inner = parents >= 0
+        counts = np.bincount(parents[inner], minlength=n)
+        p["parent"][span] = np.where(inner, parents + base, -1)
+        p["kid_count"][span] = p["waiting"][span] = counts
+        p["kid_start"][span] = base + np.cumsum(counts) - counts
+        p["kids"][base:base + n - 1] = base + np.flatnonzero(inner)[np.argsort(parents[inner], kind="stable")]
+        p["token"][span] = req.payload["tokens"]
+        p["owner"][span] = req.id
+        p["ticket"][span] = req.ticket
+        self.live[req.id] = req
+        self._push("leaf", base + np.flatnonzero(counts == 0), req.arrival)
+        return ADMITTED
+
+    def _push(self, cell_type, slots, arrival):
+        if len(slots):
+            self.queues[cell_type].append((slots, self.pool["owner"][slots], arrival))
+            self.counts[cell_type] += len(slots)
+
+    def ready(self, cell_type):
+        return self.counts[cell_type]
+
+    def oldest(self, cell_type):
+        queue = self.queues[cell_type]
+        return queue[0][2] if queue else float("inf")
+
+    def _take(self, cell_type, max_rows) -> np.ndarray:
+        """Up to max_rows ready slots from the front of the queue, without stale or cancelled entries."""
+        queue, parts, owners, taken = self.queues[cell_type], [], [], 0
+        while queue and taken < max_rows:
+            slots, owner, arrival = queue.popleft()
+            if taken + len(slots) > max_rows:
+                cut = max_rows - taken
+                queue.appendleft((slots[cut:], owner[cut:], arrival))
+                slots, owner = slots[:cut], owner[:cut]
+            parts.append(slots)
+            owners.append(owner)
+            taken += len(slots)
+        self.counts[cell_type] -= taken
+        if not parts:
+            return np.zeros(0, np.int64)
+        slots = np.concatenate(parts)
+        return slots[self.pool["owner"][slots] == np.concatenate(owners)]
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        p, model, out = self.pool, self.model, []
+        slots = self._take(cell_type, max_rows)
+        flagged = self.cancel_flags[p["ticket"][slots]]
+        if flagged.any():
+            for owner in np.unique(p["owner"][slots[flagged]]):
+                req = self.live[int(owner)]
+                self.drop(req)
+                out.append(req)
+            slots = slots[~flagged]
+        self.last_rows = len(slots)
+        if not len(slots):
+            return out
+        start = time.perf_counter()
+        x = model.embedding.table[p["token"][slots]]
+        if cell_type == "leaf":
+            h, c = model.cell.nodes(x)
+        else:
+            counts = p["kid_count"][slots]
+            ends = np.cumsum(counts)
+            kids = p["kids"][np.repeat(p["kid_start"][slots] - (ends - counts), counts) + np.arange(ends[-1])]
+            h, c = model.cell.nodes(x, p["h"][kids], p["c"][kids], np.repeat(np.arange(len(slots)), counts))
+        p["h"][slots] = h
+        p["c"][slots] = c
+        self.kernel_seconds += time.perf_counter() - start
+        parents = p["parent"][slots]
+        inner = parents >= 0
+        np.subtract.at(p["waiting"], parents[inner], 1)
+        touched = np.unique(parents[inner])
+        self._push("internal", touched[p["waiting"][touched] == 0], time.perf_counter())
+        roots = slots[~inner]
+        if len(roots):
+            start = time.perf_counter()
+            logits = model.head(h[~inner])
+            self.kernel_seconds += time.perf_counter() - start
+            for slot, row in zip(roots, logits):
+                req = self.live.pop(int(p["owner"][slot]))
+                req.result = {"logits": row.tolist()}
+                self._release(req)
+                out.append(req)
+        return out
+
+    def _release(self, req):
+        p = self.pool
+        p["owner"][req.slots] = -1
+        p.release(req.slots)
+        req.slots = None
+
+    def drop(self, req):
+        if self.live.pop(req.id, None) is not None:
+            self._release(req)
 
 
 def make_runner(model, capacity: int, block_steps: int = 1) -> Runner:

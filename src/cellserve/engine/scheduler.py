@@ -1,31 +1,43 @@
 """The engine: one scheduler thread that turns queued requests into batched cell steps.
 
 Policies, all over the same runner and kernels:
-  cellular  every step, run the cell type with the most ready nodes (the fullest batch), up to max_batch
-            of them, oldest requests first; but a request that has waited more than max_wait_steps steps
-            without progress gets its cell type run first, so no request starves. Requests join between
-            steps and leave the moment they finish (BatchMaker's cellular batching). pick="oldest" runs
-            the oldest request's cell type instead: lower tree latency at light load, less throughput
-            at saturation (measured in the notes of issue 3).
-  graph     request-level dynamic batching: wait up to max_delay_ms or max_batch requests (optionally from
-            one length bucket), then run every cell type's phase to completion with finished requests as
+  cellular  a bounded running set (max_running requests, like vLLM's max_num_seqs; 2 x max_batch by
+            default) is filled from the queue oldest first between steps; each step runs one cell type
+            (stage) on up to max_batch of its ready rows, and requests leave the moment they finish
+            (BatchMaker's cellular batching). Which stage runs (pick):
+              stage    the later stage (decoder before encoder, internal nodes before leaves), so
+                       in-flight requests finish sooner, unless an earlier stage would run a batch
+                       more than twice as full;
+              fullest  the stage with the most ready rows; oldest: the stage of the oldest request.
+            Whatever the pick, a stage with ready rows that has not run for max_wait_steps steps runs
+            next, and a stage's rows take turns in windows of max_batch, so no request starves.
+  graph     request-level dynamic batching: wait up to max_delay_ms or max_batch requests (optionally
+            from one length bucket), then run every stage to completion with finished requests as
             padding rows, and answer all requests together (TF-Serving / Triton / Clipper style).
   none      one request at a time, start to finish.
+
+Per step the engine does O(batch) work, never O(running requests): ready counts come from the runner's
+stages, a cancelled request is noticed through a flag (set by its future's callback) when its rows come
+up, and finished requests leave through the runner. The time each step spends outside the model's
+kernels is measured (stats.overhead_s, the observer's on_step).
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from cellserve import kernels
 from cellserve.engine.request import EngineFull, EngineStopped, Request, Session, SessionError
-from cellserve.engine.runners import Runner
+from cellserve.engine.runners import DONE, NO_ROOM, Runner
 
 POLICIES = ("cellular", "graph", "none")
+PICKS = ("stage", "fullest", "oldest")
 
 
 @dataclass
@@ -36,82 +48,121 @@ class EngineStats:
     cancelled: int = 0
     failed: int = 0
     steps: int = 0
+    step_s: float = 0.0  # wall time of all rounds that ran a step
+    overhead_s: float = 0.0  # the part of it outside the model's kernels
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # (cell type, size) -> count
+
+
+def calm_gc(threshold: int = 50_000) -> None:
+    """Keep the cyclic garbage collector from stalling steps: objects alive now (models, the server)
+    move to the permanent generation (gc.freeze), and young collections run every `threshold`
+    allocations instead of 700, so a step rarely meets one. Measured on the speller at saturation:
+    see README, Serving."""
+    gc.freeze()
+    gc.set_threshold(threshold, 20, 100)
 
 
 class Engine:
     def __init__(self, runner: Runner, policy: str = "cellular", max_batch: int = 32, max_queue: int = 1024,
                  max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None,
-                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str = "fullest", threads: int = 1):
-        """threads: cores each batched step's products are split across (set on the scheduler thread)."""
-        if pick not in ("fullest", "oldest"):
-            raise ValueError(f"pick must be 'fullest' or 'oldest', got {pick!r}")
+                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str = "stage", threads: int = 1,
+                 max_running: int | None = None, tune_gc: bool = True):
+        """threads: cores each batched step's products are split across (set on the scheduler thread).
+        max_running: cellular's bound on requests in flight (default 2 x max_batch, within the runner's
+        capacity); graph runs max_batch at a time and none one."""
+        if pick not in PICKS:
+            raise ValueError(f"pick must be one of {PICKS}, got {pick!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if max_batch < 1 or max_queue < 1 or threads < 1:
-            raise ValueError("max_batch, max_queue and threads must be >= 1")
-        self.threads = int(threads)
+        if max_batch < 1 or max_queue < 1 or threads < 1 or (max_running is not None and max_running < 1):
+            raise ValueError("max_batch, max_queue, max_running and threads must be >= 1")
         self.runner = runner
         self.policy = policy
         self.max_batch = 1 if policy == "none" else int(max_batch)
+        running = {"cellular": max_running or 2 * self.max_batch, "graph": self.max_batch, "none": 1}[policy]
+        self.max_running = max(1, min(running, runner.capacity))
         self.max_queue = int(max_queue)
         self.max_delay = max_delay_ms / 1000.0
         self.length_buckets = tuple(sorted(length_buckets))
-        self.observer = observer  # optional: on_batch(cell_type, size, seconds), on_done(request)
+        self.observer = observer  # optional: on_batch(cell_type, size, seconds), on_done(req), on_step(overhead, s)
         self.idle_timeout = float(idle_timeout_s)
         self.max_wait_steps = int(max_wait_steps)
         self.pick = pick
+        self.threads = int(threads)
+        self.tune_gc = tune_gc
+        self.stats = EngineStats()
         self._sessions: dict[str, Session] = {}
         self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
         self._next_expiry_check = 0.0
-        self.stats = EngineStats()
         self._queue: collections.deque[Request] = collections.deque()
-        self._active: list[Request] = []  # arrival order
+        self._waiting_chunks = 0  # chunks queued behind a busy session
+        self._running: dict[int, Request] = {}
+        self.cancel_flags = np.zeros(self.max_running, bool)
+        runner.cancel_flags = self.cancel_flags
+        self._tickets = list(range(self.max_running - 1, -1, -1))
+        self._last_run = dict.fromkeys(runner.cell_types, 0)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._running = False
+        self._running_flag = False
 
     # --- caller side (any thread) ----------------------------------------------------------------
     def start(self) -> "Engine":
         with self._cv:
             if self._thread is None:
-                self._running = True
+                if self.tune_gc:
+                    calm_gc()
+                self._running_flag = True
                 self._thread = threading.Thread(target=self._loop, name=f"cellserve-{self.policy}", daemon=True)
                 self._thread.start()
         return self
 
     def submit(self, inputs: dict, sequence_id: str | None = None, sequence_start: bool = False,
-               sequence_end: bool = False) -> Future:
+               sequence_end: bool = False) -> "Future":  # noqa: F821
         """Queue a request; returns a Future with the result. Raises ValueError on bad input and
         EngineFull when the queue is at capacity (nothing is dropped silently).
 
         With a sequence_id the request is one chunk of a stateful stream: sequence_start opens the
         session (or restarts an idle one), sequence_end closes it after this chunk; any other chunk
-        must name a live session, else SessionError."""
+        must name a live session, else SessionError. A session's chunks run one at a time, in order."""
         payload, slots_needed = self.runner.prepare(inputs)
-        if slots_needed > self.runner.pool.capacity:
-            raise ValueError(f"request needs {slots_needed} state slots; the pool holds {self.runner.pool.capacity}")
+        if slots_needed > self.runner.capacity:
+            raise ValueError(f"request needs {slots_needed} state slots; the engine holds {self.runner.capacity}")
         req = Request(payload, slots_needed, end=bool(sequence_end))
         with self._cv:
-            if not self._running:
+            if not self._running_flag:
                 raise EngineStopped("engine is not running")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) + self._waiting_chunks >= self.max_queue:
                 self.stats.refused += 1
                 raise EngineFull(f"queue full ({self.max_queue} waiting requests); retry later")
             if sequence_id is not None:
                 req.session = self._session_for(str(sequence_id), sequence_start)
-                req.session.queued += 1
                 req.session.last_active = time.perf_counter()
             self.stats.submitted += 1
-            self._queue.append(req)
+            if req.session is not None and req.session.busy:
+                req.session.waiting.append(req)
+                self._waiting_chunks += 1
+            else:
+                if req.session is not None:
+                    req.session.busy = True
+                self._queue.append(req)
             self._cv.notify()
+        req.future.add_done_callback(lambda future: self._on_cancel(req, future))
         return req.future
+
+    def _on_cancel(self, req: Request, future) -> None:
+        """A cancelled future flags its request; the engine acts on the flag when the request's rows come
+        up (or at admission), so cancelling costs nothing per step."""
+        if future.cancelled():
+            with self._cv:
+                req.cancelled = True
+                if req.ticket >= 0:
+                    self.cancel_flags[req.ticket] = True
 
     def _session_for(self, sequence_id: str, start: bool) -> Session:
         session = self._sessions.get(sequence_id)
         if start:
             if session is not None:
-                if session.busy or session.queued:
+                if session.busy:
                     raise SessionError(f"sequence {sequence_id!r} has chunks in flight; end it before restarting")
                 self._close_session(session)
             session = self._sessions[sequence_id] = Session(sequence_id)
@@ -138,7 +189,7 @@ class Engine:
         self._next_expiry_check = now + min(1.0, self.idle_timeout / 4)
         with self._cv:
             for session in list(self._sessions.values()):
-                if not session.busy and not session.queued and now - session.last_active > self.idle_timeout:
+                if not session.busy and now - session.last_active > self.idle_timeout:
                     self._close_session(session)
                     self._expired[session.id] = None
                     while len(self._expired) > 100_000:
@@ -156,47 +207,47 @@ class Engine:
             while time.perf_counter() < deadline and self.pending():
                 time.sleep(0.005)
         with self._cv:
-            self._running = False
+            self._running_flag = False
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.perf_counter()) + 1.0)
         with self._cv:
-            for req in list(self._queue) + self._active:
+            left = list(self._running.values()) + list(self._queue)
+            left += [r for s in self._sessions.values() for r in s.waiting]
+            for req in left:
                 self._fail(req, EngineStopped("engine stopped before the request finished"))
             self._queue.clear()
-            self._active.clear()
 
     def pending(self) -> int:
         with self._cv:
-            return len(self._queue) + len(self._active)
+            return len(self._queue) + len(self._running) + self._waiting_chunks
 
     @property
     def running(self) -> bool:
-        return self._running
+        return self._running_flag
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + self._waiting_chunks
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len(self._running)
 
     # --- scheduler thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         kernels.set_threads(self.threads)  # a setting of this thread: every product this engine runs
         while True:
             with self._cv:
-                while self._running and not self._queue and not self._active:
+                while self._running_flag and not self._queue and not self._running:
                     self._cv.wait(timeout=0.25 if self._sessions else None)
                     if self._sessions:
                         break
-                if not self._running:
+                if not self._running_flag:
                     return
             self._expire_idle_sessions()
-            with self._cv:
-                if not self._queue and not self._active:
-                    continue
+            start, kernel = time.perf_counter(), self.runner.kernel_seconds
+            steps = self.stats.steps
             try:
                 if self.policy == "cellular":
                     self._cellular_round()
@@ -204,82 +255,88 @@ class Engine:
                     self._graph_round()
             except Exception as exc:  # a bug in one batch must not take the engine down
                 with self._cv:
-                    for req in self._active:
+                    for req in list(self._running.values()):
                         self._fail(req, exc)
-                    self._active.clear()
+            if self.stats.steps > steps:
+                seconds = time.perf_counter() - start
+                overhead = max(0.0, seconds - (self.runner.kernel_seconds - kernel))
+                self.stats.step_s += seconds
+                self.stats.overhead_s += overhead
+                if self.observer and hasattr(self.observer, "on_step"):
+                    self.observer.on_step(overhead / (self.stats.steps - steps), seconds)
 
-    def _admit(self, limit: int | None = None, bucket=None) -> None:
-        """Move queued requests into the running set while state slots last (oldest first)."""
+    def _admit(self, limit: int, bucket=None) -> int:
+        """Move queued requests into the running set, oldest first, up to `limit` running (and while the
+        runner has room), in one batch. With a bucket (graph), only requests of that length bucket.
+        Returns how many joined."""
+        batch, cancelled = [], []
         with self._cv:
-            kept = collections.deque()
-            held: set[int] = set()  # sessions with an earlier chunk still waiting: keep chunk order
-            while self._queue and (limit is None or len(self._active) < limit):
-                req = self._queue.popleft()
-                session = req.session
-                if req.future.cancelled():
-                    self.stats.cancelled += 1
-                    if session is not None:
-                        session.queued -= 1
+            room = limit - len(self._running)
+            while self._queue and len(batch) < room:
+                if bucket is None:
+                    req = self._queue.popleft()
+                else:
+                    req = next((r for r in self._queue if self._bucket(r) == bucket), None)
+                    if req is None:
+                        break
+                    self._queue.remove(req)
+                if req.cancelled:
+                    cancelled.append(req)
                     continue
-                if (bucket is not None and self._bucket(req) != bucket) or (
-                        session is not None and (session.busy or id(session) in held)):
-                    kept.append(req)
-                    if session is not None:
-                        held.add(id(session))
-                    continue
-                if session is not None and session.slots is None:
-                    session.slots = self.runner.pool.alloc(1)
-                slots = session.slots if session is not None else self.runner.pool.alloc(req.slots_needed)
-                if slots is None:
-                    kept.append(req)
-                    break
-                if session is not None:
-                    session.busy, session.queued = True, session.queued - 1
-                req.slots, req.started, req.last_step = slots, time.perf_counter(), self.stats.steps
-                try:
-                    self.runner.start(req)
-                except Exception as exc:  # fail this request alone, never lose it
-                    self._fail(req, exc)
-                    continue
-                self._active.append(req)
-            kept.extend(self._queue)
-            self._queue = kept
+                req.ticket = self._tickets.pop()
+                self.cancel_flags[req.ticket] = False
+                req.started = time.perf_counter()
+                self._running[req.id] = req
+                batch.append(req)
+        self._retire(cancelled)
+        if not batch:
+            return 0
+        try:
+            statuses = self.runner.admit(batch)
+        except Exception as exc:  # the runner failed the batch as a whole: fail each, never lose one
+            statuses = [exc] * len(batch)
+        done = [r for r, status in zip(batch, statuses) if status is DONE]
+        back = [r for r, status in zip(batch, statuses) if status is NO_ROOM]
+        with self._cv:
+            for req, status in zip(batch, statuses):
+                if isinstance(status, Exception):
+                    self._fail(req, status)
+            for req in reversed(back):  # no room: back to the head of the queue, in order
+                del self._running[req.id]
+                self._tickets.append(req.ticket)
+                req.ticket, req.started = -1, None
+                self._queue.appendleft(req)
+        self._retire(done)
+        return len(batch) - len(back)
 
     def _bucket(self, req: Request) -> int:
         length = self.runner.length(req.payload)
         return next((i for i, b in enumerate(self.length_buckets) if length <= b), len(self.length_buckets))
 
+    def _pick(self) -> str | None:
+        runner = self.runner
+        ready = {t: runner.ready(t) for t in runner.cell_types}
+        ready = {t: n for t, n in ready.items() if n}
+        if not ready:
+            return None
+        steps = self.stats.steps
+        starving = [t for t in ready if steps - self._last_run[t] > self.max_wait_steps]
+        if starving:
+            return min(starving, key=self._last_run.get)
+        if self.pick == "oldest":
+            return min(ready, key=runner.oldest)
+        fill = {t: min(n, self.max_batch) for t, n in ready.items()}
+        fullest = max(fill.values())
+        if self.pick == "fullest":
+            return max(fill, key=lambda t: (fill[t], runner.cell_types.index(t)))
+        return next(t for t in reversed(runner.cell_types) if 2 * fill.get(t, 0) >= fullest)
+
     def _cellular_round(self) -> None:
-        self._admit()
-        self._drop_cancelled()
-        ready, oldest, starving = collections.Counter(), {}, {}
-        step = self.stats.steps
-        for req in self._active:  # arrival order: the first hit per type is its oldest (starving) request
-            for cell_type in self.runner.cell_types:
-                n = len(req.ready.get(cell_type, ()))
-                if n:
-                    ready[cell_type] += n
-                    oldest.setdefault(cell_type, req.arrival)
-                    if step - req.last_step > self.max_wait_steps:
-                        starving.setdefault(cell_type, req.arrival)
-        if not ready:  # e.g. a chunk whose frames all wait for a full block: finished at admission
-            self._retire()
+        self._admit(self.max_running)
+        cell_type = self._pick()
+        if cell_type is None:  # e.g. only chunks whose frames all wait for a full block: done at admission
             return
-        if self.pick == "oldest" or starving:
-            first = starving or oldest
-            cell_type = min(first, key=first.get)
-        else:
-            cell_type = max(ready, key=lambda t: min(ready[t], self.max_batch))
-        nodes = []
-        for req in self._active:
-            for node in req.ready.get(cell_type, ()):
-                nodes.append((req, node))
-                if len(nodes) == self.max_batch:
-                    break
-            if len(nodes) == self.max_batch:
-                break
-        self._run(cell_type, nodes, 0)
-        self._retire()
+        self._retire(self._run(cell_type, self.max_batch, 0))
 
     def _graph_round(self) -> None:
         with self._cv:
@@ -291,70 +348,73 @@ class Engine:
         while self.policy == "graph" and time.perf_counter() < deadline:
             with self._cv:
                 same = sum(1 for r in self._queue if bucket is None or self._bucket(r) == bucket)
-                if same >= self.max_batch or not self._running:
+                if same >= self.max_batch or not self._running_flag:
                     break
                 self._cv.wait(max(0.0, deadline - time.perf_counter()))
-        self._admit(limit=self.max_batch, bucket=bucket)
-        batch = list(self._active)
+        self._admit(self.max_batch, bucket)
+        pad_to = len(self._running) if self.runner.pads else 0
+        done: list[Request] = []
         for cell_type in self.runner.cell_types:
-            while True:
-                nodes = [(r, n) for r in batch for n in r.ready.get(cell_type, ())]
-                if not nodes:
-                    break
-                pad = sum(1 for r in batch if not r.has_ready(cell_type)) if self.runner.pads else 0
-                self._run(cell_type, nodes, pad)
-        self._retire(all_at_once=True)
+            while self.runner.ready(cell_type):
+                done += self._run(cell_type, 1 << 30, pad_to)
+        self._retire(done)  # all at once: the whole batch answers together
 
-    def _run(self, cell_type: str, nodes: list, pad_rows: int) -> None:
+    def _run(self, cell_type: str, max_rows: int, pad_to: int) -> list[Request]:
         start = time.perf_counter()
-        self.runner.run(cell_type, nodes, pad_rows)
+        left = self.runner.step(cell_type, max_rows, pad_to)
         self.stats.steps += 1
-        for req, _ in nodes:
-            req.last_step = self.stats.steps
-        self.stats.batch_sizes[(cell_type, len(nodes) + pad_rows)] += 1
+        self._last_run[cell_type] = self.stats.steps
+        size = max(self.runner.last_rows, pad_to)
+        self.stats.batch_sizes[(cell_type, size)] += 1
         if self.observer:
-            self.observer.on_batch(cell_type, len(nodes) + pad_rows, time.perf_counter() - start)
+            self.observer.on_batch(cell_type, size, time.perf_counter() - start)
+        return left
 
-    def _drop_cancelled(self) -> None:
+    def _retire(self, reqs: list[Request]) -> None:
+        """Hand back requests that left the runner: a result, or a cancellation; free their tickets."""
+        if not reqs:
+            return
         with self._cv:
-            for req in [r for r in self._active if r.future.cancelled()]:
-                self._active.remove(req)
-                self._release(req)
-                self.stats.cancelled += 1
-
-    def _retire(self, all_at_once: bool = False) -> None:
-        """Hand back finished requests at once and free their slots (graph: the whole batch together)."""
-        with self._cv:
-            finished = [r for r in self._active if r.done]
-            if all_at_once and len(finished) != len(self._active):
-                return
-            for req in finished:
-                self._active.remove(req)
-                self._release(req)
-                if req.future.set_running_or_notify_cancel():
+            for req in reqs:
+                self._running.pop(req.id, None)
+                if req.cancelled or not req.future.set_running_or_notify_cancel():
+                    self.stats.cancelled += 1
+                else:
                     req.future.set_result(req.result)
                     self.stats.completed += 1
-                else:
-                    self.stats.cancelled += 1
+                self._release(req)
                 if self.observer:
                     self.observer.on_done(req)
 
     def _release(self, req: Request, failed: bool = False) -> None:
-        """Free a finished request's slots; a session keeps its slots until its last chunk (or a failure)."""
+        """Free a request's ticket; a session moves on to its next chunk, or closes after its last one."""
+        if req.ticket >= 0:
+            self._tickets.append(req.ticket)
+            req.ticket = -1
         session = req.session
         if session is None:
-            if req.slots is not None:
-                self.runner.pool.release(req.slots)
+            return
+        session.last_active = time.perf_counter()
+        if req.end or failed:
+            self._close_session(session)
+        if session.waiting:
+            nxt = session.waiting.popleft()
+            self._waiting_chunks -= 1
+            self._queue.appendleft(nxt)  # older than anything queued after it
+            self._cv.notify()
         else:
             session.busy = False
-            session.last_active = time.perf_counter()
-            if req.end or failed:
-                self._close_session(session)
-        req.slots = None
 
     def _fail(self, req: Request, exc: Exception) -> None:
-        if req.slots is not None or req.session is not None:
-            self._release(req, failed=True)
+        if self._running.pop(req.id, None) is not None:
+            try:
+                self.runner.drop(req)
+            except Exception:  # the runner's state is already broken; the request must still fail
+                pass
+        if req.session is not None and req in req.session.waiting:
+            req.session.waiting.remove(req)
+            self._waiting_chunks -= 1
+        self._release(req, failed=True)
         if not req.future.done() and req.future.set_running_or_notify_cancel():
             req.future.set_exception(exc)
             self.stats.failed += 1

@@ -21,11 +21,11 @@ def _grid(cell_quant) -> tuple[float, float]:
     return (0.0, 0.0) if cell_quant is None else (float(cell_quant[0]), float(cell_quant[1]))
 
 
-def lstm_step(ih, hh, bias, x, h, c, cell_quant=None) -> tuple[np.ndarray, np.ndarray]:
-    """One LSTM step for a batch: returns the new (h, c)."""
+def lstm_step(ih, hh, bias, x, h, c, cell_quant=None, out=None) -> tuple[np.ndarray, np.ndarray]:
+    """One LSTM step for a batch: returns the new (h, c), written into out = (h_out, c_out) when given
+    (which may be (h, c) themselves: the products read h before the gate math writes)."""
     x, h, c = rows(x), rows(h), rows(c)
-    h_out = np.empty(h.shape, dtype=np.float32)
-    c_out = np.empty(c.shape, dtype=np.float32)
+    h_out, c_out = out if out is not None else (np.empty(h.shape, np.float32), np.empty(c.shape, np.float32))
     _native.lstm_step(x, h, c, ih.packed, hh.packed, bias, h_out, c_out, *_grid(cell_quant))
     return h_out, c_out
 
@@ -35,10 +35,10 @@ def lstm_sequence(hh, gi_all, bias, h0, c, hs, cell_quant=None) -> None:
     _native.lstm_sequence(gi_all, hh.packed, bias, rows(h0), c, hs, *_grid(cell_quant))
 
 
-def gru_step(ih, hh, b_ih, b_hh, x, h) -> np.ndarray:
-    """One GRU step for a batch: returns the new h."""
+def gru_step(ih, hh, b_ih, b_hh, x, h, out=None) -> np.ndarray:
+    """One GRU step for a batch: returns the new h (written into out, which may be h itself)."""
     x, h = rows(x), rows(h)
-    h_out = np.empty(h.shape, dtype=np.float32)
+    h_out = out if out is not None else np.empty(h.shape, np.float32)
     _native.gru_step(x, h, ih.packed, hh.packed, b_ih, b_hh, h_out)
     return h_out
 

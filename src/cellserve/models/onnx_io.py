@@ -228,7 +228,7 @@ def quantize_onnx_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(target)
 
 
-class OnnxRuntimeCell:
+class OnnxRuntimeCell(Cell):
     """An LSTM/GRU cell executed by ONNX Runtime, with our cell interface, so the engine and models run on
     either backend unchanged (per-model `backend: onnxruntime` or `onnxruntime-int8`)."""
 

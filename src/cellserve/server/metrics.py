@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01)
 
 
 class Metrics:
@@ -23,17 +24,22 @@ class Metrics:
                                     ["model", "cell_type"], buckets=BATCH_BUCKETS, registry=r)
         self.step_time = Histogram("cellserve_step_seconds", "Time of one batched cell step",
                                    ["model", "cell_type"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("cellserve_engine_overhead_seconds",
+                                  "Scheduler time per step outside the model's kernels (admission, bookkeeping, "
+                                  "retiring)", ["model"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.sessions = Gauge("cellserve_active_sessions", "Open streaming sessions", ["model"], registry=r)
-        self.pool_used = Gauge("cellserve_state_pool_used_slots", "State pool slots in use", ["model"], registry=r)
-        self.pool_capacity = Gauge("cellserve_state_pool_capacity_slots", "State pool slots", ["model"], registry=r)
+        self.pool_used = Gauge("cellserve_state_pool_used_slots", "State rows (tree nodes) in use", ["model"],
+                               registry=r)
+        self.pool_capacity = Gauge("cellserve_state_pool_capacity_slots", "State rows (tree nodes) held",
+                                   ["model"], registry=r)
         self.queue_depth = Gauge("cellserve_queue_depth", "Requests waiting for admission", ["model"], registry=r)
 
     def watch(self, served) -> None:
         """Sample a model's engine at scrape time, and observe its batches and finished requests."""
         name, engine = served.name, served.engine
         self.sessions.labels(name).set_function(lambda: engine.sessions)
-        self.pool_used.labels(name).set_function(lambda: engine.runner.pool.used)
-        self.pool_capacity.labels(name).set(engine.runner.pool.capacity)
+        self.pool_used.labels(name).set_function(lambda: engine.runner.used)
+        self.pool_capacity.labels(name).set(engine.runner.capacity)
         self.queue_depth.labels(name).set_function(lambda: engine.queue_depth)
         engine.observer = EngineObserver(self, name)
 
@@ -45,6 +51,9 @@ class EngineObserver:
     def on_batch(self, cell_type: str, size: int, seconds: float) -> None:
         self.metrics.batch_size.labels(self.model, cell_type).observe(size)
         self.metrics.step_time.labels(self.model, cell_type).observe(seconds)
+
+    def on_step(self, overhead: float, seconds: float) -> None:
+        self.metrics.overhead.labels(self.model).observe(overhead)
 
     def on_done(self, req) -> None:
         now = time.perf_counter()

@@ -28,7 +28,8 @@ class ModelConfig(BaseModel):
     max_queue: int = Field(1024, ge=1)
     capacity: int = Field(4096, ge=1, description="state pool slots (tree nodes for a TreeLSTM)")
     max_delay_ms: float = Field(5.0, ge=0, description="graph policy batching window")
-    pick: Literal["fullest", "oldest"] = Field("fullest", description="cellular: which cell type runs next")
+    pick: Literal["stage", "fullest", "oldest"] = Field("stage", description="cellular: which cell type runs next")
+    max_running: int | None = Field(None, ge=1, description="cellular: requests in flight (default 2 x max_batch)")
     idle_timeout_s: float = Field(60.0, gt=0, description="streaming sessions expire after this idle time")
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
     threads: int = Field(1, ge=1, le=256, description="cores each batched step's matrix products are split across")
@@ -63,7 +64,7 @@ class ServedModel:
         self.engine = Engine(make_runner(model, config.capacity, config.block_steps), config.policy,
                              max_batch=config.max_batch, max_queue=config.max_queue,
                              max_delay_ms=config.max_delay_ms, idle_timeout_s=config.idle_timeout_s,
-                             pick=config.pick, threads=config.threads)
+                             pick=config.pick, threads=config.threads, max_running=config.max_running)
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [self.version], "platform": self.platform,

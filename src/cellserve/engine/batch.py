@@ -1,0 +1,113 @@
+"""The persistent batch of one cell type (a stage), as in BatchMaker's in-place state and vLLM V1's
+persistent batch.
+
+A stage holds one row per request in that stage: its recurrent state and its bookkeeping (positions,
+lengths, scores, arena offsets) in arrays that steps read and update in place. Rows stay where they are
+while membership is unchanged, so a step runs on a contiguous block of rows with no gather or scatter;
+a request that leaves is replaced by the last row (one row copied), one that joins is appended. When a
+stage holds more rows than a step takes, steps take consecutive full windows in turn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cellserve.engine.request import Request
+
+
+class Stage:
+    def __init__(self, name: str, capacity: int, states: dict[str, int], fields: dict[str, type]):
+        self.name = name
+        self.capacity = int(capacity)
+        self.states = {k: np.zeros((self.capacity, w), np.float32) for k, w in states.items()}
+        self.fields = {k: np.zeros(self.capacity, dtype) for k, dtype in {"ticket": np.int64, **fields}.items()}
+        self.reqs: list[Request] = []
+        self.cursor = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.reqs)
+
+    def __getitem__(self, field: str) -> np.ndarray:
+        return self.fields[field]
+
+    def add(self, reqs: list[Request], **values) -> slice:
+        """Append a row per request (state zeroed) with the given field values (a scalar or one per
+        request); returns their rows."""
+        first, k = len(self.reqs), len(reqs)
+        if first + k > self.capacity:
+            raise RuntimeError(f"stage {self.name!r} is full ({self.capacity} rows)")
+        rows = slice(first, first + k)
+        for i, req in enumerate(reqs):
+            req.rows[self.name] = first + i
+        self.reqs.extend(reqs)
+        for arr in self.states.values():
+            arr[rows] = 0
+        self.fields["ticket"][rows] = [r.ticket for r in reqs]
+        for name, v in values.items():
+            self.fields[name][rows] = v
+        return rows
+
+    def remove(self, rows) -> list[Request]:
+        """Take the given rows out; the last rows of the stage move into the holes (one copy per array
+        for all of them). Returns the removed requests."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if not len(rows):
+            return []
+        n, k = len(self.reqs), len(rows)
+        tail = np.arange(n - k, n)
+        holes = rows[rows < n - k]
+        movers = np.setdiff1d(tail, rows, assume_unique=True)
+        gone = [self.reqs[r] for r in rows]
+        if len(holes):
+            for arr in self.states.values():
+                arr[holes] = arr[movers]
+            for arr in self.fields.values():
+                arr[holes] = arr[movers]
+            for hole, mover in zip(holes.tolist(), movers.tolist()):
+                req = self.reqs[mover]
+                self.reqs[hole] = req
+                req.rows[self.name] = hole
+        del self.reqs[n - k:]
+        for req in gone:
+            del req.rows[self.name]
+        return gone
+
+    def window(self, max_rows: int) -> tuple[int, int]:
+        """The rows [a, b) the next step takes: all of them, or the next max_rows in turn. Every window is
+        full: near the end of a round it overlaps rows that already ran this round, which simply advance
+        once more (useful work for a sequence), so no step runs a sliver of a batch."""
+        n = len(self.reqs)
+        if n <= max_rows:
+            self.cursor = 0
+            return 0, n
+        if self.cursor >= n:
+            self.cursor = 0
+        a = min(self.cursor, n - max_rows)
+        self.cursor = a + max_rows
+        return a, a + max_rows
+
+
+def stack_steps(rnn, stage: Stage, names: list[list[str]], xs: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Run every layer of a stacked RNN over T steps for the contiguous rows [a, b) of a stage, reading and
+    writing their state in place; xs (T, b - a, in). Returns the top layer's outputs (T, b - a, H)."""
+    for cell, layer in zip(rnn.cells, names):
+        state = tuple(stage.states[name][a:b] for name in layer)
+        if len(xs) == 1:
+            cell.step_into(xs[0], state)
+            xs = state[0][None]
+        else:
+            xs, new = cell.steps(np.ascontiguousarray(xs), state)
+            for view, value in zip(state, new):
+                view[...] = value
+    return xs
+
+
+def layer_state_names(rnn, prefix: str = "s") -> list[list[str]]:
+    """State array names per layer of a stacked RNN, e.g. [["s0_0", "s0_1"], ["s1_0", "s1_1"]]."""
+    return [[f"{prefix}{l}_{i}" for i in range(len(cell.state_widths()))] for l, cell in enumerate(rnn.cells)]
+
+
+def layer_state_widths(rnn, prefix: str = "s") -> dict[str, int]:
+    return {name: w for cell, layer in zip(rnn.cells, layer_state_names(rnn, prefix))
+            for name, w in zip(layer, cell.state_widths())}
