@@ -287,3 +287,89 @@ def test_engine_threads_split_products_and_change_no_result(monkeypatch):
         engine.stop()
     assert ("cellserve-cellular", 2) in seen
     assert results[1] == results[2]
+
+
+@pytest.mark.parametrize("kind", ["lm", "s2s", "tree"])
+def test_running_set_stays_within_its_bound(kind, lm, s2s, tree):
+    """However long the queue, at most max_running requests are in flight; the rest wait in the queue."""
+    model = {"lm": lm, "s2s": s2s, "tree": tree}[kind]
+    inputs = make_requests(kind, np.random.default_rng(5), 120)
+    seen = []
+
+    class Observer:
+        def on_batch(self, cell_type, size, seconds):
+            seen.append((engine.active, engine.queue_depth))
+
+        def on_done(self, req):
+            pass
+
+    engine = Engine(make_runner(model, 4096), "cellular", max_batch=4, max_running=6, observer=Observer()).start()
+    with engine._cv:  # (a reentrant lock) the scheduler waits until the whole burst is queued
+        futures = [engine.submit(inp) for inp in inputs]
+    results = [f.result(timeout=60) for f in futures]
+    engine.stop()
+    assert max(active for active, _ in seen) == 6
+    assert max(queued for _, queued in seen) >= 100  # the queue, not the running set, absorbed the burst
+    for inp, got in zip(inputs, results):
+        assert_same(kind, got, reference(kind, model, inp))
+
+
+def python_calls_per_step(lm, queued: int) -> float:
+    """Python function calls the scheduler thread makes per step while `queued` requests wait, counted
+    with a profile hook on that thread (calls, not seconds, so the count is machine-independent)."""
+    import sys
+
+    counts = {"calls": 0, "steps": 0}
+
+    def hook(frame, event, arg):
+        if event == "call":
+            counts["calls"] += 1
+
+    engine = Engine(make_runner(lm, 4096), "cellular", max_batch=16, max_queue=5000)
+    loop, run = engine._loop, engine._run
+
+    def profiled_loop():
+        sys.setprofile(hook)
+        loop()
+
+    def counted_run(*args):
+        counts["steps"] += 1
+        return run(*args)
+
+    engine._loop, engine._run = profiled_loop, counted_run
+    engine.start()
+    with engine._cv:  # (a reentrant lock) the scheduler waits until all are queued
+        futures = [engine.submit({"tokens": [1, 2, 3, 4, 5, 6, 7, 8] * 4}) for _ in range(queued)]
+    [f.result(timeout=120) for f in futures[:64]]
+    engine.stop(drain=False)
+    return counts["calls"] / counts["steps"]
+
+
+def test_per_step_python_work_does_not_grow_with_the_queue(lm):
+    """A step's bookkeeping is O(batch): 2000 queued requests cost no more calls per step than 100."""
+    short, long = python_calls_per_step(lm, 100), python_calls_per_step(lm, 2000)
+    assert long < 1.2 * short, (short, long)
+
+
+@pytest.mark.parametrize("kind", ["lm", "s2s", "tree"])
+def test_cancelling_queued_and_running_requests_frees_their_slots(kind, lm, s2s, tree):
+    model = {"lm": lm, "s2s": s2s, "tree": tree}[kind]
+    inputs = make_requests(kind, np.random.default_rng(9), 30)
+    long = {"lm": {"tokens": list(range(VOCAB)) * 30},
+            "s2s": {"tokens": list(range(VOCAB)), "max_output_tokens": 4000, "stop_at_eos": False},
+            "tree": inputs[0]}[kind]
+    engine = Engine(make_runner(model, 4096), "cellular", max_batch=2, max_running=2).start()
+    running = [engine.submit(long) for _ in range(2)]
+    queued = [engine.submit(inp) for inp in inputs]
+    deadline = time.perf_counter() + 10
+    while engine.active < 2 and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    cancelled = [f for f in running + queued[::2] if f.cancel()]
+    assert len(cancelled) >= len(queued[::2])  # queued ones always cancel; running ones unless already done
+    results = [f.result(timeout=60) for f in queued[1::2]]
+    engine.stop()
+    for inp, got in zip(inputs[1::2], results):
+        assert_same(kind, got, reference(kind, model, inp))
+    assert engine.runner.used == 0
+    assert engine.stats.cancelled == len(cancelled)
+    assert engine.stats.completed + engine.stats.cancelled == len(running) + len(queued)

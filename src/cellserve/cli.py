@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = bench_sub.add_parser("serving", help="cellular vs graph vs no batching under open-loop Poisson load")
     sv.add_argument("--json", help="write the rows and summary to this file")
     sv.add_argument("--plots", default="results", help="folder for the latency-vs-throughput PNGs")
-    sv.add_argument("--workloads", type=_words, default=["lm", "seq2seq", "treelstm"])
+    sv.add_argument("--workloads", type=_words, default=["lm", "seq2seq", "treelstm", "speller"])
     sv.add_argument("--policies", type=_words, default=["cellular", "graph", "none"])
     sv.add_argument("--rates", type=_floats, help="offered rates in req/s (default: a grid from the "
                     "unbatched capacity up to saturation)")

@@ -2,7 +2,8 @@
 
 Sentence lengths follow a log-normal fitted to the shape of WMT-15 sentence lengths (median ~20 tokens,
 mean ~25, a long tail past 100); seq2seq output lengths track input lengths (x0.8-1.2); trees are random
-binary bracketings over sentences of the same lengths (2n-1 nodes).
+binary bracketings over sentences of the same lengths (2n-1 nodes); the speller spells uniformly drawn
+numbers up to 999999 (mostly 6 digits in, 6-11 words out: little length variance).
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def _s2s_request(rng, n):
     return {"tokens": rng.integers(0, VOCAB, n).tolist(), "max_output_tokens": out, "stop_at_eos": False}
 
 
+def _speller_request(rng, n):
+    from cellserve.models.speller import MAX_NUMBER, encode_number
+
+    return {"tokens": encode_number(str(int(rng.integers(0, MAX_NUMBER + 1)))), "max_output_tokens": 16}
+
+
+def _speller():
+    from cellserve.models.speller import load_default
+
+    return load_default()
+
+
 def _tree_request(rng, n):
     parents = binary_tree(rng, min(n, 100))
     return {"parents": parents, "tokens": rng.integers(0, VOCAB, len(parents)).tolist()}
@@ -65,4 +78,6 @@ WORKLOADS = {
     "treelstm": Workload("treelstm", "child-sum TreeLSTM, 512 hidden, binary trees over sentences",
                          lambda: TreeLSTM.random(VOCAB, 512, 512, num_classes=5, seed=0), _tree_request,
                          rows_per_request=16),
+    "speller": Workload("speller", "the embedded number speller: LSTM encoder-decoder, 2x128, numbers up to "
+                        "999999 spelled in words", _speller, _speller_request),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense, load_dense
+from cellserve.kernels import Dense, _native, load_dense
 from cellserve.kernels.recurrence import gru_sequence, gru_step
 
 
@@ -24,7 +24,7 @@ class GRUCell(Cell):
         return (gru_step(self.ih, self.hh, self.b_ih, self.b_hh, x, state[0]),)
 
     def step_into(self, x, state):
-        gru_step(self.ih, self.hh, self.b_ih, self.b_hh, x, state[0], out=state[0])
+        _native.gru_step(x, state[0], self.ih.packed, self.hh.packed, self.b_ih, self.b_hh, state[0])
 
     def steps(self, xs, state):
         if len(xs) == 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense, load_dense
+from cellserve.kernels import Dense, _native, load_dense
 from cellserve.kernels.recurrence import lstm_sequence, lstm_step
 
 
@@ -21,6 +21,10 @@ class LSTMCell(Cell):
         self.bias = f32(bias)  # b_ih + b_hh: the kernel adds them once
         self.cell_quant = None if cell_quant is None else (float(cell_quant[0]), float(cell_quant[1]))
 
+    @property
+    def _grid(self) -> tuple[float, float]:
+        return self.cell_quant or (0.0, 0.0)
+
     def state_widths(self):
         return (self.hidden_size, self.hidden_size)
 
@@ -28,7 +32,8 @@ class LSTMCell(Cell):
         return lstm_step(self.ih, self.hh, self.bias, x, state[0], state[1], self.cell_quant)
 
     def step_into(self, x, state):
-        lstm_step(self.ih, self.hh, self.bias, x, state[0], state[1], self.cell_quant, out=state)
+        h, c = state
+        _native.lstm_step(x, h, c, self.ih.packed, self.hh.packed, self.bias, h, c, *self._grid)
 
     def steps(self, xs, state):
         if len(xs) == 1:

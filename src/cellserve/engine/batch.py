@@ -10,17 +10,35 @@ stage holds more rows than a step takes, steps take consecutive full windows in 
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 from cellserve.engine.request import Request
 
 
 class Stage:
+    """Row r of every array is request reqs[r]. All state widths share one float32 block and all fields
+    one block per dtype, so moving a row is three copies whatever the model's depth; `states[name]` and
+    `fields[name]` are views into those blocks (2-D views keep a contiguous last dimension, which the
+    kernels take as is)."""
+
     def __init__(self, name: str, capacity: int, states: dict[str, int], fields: dict[str, type]):
         self.name = name
         self.capacity = int(capacity)
-        self.states = {k: np.zeros((self.capacity, w), np.float32) for k, w in states.items()}
-        self.fields = {k: np.zeros(self.capacity, dtype) for k, dtype in {"ticket": np.int64, **fields}.items()}
+        self.state = np.zeros((self.capacity, max(1, sum(states.values()))), np.float32)
+        self.states, offset = {}, 0
+        for key, width in states.items():
+            self.states[key] = self.state[:, offset:offset + width]
+            offset += width
+        fields = {"ticket": np.int64, **fields}
+        kinds = {k: np.float64 if np.dtype(t).kind == "f" else np.int64 for k, t in fields.items()}
+        self.blocks = {dtype: np.zeros((self.capacity, sum(1 for t in kinds.values() if t is dtype)), dtype)
+                       for dtype in dict.fromkeys(kinds.values())}
+        self.fields, columns = {}, collections.Counter()
+        for key, dtype in kinds.items():
+            self.fields[key] = self.blocks[dtype][:, columns[dtype]]
+            columns[dtype] += 1
         self.reqs: list[Request] = []
         self.cursor = 0
 
@@ -41,30 +59,28 @@ class Stage:
         for i, req in enumerate(reqs):
             req.rows[self.name] = first + i
         self.reqs.extend(reqs)
-        for arr in self.states.values():
-            arr[rows] = 0
+        self.state[rows] = 0
         self.fields["ticket"][rows] = [r.ticket for r in reqs]
         for name, v in values.items():
             self.fields[name][rows] = v
         return rows
 
     def remove(self, rows) -> list[Request]:
-        """Take the given rows out; the last rows of the stage move into the holes (one copy per array
+        """Take the given rows out; the last rows of the stage move into the holes (one copy per block
         for all of them). Returns the removed requests."""
-        rows = np.unique(np.asarray(rows, dtype=np.int64))
-        if not len(rows):
+        rows = sorted(set(int(r) for r in rows))
+        if not rows:
             return []
         n, k = len(self.reqs), len(rows)
-        tail = np.arange(n - k, n)
-        holes = rows[rows < n - k]
-        movers = np.setdiff1d(tail, rows, assume_unique=True)
         gone = [self.reqs[r] for r in rows]
-        if len(holes):
-            for arr in self.states.values():
-                arr[holes] = arr[movers]
-            for arr in self.fields.values():
-                arr[holes] = arr[movers]
-            for hole, mover in zip(holes.tolist(), movers.tolist()):
+        leaving = set(rows)
+        holes = [r for r in rows if r < n - k]
+        if holes:
+            movers = [m for m in range(n - k, n) if m not in leaving]
+            self.state[holes] = self.state[movers]
+            for block in self.blocks.values():
+                block[holes] = block[movers]
+            for hole, mover in zip(holes, movers):
                 req = self.reqs[mover]
                 self.reqs[hole] = req
                 req.rows[self.name] = hole

@@ -272,8 +272,7 @@ class Seq2SeqRunner(SequenceRunner):
         rows = self.decoder.add(moving, prev=model.bos_id, out=[r.progress["out"] for r in moving], count=0,
                                 max_len=[r.payload["max_len"] for r in moving],
                                 stop=[r.payload["stop_at_eos"] for r in moving], arrival=st["arrival"][done])
-        for name, arr in self.decoder.states.items():
-            arr[rows] = st.states[name][done]
+        self.decoder.state[rows] = st.state[done]  # encoder and decoder have the same state layout
         st.remove(done)
 
     def _decode(self, st, a, b, pad, out):
@@ -287,7 +286,7 @@ class Seq2SeqRunner(SequenceRunner):
         self.out.data[st["out"][a:b] + count] = tokens
         count += 1
         st["prev"][a:b] = tokens
-        done = np.flatnonzero((st["stop"][a:b] & (tokens == model.eos_id)) | (count >= st["max_len"][a:b]))
+        done = np.flatnonzero(((st["stop"][a:b] != 0) & (tokens == model.eos_id)) | (count >= st["max_len"][a:b]))
         for i in done:
             o = st["out"][a + i]
             st.reqs[a + i].result = {"tokens": self.out.data[o:o + count[i]].tolist()}

@@ -314,22 +314,20 @@ class Engine:
         return next((i for i, b in enumerate(self.length_buckets) if length <= b), len(self.length_buckets))
 
     def _pick(self) -> str | None:
-        runner = self.runner
-        ready = {t: runner.ready(t) for t in runner.cell_types}
-        ready = {t: n for t, n in ready.items() if n}
-        if not ready:
-            return None
-        steps = self.stats.steps
-        starving = [t for t in ready if steps - self._last_run[t] > self.max_wait_steps]
+        runner, steps = self.runner, self.stats.steps
+        ready = [(t, runner.ready(t)) for t in runner.cell_types]
+        ready = [(t, min(n, self.max_batch)) for t, n in ready if n]
+        if len(ready) <= 1:
+            return ready[0][0] if ready else None
+        starving = [t for t, _ in ready if steps - self._last_run[t] > self.max_wait_steps]
         if starving:
             return min(starving, key=self._last_run.get)
         if self.pick == "oldest":
-            return min(ready, key=runner.oldest)
-        fill = {t: min(n, self.max_batch) for t, n in ready.items()}
-        fullest = max(fill.values())
+            return min((t for t, _ in ready), key=runner.oldest)
+        fullest = max(n for _, n in ready)
         if self.pick == "fullest":
-            return max(fill, key=lambda t: (fill[t], runner.cell_types.index(t)))
-        return next(t for t in reversed(runner.cell_types) if 2 * fill.get(t, 0) >= fullest)
+            return next(t for t, n in reversed(ready) if n == fullest)
+        return next(t for t, n in reversed(ready) if 2 * n >= fullest)  # later stages come last in ready
 
     def _cellular_round(self) -> None:
         self._admit(self.max_running)
@@ -371,20 +369,23 @@ class Engine:
         return left
 
     def _retire(self, reqs: list[Request]) -> None:
-        """Hand back requests that left the runner: a result, or a cancellation; free their tickets."""
+        """Hand back requests that left the runner: a result, or a cancellation; free their tickets. The
+        futures are resolved outside the engine's lock (their callbacks run here), so submitters never
+        wait for them."""
         if not reqs:
             return
         with self._cv:
             for req in reqs:
                 self._running.pop(req.id, None)
-                if req.cancelled or not req.future.set_running_or_notify_cancel():
-                    self.stats.cancelled += 1
-                else:
-                    req.future.set_result(req.result)
-                    self.stats.completed += 1
                 self._release(req)
-                if self.observer:
-                    self.observer.on_done(req)
+        for req in reqs:
+            if req.cancelled or not req.future.set_running_or_notify_cancel():
+                self.stats.cancelled += 1
+            else:
+                req.future.set_result(req.result)
+                self.stats.completed += 1
+            if self.observer:
+                self.observer.on_done(req)
 
     def _release(self, req: Request, failed: bool = False) -> None:
         """Free a request's ticket; a session moves on to its next chunk, or closes after its last one."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import f32
-from cellserve.kernels import Dense
+from cellserve.kernels import Dense, _native
+from cellserve.kernels.dense import rows
 
 
 class Embedding:
@@ -34,9 +35,9 @@ class Linear:
         self.out_features, self.in_features = self.w.weight.shape
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        flat = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
-        y = self.w(flat)
-        y += self.bias
+        flat = rows(x.reshape(-1, self.in_features))
+        y = np.empty((flat.shape[0], self.out_features), np.float32)
+        _native.gemm(flat, self.w.packed, y, None, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def tensors(self) -> dict:
