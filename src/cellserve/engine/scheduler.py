@@ -101,6 +101,7 @@ class Engine:
         runner.cancel_flags = self.cancel_flags
         self._tickets = list(range(self.max_running - 1, -1, -1))
         self._last_run = dict.fromkeys(runner.cell_types, 0)
+        self._admit_batch = max(1, self.max_batch // 8)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running_flag = False
@@ -325,12 +326,14 @@ class Engine:
         if self.pick == "oldest":
             return min((t for t, _ in ready), key=runner.oldest)
         fullest = max(n for _, n in ready)
-        if self.pick == "fullest":
+        if self.pick == "fullest" or (self._queue and len(self._running) >= self.max_running):
             return next(t for t, n in reversed(ready) if n == fullest)
         return next(t for t, n in reversed(ready) if 2 * n >= fullest)  # later stages come last in ready
 
     def _cellular_round(self) -> None:
-        self._admit(self.max_running)
+        room = self.max_running - len(self._running)
+        if room >= self._admit_batch or not self._running:  # admit in batches: fixed costs per call, not per request
+            self._admit(self.max_running)
         cell_type = self._pick()
         if cell_type is None:  # e.g. only chunks whose frames all wait for a full block: done at admission
             return
