@@ -307,3 +307,42 @@ def test_qrnn_steps_match_numpy(isa, rng):
         ref.append(o * ref_c)
     close(hs, np.stack(ref))
     close(c, ref_c)
+
+
+GRIDS = {4: np.arange(-7, 8), 2: np.array([-1, 0, 1]), 1: np.array([-1, 1])}
+
+
+@pytest.mark.parametrize("bits", [4, 2, 1])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_low_bit_products_are_exact(isa, bits, m, k, n, rng):
+    """4/2/1-bit weights (stored several to a byte, widened in registers) against int64 numpy."""
+    q = rng.choice(GRIDS[bits], size=(n, k)).astype(np.int8)
+    xq = rng.integers(-127, 128, (m, k)).astype(np.int8)
+    dense = QuantizedDense(q, np.ones(n, np.float32), bits)
+    assert dense.packed.bits == bits
+    out = np.empty((m, n), np.int32)
+    _native.gemm_s32(xq, dense.packed, out)
+    np.testing.assert_array_equal(out, xq.astype(np.int64) @ q.T.astype(np.int64))
+    np.testing.assert_array_equal(dense.int_codes(), q)
+
+
+@pytest.mark.parametrize("bits", [4, 2, 1])
+def test_low_bit_matrices_hold_fewer_bytes_and_refuse_codes_off_their_grid(bits, rng):
+    q = rng.choice(GRIDS[bits], size=(64, 256)).astype(np.int8)
+    packed = QuantizedDense(q, np.ones(64, np.float32), bits).packed
+    int8 = QuantizedDense(q, np.ones(64, np.float32), 8).packed
+    assert packed.nbytes - 64 * 8 == (int8.nbytes - 64 * 8) * bits // 8
+    bad = q.copy()
+    bad[3, 5] = {4: 8, 2: 2, 1: 0}[bits]
+    with pytest.raises(ValueError, match=f"not on the {bits}-bit grid"):
+        _native.pack_s8(bad, np.ones(64, np.float32), 0.0, bits)
+
+
+@pytest.mark.parametrize("bits", [4, 2, 1])
+def test_low_bit_float_product_is_dequantized_integer_math(isa, bits, rng):
+    w = rng.standard_normal((70, 45)).astype(np.float32)
+    x = rng.standard_normal((9, 45)).astype(np.float32)
+    dense = QuantizedDense.from_float(w, bits)
+    xq, xs = quantize_rows(x)
+    exact = (xq.astype(np.int64) @ dense.int_codes().T.astype(np.int64)).astype(np.float64)
+    close(dense(x), exact * xs[:, None] * dense.scale[None, :])

@@ -56,35 +56,51 @@ def _on_threads(threads: int, fn):
     return run
 
 
-def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads) -> dict:
-    cell = CELLS[kind].random(hidden, hidden, 0)
+def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads, bits=(32,)) -> list[dict]:
+    """Rows for one cell shape: ours at every weight width (and on `threads` threads at fp32) beside torch
+    and ONNX Runtime at fp32, all timed in the same interleaved rounds."""
+    from cellserve.compress.quantize import quantize_matrices
+
+    base = CELLS[kind].random(hidden, hidden, 0)
+    cells = {b: base if b == 32 else quantize_matrices(base, b) for b in bits}
     rng = np.random.default_rng(batch)
     x = rng.standard_normal((batch, hidden)).astype(np.float32)
-    state = tuple(rng.standard_normal((batch, w)).astype(np.float32) for w in cell.state_widths())
-    fns = {"ours_us": _on_threads(1, lambda: cell.step(x, state))}
+    state = tuple(rng.standard_normal((batch, w)).astype(np.float32) for w in base.state_widths())
+    fns = {f"ours_{b}": _on_threads(1, lambda c=c: c.step(x, state)) for b, c in cells.items()}
     if threads > 1:
-        fns[f"ours_{threads}t_us"] = _on_threads(threads, lambda: cell.step(x, state))
+        fns["threads"] = _on_threads(threads, lambda: base.step(x, state))
     if torch is not None:
-        torch_step = _torch_step(kind, cell, torch)
+        torch_step = _torch_step(kind, base, torch)
         tx, th, tc = (torch.from_numpy(a) for a in (x, state[0], state[-1]))
         fns["torch_us"] = lambda: torch_step(tx, th, tc)
     if with_ort:
-        fns["ort_us"] = _ort_step(kind, cell, batch)
+        fns["ort_us"] = _ort_step(kind, base, batch)
     try:
-        row = {"cell": kind, "hidden": hidden, "batch": batch, **interleaved_us(fns, seconds)}
+        times = interleaved_us(fns, seconds * (1 + len(bits)) / 2)
     finally:
         kernels.set_threads(1)
-    for peer, key in (("torch_us", "speedup_vs_torch"), ("ort_us", "speedup_vs_ort")):
-        if peer in row:
-            row[key] = row[peer] / row["ours_us"]
-    if threads > 1:
-        row["thread_speedup"] = row["ours_us"] / row[f"ours_{threads}t_us"]
-    row["floor_us"] = cell.weight_bytes / (bandwidth * 1e3)
-    return row
+    rows = []
+    for b, cell in cells.items():
+        row = {"cell": kind, "hidden": hidden, "batch": batch, "bits": b, "ours_us": times[f"ours_{b}"]}
+        if b == 32:
+            for peer, key in (("torch_us", "speedup_vs_torch"), ("ort_us", "speedup_vs_ort")):
+                if peer in times:
+                    row[peer] = times[peer]
+                    row[key] = times[peer] / row["ours_us"]
+            if threads > 1:
+                row[f"ours_{threads}t_us"] = times["threads"]
+                row["thread_speedup"] = row["ours_us"] / times["threads"]
+        if 32 in cells:
+            row["speedup_vs_fp32"] = times["ours_32"] / row["ours_us"]
+        row["weight_bytes"] = cell.weight_bytes
+        row["floor_us"] = cell.weight_bytes / (bandwidth * 1e3)
+        rows.append(row)
+    return rows
 
 
 def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), seconds: float = 0.6,
-        json_path=None, with_torch: bool = True, with_ort: bool = True, threads: int = 1) -> list[dict]:
+        json_path=None, with_torch: bool = True, with_ort: bool = True, threads: int = 1, bits=(32,)) -> list[dict]:
+    """bits: weight widths to time (32 = fp32; 8/4/2/1 = our integer kernels with int8 activations)."""
     import contextlib
 
     torch, no_grad = None, contextlib.nullcontext()
@@ -94,13 +110,14 @@ def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), sec
         no_grad = torch.no_grad()  # for the measurement only: not the caller's process-wide setting
     with limit_threads(1), no_grad:
         bandwidth = memory_bandwidth_gbs()
-        rows = [_measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads)
-                for kind in cells for hidden in hiddens for batch in batches]
+        rows = [row for kind in cells for hidden in hiddens for batch in batches
+                for row in _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads, bits)]
     two = [(f"ours_{threads}t_us", f"ours {threads} thr us"), ("thread_speedup", f"x {threads} thr")] if threads > 1 else []
     print_table("microseconds per step (1 thread unless noted, median of interleaved rounds)", rows,
-                [("cell", "cell"), ("hidden", "hidden"), ("batch", "batch"), ("ours_us", "ours us"),
-                 ("torch_us", "torch us"), ("ort_us", "ORT us"), ("floor_us", "DRAM floor us"),
-                 ("speedup_vs_torch", "x torch"), ("speedup_vs_ort", "x ORT"), *two],
+                [("cell", "cell"), ("hidden", "hidden"), ("batch", "batch"), ("bits", "bits"),
+                 ("ours_us", "ours us"), ("torch_us", "torch us"), ("ort_us", "ORT us"), ("floor_us", "DRAM floor us"),
+                 ("speedup_vs_torch", "x torch"), ("speedup_vs_ort", "x ORT"),
+                 *([("speedup_vs_fp32", "x our fp32")] if len(bits) > 1 else []), *two],
                 caption=f"floor = weight bytes / {bandwidth:.1f} GB/s streaming-copy bandwidth; small weights "
                         f"sit in cache and can beat it")
     compared = [r for r in rows if "speedup_vs_ort" in r or "speedup_vs_torch" in r]

@@ -21,6 +21,17 @@ def quantize_dynamic(model, bits: int = 8):
     return model
 
 
+def quantize_matrices(cell, bits: int):
+    """A copy of a recurrent cell whose weight matrices are `bits`-bit (dynamic int8 activations), for
+    timing each width on the same shapes (bench cells --bits)."""
+    cell = copy.deepcopy(cell)
+    for name in ("ih", "hh", "w"):
+        dense = getattr(cell, name, None)
+        if isinstance(dense, Dense):
+            setattr(cell, name, QuantizedDense.from_float(dense.weight, bits))
+    return cell
+
+
 def quantize_cells(cells: list[LSTMCell], bits: int, act_scale: float = 0.0, cell_quant=None) -> None:
     """In place: the cells' fp32 W_ih and W_hh become `bits`-bit QuantizedDense (act_scale 0: dynamic int8
     activations; > 0: the fixed grid QAT trained on), and, if given, the cell state is held on cell_quant's

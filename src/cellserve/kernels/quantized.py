@@ -3,14 +3,15 @@
 Weights are symmetric and per output channel (row): w ~= q * scale[row]. Activations are quantized to
 int8 per input row on the way into each product, either dynamically (scale = max|x| / 127, post-training
 int8) or with a fixed scale (quantization-aware training fixed the grid, e.g. 1/7 for 4-bit activations
-of values in [-1, 1]). The native core multiplies int8 by int8 with int32 accumulation (VNNI's
-vpdpbusd on AVX-512: 64 multiply-adds per instruction; vpmaddwd on AVX2) and scales back to fp32 once per
-output: exact integer math, tested against numpy.
+of values in [-1, 1]). The native core multiplies int8 activations by int8 or 4/2/1-bit weights with
+int32 accumulation (VNNI's vpdpbusd on AVX-512: 64 multiply-adds per instruction; vpmaddwd on AVX2) and
+scales back to fp32 once per output: exact integer math, tested against numpy. Weights below 8 bits stay
+at their width in memory, several to a byte, and are widened in registers inside the product
+(kernels/native/isa_avx512.cpp), so a 4-bit matrix streams half the bytes of an int8 one.
 
 File layout of codes below 8 bits: the row-major codes of the whole matrix, flattened and zero padded to
 a multiple of 8/bits, are cut into 8/bits planes of equal length P; byte i holds, in bit field s, code
-s*P + i. Codes are q + OFFSET[bits] (1 bit: q in {-1, +1} stored as 0/1). In memory every width is held
-as packed int8 panels today, so 4/2/1-bit weights cost int8 time.
+s*P + i. Codes are q + OFFSET[bits] (1 bit: q in {-1, +1} stored as 0/1).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class QuantizedDense:
         self.bits, self.act_scale = int(bits), float(np.float32(act_scale))
         self.scale = np.ascontiguousarray(scale, dtype=np.float32)
         self.out_features, self.in_features = codes.shape
-        self.packed = _native.pack_s8(codes, self.scale, self.act_scale)
+        self.packed = _native.pack_s8(codes, self.scale, self.act_scale, self.bits)
 
     @classmethod
     def from_float(cls, weight: np.ndarray, bits: int = 8, act_scale: float = 0.0) -> "QuantizedDense":

@@ -1,5 +1,6 @@
-/* AVX2 + FMA path. fp32 tiles: 2 rows x 32 columns (8 ymm accumulators: with 3 rows GCC spills one of 16 registers). int8:
- * weights sign-extended to 16 bits and multiplied with vpmaddwd (exact; vpmaddubsw would saturate). */
+/* AVX2 + FMA path. fp32 tiles: 2 rows x 32 columns (8 ymm accumulators: with 3 rows GCC spills one of
+ * 16 registers). int8: weights sign-extended to 16 bits and multiplied with vpmaddwd (exact; vpmaddubsw
+ * would saturate); low-bit weights are unpacked to int8 one panel at a time. */
 #include <immintrin.h>
 
 #define VL 8
@@ -12,10 +13,9 @@ namespace {
  * ymm of int16 ([col][k0..k3]) and multiplied with the row's 4 codes broadcast as int16; each int32
  * lane then holds a pair sum, and adjacent lanes are added at the end. */
 template <int mr>
-void tile_s8(const qgemm_t *g, int m0, int p) {
+void tile_s8(const qgemm_t *g, int m0, int p, const int8_t *b) {
     const packed_t *w = g->w;
     const int groups = w->kpad / 4;
-    const int8_t *b = (const int8_t *)w->data + (size_t)p * w->panel_stride;
     const int8_t *a = (const int8_t *)g->act.codes + (ptrdiff_t)m0 * w->kpad;
     alignas(32) int32_t sums[mr * NR];
     for (int half = 0; half < 2; half++) {
@@ -48,9 +48,10 @@ void tile_s8(const qgemm_t *g, int m0, int p) {
 
 void gemm_s8_panels(const qgemm_t *g, int p0, int p1) {
     for (int p = p0; p < p1; p++) {
+        const int8_t *b = int8_panel(g->w, p);  /* low-bit panels are unpacked here, once per panel */
         int m0 = 0;
-        for (; m0 + 2 <= g->m; m0 += 2) tile_s8<2>(g, m0, p);
-        if (m0 < g->m) tile_s8<1>(g, m0, p);
+        for (; m0 + 2 <= g->m; m0 += 2) tile_s8<2>(g, m0, p, b);
+        if (m0 < g->m) tile_s8<1>(g, m0, p, b);
     }
 }
 

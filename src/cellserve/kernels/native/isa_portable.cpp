@@ -10,7 +10,7 @@ void gemm_s8_panels(const qgemm_t *g, int p0, int p1) {
     const packed_t *w = g->w;
     const int groups = w->kpad / 4;
     for (int p = p0; p < p1; p++) {
-        const int8_t *b = (const int8_t *)w->data + (size_t)p * w->panel_stride;
+        const int8_t *b = int8_panel(w, p);
         for (int m = 0; m < g->m; m++) {
             const int8_t *a = (const int8_t *)g->act.codes + (ptrdiff_t)m * w->kpad;
             int32_t sums[NR] = {0};

@@ -192,8 +192,9 @@ void linear(const packed_t *w, const float *x, ptrdiff_t ldx, int m, float *c, p
     const isa_t *isa = active;
     uint8_t *codes = (uint8_t *)scratch(SLOT_CODES, (size_t)m * w->kpad);
     float *scales = (float *)scratch(SLOT_SCALES, (size_t)m * sizeof(float));
-    isa->quantize(x, ldx, m, w->k, w->kpad, w->act_scale, isa->s8_unsigned, codes, scales);
-    qgemm_t q = {w, {codes, scales, isa->s8_unsigned}, m, c, nullptr, ldc, addend, ld_add, bias};
+    int32_t *sums = (int32_t *)scratch(SLOT_SUMS, (size_t)m * sizeof(int32_t));
+    isa->quantize(x, ldx, m, w->k, w->kpad, w->act_scale, isa->s8_unsigned, codes, scales, sums);
+    qgemm_t q = {w, {codes, scales, sums, isa->s8_unsigned}, m, c, nullptr, ldc, addend, ld_add, bias};
     run_qgemm(&q);
 }
 
@@ -216,6 +217,7 @@ PyObject *py_pack_f32(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (!obj) return nullptr;
     packed_t &p = obj->p;
     p.kind = PACK_F32;
+    p.bits = 32;
     p.n = n;
     p.k = k;
     p.kpad = k;
@@ -237,23 +239,49 @@ PyObject *py_pack_f32(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     return (PyObject *)obj;
 }
 
+/* The symmetric grids: int8 [-127, 127], 4-bit [-7, 7], ternary {-1, 0, 1}, binary {-1, 1}. */
+bool on_grid(int v, int bits) {
+    switch (bits) {
+        case 8: return v >= -127;
+        case 4: return v >= -7 && v <= 7;
+        case 2: return v >= -1 && v <= 1;
+        default: return v == -1 || v == 1;
+    }
+}
+
+/* pack_s8(codes, scales, act_scale, bits=8): int8 codes q (n, k), or codes of a 4/2/1-bit grid (see
+ * lowbit_affine) stored as fields several to a byte. */
 PyObject *py_pack_s8(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-    if (!check_args(nargs, 3, 3, "pack_s8")) return nullptr;
+    if (!check_args(nargs, 3, 4, "pack_s8")) return nullptr;
     Buf q, s;
     if (!get_buf(args[0], q, 'b', 2, false, "codes") || !get_buf(args[1], s, 'f', 1, false, "scales")) return nullptr;
     const double act_scale = PyFloat_AsDouble(args[2]);
     if (act_scale == -1.0 && PyErr_Occurred()) return nullptr;
-    const int n = (int)q.dim(0), k = (int)q.dim(1);
+    const long bits = nargs > 3 ? PyLong_AsLong(args[3]) : 8;
+    if (bits == -1 && PyErr_Occurred()) return nullptr;
+    if (bits != 8 && bits != 4 && bits != 2 && bits != 1)
+        return PyErr_Format(PyExc_ValueError, "bits must be 8, 4, 2 or 1, got %ld", bits);
+    const int n = (int)q.dim(0), k = (int)q.dim(1), groups = 8 / (int)bits;
     if (!check_len(s, n, "scales")) return nullptr;
+    int fa, fb;
+    lowbit_affine((int)bits, &fa, &fb);
+    const int8_t *src = q.data<int8_t>();
+    const ptrdiff_t ld = q.ld();
+    for (int col = 0; col < n; col++)  /* every code must be one of the grid's values */
+        for (int kk = 0; kk < k; kk++)
+            if (!on_grid(src[col * ld + kk], (int)bits))
+                return PyErr_Format(PyExc_ValueError, "code %d at (%d, %d) is not on the %ld-bit grid",
+                                    (int)src[col * ld + kk], col, kk, bits);
     PackedObject *obj = new_packed();
     if (!obj) return nullptr;
     packed_t &p = obj->p;
     p.kind = PACK_S8;
+    p.bits = (int)bits;
     p.n = n;
     p.k = k;
-    p.kpad = (k + 3) / 4 * 4;
+    p.kpad = (k + 4 * groups - 1) / (4 * groups) * (4 * groups);
     p.panels = (n + NR - 1) / NR;
-    p.panel_stride = (size_t)p.kpad * NR;
+    p.panel_stride = (size_t)p.kpad * NR / groups;
     p.act_scale = (float)act_scale;
     p.data = aligned_zeros(p.panels * p.panel_stride);
     p.scale = (float *)aligned_zeros(p.panels * NR * sizeof(float));
@@ -262,16 +290,16 @@ PyObject *py_pack_s8(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
         Py_DECREF(obj);
         return PyErr_NoMemory();
     }
-    int8_t *dst = (int8_t *)p.data;
-    const int8_t *src = q.data<int8_t>();
-    const ptrdiff_t ld = q.ld();
+    uint8_t *dst = (uint8_t *)p.data;
     for (int col = 0; col < n; col++) {
-        int8_t *panel = dst + (size_t)(col / NR) * p.panel_stride + (col % NR) * 4;
+        uint8_t *panel = dst + (size_t)(col / NR) * p.panel_stride + (col % NR) * 4;
         const int8_t *row = src + col * ld;
         int32_t sum = 0;
         for (int kk = 0; kk < k; kk++) {
-            panel[(size_t)(kk / 4) * NR * 4 + kk % 4] = row[kk];
-            sum += row[kk];
+            const int group = kk / 4, field = group % groups;
+            const int u = bits == 8 ? row[kk] : (row[kk] - fb) / fa;
+            panel[(size_t)(group / groups) * NR * 4 + kk % 4] |= (uint8_t)((u & ((1 << bits) - 1)) << (field * bits));
+            sum += u;
         }
         p.colsum128[col] = 128 * sum;
         p.scale[col] = s.data<float>()[col];
@@ -294,9 +322,16 @@ PyObject *py_unpack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             float *row = out.data<float>() + col * ld;
             for (int kk = 0; kk < p.k; kk++) row[kk] = panel[(size_t)kk * NR];
         } else {
-            const int8_t *panel = (const int8_t *)p.data + (size_t)(col / NR) * p.panel_stride + (col % NR) * 4;
+            const int groups = 8 / p.bits, mask = (1 << p.bits) - 1;
+            int fa, fb;
+            lowbit_affine(p.bits, &fa, &fb);
+            const uint8_t *panel = (const uint8_t *)p.data + (size_t)(col / NR) * p.panel_stride + (col % NR) * 4;
             int8_t *row = out.data<int8_t>() + col * ld;
-            for (int kk = 0; kk < p.k; kk++) row[kk] = panel[(size_t)(kk / 4) * NR * 4 + kk % 4];
+            for (int kk = 0; kk < p.k; kk++) {
+                const int group = kk / 4;
+                const uint8_t byte = panel[(size_t)(group / groups) * NR * 4 + kk % 4];
+                row[kk] = p.bits == 8 ? (int8_t)byte : (int8_t)(fa * ((byte >> ((group % groups) * p.bits)) & mask) + fb);
+            }
         }
     }
     Py_RETURN_NONE;
@@ -308,6 +343,7 @@ PyObject *packed_get_kind(PackedObject *self, void *) {
     return PyUnicode_FromString(self->p.kind == PACK_F32 ? "f32" : "s8");
 }
 PyObject *packed_get_act_scale(PackedObject *self, void *) { return PyFloat_FromDouble(self->p.act_scale); }
+PyObject *packed_get_bits(PackedObject *self, void *) { return PyLong_FromLong(self->p.kind == PACK_F32 ? 32 : self->p.bits); }
 PyObject *packed_get_nbytes(PackedObject *self, void *) {
     const packed_t &p = self->p;
     size_t bytes = p.panels * p.panel_stride * (p.kind == PACK_F32 ? sizeof(float) : 1);
@@ -351,14 +387,21 @@ PyObject *py_gemm_s32(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     Py_BEGIN_ALLOW_THREADS
     const isa_t *isa = active;
     uint8_t *codes = (uint8_t *)scratch(SLOT_CODES, (size_t)m * w->kpad + 1);
+    int32_t *sums = (int32_t *)scratch(SLOT_SUMS, (size_t)m * sizeof(int32_t) + 4);
     const uint8_t flip = isa->s8_unsigned ? 0x80 : 0;
     for (ptrdiff_t r = 0; r < m; r++) {
         const int8_t *row = x.data<int8_t>() + r * x.ld();
         uint8_t *dst = codes + r * w->kpad;
-        for (int kk = 0; kk < w->kpad; kk++) dst[kk] = (uint8_t)(kk < w->k ? row[kk] : 0) ^ flip;
+        int32_t sum = 0;
+        for (int kk = 0; kk < w->kpad; kk++) {
+            const int8_t v = kk < w->k ? row[kk] : 0;
+            sum += v;
+            dst[kk] = (uint8_t)v ^ flip;
+        }
+        sums[r] = sum;
     }
-    qgemm_t q = {w, {codes, nullptr, isa->s8_unsigned}, (int)m, nullptr, out.data<int32_t>(), out.ld(), nullptr, 0,
-                 nullptr};
+    qgemm_t q = {w, {codes, nullptr, sums, isa->s8_unsigned}, (int)m, nullptr, out.data<int32_t>(), out.ld(), nullptr,
+                 0, nullptr};
     run_qgemm(&q);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -377,7 +420,7 @@ PyObject *py_quantize(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     if (codes.ld() != x.dim(1)) return PyErr_Format(PyExc_ValueError, "codes must be C-contiguous");
     Py_BEGIN_ALLOW_THREADS
     active->quantize(x.data<float>(), x.ld(), (int)x.dim(0), (int)x.dim(1), (int)x.dim(1), (float)static_scale, 0,
-                     codes.data<uint8_t>(), scales.data<float>());
+                     codes.data<uint8_t>(), scales.data<float>(), nullptr);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -654,13 +697,14 @@ PyGetSetDef PACKED_GETSET[] = {
     {"k", (getter)packed_get_k, nullptr, "input features (columns of W)", nullptr},
     {"kind", (getter)packed_get_kind, nullptr, "'f32' or 's8'", nullptr},
     {"act_scale", (getter)packed_get_act_scale, nullptr, "int8: fixed activation step (0: dynamic)", nullptr},
+    {"bits", (getter)packed_get_bits, nullptr, "bits per weight: 32, 8, 4, 2 or 1", nullptr},
     {"nbytes", (getter)packed_get_nbytes, nullptr, "bytes held, panels padded", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, doc}
 PyMethodDef METHODS[] = {
     FAST(pack_f32, "pack_f32(weight (n, k) float32) -> Packed"),
-    FAST(pack_s8, "pack_s8(codes (n, k) int8, scales (n,) float32, act_scale) -> Packed"),
+    FAST(pack_s8, "pack_s8(codes (n, k) int8, scales (n,) float32, act_scale, bits=8) -> Packed"),
     FAST(gemm, "gemm(x, w, out, addend=None, bias=None): out = [addend +] x @ W^T [+ bias]"),
     FAST(gemm_s32, "gemm_s32(codes int8, w int8-packed, out int32): exact integer product"),
     FAST(quantize, "quantize(x, static_scale, codes, scales): int8 codes per row (0: dynamic scale)"),

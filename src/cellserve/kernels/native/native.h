@@ -5,6 +5,9 @@
  *   fp32: panel[k][NR] floats.
  *   int8: panel[k/4][NR][4] bytes (4 consecutive k of one column side by side, the operand order of
  *         VNNI's vpdpbusd), K zero-padded to a multiple of 4, plus per-column scales and code sums.
+ *   4/2/1-bit: the int8 layout with G = 8/bits consecutive [NR][4] groups sharing each byte (group t in
+ *         bit field t), so one 64-byte load holds G groups; a field u stands for the code q = a*u + b
+ *         (lowbit_affine). K is padded to a multiple of 4*G with u = 0.
  * The layout is the same on every ISA path, so a packed matrix can be used by any of them. */
 #ifndef CELLSERVE_NATIVE_H
 #define CELLSERVE_NATIVE_H
@@ -19,13 +22,15 @@ enum { PACK_F32 = 0, PACK_S8 = 1 };
 
 typedef struct {
     int kind;            /* PACK_F32 or PACK_S8 */
+    int bits;            /* PACK_S8: 8, or 4/2/1 (fields packed several to a byte) */
     int n, k;            /* logical shape: the matrix is (n, k), computed as x @ W^T */
     int panels;          /* ceil(n / NR) */
     int kpad;            /* k rounded up: to 4 for int8, k itself for fp32 */
     size_t panel_stride; /* elements (floats or bytes) per panel */
     void *data;
     float *scale;        /* int8: per column, padded to panels * NR */
-    int32_t *colsum128;  /* int8: 128 x each column's code sum: the correction for VNNI's activations + 128 */
+    int32_t *colsum128;  /* int8: 128 x each column's sum of stored fields u: the correction for VNNI's
+                            activations + 128 */
     float act_scale;     /* int8: fixed activation grid step; 0 = dynamic per row (max|x| / 127) */
 } packed_t;
 
@@ -46,8 +51,16 @@ typedef struct {
 typedef struct {
     const uint8_t *codes;  /* m x kpad, row stride kpad: s8 codes, or s8 + 128 (u8) for VNNI */
     const float *scales;   /* m */
+    const int32_t *sums;   /* m: each row's sum of (signed) codes, for low-bit weights' offsets */
     int is_unsigned;
 } qact_t;
+
+/* A low-bit field u stands for the weight code q = a*u + b (u = 0 pads): 4-bit q in [-7, 7] is u - 8,
+ * ternary q in {-1, 0, 1} is u - 1, binary q in {-1, 1} is 2u - 1; int8 stores q itself. */
+static inline void lowbit_affine(int bits, int *a, int *b) {
+    *a = bits == 1 ? 2 : 1;
+    *b = bits == 4 ? -8 : (bits == 8 ? 0 : -1);
+}
 
 typedef struct {
     const packed_t *w;
@@ -70,7 +83,7 @@ typedef struct {
     /* int8 activations: codes as this path's kernel wants them (signed, or +128 for VNNI) */
     int s8_unsigned;      /* its int8 kernel wants activation codes + 128 (VNNI) */
     void (*quantize)(const float *x, ptrdiff_t ldx, int m, int k, int kpad, float static_scale, int is_unsigned,
-                     uint8_t *codes, float *scales);
+                     uint8_t *codes, float *scales, int32_t *sums);
     /* fused gate math over a batch (see kernels.inc) */
     void (*lstm_gates)(const float *gates, int batch, int hidden, const float *c_prev, ptrdiff_t ldc_prev,
                        float *h_out, ptrdiff_t ldh, float *c_out, float cell_step, float cell_limit);
@@ -92,7 +105,7 @@ typedef void (*task_fn)(void *ctx, int tid, int nthreads);
 void pool_run(int nthreads, task_fn fn, void *ctx);
 
 /* per-thread scratch buffers (module.cpp), 64-byte aligned, grown on demand; NULL when out of memory */
-enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_PACKED_A, NUM_SLOTS };
+enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_SUMS, SLOT_PACKED_A, SLOT_PANEL, NUM_SLOTS };
 void *scratch(int slot, size_t bytes);
 
 
