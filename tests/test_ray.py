@@ -12,9 +12,10 @@ serve = pytest.importorskip("ray.serve")
 
 
 def test_sequence_key_and_metric_merging():
-    assert sequence_key(b'{"parameters": {"sequence_id": 12}}', None) == "12"
-    assert sequence_key(b'{"inputs": []}', None) is None
-    assert sequence_key(b"not json", None) is None
+    assert sequence_key(b'{"parameters": {"sequence_id": 12}}', None) == ("12", False)
+    assert sequence_key(b'{"parameters": {"sequence_id": "a", "sequence_restore": true}}', None) == ("a", True)
+    assert sequence_key(b'{"inputs": []}', None) == (None, False)
+    assert sequence_key(b"not json", None) == (None, False)
     merged = merge_metrics(["# HELP a_total x\n# TYPE a_total counter\na_total{model=\"m\"} 1.0\n",
                             "# HELP a_total x\n# TYPE a_total counter\na_total{model=\"m\"} 2.0\n"])
     assert merged.count("# HELP a_total") == 1
@@ -57,6 +58,7 @@ def test_two_shards_serve_sessions_that_stick():
                 np.testing.assert_allclose(np.concatenate(outputs), reference.forward(frames[:, None])[0][:, 0],
                                            rtol=1e-5, atol=1e-5)
             assert seen == {0, 1}  # sessions landed on both shards
+            restore_after_shard_death(client, reference, rng)
             bad = client.post("/v2/models/sru-stream/infer", content=b"{oops")
             assert bad.status_code == 400 and "JSON" in bad.json()["error"]
             metrics = client.get("/metrics").text
@@ -64,3 +66,32 @@ def test_two_shards_serve_sessions_that_stick():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def restore_after_shard_death(client, reference, rng):
+    """A session snapshotted on its shard resumes elsewhere after that shard is killed: outputs equal an
+    uninterrupted run."""
+    frames = rng.standard_normal((12, 40)).astype(np.float32)
+
+    def chunk(a, b, **parameters):
+        return {"inputs": [{"name": "frames", "shape": [b - a, 40], "datatype": "FP32",
+                            "data": frames[a:b].reshape(-1).tolist()}],
+                "parameters": {"sequence_id": "survivor", **parameters}}
+
+    first = client.post("/v2/models/sru-stream/infer", json=chunk(0, 6, sequence_start=True, sequence_snapshot=True))
+    assert first.status_code == 200, first.text
+    body = first.json()
+    blob = next(o for o in body["outputs"] if o["name"] == "sequence_snapshot")["data"][0]
+    shard = body["parameters"]["replica"]
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+              if f"cellserve-shard-{shard}" in a["name"] and "REPLICA" in a["name"]]
+    assert actors, ray.util.list_named_actors(all_namespaces=True)
+    for actor in actors:
+        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    restore = chunk(6, 12, sequence_restore=True, sequence_end=True)
+    restore["inputs"].append({"name": "sequence_snapshot", "shape": [1], "datatype": "BYTES", "data": [blob]})
+    rest = client.post("/v2/models/sru-stream/infer", json=restore)
+    assert rest.status_code == 200, rest.text
+    outputs = [np.array(r.json()["outputs"][0]["data"]).reshape(r.json()["outputs"][0]["shape"]) for r in (first, rest)]
+    np.testing.assert_allclose(np.concatenate(outputs), reference.forward(frames[:, None])[0][:, 0],
+                               rtol=1e-5, atol=1e-5)

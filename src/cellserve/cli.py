@@ -37,9 +37,13 @@ def _serve(args):
     base = f"http://{args.host}:{args.port}"
     if args.ray:
         return _serve_on_ray(args, base)
-    app = create_app(repository, max_body_bytes=args.max_body_mb * 2**20)
+    if not 0 <= args.grpc_port <= 65535:
+        raise UsageError("--grpc-port must be in [0, 65535] (0 turns gRPC off)")
+    app = create_app(repository, max_body_bytes=args.max_body_mb * 2**20, grpc_port=args.grpc_port or None,
+                     grpc_host=args.host)
+    grpc = f"; gRPC (KServe v2 / Triton) on {args.host}:{args.grpc_port}" if args.grpc_port else ""
     print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
-          f"metrics {base}/metrics, API docs {base}/docs", flush=True)
+          f"metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15)
 
 
@@ -88,9 +92,12 @@ def _bench_cells(args):
         raise UsageError(f"unknown cell(s) {sorted(unknown)}; choose from {list(cells.CELL_KINDS)}")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
+    if set(args.bits) - {32, 8, 4, 2, 1}:
+        raise UsageError("--bits takes 32, 8, 4, 2 and 1")
     cells.run(args.cells, args.hidden, args.batch, args.seconds, args.json,
               with_torch=not args.no_torch and _installed("torch", "torch"),
-              with_ort=not args.no_ort and _installed("onnxruntime", "onnx"), threads=args.threads)
+              with_ort=not args.no_ort and _installed("onnxruntime", "onnx"), threads=args.threads,
+              bits=tuple(args.bits))
 
 
 def _bench_gemm(args):
@@ -291,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "config.json); the embedded models when omitted")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC (KServe v2 / Triton) port; 0 turns it off")
     serve.add_argument("--max-body-mb", type=int, default=16, help="largest request body accepted")
     serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (joins RAY_ADDRESS if set)")
     serve.add_argument("--replicas", type=int, default=2, help="with --ray: engine shards; sessions stick to one")
@@ -308,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_ints, default=[1, 8, 32, 128], help="comma list of batch sizes")
     b.add_argument("--seconds", type=float, default=0.6, help="time budget per row (all implementations)")
     b.add_argument("--threads", type=int, default=1, help="also time ours on this many threads (a column)")
+    b.add_argument("--bits", type=_ints, default=[32], help="weight widths to time: 32 (fp32), 8, 4, 2, 1")
     b.add_argument("--no-torch", action="store_true", help="skip the torch column")
     b.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
     b.set_defaults(func=_bench_cells)

@@ -1,12 +1,14 @@
-"""`cellserve bench http`: what the HTTP layer adds. The same requests go to the engine in-process and to
-`cellserve serve` in a separate process over loopback, at 1 and at 16 concurrent clients; the table gives
-p50/p99 of both and the difference. Bounded in count and time; traffic stays on 127.0.0.1."""
+"""`cellserve bench http`: what the HTTP and gRPC layers add. The same requests go to the engine in-process,
+and to `cellserve serve` in a separate process over loopback by HTTP (JSON, httpx) and by gRPC
+(tritonclient.grpc), at 1 and at 16 concurrent clients; the table gives p50/p99 of each and the
+difference to in-process. Bounded in count and time; traffic stays on 127.0.0.1."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,8 +39,9 @@ def _run(call, items, clients: int) -> np.ndarray:
 def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None) -> list[dict]:
     rng = np.random.default_rng(seed)
     numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port)],
+    port, grpc_port = _free_port(), _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port),
+                               "--grpc-port", str(grpc_port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rows = []
     try:
@@ -67,26 +70,45 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                 r = http.post("/v2/models/speller/infer", json=body)
                 r.raise_for_status()
 
+            grpc_clients = threading.local()
+
+            def over_grpc(n):
+                import tritonclient.grpc as triton
+
+                client = getattr(grpc_clients, "client", None)
+                if client is None:
+                    client = grpc_clients.client = triton.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+                tokens = triton.InferInput("tokens", [1, len(n)], "INT64")
+                tokens.set_data_from_numpy(np.array([encode_number(n)], np.int64))
+                limit = triton.InferInput("max_output_tokens", [1], "INT64")
+                limit.set_data_from_numpy(np.array([16], np.int64))
+                client.infer("speller", [tokens, limit])
+
             for clients in concurrency:
-                _run(in_process, numbers[:20], clients)  # warm-up
-                _run(over_http, numbers[:20], clients)
+                for call in (in_process, over_http, over_grpc):  # warm-up
+                    _run(call, numbers[:20], clients)
                 local = _run(in_process, numbers, clients)
                 remote = _run(over_http, numbers, clients)
+                remote_grpc = _run(over_grpc, numbers, clients)
                 row = {"clients": clients, "requests": requests}
                 for q in (50, 99):
                     row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
                     row[f"http_p{q}_ms"] = float(np.percentile(remote, q))
                     row[f"overhead_p{q}_ms"] = row[f"http_p{q}_ms"] - row[f"engine_p{q}_ms"]
+                    row[f"grpc_p{q}_ms"] = float(np.percentile(remote_grpc, q))
+                    row[f"grpc_overhead_p{q}_ms"] = row[f"grpc_p{q}_ms"] - row[f"engine_p{q}_ms"]
                 rows.append(row)
             engine.stop()
             http.close()
     finally:
         server.terminate()
         server.wait(30)
-    print_table("HTTP overhead: the speller in-process vs over loopback HTTP (JSON)", rows,
+    print_table("server overhead: the speller in-process vs over loopback HTTP (JSON) and gRPC", rows,
                 [("clients", "clients"), ("engine_p50_ms", "engine p50"), ("http_p50_ms", "HTTP p50"),
-                 ("overhead_p50_ms", "+p50 ms"), ("engine_p99_ms", "engine p99"), ("http_p99_ms", "HTTP p99"),
-                 ("overhead_p99_ms", "+p99 ms")],
+                 ("overhead_p50_ms", "HTTP +p50 ms"), ("grpc_p50_ms", "gRPC p50"),
+                 ("grpc_overhead_p50_ms", "gRPC +p50 ms"), ("engine_p99_ms", "engine p99"),
+                 ("http_p99_ms", "HTTP p99"), ("overhead_p99_ms", "HTTP +p99 ms"), ("grpc_p99_ms", "gRPC p99"),
+                 ("grpc_overhead_p99_ms", "gRPC +p99 ms")],
                 caption="server in its own process; clients are threads here, one per concurrent client")
     write_json(json_path, {"rows": rows})
     console.print("done")

@@ -130,7 +130,7 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
     step_rows = max_batch * (workload.rows_per_request if policy == "cellular" else 1)
     engine = Engine(make_runner(model, 16384 if workload.name == "treelstm" else 4096), policy,
                     max_batch=step_rows, max_queue=4 * max_batch + int(rate), max_delay_ms=max_delay_ms,
-                    length_buckets=buckets, max_running=2 * max_batch).start()  # in requests, for every workload
+                    length_buckets=buckets, max_running=workload.running_per_batch * max_batch).start()
     result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
     stats = engine.stats
     row = {"workload": workload.name, "policy": policy, "backend": backend, "rate_rps": rate,

@@ -42,6 +42,7 @@ class Workload:
     make_model: Callable[[], object]
     make_request: Callable[[np.random.Generator, int], dict]  # (rng, sentence length) -> inputs
     rows_per_request: int = 1  # cell-step rows one request brings at once: cellular's max_batch is in rows
+    running_per_batch: int = 2  # cellular's running set, in units of max_batch requests
 
 
 def _lm_request(rng, n):
@@ -77,7 +78,7 @@ WORKLOADS = {
                         lambda: Seq2Seq.random(VOCAB, VOCAB, 512, 512, num_layers=2, seed=0), _s2s_request),
     "treelstm": Workload("treelstm", "child-sum TreeLSTM, 512 hidden, binary trees over sentences",
                          lambda: TreeLSTM.random(VOCAB, 512, 512, num_classes=5, seed=0), _tree_request,
-                         rows_per_request=16),
+                         rows_per_request=16, running_per_batch=1),
     "speller": Workload("speller", "the embedded number speller: LSTM encoder-decoder, 2x128, numbers up to "
                         "999999 spelled in words", _speller, _speller_request),
 }

@@ -29,6 +29,10 @@ class SessionError(EngineError, ValueError):
     """A chunk names a sequence that is unknown, expired or busy (the caller's mistake: HTTP 400)."""
 
 
+class SessionsFull(EngineFull):
+    """A new sequence was refused: the model holds its maximum of open sequences (HTTP 503)."""
+
+
 @dataclass(eq=False)
 class Session:
     """A stream's recurrent state, kept in the pool between chunks. Chunks run one at a time, in order:
@@ -40,6 +44,7 @@ class Session:
     last_active: float = field(default_factory=time.perf_counter)
     busy: bool = False  # a chunk is queued or running
     waiting: collections.deque = field(default_factory=collections.deque)  # later chunks, in order
+    restore: dict | None = None  # a snapshot's state and pending input, put in place by its first chunk
 
 
 @dataclass(eq=False)
@@ -58,3 +63,4 @@ class Request:
     result: object = None
     session: Session | None = None
     end: bool = False  # the last chunk of its session
+    snapshot: bool = False  # return the session's state after this chunk (Runner.snapshot)

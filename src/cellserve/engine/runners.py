@@ -43,6 +43,7 @@ def _token_array(value, name: str, vocab: int, min_len: int = 1) -> np.ndarray:
 class Runner:
     cell_types: tuple[str, ...] = ()  # stages, earliest first: later stages finish requests sooner
     pads = True  # sequence models pad finished requests in the graph baseline; trees do not
+    default_pick = "stage"  # the engine's cellular pick when none is given
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)  # rows (requests) it can hold at once; tree nodes for trees
@@ -90,6 +91,10 @@ class Runner:
     def drop(self, req: Request) -> None:
         """Forget a request that will not finish (cancelled, failed, engine stopped): free its memory."""
         raise NotImplementedError
+
+    def check_snapshot(self, snapshot: dict) -> None:
+        """Raise ValueError unless `snapshot` is a session state this runner can restore."""
+        raise ValueError("this model keeps no state between requests: there is no sequence to restore")
 
     @property
     def used(self) -> int:
@@ -330,12 +335,34 @@ class StreamRunner(SequenceRunner):
             raise ValueError("frames contain NaN or infinity")
         return frames, 1
 
+    def check_snapshot(self, snapshot):
+        state, pending = snapshot.get("state"), snapshot.get("pending")
+        if not isinstance(state, dict) or set(state) != set(self.pool.arrays):
+            raise ValueError(f"the snapshot's state arrays {sorted(state or {})} are not this model's "
+                             f"{sorted(self.pool.arrays)}")
+        for name, values in state.items():
+            width = self.pool[name].shape[1]
+            if np.shape(values) != (width,) or not np.isfinite(values).all():
+                raise ValueError(f"snapshot state {name!r} must be {width} finite values, got shape {np.shape(values)}")
+        if pending is None or np.ndim(pending) != 2 or np.shape(pending)[1] != self.model.input_size:
+            raise ValueError(f"the snapshot's pending frames must have shape [n, {self.model.input_size}]")
+
+    def _snapshot(self, req: Request, state) -> dict:
+        """The session's state (after this chunk) and the frames waiting for a full block."""
+        return {"state": {name: np.array(values, np.float32) for name, values in state.items()},
+                "pending": np.array(req.session.buffer, np.float32)}
+
     def _admit(self, req):
         session = req.session
         if session is not None and session.slots is None:
             session.slots = self.pool.alloc(1)
             if session.slots is None:
                 return NO_ROOM
+            if session.restore is not None:  # a snapshot opens this session
+                for name, values in session.restore["state"].items():
+                    self.pool[name][session.slots[0]] = values
+                session.buffer = np.asarray(session.restore["pending"], np.float32).reshape(-1, self.model.input_size)
+                session.restore = None
         frames = req.payload
         if session is not None and session.buffer is not None and len(session.buffer):
             frames = np.concatenate([session.buffer, frames])
@@ -345,6 +372,8 @@ class StreamRunner(SequenceRunner):
             session.buffer = frames[usable:]
         if not usable:
             req.result = self._result(req, np.empty((0, self.model.hidden_size), np.float32))
+            if req.snapshot:
+                req.result["snapshot"] = self._snapshot(req, {n: a[session.slots[0]] for n, a in self.pool.arrays.items()})
             return DONE
         req.progress["frames"] = (self.frames.put(frames[:usable]), usable)
         req.progress["out"] = self.outputs.alloc(usable)
@@ -383,6 +412,8 @@ class StreamRunner(SequenceRunner):
                 for name, arr in st.states.items():
                     self.pool[name][req.session.slots[0]] = arr[a + i]
             req.result = self._result(req, self.outputs.data[o:o + n].copy())
+            if req.snapshot:
+                req.result["snapshot"] = self._snapshot(req, {n: arr[a + i] for n, arr in st.states.items()})
         self._leave(st, a + done, out)
         self.last_rows = b - a
         return out
@@ -500,6 +531,8 @@ class TreeRunner(Runner):
 
     cell_types = ("leaf", "internal")
     pads = False
+    default_pick = "oldest"  # a tree's critical path is its depth: the oldest tree's nodes first (measured:
+    # p90 54 vs 109 ms for "stage" at 449 req/s on the serving bench's TreeLSTM, 64 trees in flight)
 
     def __init__(self, model: TreeLSTM, capacity: int):
         super().__init__(capacity)

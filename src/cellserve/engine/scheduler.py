@@ -4,11 +4,13 @@ Policies, all over the same runner and kernels:
   cellular  a bounded running set (max_running requests, like vLLM's max_num_seqs; 2 x max_batch by
             default) is filled from the queue oldest first between steps; each step runs one cell type
             (stage) on up to max_batch of its ready rows, and requests leave the moment they finish
-            (BatchMaker's cellular batching). Which stage runs (pick):
+            (BatchMaker's cellular batching). Which stage runs (pick, by default the runner's):
               stage    the later stage (decoder before encoder, internal nodes before leaves), so
                        in-flight requests finish sooner, unless an earlier stage would run a batch
-                       more than twice as full;
-              fullest  the stage with the most ready rows; oldest: the stage of the oldest request.
+                       more than twice as full (sequence models' default); while requests wait for
+                       a full running set, the fullest stage;
+              fullest  the stage with the most ready rows; oldest: the stage of the oldest request
+                       (trees' default).
             Whatever the pick, a stage with ready rows that has not run for max_wait_steps steps runs
             next, and a stage's rows take turns in windows of max_batch, so no request starves.
   graph     request-level dynamic batching: wait up to max_delay_ms or max_batch requests (optionally
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cellserve import kernels
-from cellserve.engine.request import EngineFull, EngineStopped, Request, Session, SessionError
+from cellserve.engine.request import EngineFull, EngineStopped, Request, Session, SessionError, SessionsFull
 from cellserve.engine.runners import DONE, NO_ROOM, Runner
 
 POLICIES = ("cellular", "graph", "none")
@@ -65,11 +67,14 @@ def calm_gc(threshold: int = 50_000) -> None:
 class Engine:
     def __init__(self, runner: Runner, policy: str = "cellular", max_batch: int = 32, max_queue: int = 1024,
                  max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None,
-                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str = "stage", threads: int = 1,
-                 max_running: int | None = None, tune_gc: bool = True):
+                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str | None = None, threads: int = 1,
+                 max_running: int | None = None, tune_gc: bool = True, max_sessions: int | None = None):
         """threads: cores each batched step's products are split across (set on the scheduler thread).
         max_running: cellular's bound on requests in flight (default 2 x max_batch, within the runner's
-        capacity); graph runs max_batch at a time and none one."""
+        capacity); graph runs max_batch at a time and none one. max_sessions: open streaming sessions
+        allowed at once (default: the runner's capacity); past it a new sequence is refused, never
+        made room for by evicting another."""
+        pick = pick or runner.default_pick
         if pick not in PICKS:
             raise ValueError(f"pick must be one of {PICKS}, got {pick!r}")
         if policy not in POLICIES:
@@ -90,6 +95,7 @@ class Engine:
         self.pick = pick
         self.threads = int(threads)
         self.tune_gc = tune_gc
+        self.max_sessions = int(max_sessions) if max_sessions else runner.capacity
         self.stats = EngineStats()
         self._sessions: dict[str, Session] = {}
         self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
@@ -118,17 +124,25 @@ class Engine:
         return self
 
     def submit(self, inputs: dict, sequence_id: str | None = None, sequence_start: bool = False,
-               sequence_end: bool = False) -> "Future":  # noqa: F821
+               sequence_end: bool = False, sequence_snapshot: bool = False,
+               sequence_restore: dict | None = None) -> "Future":  # noqa: F821
         """Queue a request; returns a Future with the result. Raises ValueError on bad input and
         EngineFull when the queue is at capacity (nothing is dropped silently).
 
         With a sequence_id the request is one chunk of a stateful stream: sequence_start opens the
         session (or restarts an idle one), sequence_end closes it after this chunk; any other chunk
-        must name a live session, else SessionError. A session's chunks run one at a time, in order."""
+        must name a live session, else SessionError. A session's chunks run one at a time, in order.
+        sequence_snapshot adds the session's state after this chunk to the result ("snapshot");
+        sequence_restore (such a snapshot) opens the session with that state instead of zeros. Opening
+        a session past max_sessions raises SessionsFull."""
         payload, slots_needed = self.runner.prepare(inputs)
         if slots_needed > self.runner.capacity:
             raise ValueError(f"request needs {slots_needed} state slots; the engine holds {self.runner.capacity}")
-        req = Request(payload, slots_needed, end=bool(sequence_end))
+        if (sequence_snapshot or sequence_restore is not None) and sequence_id is None:
+            raise ValueError("snapshot and restore need a sequence_id")
+        if sequence_restore is not None:
+            self.runner.check_snapshot(sequence_restore)
+        req = Request(payload, slots_needed, end=bool(sequence_end), snapshot=bool(sequence_snapshot))
         with self._cv:
             if not self._running_flag:
                 raise EngineStopped("engine is not running")
@@ -136,8 +150,10 @@ class Engine:
                 self.stats.refused += 1
                 raise EngineFull(f"queue full ({self.max_queue} waiting requests); retry later")
             if sequence_id is not None:
-                req.session = self._session_for(str(sequence_id), sequence_start)
+                req.session = self._session_for(str(sequence_id), sequence_start or sequence_restore is not None)
                 req.session.last_active = time.perf_counter()
+                if sequence_restore is not None:
+                    req.session.restore = sequence_restore
             self.stats.submitted += 1
             if req.session is not None and req.session.busy:
                 req.session.waiting.append(req)
@@ -166,6 +182,9 @@ class Engine:
                 if session.busy:
                     raise SessionError(f"sequence {sequence_id!r} has chunks in flight; end it before restarting")
                 self._close_session(session)
+            elif len(self._sessions) >= self.max_sessions:
+                raise SessionsFull(f"this model holds its maximum of {self.max_sessions} open sequences; end one "
+                                   "(sequence_end) or retry later")
             session = self._sessions[sequence_id] = Session(sequence_id)
             self._expired.pop(sequence_id, None)
             return session
@@ -287,6 +306,7 @@ class Engine:
                 req.ticket = self._tickets.pop()
                 self.cancel_flags[req.ticket] = False
                 req.started = time.perf_counter()
+                req.future.queue_seconds = req.started - req.arrival  # for the server's statistics
                 self._running[req.id] = req
                 batch.append(req)
         self._retire(cancelled)

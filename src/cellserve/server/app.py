@@ -1,32 +1,34 @@
-"""The HTTP server: Open Inference Protocol v2 endpoints, streaming sessions, Prometheus metrics.
+"""The HTTP front end: Open Inference Protocol v2 routes (with Triton's repository, statistics and
+configuration extensions) over the service layer, Prometheus metrics, and the gRPC service started beside
+it on the same event loop and engines.
 
-Every bad request gets a 4xx with {"error": message}; a full queue or a stopping server gets 503. The
-handler only parses, submits to the engine and waits on its future, so one request's failure never
-touches another's.
+Every refusal, unknown routes included, answers {"error": message} with its 4xx/5xx status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cellserve import __version__
-from cellserve.engine import EngineFull, EngineStopped
-from cellserve.server.metrics import Metrics
-from cellserve.server.protocol import HEADER_LENGTH, ProtocolError, build_response, parse_infer_request
+from cellserve.server.protocol import HEADER_LENGTH
 from cellserve.server.repository import Repository
+from cellserve.server.service import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
 
-DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 INFER_DOC = {
     "requestBody": {"content": {"application/json": {"schema": {
         "type": "object", "required": ["inputs"],
         "properties": {"id": {"type": "string"}, "parameters": {"type": "object", "properties": {
             "sequence_id": {"type": ["string", "integer"]}, "sequence_start": {"type": "boolean"},
-            "sequence_end": {"type": "boolean"}}},
+            "sequence_end": {"type": "boolean"}, "sequence_snapshot": {"type": "boolean"},
+            "sequence_restore": {"type": "boolean"}}},
             "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"],
                                                    "properties": {"name": {"type": "string"},
                                                                   "shape": {"type": "array", "items": {"type": "integer"}},
@@ -36,97 +38,12 @@ INFER_DOC = {
 }
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class LocalBackend:
-    """Models served by engines in this process. `replica` names the process when several serve
-    (Ray Serve shards); it is reported in infer responses and metrics."""
-
-    def __init__(self, repository: Repository, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 replica: int | None = None):
-        self.repository, self.max_body_bytes, self.replica = repository, max_body_bytes, replica
-        self.metrics = Metrics()
-        for served in repository.models.values():
-            self.metrics.watch(served)
-
-    def start(self) -> None:
-        self.repository.start()
-
-    def stop(self) -> None:
-        self.repository.stop()
-
-    def _model(self, name: str):
-        served = self.repository.get(name)
-        if served is None:
-            raise HTTPError(404, f"unknown model {name!r}; this server has {sorted(self.repository.models)}")
-        return served
-
-    async def ready(self) -> bool:
-        return all(m.engine.running for m in self.repository.models.values())
-
-    async def model_metadata(self, name: str) -> dict:
-        return self._model(name).metadata()
-
-    async def model_ready(self, name: str) -> bool:
-        return self._model(name).engine.running
-
-    async def metrics_text(self) -> bytes:
-        return generate_latest(self.metrics.registry)
-
-    async def infer(self, name: str, body: bytes, header_length: str | None) -> tuple[bytes, dict]:
-        served = self._model(name)
-        try:
-            result = await self._infer(served, body, header_length)
-        except HTTPError as exc:
-            self.metrics.requests.labels(name, f"http_{exc.status}").inc()
-            raise
-        self.metrics.requests.labels(name, "success").inc()
-        return result
-
-    async def _infer(self, served, body: bytes, header_length: str | None):
-        try:
-            req = parse_infer_request(body, header_length)
-            sequence = _sequence_parameters(req.parameters, served.stateful)
-            inputs = served.requests(req.inputs)
-            if sequence and len(inputs) != 1:
-                raise ProtocolError("a sequence chunk carries one stream (batch size 1)")
-        except ProtocolError as exc:
-            raise HTTPError(400, str(exc))
-        futures = []
-        try:
-            for item in inputs:
-                futures.append(served.engine.submit(item, **sequence))
-            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        except ValueError as exc:  # bad values the model rejects, unknown/expired sessions
-            _cancel(futures)
-            raise HTTPError(400, str(exc))
-        except EngineFull as exc:
-            _cancel(futures)
-            raise HTTPError(503, str(exc))
-        except EngineStopped as exc:
-            raise HTTPError(503, str(exc))
-        except asyncio.CancelledError:  # the client went away: free the engine's slots
-            _cancel(futures)
-            raise
-        outputs, parameters = served.outputs_of(results)
-        if sequence:
-            parameters = {**parameters, "sequence_id": sequence["sequence_id"]}
-        if self.replica is not None:
-            parameters = {**parameters, "replica": self.replica}
-        try:
-            return build_response(served.name, served.version, req, outputs, parameters)
-        except ProtocolError as exc:
-            raise HTTPError(400, str(exc))
-
-
-def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_provider=None) -> FastAPI:
+def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_provider=None,
+               grpc_port: int | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
     """The HTTP API over a backend: a Repository (served here) or any object with LocalBackend's
     async methods. backend_provider, when given, is called per request instead (the Ray Serve ingress
-    binds its router after Ray has copied the app into the replica)."""
+    binds its router after Ray has copied the app into the replica). With grpc_port, the gRPC service
+    runs beside it (0 picks a free port; app.state.grpc_port tells which)."""
     if isinstance(backend, Repository):
         backend = LocalBackend(backend, max_body_bytes)
 
@@ -135,7 +52,14 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
         target = app.state.backend
         if hasattr(target, "start"):
             target.start()
+        grpc_server = None
+        if grpc_port is not None:
+            from cellserve.server.grpc_service import start_grpc
+
+            grpc_server, app.state.grpc_port = await start_grpc(current, grpc_host, grpc_port)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
         if hasattr(target, "stop"):  # graceful: running requests finish (or fail clearly), nothing hangs
             await asyncio.get_running_loop().run_in_executor(None, target.stop)
 
@@ -144,13 +68,23 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
     app.state.backend = backend
     current = backend_provider or (lambda: app.state.backend)
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(request, exc: HTTPError):
+    @app.exception_handler(ServiceError)
+    async def _service_error(request, exc: ServiceError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _route_error(request, exc: StarletteHTTPException):
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse({"error": message}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        return JSONResponse({"error": f"malformed request: {exc.errors()}"}, status_code=400)
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata():
-        return {"name": "cellserve", "version": __version__, "extensions": ["binary_tensor_data", "sequence"]}
+        return await current().server_metadata()
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live():
@@ -163,19 +97,48 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
     @app.get("/v2/models/{name}", summary="Model metadata")
     @app.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
     async def model_metadata(name: str, version: str | None = None):
-        return await current().model_metadata(name)
+        return await current().model_metadata(name, version)
 
     @app.get("/v2/models/{name}/ready", summary="Model readiness")
     @app.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
     async def model_ready(name: str, version: str | None = None):
-        return Response(status_code=200 if await current().model_ready(name) else 503)
+        return Response(status_code=200 if await current().model_ready(name, version) else 503)
+
+    @app.get("/v2/models/{name}/config", summary="Model configuration (Triton's shape)")
+    @app.get("/v2/models/{name}/versions/{version}/config", include_in_schema=False)
+    async def model_config(name: str, version: str | None = None):
+        return await current().model_config(name, version)
+
+    @app.get("/v2/models/stats", summary="Statistics of every model (Triton's shape)")
+    async def all_statistics():
+        return await current().statistics()
+
+    @app.get("/v2/models/{name}/stats", summary="Model statistics (Triton's shape)")
+    @app.get("/v2/models/{name}/versions/{version}/stats", include_in_schema=False)
+    async def model_statistics(name: str, version: str | None = None):
+        return await current().statistics(name, version)
 
     @app.post("/v2/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOC)
     @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def infer(name: str, request: Request, version: str | None = None):
         body = await _read_body(request, max_body_bytes)
-        content, headers = await current().infer(name, body, request.headers.get(HEADER_LENGTH))
+        content, headers = await current().infer_http(name, body, request.headers.get(HEADER_LENGTH), version)
         return Response(content, headers=headers)
+
+    @app.post("/v2/repository/index", summary="Models in the repository and their state")
+    async def repository_index(request: Request):
+        options = await _json_body(request)
+        return await current().repository_index(bool(options.get("ready", False)))
+
+    @app.post("/v2/repository/models/{name}/load", summary="Load or reload a model from its folder")
+    async def load(name: str):
+        await current().load(name)
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{name}/unload", summary="Stop serving a model (in-flight requests finish)")
+    async def unload(name: str):
+        await current().unload(name)
+        return Response(status_code=200)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus():
@@ -187,36 +150,24 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        raise ServiceError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+            raise ServiceError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _sequence_parameters(parameters: dict, stateful: bool) -> dict:
-    """sequence_id / sequence_start / sequence_end, checked; {} for a stateless request."""
-    if "sequence_id" not in parameters:
-        if parameters.get("sequence_start") or parameters.get("sequence_end"):
-            raise ProtocolError("sequence_start/sequence_end need a sequence_id")
+async def _json_body(request: Request) -> dict:
+    body = await _read_body(request, 1 << 16)
+    if not body.strip():
         return {}
-    if not stateful:
-        raise ProtocolError("this model is stateless; it does not take sequence parameters")
-    sid = parameters["sequence_id"]
-    if isinstance(sid, bool) or not isinstance(sid, (int, str)) or sid in ("", 0):
-        raise ProtocolError("sequence_id must be a non-zero integer or a non-empty string")
-    flags = {}
-    for key in ("sequence_start", "sequence_end"):
-        value = parameters.get(key, False)
-        if not isinstance(value, bool):
-            raise ProtocolError(f"{key} must be true or false")
-        flags[key] = value
-    return {"sequence_id": str(sid), **flags}
-
-
-def _cancel(futures) -> None:
-    for f in futures:
-        f.cancel()
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise ServiceError(400, f"request body is not valid JSON: {exc}")
+    if not isinstance(value, dict):
+        raise ServiceError(400, "request body must be a JSON object")
+    return value

@@ -16,8 +16,9 @@ import zlib
 
 from ray import serve
 
-from cellserve.server.app import HTTPError, LocalBackend, create_app
+from cellserve.server.app import create_app
 from cellserve.server.repository import Repository
+from cellserve.server.service import LocalBackend, ServiceError
 
 
 def _repository(model_dir: str | None) -> Repository:
@@ -33,54 +34,94 @@ class EngineShard:
         self.backend.start()
 
     async def call(self, method: str, *args):
-        """Run a LocalBackend method; HTTP errors come back as (status, message) so they cross processes."""
+        """Run a LocalBackend method; refusals come back as (status, message) so they cross processes."""
         try:
             return 200, await getattr(self.backend, method)(*args)
-        except HTTPError as exc:
+        except ServiceError as exc:
             return exc.status, str(exc)
 
     def __del__(self):
         self.backend.stop()
 
 
-def sequence_key(body: bytes, header_length: str | None) -> str | None:
-    """The sequence_id a request names, read from its JSON header (None when it names none, or when the
-    body is malformed: a shard will then answer 400 with the reason)."""
+def sequence_key(body: bytes, header_length: str | None) -> tuple[str | None, bool]:
+    """The sequence_id a request names, read from its JSON header, and whether it restores a snapshot
+    ((None, False) when it names none, or when the body is malformed: a shard will then answer 400)."""
     try:
         header = body[: int(header_length)] if header_length else body
-        sid = json.loads(header).get("parameters", {}).get("sequence_id")
+        parameters = json.loads(header).get("parameters", {})
+        sid = parameters.get("sequence_id")
+        restore = parameters.get("sequence_restore") is True
     except (ValueError, AttributeError, TypeError):
-        return None
-    return None if sid is None else str(sid)
+        return None, False
+    return (None, False) if sid is None else (str(sid), restore)
 
 
 class ShardRouter:
-    """The backend the ingress app talks to: same methods as LocalBackend, answered by the shards."""
+    """The backend the ingress app talks to: same methods as LocalBackend, answered by the shards. A
+    sequence that was restored from a snapshot onto another shard (its own shard died) stays there."""
 
     def __init__(self, shards: list):
         self.shards = shards
         self._round_robin = itertools.cycle(range(len(shards)))
+        self.moved: dict[str, int] = {}  # sequence_id -> shard, for sequences restored elsewhere
 
     def shard_for(self, key: str | None) -> int:
-        return zlib.crc32(key.encode()) % len(self.shards) if key is not None else next(self._round_robin)
+        if key is None:
+            return next(self._round_robin)
+        return self.moved.get(key, zlib.crc32(key.encode()) % len(self.shards))
 
     async def _call(self, shard: int, method: str, *args):
         status, value = await self.shards[shard].call.remote(method, *args)
         if status != 200:
-            raise HTTPError(status, value)
+            raise ServiceError(status, value)
         return value
 
-    async def infer(self, name: str, body: bytes, header_length: str | None):
-        return await self._call(self.shard_for(sequence_key(body, header_length)), "infer", name, body, header_length)
+    async def infer_http(self, name: str, body: bytes, header_length: str | None, version: str | None = None):
+        key, restore = sequence_key(body, header_length)
+        shard = self.shard_for(key)
+        try:
+            return await self._call(shard, "infer_http", name, body, header_length, version)
+        except ServiceError:
+            raise
+        except Exception:  # the shard is gone: a sequence opened from a snapshot may go to another
+            if not restore or len(self.shards) == 1:
+                raise ServiceError(503, f"the engine shard holding sequence {key!r} is unavailable; restore the "
+                                        "sequence from a snapshot (sequence_restore)" if key else "shard unavailable")
+            other = (shard + 1) % len(self.shards)
+            result = await self._call(other, "infer_http", name, body, header_length, version)
+            self.moved[key] = other
+            return result
+
+    async def server_metadata(self) -> dict:
+        return await self._call(0, "server_metadata")
 
     async def ready(self) -> bool:
         return all([await self._call(i, "ready") for i in range(len(self.shards))])
 
-    async def model_metadata(self, name: str) -> dict:
-        return await self._call(0, "model_metadata", name)
+    async def model_metadata(self, name: str, version: str | None = None) -> dict:
+        return await self._call(0, "model_metadata", name, version)
 
-    async def model_ready(self, name: str) -> bool:
-        return all([await self._call(i, "model_ready", name) for i in range(len(self.shards))])
+    async def model_ready(self, name: str, version: str | None = None) -> bool:
+        return all([await self._call(i, "model_ready", name, version) for i in range(len(self.shards))])
+
+    async def model_config(self, name: str, version: str | None = None) -> dict:
+        return await self._call(0, "model_config", name, version)
+
+    async def statistics(self, name: str | None = None, version: str | None = None) -> dict:
+        return {"model_stats": [s for i in range(len(self.shards))
+                                for s in (await self._call(i, "statistics", name, version))["model_stats"]]}
+
+    async def repository_index(self, ready_only: bool = False) -> list[dict]:
+        return await self._call(0, "repository_index", ready_only)
+
+    async def load(self, name: str) -> None:
+        for i in range(len(self.shards)):
+            await self._call(i, "load", name)
+
+    async def unload(self, name: str) -> None:
+        for i in range(len(self.shards)):
+            await self._call(i, "unload", name)
 
     async def metrics_text(self) -> bytes:
         texts = [(await self._call(i, "metrics_text")).decode() for i in range(len(self.shards))]

@@ -4,7 +4,9 @@ default models. Each served model pairs an engine with the protocol tensors it t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,14 +30,73 @@ class ModelConfig(BaseModel):
     max_queue: int = Field(1024, ge=1)
     capacity: int = Field(4096, ge=1, description="state pool slots (tree nodes for a TreeLSTM)")
     max_delay_ms: float = Field(5.0, ge=0, description="graph policy batching window")
-    pick: Literal["stage", "fullest", "oldest"] = Field("stage", description="cellular: which cell type runs next")
+    pick: Literal["stage", "fullest", "oldest"] | None = Field(None, description="cellular: which cell type runs "
+                                                               "next (default: stage; oldest for trees)")
     max_running: int | None = Field(None, ge=1, description="cellular: requests in flight (default 2 x max_batch)")
+    max_sessions: int | None = Field(None, ge=1, description="open streaming sessions at once (default: capacity); "
+                                     "past it a new sequence gets 503")
     idle_timeout_s: float = Field(60.0, gt=0, description="streaming sessions expire after this idle time")
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
     threads: int = Field(1, ge=1, le=256, description="cores each batched step's matrix products are split across")
     text_codec: Literal["number-speller"] | None = None
     backend: Literal["cellserve", "onnxruntime", "onnxruntime-int8"] = Field(
         "cellserve", description="who runs the LSTM/GRU cells (onnxruntime-int8: ORT's dynamic int8 quantization)")
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, n: int = 1) -> None:
+        self.count += n
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class InferenceStats:
+    """Per-model request statistics in Triton's shape (GET /v2/models/<m>/stats, gRPC ModelStatistics):
+    success/fail count requests with their total time; queue, compute_input (parsing), compute_infer
+    (the engine) and compute_output (building the reply) split the successful ones' time."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0  # batch rows (engine requests) of successful requests
+    last_inference: int = 0  # ms since the epoch
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, ok: bool, total: float, parse: float = 0.0, queue: float = 0.0, infer: float = 0.0,
+               output: float = 0.0, rows: int = 0) -> None:
+        with self.lock:
+            if not ok:
+                self.fail.add(total)
+                return
+            self.success.add(total)
+            self.compute_input.add(parse)
+            self.queue.add(queue)
+            self.compute_infer.add(infer)
+            self.compute_output.add(output)
+            self.inference_count += rows
+            self.last_inference = int(time.time() * 1000)
+
+    def triton(self, name: str, version: str, execution_count: int) -> dict:
+        names = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+        with self.lock:
+            stats = {k: {"count": getattr(self, k).count, "ns": getattr(self, k).ns} for k in names}
+            return {"name": name, "version": version, "last_inference": self.last_inference,
+                    "inference_count": self.inference_count, "execution_count": execution_count,
+                    "inference_stats": {**stats, "cache_hit": {"count": 0, "ns": 0},
+                                        "cache_miss": {"count": 0, "ns": 0}},
+                    "batch_stats": []}
+
+
+TRITON_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT32": "TYPE_INT32",
+                "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64",
+                "BYTES": "TYPE_STRING"}
 
 
 @dataclass
@@ -60,17 +121,39 @@ class ServedModel:
     outputs: list[TensorSpec] = []
 
     def __init__(self, name: str, model, config: ModelConfig):
+        from cellserve.server.snapshot import architecture_hash
+
         self.name, self.model, self.config = name, model, config
+        self.architecture = architecture_hash(model)
+        self.stats = InferenceStats()
         self.engine = Engine(make_runner(model, config.capacity, config.block_steps), config.policy,
                              max_batch=config.max_batch, max_queue=config.max_queue,
                              max_delay_ms=config.max_delay_ms, idle_timeout_s=config.idle_timeout_s,
-                             pick=config.pick, threads=config.threads, max_running=config.max_running)
+                             pick=config.pick, threads=config.threads, max_running=config.max_running,
+                             max_sessions=config.max_sessions)
 
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [self.version], "platform": self.platform,
                 "inputs": [s.metadata() for s in self.inputs], "outputs": [s.metadata() for s in self.outputs],
                 "parameters": {"architecture": self.model.config()["arch"], "policy": self.config.policy,
                                "stateful": self.stateful, "block_steps": self.config.block_steps}}
+
+    def model_config(self) -> dict:
+        """The model's configuration in Triton's JSON shape (GET /v2/models/<m>/config)."""
+        def tensors(specs):
+            return [{"name": s.name, "data_type": TRITON_TYPES.get(s.datatype, "TYPE_INVALID"), "dims": s.shape,
+                     **({"optional": True} if s.optional else {})} for s in specs]
+
+        config = {"name": self.name, "platform": self.platform, "backend": self.config.backend,
+                  "max_batch_size": self.config.max_batch, "input": tensors(self.inputs),
+                  "output": tensors(self.outputs),
+                  "parameters": {"architecture": {"string_value": self.model.config()["arch"]},
+                                 "policy": {"string_value": self.config.policy}}}
+        if self.stateful:
+            config["sequence_batching"] = {"max_sequence_idle_microseconds": int(self.config.idle_timeout_s * 1e6)}
+        else:
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.config.max_delay_ms * 1000)}
+        return config
 
     def requests(self, tensors: dict[str, np.ndarray]) -> list[dict]:
         raise NotImplementedError
@@ -192,20 +275,41 @@ class StreamModel(ServedModel):
 
     def __init__(self, name, model: RNN, config):
         super().__init__(name, model, config)
-        self.inputs = [TensorSpec("frames", "FP32", [-1, model.input_size])]
-        self.outputs = [TensorSpec("outputs", "FP32", [-1, model.hidden_size])]
+        self.inputs = [TensorSpec("frames", "FP32", [-1, model.input_size], optional=True),
+                       TensorSpec("sequence_snapshot", "BYTES", [1], optional=True)]
+        self.outputs = [TensorSpec("outputs", "FP32", [-1, model.hidden_size]),
+                        TensorSpec("sequence_snapshot", "BYTES", [1], optional=True)]
 
     def requests(self, tensors):
         self._check_names(tensors)
-        frames = tensors["frames"]
+        frames = tensors.get("frames")
+        if frames is None:
+            if "sequence_snapshot" not in tensors:
+                raise ProtocolError(f"model {self.name!r} needs input 'frames'")
+            frames = np.zeros((0, self.model.input_size), np.float32)
         _check_float(frames, "frames")
         if frames.ndim == 3 and frames.shape[0] == 1:
             frames = frames[0]
         return [{"frames": frames}]
 
+    def restore_of(self, tensors) -> dict:
+        """The session state in the request's sequence_snapshot tensor (sequence_restore)."""
+        from cellserve.server.snapshot import from_text
+
+        blob = tensors.get("sequence_snapshot")
+        if blob is None or blob.size != 1 or blob.dtype != object:
+            raise ProtocolError("sequence_restore needs the snapshot as input 'sequence_snapshot' (BYTES, shape [1])")
+        return from_text(blob.reshape(-1)[0], self.name, self.architecture)
+
     def outputs_of(self, results):
+        from cellserve.server.snapshot import to_text
+
         (result,) = results
-        return {"outputs": result["outputs"]}, {"frames_pending": result["frames_pending"]}
+        outputs = {"outputs": result["outputs"]}
+        if "snapshot" in result:
+            outputs["sequence_snapshot"] = np.array([to_text(self.name, self.architecture, result["snapshot"])],
+                                                    dtype=object)
+        return outputs, {"frames_pending": result["frames_pending"]}
 
 
 class OCRServedModel(ServedModel):
@@ -247,13 +351,23 @@ def serve_model(name: str, model, config: ModelConfig) -> ServedModel:
 
 
 class Repository:
-    def __init__(self, served: list[ServedModel]):
+    """The served models, by name. With a root folder, models can be (re)loaded and unloaded while serving:
+    a load builds the new version beside the old one and swaps it in, and the old engine finishes what it
+    was given (drains) in the background."""
+
+    def __init__(self, served: list[ServedModel], root: Path | None = None, factories: dict | None = None):
         self.models = {m.name: m for m in served}
+        self.root = root
+        self.factories = factories or {}  # name -> () -> ServedModel, for models without a folder
+        self.unavailable: dict[str, str] = {}  # name -> reason (failed to load, unloaded)
+        self.lock = threading.Lock()
+        self.started = False
 
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)
 
     def start(self) -> None:
+        self.started = True
         for m in self.models.values():
             m.engine.start()
 
@@ -261,22 +375,72 @@ class Repository:
         for m in self.models.values():
             m.engine.stop(drain=True, timeout=timeout)
 
+    def known(self) -> list[str]:
+        """Every model this repository can serve: loaded ones, folders on disk, embedded ones."""
+        names = set(self.models) | set(self.factories) | set(self.unavailable)
+        if self.root is not None and self.root.is_dir():
+            names |= {p.name for p in self.root.iterdir() if p.is_dir()}
+        return sorted(names)
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        rows = []
+        for name in self.known():
+            served = self.models.get(name)
+            row = {"name": name, "version": served.version if served else "",
+                   "state": "READY" if served else "UNAVAILABLE",
+                   "reason": "" if served else self.unavailable.get(name, "not loaded")}
+            if served or not ready_only:
+                rows.append(row)
+        return rows
+
+    def build(self, name: str) -> ServedModel:
+        if name in self.factories:
+            return self.factories[name]()
+        folder = self.root / name if self.root is not None else None
+        if folder is None or not folder.is_dir():
+            raise KeyError(f"no model {name!r} in this repository; it has {self.known()}")
+        return load_folder(folder)
+
+    def load(self, name: str) -> tuple[ServedModel, ServedModel | None]:
+        """(Re)load a model and serve it; returns (new, old). The old one, if any, must be retired by the
+        caller (retire) once nobody can reach it. Raises KeyError (unknown) or ValueError (bad files)."""
+        try:
+            served = self.build(name)
+        except ValueError as exc:
+            with self.lock:
+                self.unavailable[name] = str(exc)
+            raise
+        if self.started:
+            served.engine.start()
+        with self.lock:
+            old = self.models.get(name)
+            self.models[name] = served
+            self.unavailable.pop(name, None)
+        return served, old
+
+    def unload(self, name: str) -> ServedModel:
+        with self.lock:
+            served = self.models.pop(name, None)
+            if served is None:
+                raise KeyError(f"model {name!r} is not loaded")
+            self.unavailable[name] = "unloaded"
+        return served
+
+    @staticmethod
+    def retire(served: ServedModel, timeout: float = 60.0) -> None:
+        """Stop a replaced or unloaded model's engine once its queued and running requests are done."""
+        threading.Thread(target=served.engine.stop, kwargs={"drain": True, "timeout": timeout},
+                         name=f"retire-{served.name}", daemon=True).start()
+
     @classmethod
     def from_directory(cls, root: str | Path) -> "Repository":
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"model repository {root} is not a directory")
-        served = []
-        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            config_path = folder / "config.json"
-            try:
-                config = ModelConfig(**json.loads(config_path.read_text())) if config_path.exists() else ModelConfig()
-            except (json.JSONDecodeError, ValidationError) as exc:
-                raise ValueError(f"{config_path}: {exc}")
-            served.append(serve_model(folder.name, models.load(folder / config.weights), config))
+        served = [load_folder(folder) for folder in sorted(p for p in root.iterdir() if p.is_dir())]
         if not served:
             raise ValueError(f"model repository {root} has no model folders")
-        return cls(served)
+        return cls(served, root)
 
     @classmethod
     def defaults(cls) -> "Repository":
@@ -284,7 +448,22 @@ class Repository:
         features, 2x256, fixed-seed weights) that exercises streaming sessions with 4-frame blocks."""
         from cellserve.models.speller import load_default
 
-        speller = serve_model("speller", load_default(), ModelConfig(text_codec="number-speller"))
-        stream = serve_model("sru-stream", RNN.random("sru", 40, 256, num_layers=2, seed=0),
-                             ModelConfig(block_steps=4, capacity=1024))
-        return cls([speller, stream])
+        factories = {
+            "speller": lambda: serve_model("speller", load_default(), ModelConfig(text_codec="number-speller")),
+            "sru-stream": lambda: serve_model("sru-stream", RNN.random("sru", 40, 256, num_layers=2, seed=0),
+                                              ModelConfig(block_steps=4, capacity=1024))}
+        return cls([make() for make in factories.values()], factories=factories)
+
+
+def load_folder(folder: Path) -> ServedModel:
+    """A model folder: weights + optional config.json. ValueError names what is wrong."""
+    config_path = folder / "config.json"
+    try:
+        config = ModelConfig(**json.loads(config_path.read_text())) if config_path.exists() else ModelConfig()
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ValueError(f"{config_path}: {exc}")
+    try:
+        model = models.load(folder / config.weights)
+    except OSError as exc:
+        raise ValueError(f"{folder / config.weights}: {exc}")
+    return serve_model(folder.name, model, config)

@@ -1,0 +1,224 @@
+"""The gRPC front end: the KServe v2 / Triton `inference.GRPCInferenceService` on grpcio's asyncio server,
+over the same service layer and engines as HTTP, so `tritonclient.grpc` works unchanged.
+
+It reuses tritonclient's generated messages and servicer base (tritonclient.grpc.service_pb2*) instead of
+generating its own: the `inference` protobuf package is then registered once per process, and a client
+library in the same process (tritonclient, mlserver, kserve) cannot clash with a second definition.
+
+Tensors travel as raw_input_contents / raw_output_contents (tritonclient reads only raw outputs); typed
+`contents` are read too. ModelStreamInfer carries many requests and sessions on one stream: requests are
+submitted in arrival order (so a session's chunks keep theirs), answered as they finish, and a bad request
+gets an error_message in the stream while the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+from cellserve.server.protocol import DTYPES, InferRequest, ProtocolError, _from_binary, _to_binary, datatype_of
+from cellserve.server.service import ServiceError
+
+CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+            "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+            "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def parameter_value(p: pb.InferParameter):
+    choice = p.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(p, choice)
+
+
+def set_parameter(p: pb.InferParameter, value) -> None:
+    if isinstance(value, bool):
+        p.bool_param = value
+    elif isinstance(value, (int, np.integer)):
+        p.int64_param = int(value)
+    elif isinstance(value, (float, np.floating)):
+        p.double_param = float(value)
+    else:
+        p.string_param = str(value)
+
+
+def decode_request(request: pb.ModelInferRequest) -> InferRequest:
+    """A ModelInferRequest as the protocol-neutral InferRequest; ProtocolError names what is wrong."""
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        raise ProtocolError(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+    if not request.inputs:
+        raise ProtocolError("'inputs' must be a non-empty list of tensors")
+    tensors = {}
+    for i, tensor in enumerate(request.inputs):
+        name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
+        if not name:
+            raise ProtocolError("input without a name")
+        if name in tensors:
+            raise ProtocolError(f"input {name!r} given twice")
+        if datatype not in DTYPES:
+            raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}; use one of {sorted(DTYPES)}")
+        if any(d < 0 for d in shape):
+            raise ProtocolError(f"input {name!r}: shape must be non-negative, got {shape}")
+        count = int(np.prod(shape)) if shape else 1
+        if request.raw_input_contents:
+            array = _from_binary(name, memoryview(request.raw_input_contents[i]), datatype, count)
+        else:
+            if datatype not in CONTENTS:
+                raise ProtocolError(f"input {name!r}: {datatype} needs raw_input_contents")
+            values = getattr(tensor.contents, CONTENTS[datatype])
+            if len(values) != count:
+                raise ProtocolError(f"input {name!r}: shape {shape} needs {count} elements, contents have {len(values)}")
+            array = np.array(list(values), dtype=DTYPES[datatype]) if datatype != "BYTES" else np.array(list(values), object)
+        tensors[name] = array.reshape(shape)
+    parameters = {k: parameter_value(v) for k, v in request.parameters.items()}
+    outputs = {o.name: True for o in request.outputs}
+    return InferRequest(request.id or None, parameters, tensors, outputs, True)
+
+
+def encode_response(model: str, version: str, req: InferRequest, outputs: dict, parameters: dict) -> pb.ModelInferResponse:
+    wanted = list(req.outputs) or list(outputs)
+    unknown = set(wanted) - set(outputs)
+    if unknown:
+        raise ProtocolError(f"unknown output(s) {sorted(unknown)}; this model has {sorted(outputs)}")
+    response = pb.ModelInferResponse(model_name=model, model_version=version, id=req.id or "")
+    for name in wanted:
+        array = outputs[name]
+        response.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
+        response.raw_output_contents.append(_to_binary(array))
+    for key, value in parameters.items():
+        set_parameter(response.parameters[key], value)
+    return response
+
+
+class InferenceServicer(pbg.GRPCInferenceServiceServicer):
+    def __init__(self, backend):
+        self.backend = backend  # () -> LocalBackend (or the Ray router)
+
+    async def _guard(self, context, call):
+        try:
+            return await call()
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=await self.backend().ready())
+
+    async def ModelReady(self, request, context):
+        return await self._guard(context, lambda: self._model_ready(request))
+
+    async def _model_ready(self, request):
+        return pb.ModelReadyResponse(ready=await self.backend().model_ready(request.name, request.version or None))
+
+    async def ServerMetadata(self, request, context):
+        meta = await self.backend().server_metadata()
+        return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
+
+    async def ModelMetadata(self, request, context):
+        return await self._guard(context, lambda: self._model_metadata(request))
+
+    async def _model_metadata(self, request):
+        meta = await self.backend().model_metadata(request.name, request.version or None)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
+            outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
+
+    async def ModelConfig(self, request, context):
+        return await self._guard(context, lambda: self._model_config(request))
+
+    async def _model_config(self, request):
+        config = await self.backend().model_config(request.name, request.version or None)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, mc.ModelConfig(), ignore_unknown_fields=True))
+
+    async def ModelStatistics(self, request, context):
+        return await self._guard(context, lambda: self._statistics(request))
+
+    async def _statistics(self, request):
+        stats = await self.backend().statistics(request.name or None, request.version or None)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+    async def RepositoryIndex(self, request, context):
+        rows = await self.backend().repository_index(request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**row) for row in rows])
+
+    async def RepositoryModelLoad(self, request, context):
+        return await self._guard(context, lambda: self._load(request.model_name))
+
+    async def _load(self, name):
+        await self.backend().load(name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        return await self._guard(context, lambda: self._unload(request.model_name))
+
+    async def _unload(self, name):
+        await self.backend().unload(name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _infer(self, request) -> pb.ModelInferResponse:
+        backend, start = self.backend(), time.perf_counter()
+        try:
+            req = decode_request(request)
+        except ProtocolError as exc:
+            backend._failed(request.model_name, start)
+            raise ServiceError(400, str(exc))
+        served, outputs, parameters, timing = await backend.infer(request.model_name, req,
+                                                                  request.model_version or None, start)
+        try:
+            response = encode_response(served.name, served.version, req, outputs, parameters)
+        except ProtocolError as exc:
+            backend._failed(request.model_name, start)
+            raise ServiceError(400, str(exc))
+        backend._succeeded(served, start, timing)
+        return response
+
+    async def ModelInfer(self, request, context):
+        return await self._guard(context, lambda: self._infer(request))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        answers: asyncio.Queue = asyncio.Queue()
+
+        async def one(request):
+            try:
+                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except ServiceError as exc:
+                answer = pb.ModelStreamInferResponse(error_message=str(exc))
+            except Exception as exc:  # never take the stream (or the server) down
+                answer = pb.ModelStreamInferResponse(error_message=f"internal error: {exc}")
+            await answers.put(answer)
+
+        async def read():
+            pending = []
+            async for request in request_iterator:
+                pending.append(asyncio.ensure_future(one(request)))
+                await asyncio.sleep(0)  # it submits before the next is read: chunks keep their order
+            await asyncio.gather(*pending)
+            await answers.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+
+
+async def start_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20):
+    """Start the gRPC service on the running event loop; returns (server, bound port)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.max_send_message_length", max_message_bytes)])
+    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(backend), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,233 @@
+"""What the server does, whatever the wire: the Open Inference Protocol operations over the repository's
+engines, shared by the HTTP app (app.py) and the gRPC service (grpc_service.py), and forwarded across
+processes by the Ray Serve router.
+
+Every refusal is a ServiceError with an HTTP status; the gRPC front end maps it to a status code. A bad
+request never touches another: the handler parses, submits to the engine and waits on its futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import generate_latest
+
+from cellserve import __version__
+from cellserve.engine import EngineFull, EngineStopped
+from cellserve.server.metrics import Metrics
+from cellserve.server.protocol import InferRequest, ProtocolError, build_response, parse_infer_request
+from cellserve.server.repository import Repository
+
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+EXTENSIONS = ["binary_tensor_data", "sequence", "sequence_snapshot", "model_repository",
+              "model_repository(unload_dependents)", "statistics", "model_configuration"]
+GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+              500: "INTERNAL"}
+
+
+class ServiceError(Exception):
+    """A refused request: `status` is its HTTP status (400 bad input, 404 unknown model, 503 no capacity)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def grpc_code(self) -> str:
+        return GRPC_CODES.get(self.status, "UNKNOWN")
+
+
+class LocalBackend:
+    """Models served by engines in this process. `replica` names the process when several serve
+    (Ray Serve shards); it is reported in infer responses and metrics."""
+
+    def __init__(self, repository: Repository, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 replica: int | None = None):
+        self.repository, self.max_body_bytes, self.replica = repository, max_body_bytes, replica
+        self.metrics = Metrics()
+        for served in repository.models.values():
+            self.metrics.watch(served)
+
+    def start(self) -> None:
+        self.repository.start()
+
+    def stop(self) -> None:
+        self.repository.stop()
+
+    def _model(self, name: str, version: str | None = None):
+        served = self.repository.get(name)
+        if served is None:
+            raise ServiceError(404, f"unknown model {name!r}; this server has {sorted(self.repository.models)}")
+        if version not in (None, "", served.version):
+            raise ServiceError(404, f"model {name!r} has no version {version!r}; it serves {served.version!r}")
+        return served
+
+    # --- metadata -----------------------------------------------------------------------------------
+    async def server_metadata(self) -> dict:
+        return {"name": "cellserve", "version": __version__, "extensions": EXTENSIONS}
+
+    async def ready(self) -> bool:
+        return all(m.engine.running for m in self.repository.models.values())
+
+    async def model_metadata(self, name: str, version: str | None = None) -> dict:
+        return self._model(name, version).metadata()
+
+    async def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self._model(name, version).engine.running
+
+    async def model_config(self, name: str, version: str | None = None) -> dict:
+        return self._model(name, version).model_config()
+
+    async def statistics(self, name: str | None = None, version: str | None = None) -> dict:
+        served = [self._model(name, version)] if name else list(self.repository.models.values())
+        return {"model_stats": [m.stats.triton(m.name, m.version, m.engine.stats.steps) for m in served]}
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
+
+    # --- repository -----------------------------------------------------------------------------------
+    async def repository_index(self, ready_only: bool = False) -> list[dict]:
+        return self.repository.index(ready_only)
+
+    async def load(self, name: str) -> None:
+        """(Re)read a model's folder and serve the new version; requests already given to the old one finish
+        there, new ones go to the new one."""
+        try:
+            served, old = await asyncio.get_running_loop().run_in_executor(None, self.repository.load, name)
+        except KeyError as exc:
+            raise ServiceError(404, str(exc.args[0]))
+        except ValueError as exc:
+            raise ServiceError(400, f"model {name!r} failed to load: {exc}")
+        self.metrics.watch(served)
+        if old is not None:
+            self.repository.retire(old)
+
+    async def unload(self, name: str) -> None:
+        try:
+            self.repository.retire(self.repository.unload(name))
+        except KeyError as exc:
+            raise ServiceError(400, str(exc.args[0]))
+
+    # --- inference ------------------------------------------------------------------------------------
+    async def infer_http(self, name: str, body: bytes, header_length: str | None,
+                         version: str | None = None) -> tuple[bytes, dict]:
+        """An HTTP infer call: JSON (or JSON + binary tensors) in, the same out."""
+        start = time.perf_counter()
+        try:
+            req = parse_infer_request(body, header_length)
+        except ProtocolError as exc:
+            self._failed(name, start)
+            raise ServiceError(400, str(exc))
+        served, outputs, parameters, timing = await self.infer(name, req, version, start)
+        try:
+            response = build_response(served.name, served.version, req, outputs, parameters)
+        except ProtocolError as exc:
+            self._failed(name, start)
+            raise ServiceError(400, str(exc))
+        self._succeeded(served, start, timing)
+        return response
+
+    async def infer(self, name: str, req: InferRequest, version: str | None = None, start: float | None = None):
+        """Run a parsed request: (served model, output tensors, response parameters, timing). The caller
+        builds its wire response and then calls _succeeded."""
+        start = start or time.perf_counter()
+        try:
+            return await self._infer(name, req, version, start)
+        except ServiceError as exc:
+            self._failed(name, start, exc)
+            raise
+
+    async def _infer(self, name, req, version, start):
+        served = self._model(name, version)
+        try:
+            sequence = _sequence_parameters(req.parameters, served.stateful)
+            if sequence.get("sequence_restore"):
+                sequence["sequence_restore"] = served.restore_of(req.inputs)
+            inputs = served.requests(req.inputs)
+            if sequence and len(inputs) != 1:
+                raise ProtocolError("a sequence chunk carries one stream (batch size 1)")
+        except ProtocolError as exc:
+            raise ServiceError(400, str(exc))
+        except ValueError as exc:  # a snapshot that is not this model's
+            raise ServiceError(400, str(exc))
+        parsed = time.perf_counter()
+        for attempt in (0, 1):
+            futures = []
+            try:
+                for item in inputs:
+                    futures.append(served.engine.submit(item, **sequence))
+                results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+                break
+            except ValueError as exc:  # bad values the model rejects, unknown/expired sessions
+                _cancel(futures)
+                raise ServiceError(400, str(exc))
+            except EngineFull as exc:
+                _cancel(futures)
+                raise ServiceError(503, str(exc))
+            except EngineStopped as exc:
+                current = self.repository.get(name)
+                if attempt == 0 and not futures and current is not None and current is not served:
+                    served = current  # reloaded between lookup and submit: the new version takes it
+                    continue
+                raise ServiceError(503, str(exc))
+            except asyncio.CancelledError:  # the client went away: free the engine's slots
+                _cancel(futures)
+                raise
+        done = time.perf_counter()
+        outputs, parameters = served.outputs_of(results)
+        if sequence:
+            parameters = {**parameters, "sequence_id": sequence["sequence_id"]}
+        if self.replica is not None:
+            parameters = {**parameters, "replica": self.replica}
+        return served, outputs, parameters, (parsed, done, len(inputs), _queue_seconds(futures))
+
+    def _succeeded(self, served, start: float, timing) -> None:
+        parsed, done, rows, queue = timing
+        now = time.perf_counter()
+        served.stats.record(True, now - start, parse=parsed - start, queue=queue, infer=done - parsed - queue,
+                            output=now - done, rows=rows)
+        self.metrics.requests.labels(served.name, "success").inc()
+
+    def _failed(self, name: str, start: float, exc: ServiceError | None = None) -> None:
+        served = self.repository.get(name)
+        if served is not None:
+            served.stats.record(False, time.perf_counter() - start)
+        status = exc.status if exc is not None else 400
+        self.metrics.requests.labels(name, f"http_{status}").inc()
+
+
+def _queue_seconds(futures) -> float:
+    """How long the request's rows waited for the running set (the longest of them)."""
+    waits = [getattr(f, "queue_seconds", 0.0) for f in futures]
+    return max(waits, default=0.0)
+
+
+def _sequence_parameters(parameters: dict, stateful: bool) -> dict:
+    """sequence_id / sequence_start / sequence_end / sequence_snapshot / sequence_restore, checked; {} for a
+    stateless request."""
+    if "sequence_id" not in parameters:
+        if any(parameters.get(k) for k in ("sequence_start", "sequence_end", "sequence_snapshot", "sequence_restore")):
+            raise ProtocolError("sequence parameters need a sequence_id")
+        return {}
+    if not stateful:
+        raise ProtocolError("this model is stateless; it does not take sequence parameters")
+    sid = parameters["sequence_id"]
+    if isinstance(sid, bool) or not isinstance(sid, (int, str)) or sid in ("", 0):
+        raise ProtocolError("sequence_id must be a non-zero integer or a non-empty string")
+    flags = {}
+    for key in ("sequence_start", "sequence_end", "sequence_snapshot", "sequence_restore"):
+        value = parameters.get(key, False)
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{key} must be true or false")
+        flags[key] = value
+    if flags["sequence_start"] and flags["sequence_restore"]:
+        raise ProtocolError("sequence_start and sequence_restore both open a sequence: give one")
+    if not flags.pop("sequence_restore"):
+        return {"sequence_id": str(sid), **flags}
+    return {"sequence_id": str(sid), **flags, "sequence_restore": True}
+
+
+def _cancel(futures) -> None:
+    for f in futures:
+        f.cancel()
