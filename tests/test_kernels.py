@@ -346,3 +346,23 @@ def test_low_bit_float_product_is_dequantized_integer_math(isa, bits, rng):
     xq, xs = quantize_rows(x)
     exact = (xq.astype(np.int64) @ dense.int_codes().T.astype(np.int64)).astype(np.float64)
     close(dense(x), exact * xs[:, None] * dense.scale[None, :])
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_block_sparse_equals_dense_on_the_same_masked_weights(isa, m, k, n, rng):
+    from cellserve.kernels import BlockSparseDense
+
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    groups = -(-n // 16)
+    keep = rng.random((groups, k)) < 0.3  # blocks of 16 rows x 1 column
+    w *= np.repeat(keep, 16, axis=0)[:n]
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    sparse = BlockSparseDense(w)
+    np.testing.assert_array_equal(sparse.weight, w)
+    assert sparse.packed.kind == "bsr" and sparse.nbytes <= int(keep.sum()) * 68 + 4 * (groups + 1)
+    close(sparse(x), x.astype(np.float64) @ w.T.astype(np.float64))
+    bias = rng.standard_normal(n).astype(np.float32)
+    out = rng.standard_normal((m, n)).astype(np.float32)
+    expected = out.astype(np.float64) + x.astype(np.float64) @ w.T + bias
+    _native.gemm(x, sparse.packed, out, out, bias)
+    close(out, expected)

@@ -14,7 +14,8 @@ from torch import nn
 
 from cellserve.compress.ocr_data import ALPHABET, HEIGHT, OCRDataset, character_error_rate, encode
 from cellserve.compress.qat import QuantSpec, quantized_lstm
-from cellserve.compress.quantize import quantize_cells
+from cellserve.compress.quantize import quantize_cells, quantize_head
+from cellserve.kernels import BlockSparseDense
 from cellserve.models.layers import Linear
 from cellserve.models.ocr import OCRModel, columns
 from cellserve.models.torch_import import rnn_from_torch
@@ -97,14 +98,20 @@ def train(model: Recognizer, train_set: OCRDataset, epochs: int = 12, seconds: f
     return model
 
 
-def to_runtime(module: Recognizer) -> OCRModel:
-    """Our runtime's model; a QAT module becomes integer kernels on the grids it was trained for."""
+def to_runtime(module: Recognizer, block_sparse: bool = False) -> OCRModel:
+    """Our runtime's model; a QAT module becomes integer kernels on the grids it was trained for (and an
+    int8 head), and a block-pruned one (block_sparse) block-sparse matrices that skip its zero blocks."""
     head = Linear(module.head.weight.detach().numpy(), module.head.bias.detach().numpy())
     rnn = rnn_from_torch(module.rnn)
     spec = module.spec
+    model = OCRModel(rnn, head, ALPHABET, module.stride)
     if spec is not None:
         quantize_cells(rnn.cells, spec.weight_bits, spec.act_scale, spec.cell_quant)
-    return OCRModel(rnn, head, ALPHABET, module.stride)
+        quantize_head(model)
+    if block_sparse:
+        for cell in rnn.cells:
+            cell.ih, cell.hh = BlockSparseDense(cell.ih.weight), BlockSparseDense(cell.hh.weight)
+    return model
 
 
 def evaluate(model: OCRModel, dataset: OCRDataset) -> float:
@@ -139,6 +146,20 @@ def magnitude_masks(module: Recognizer, sparsity: float) -> dict[str, torch.Tens
             k = int(sparsity * p.numel())
             threshold = p.detach().abs().flatten().kthvalue(max(k, 1)).values
             masks[name] = (p.detach().abs() > threshold).float()
+    return masks
+
+
+def block_masks(module: Recognizer, sparsity: float, rows: int = 16) -> dict[str, torch.Tensor]:
+    """Per LSTM weight matrix, keep the (1 - sparsity) share of blocks of `rows` consecutive output rows x 1
+    input with the largest L2 norms (the blocks the block-sparse kernel skips when zero)."""
+    masks = {}
+    for name, p in module.rnn.named_parameters():
+        if name.startswith("weight"):
+            out, inputs = p.shape
+            norms = p.detach().reshape(out // rows, rows, inputs).norm(dim=1)
+            k = int(sparsity * norms.numel())
+            threshold = norms.flatten().kthvalue(max(k, 1)).values
+            masks[name] = (norms > threshold).float().repeat_interleave(rows, dim=0)
     return masks
 
 

@@ -12,13 +12,22 @@ from cellserve.models.rnn import rnns_of
 
 def quantize_dynamic(model, bits: int = 8):
     """A copy of `model` whose LSTM weight matrices are `bits`-bit (per channel, max-abs scaled) with
-    dynamic int8 activations. The head and embeddings stay fp32: they are a small share of the work."""
+    dynamic int8 activations, and whose output head is int8. Embeddings stay fp32 (a lookup, no product)."""
     model = copy.deepcopy(model)
     cells = [cell for rnn in rnns_of(model) for cell in rnn.cells]
     if not cells or not all(isinstance(c, LSTMCell) for c in cells):
         raise ValueError("post-training quantization supports LSTM models (the OCR recognizer, LMs, seq2seq)")
     quantize_cells(cells, bits)
+    quantize_head(model)
     return model
+
+
+def quantize_head(model) -> None:
+    """In place: the model's output layer (`head`, if any) on int8 weights with dynamic int8 activations.
+    On the OCR recognizer it is a quarter of an int8 line's time in fp32 (216 frames x 256 x 97)."""
+    head = getattr(model, "head", None)
+    if head is not None and isinstance(head.w, Dense):
+        head.w = QuantizedDense.from_float(head.w.weight, 8)
 
 
 def quantize_matrices(cell, bits: int):

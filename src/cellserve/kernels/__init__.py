@@ -12,7 +12,7 @@ except ImportError as exc:  # a source checkout that was never built
                       f"which compiles it with the system's C++ compiler ({exc})") from exc
 
 from cellserve.kernels import pointwise
-from cellserve.kernels.dense import Dense
+from cellserve.kernels.dense import BlockSparseDense, Dense
 from cellserve.kernels.quantized import QuantizedDense
 
 isa = _native.isa  # the instruction-set path in use: avx512, avx2 or portable
@@ -23,9 +23,11 @@ get_threads = _native.get_threads
 
 
 def load_dense(name: str, tensors: dict):
-    """The matrix saved under `name` by Dense.tensors or QuantizedDense.tensors."""
+    """The matrix saved under `name` by Dense.tensors, BlockSparseDense.tensors or QuantizedDense.tensors."""
+    if f"{name}.block_sparse" in tensors:
+        return BlockSparseDense(tensors[name])
     return Dense(tensors[name]) if name in tensors else QuantizedDense.from_tensors(name, tensors)
 
 
-__all__ = ["Dense", "QuantizedDense", "load_dense", "pointwise", "isa", "isas", "set_isa", "set_threads",
+__all__ = ["BlockSparseDense", "Dense", "QuantizedDense", "load_dense", "pointwise", "isa", "isas", "set_isa", "set_threads",
            "get_threads"]

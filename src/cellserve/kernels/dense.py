@@ -65,3 +65,25 @@ class Dense:
 
     def __setstate__(self, state):
         self.__init__(state["weight"])
+
+
+class BlockSparseDense(Dense):
+    """A Dense whose weight was pruned in blocks of 16 consecutive output rows x 1 input (the rows of one
+    vector): whole-zero blocks are not stored, and the product visits only the others, so a 75% sparse
+    matrix costs about a quarter of the bytes and multiply-adds."""
+
+    BLOCK = 16
+
+    def __init__(self, weight: np.ndarray):
+        weight = np.asarray(weight, dtype=np.float32)
+        if weight.ndim != 2:
+            raise ValueError(f"a weight matrix must be 2-D, got shape {weight.shape}")
+        self.out_features, self.in_features = weight.shape
+        self.packed = _native.pack_bsr(weight)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
+    def tensors(self, name: str) -> dict[str, np.ndarray]:
+        return {name: self.weight, f"{name}.block_sparse": np.array([self.BLOCK], dtype=np.int64)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import f32
-from cellserve.kernels import Dense, _native
+from cellserve.kernels import Dense, _native, load_dense
 from cellserve.kernels.dense import rows
 
 
@@ -27,12 +27,13 @@ class Embedding:
 
 
 class Linear:
-    """y = x W^T + b, W in (out, in) layout like torch.nn.Linear."""
+    """y = x W^T + b, W in (out, in) layout like torch.nn.Linear; W is an fp32 array or a Dense-like matrix
+    (a quantized head: compress/)."""
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray):
-        self.w = Dense(weight)
+    def __init__(self, weight, bias: np.ndarray):
+        self.w = weight if hasattr(weight, "dense_weight") else Dense(weight)
         self.bias = f32(bias)
-        self.out_features, self.in_features = self.w.weight.shape
+        self.out_features, self.in_features = self.w.out_features, self.w.in_features
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         flat = rows(x.reshape(-1, self.in_features))
@@ -41,11 +42,11 @@ class Linear:
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def tensors(self) -> dict:
-        return {"weight": self.w.weight, "bias": self.bias}
+        return {**self.w.tensors("weight"), "bias": self.bias}
 
     @classmethod
     def from_tensors(cls, tensors: dict) -> "Linear":
-        return cls(tensors["weight"], tensors["bias"])
+        return cls(load_dense("weight", tensors), tensors["bias"])
 
     @classmethod
     def random(cls, in_features: int, out_features: int, rng) -> "Linear":

@@ -48,6 +48,9 @@ void packed_dealloc(PackedObject *self) {
     free(self->p.data);
     free(self->p.scale);
     free(self->p.colsum128);
+    free(self->p.bptr);
+    free(self->p.bidx);
+    free(self->p.bvals);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -173,6 +176,10 @@ int threads_for(double macs, int panels) {
 }
 
 void run_gemm(const gemm_t *g) {
+    if (g->w->kind == PACK_BSR) {
+        active->gemm_bsr(g, threads_for((double)g->m * g->w->nnz * BR, g->w->panels));
+        return;
+    }
     active->gemm_f32(g, threads_for((double)g->m * g->w->n * g->w->k, g->w->panels));
 }
 
@@ -184,7 +191,7 @@ void run_qgemm(const qgemm_t *q) {
 void linear(const packed_t *w, const float *x, ptrdiff_t ldx, int m, float *c, ptrdiff_t ldc, const float *addend,
             ptrdiff_t ld_add, const float *bias) {
     if (m == 0) return;
-    if (w->kind == PACK_F32) {
+    if (w->kind != PACK_S8) {
         gemm_t g = {x, ldx, w, m, c, ldc, addend, ld_add, bias};
         run_gemm(&g);
         return;
@@ -236,6 +243,56 @@ PyObject *py_pack_f32(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
         const float *row = src + col * ld;
         for (int kk = 0; kk < k; kk++) panel[(size_t)kk * NR] = row[kk];
     }
+    return (PyObject *)obj;
+}
+
+/* pack_bsr(weight (n, k) float32): a block-sparse matrix: blocks of BR rows x 1 column that are all zero
+ * are dropped; the product visits only the others. */
+PyObject *py_pack_bsr(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    if (!check_args(nargs, 1, 1, "pack_bsr")) return nullptr;
+    Buf w;
+    if (!get_buf(args[0], w, 'f', 2, false, "weight")) return nullptr;
+    const int n = (int)w.dim(0), k = (int)w.dim(1), groups = (n + BR - 1) / BR;
+    const float *src = w.data<float>();
+    const ptrdiff_t ld = w.ld();
+    PackedObject *obj = new_packed();
+    if (!obj) return nullptr;
+    packed_t &p = obj->p;
+    p.kind = PACK_BSR;
+    p.bits = 32;
+    p.n = n;
+    p.k = k;
+    p.kpad = k;
+    p.panels = groups;
+    p.bptr = (int32_t *)aligned_zeros((groups + 1) * sizeof(int32_t));
+    size_t nnz = 0;
+    for (int g = 0; g < groups; g++)
+        for (int kk = 0; kk < k; kk++)
+            for (int r = g * BR; r < g * BR + BR && r < n; r++)
+                if (src[r * ld + kk] != 0.0f) {
+                    nnz++;
+                    break;
+                }
+    p.nnz = (int)nnz;
+    p.bidx = (int32_t *)aligned_zeros(nnz * sizeof(int32_t) + 4);
+    p.bvals = (float *)aligned_zeros(nnz * BR * sizeof(float) + 4);
+    if (!p.bptr || !p.bidx || !p.bvals) {
+        Py_DECREF(obj);
+        return PyErr_NoMemory();
+    }
+    size_t b = 0;
+    for (int g = 0; g < groups; g++) {
+        p.bptr[g] = (int32_t)b;
+        for (int kk = 0; kk < k; kk++) {
+            bool any = false;
+            for (int r = g * BR; r < g * BR + BR && r < n; r++) any |= src[r * ld + kk] != 0.0f;
+            if (!any) continue;
+            p.bidx[b] = kk;
+            for (int r = g * BR; r < g * BR + BR && r < n; r++) p.bvals[b * BR + (r - g * BR)] = src[r * ld + kk];
+            b++;
+        }
+    }
+    p.bptr[groups] = (int32_t)b;
     return (PyObject *)obj;
 }
 
@@ -312,10 +369,18 @@ PyObject *py_unpack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!check_args(nargs, 1, 1, "unpack")) return nullptr;
     const packed_t &p = ((PackedObject *)self)->p;
     Buf out;
-    if (!get_buf(args[0], out, p.kind == PACK_F32 ? 'f' : 'b', 2, true, "out") ||
+    if (!get_buf(args[0], out, p.kind == PACK_S8 ? 'b' : 'f', 2, true, "out") ||
         !check_shape2(out, p.n, p.k, "out"))
         return nullptr;
     const ptrdiff_t ld = out.ld();
+    if (p.kind == PACK_BSR) {
+        for (int r = 0; r < p.n; r++) memset(out.data<float>() + r * ld, 0, p.k * sizeof(float));
+        for (int g = 0; g < p.panels; g++)
+            for (int b = p.bptr[g]; b < p.bptr[g + 1]; b++)
+                for (int r = g * BR; r < g * BR + BR && r < p.n; r++)
+                    out.data<float>()[r * ld + p.bidx[b]] = p.bvals[(size_t)b * BR + (r - g * BR)];
+        Py_RETURN_NONE;
+    }
     for (int col = 0; col < p.n; col++) {
         if (p.kind == PACK_F32) {
             const float *panel = (const float *)p.data + (size_t)(col / NR) * p.panel_stride + col % NR;
@@ -340,12 +405,14 @@ PyObject *py_unpack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 PyObject *packed_get_n(PackedObject *self, void *) { return PyLong_FromLong(self->p.n); }
 PyObject *packed_get_k(PackedObject *self, void *) { return PyLong_FromLong(self->p.k); }
 PyObject *packed_get_kind(PackedObject *self, void *) {
-    return PyUnicode_FromString(self->p.kind == PACK_F32 ? "f32" : "s8");
+    return PyUnicode_FromString(self->p.kind == PACK_F32 ? "f32" : self->p.kind == PACK_BSR ? "bsr" : "s8");
 }
 PyObject *packed_get_act_scale(PackedObject *self, void *) { return PyFloat_FromDouble(self->p.act_scale); }
 PyObject *packed_get_bits(PackedObject *self, void *) { return PyLong_FromLong(self->p.kind == PACK_F32 ? 32 : self->p.bits); }
 PyObject *packed_get_nbytes(PackedObject *self, void *) {
     const packed_t &p = self->p;
+    if (p.kind == PACK_BSR)
+        return PyLong_FromSize_t((size_t)p.nnz * (BR * sizeof(float) + sizeof(int32_t)) + (p.panels + 1) * sizeof(int32_t));
     size_t bytes = p.panels * p.panel_stride * (p.kind == PACK_F32 ? sizeof(float) : 1);
     if (p.kind == PACK_S8) bytes += p.panels * NR * (sizeof(float) + sizeof(int32_t));
     return PyLong_FromSize_t(bytes);
@@ -705,6 +772,7 @@ PyGetSetDef PACKED_GETSET[] = {
 PyMethodDef METHODS[] = {
     FAST(pack_f32, "pack_f32(weight (n, k) float32) -> Packed"),
     FAST(pack_s8, "pack_s8(codes (n, k) int8, scales (n,) float32, act_scale, bits=8) -> Packed"),
+    FAST(pack_bsr, "pack_bsr(weight (n, k) float32) -> Packed: all-zero blocks of 16 rows x 1 column dropped"),
     FAST(gemm, "gemm(x, w, out, addend=None, bias=None): out = [addend +] x @ W^T [+ bias]"),
     FAST(gemm_s32, "gemm_s32(codes int8, w int8-packed, out int32): exact integer product"),
     FAST(quantize, "quantize(x, static_scale, codes, scales): int8 codes per row (0: dynamic scale)"),

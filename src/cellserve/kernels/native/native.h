@@ -18,7 +18,9 @@
 #define NR 32       /* columns per packed panel */
 #define ALIGN 64    /* bytes: panels start on cache lines */
 
-enum { PACK_F32 = 0, PACK_S8 = 1 };
+#define BR 16      /* rows of W (output columns) per block of a block-sparse matrix */
+
+enum { PACK_F32 = 0, PACK_S8 = 1, PACK_BSR = 2 };
 
 typedef struct {
     int kind;            /* PACK_F32 or PACK_S8 */
@@ -32,6 +34,12 @@ typedef struct {
     int32_t *colsum128;  /* int8: 128 x each column's sum of stored fields u: the correction for VNNI's
                             activations + 128 */
     float act_scale;     /* int8: fixed activation grid step; 0 = dynamic per row (max|x| / 127) */
+    /* block-sparse fp32 (PACK_BSR): W in blocks of BR consecutive rows x 1 column; only nonzero blocks are
+     * kept, per group of BR rows in CSR order: blocks bptr[g]..bptr[g+1] have columns bidx[] and values
+     * bvals[BR * block] */
+    int32_t *bptr, *bidx;
+    float *bvals;
+    int nnz;
 } packed_t;
 
 /* c (m x n, stride ldc) = [addend +] a @ w^T [+ bias], a (m x w->k, row stride lda). */
@@ -79,6 +87,7 @@ typedef struct {
     int (*supported)(void);
     /* products, their panels split across `threads` threads (the pool below) */
     void (*gemm_f32)(const gemm_t *g, int threads);
+    void (*gemm_bsr)(const gemm_t *g, int threads);
     void (*gemm_s8)(const qgemm_t *g, int threads);
     /* int8 activations: codes as this path's kernel wants them (signed, or +128 for VNNI) */
     int s8_unsigned;      /* its int8 kernel wants activation codes + 128 (VNNI) */
