@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cellserve.compress.ocr_data import ALPHABET, HEIGHT, OCRDataset, character_error_rate, encode
-from cellserve.compress.qat import QuantSpec, quantized_lstm
+from cellserve.compress.qat import QuantSpec, int8_linear, quantized_lstm
 from cellserve.compress.quantize import quantize_cells, quantize_head
 from cellserve.kernels import BlockSparseDense
 from cellserve.models.layers import Linear
@@ -35,7 +35,7 @@ class Recognizer(nn.Module):
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """frames (T, B, HEIGHT*stride), lengths (B,) -> logits (T, B, classes)."""
         if self.spec is not None:
-            return self.head(quantized_lstm(self.rnn, frames, lengths, self.spec))
+            return int8_linear(quantized_lstm(self.rnn, frames, lengths, self.spec), self.head)
         packed = nn.utils.rnn.pack_padded_sequence(frames, lengths, enforce_sorted=False)
         out, _ = self.rnn(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, total_length=frames.shape[0])

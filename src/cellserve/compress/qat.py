@@ -6,7 +6,8 @@ int8/packed weights and fixed activation scales with no further loss:
   weights      per output row, see kernels.quantized.quantize_weight (binary, ternary, max-abs);
   activations  the inputs of every matmul (pixels in [0, 1], h in [-1, 1]) on a fixed grid of
                1/qmax(act_bits) in [-1, 1];
-  cell state   clipped to +-cell_limit (calibrated on the fp32 model) on a grid of cell_limit/qmax(bits).
+  cell state   clipped to +-cell_limit (calibrated on the fp32 model) on a grid of cell_limit/qmax(bits);
+  output head  int8 weights, inputs per row at max|x| / 127 (the int8 head of every quantized model).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def fake_grid(x: torch.Tensor, step: float, limit: float) -> torch.Tensor:
     """Clip to +-limit (zero gradient outside), round to multiples of step (straight through)."""
     clipped = x.clamp(-limit, limit)
     return straight_through(clipped, torch.round(clipped / step) * step)
+
+
+def int8_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """linear(x) as the int8 head of a converted model computes it: weights per row at 8 bits, inputs per
+    row on a dynamic grid of max|x| / 127 (straight through)."""
+    step = (x.detach().abs().amax(dim=-1, keepdim=True) / qmax(8)).clamp_min(1e-12)
+    x = straight_through(x, torch.round(x / step) * step)
+    return torch.nn.functional.linear(x, fake_weight(linear.weight, 8), linear.bias)
 
 
 def lstm_direction(x: torch.Tensor, w_ih, w_hh, bias, spec: QuantSpec | None, peaks: list | None = None):
