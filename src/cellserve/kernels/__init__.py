@@ -15,7 +15,7 @@ from cellserve.kernels import pointwise
 from cellserve.kernels.dense import BlockSparseDense, Dense
 from cellserve.kernels.quantized import QuantizedDense
 
-isa = _native.isa  # the instruction-set path in use: avx512, avx2 or portable
+isa = _native.isa  # the instruction-set path in use: avx512-vbmi, avx512, avx2 or portable
 isas = _native.isas  # the paths this CPU can run, best first
 set_isa = _native.set_isa  # force a path (CELLSERVE_ISA does the same at import)
 set_threads = _native.set_threads

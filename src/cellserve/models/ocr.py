@@ -19,7 +19,8 @@ def ctc_greedy(best: np.ndarray) -> list[int]:
     """Collapse repeats, then drop blanks (id 0)."""
     keep = np.ones(len(best), dtype=bool)
     keep[1:] = best[1:] != best[:-1]
-    return [int(i) for i in best[keep] if i != 0]
+    keep &= best != 0
+    return best[keep].tolist()
 
 
 class OCRModel:

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 
 #define VL 8
+#define VMIN(a, b) ((vf)_mm256_min_ps((__m256)(a), (__m256)(b)))
+#define VMAX(a, b) ((vf)_mm256_max_ps((__m256)(a), (__m256)(b)))
 #define MR 2
 #include "kernels.inc"
 

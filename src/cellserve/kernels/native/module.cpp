@@ -19,7 +19,7 @@ namespace {
 
 const isa_t *ISAS[] = {
 #if defined(__x86_64__) || defined(_M_X64)
-    &ISA_AVX512, &ISA_AVX2,
+    &ISA_AVX512_VBMI, &ISA_AVX512, &ISA_AVX2,
 #endif
     &ISA_PORTABLE};
 constexpr int NUM_ISAS = sizeof ISAS / sizeof ISAS[0];
@@ -200,8 +200,9 @@ void linear(const packed_t *w, const float *x, ptrdiff_t ldx, int m, float *c, p
     uint8_t *codes = (uint8_t *)scratch(SLOT_CODES, (size_t)m * w->kpad);
     float *scales = (float *)scratch(SLOT_SCALES, (size_t)m * sizeof(float));
     int32_t *sums = (int32_t *)scratch(SLOT_SUMS, (size_t)m * sizeof(int32_t));
-    isa->quantize(x, ldx, m, w->k, w->kpad, w->act_scale, isa->s8_unsigned, codes, scales, sums);
-    qgemm_t q = {w, {codes, scales, sums, isa->s8_unsigned}, m, c, nullptr, ldc, addend, ld_add, bias};
+    const int is_unsigned = unsigned_codes(isa, w);
+    isa->quantize(x, ldx, m, w->k, w->kpad, w->act_scale, is_unsigned, codes, scales, sums);
+    qgemm_t q = {w, {codes, scales, sums, is_unsigned}, m, c, nullptr, ldc, addend, ld_add, bias};
     run_qgemm(&q);
 }
 
@@ -455,7 +456,8 @@ PyObject *py_gemm_s32(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     const isa_t *isa = active;
     uint8_t *codes = (uint8_t *)scratch(SLOT_CODES, (size_t)m * w->kpad + 1);
     int32_t *sums = (int32_t *)scratch(SLOT_SUMS, (size_t)m * sizeof(int32_t) + 4);
-    const uint8_t flip = isa->s8_unsigned ? 0x80 : 0;
+    const int is_unsigned = unsigned_codes(isa, w);
+    const uint8_t flip = is_unsigned ? 0x80 : 0;
     for (ptrdiff_t r = 0; r < m; r++) {
         const int8_t *row = x.data<int8_t>() + r * x.ld();
         uint8_t *dst = codes + r * w->kpad;
@@ -467,7 +469,7 @@ PyObject *py_gemm_s32(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
         }
         sums[r] = sum;
     }
-    qgemm_t q = {w, {codes, nullptr, sums, isa->s8_unsigned}, (int)m, nullptr, out.data<int32_t>(), out.ld(), nullptr,
+    qgemm_t q = {w, {codes, nullptr, sums, is_unsigned}, (int)m, nullptr, out.data<int32_t>(), out.ld(), nullptr,
                  0, nullptr};
     run_qgemm(&q);
     Py_END_ALLOW_THREADS

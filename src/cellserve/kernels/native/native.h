@@ -90,7 +90,8 @@ typedef struct {
     void (*gemm_bsr)(const gemm_t *g, int threads);
     void (*gemm_s8)(const qgemm_t *g, int threads);
     /* int8 activations: codes as this path's kernel wants them (signed, or +128 for VNNI) */
-    int s8_unsigned;      /* its int8 kernel wants activation codes + 128 (VNNI) */
+    int s8_unsigned;      /* its kernel for int8 weights wants activation codes + 128 (VNNI); low-bit weights
+                             always take signed codes */
     void (*quantize)(const float *x, ptrdiff_t ldx, int m, int k, int kpad, float static_scale, int is_unsigned,
                      uint8_t *codes, float *scales, int32_t *sums);
     /* fused gate math over a batch (see kernels.inc) */
@@ -107,14 +108,17 @@ extern const isa_t ISA_PORTABLE;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const isa_t ISA_AVX2;
 extern const isa_t ISA_AVX512;
+extern const isa_t ISA_AVX512_VBMI;
 #endif
+
+static inline int unsigned_codes(const isa_t *isa, const packed_t *w) { return isa->s8_unsigned && w->bits == 8; }
 
 /* thread pool (pool.cpp): run fn(ctx, tid, nthreads) on nthreads threads, the caller being tid 0 */
 typedef void (*task_fn)(void *ctx, int tid, int nthreads);
 void pool_run(int nthreads, task_fn fn, void *ctx);
 
 /* per-thread scratch buffers (module.cpp), 64-byte aligned, grown on demand; NULL when out of memory */
-enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_SUMS, SLOT_PACKED_A, SLOT_PANEL, NUM_SLOTS };
+enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_SUMS, SLOT_PACKED_A, SLOT_PANEL, SLOT_LUT, NUM_SLOTS };
 void *scratch(int slot, size_t bytes);
 
 
