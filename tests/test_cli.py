@@ -113,8 +113,8 @@ def test_bench_compress_writes_the_rows_and_plot(tmp_path):
                  "10", "--hidden", "8", "--train-seconds", "1", "--finetune-seconds", "1", "--qat", "4/4",
                  "--sparsities", "0.5", "--student-hidden", "4", "--student-epochs", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {"fp32", "int8-ptq", "int8-ptq-onnxruntime", "qat-w4a4", "prune-magnitude-50", "prune-units-half",
-            "distilled-bilstm4"} <= {r["scheme"] for r in rows}
+    assert {"fp32", "int8-ptq", "int8-ptq-onnxruntime", "qat-w4a4", "prune-magnitude-50", "prune-blocks-75",
+            "prune-units-half", "distilled-bilstm4"} <= {r["scheme"] for r in rows}
     keys = {"scheme", "weight_bits", "act_bits", "sparsity", "cer", "weight_bytes", "us_per_line", "speedup"}
     assert all(keys <= set(r) for r in rows)
     by_scheme = {r["scheme"]: r for r in rows}

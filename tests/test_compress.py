@@ -252,3 +252,65 @@ def test_compressed_ocr_model_served_over_http_from_a_repository(tmp_path):
         bad = client.post("/v2/models/ocr/infer", json=body)
         assert bad.status_code == 400 and "image must have shape" in bad.json()["error"]
         assert client.post("/v2/models/ocr/infer", json=body | {"inputs": [body["inputs"][0] | {"shape": [2, HEIGHT, 24]}]}).status_code == 200
+
+
+def compressed_variants():
+    """One small recognizer in every compressed form our runtime runs."""
+    module = small_recognizer()
+    fp32 = ot.to_runtime(module)
+    variants = {"int8": quantize_dynamic(fp32)}
+    for bits in (4, 2, 1):
+        spec = QuantSpec(bits, 8 if bits > 1 else 4, cell_bits=8, cell_limit=2.0)
+        variants[f"w{bits}"] = ot.to_runtime(ot.with_spec(module, spec))
+    blocks = small_recognizer()
+    ot.apply_masks(blocks, ot.block_masks(blocks, 0.75))
+    variants["blocks75"] = ot.to_runtime(blocks, block_sparse=True)
+    return variants
+
+
+def test_compressed_models_save_load_and_serve_over_http_and_grpc(tmp_path):
+    """Quantized (int8, 4/2/1-bit) and block-sparse recognizers keep their kind through a file, compute the
+    same logits after loading, and read the same text over HTTP and gRPC as in process."""
+    import httpx
+    import tritonclient.grpc as grpcclient
+
+    from cellserve import models
+    from cellserve.kernels import BlockSparseDense
+    from cellserve.server.app import create_app
+    from cellserve.server.background import BackgroundServer
+    from cellserve.server.repository import Repository, load_folder
+
+    images, _, _ = frames_batch([9, 13, 6], seed=4)
+    variants = compressed_variants()
+    served = []
+    for name, model in variants.items():
+        (tmp_path / name).mkdir()
+        models.save(model, tmp_path / name / "model.safetensors")
+        loaded = models.load(tmp_path / name / "model.safetensors")
+        kinds = lambda m: [(type(c.ih).__name__, type(c.hh).__name__, getattr(c.hh, "bits", 32))  # noqa: E731
+                           for c in m.rnn.cells] + [type(m.head.w).__name__]
+        assert kinds(loaded) == kinds(model)
+        for image in images:
+            np.testing.assert_array_equal(loaded.logits(image), model.logits(image))
+        served.append(load_folder(tmp_path / name))
+    assert isinstance(variants["blocks75"].rnn.cells[0].hh, BlockSparseDense)
+    assert all(isinstance(variants[f"w{b}"].rnn.cells[0].hh, QuantizedDense) for b in (4, 2, 1))
+
+    app = create_app(Repository(served, root=tmp_path), grpc_port=0)
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as http:
+        grpc = grpcclient.InferenceServerClient(url=f"127.0.0.1:{app.state.grpc_port}")
+        try:
+            for name, model in variants.items():
+                for image in images:
+                    expected = model.recognize(image)
+                    body = {"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
+                                        "data": image.reshape(-1).tolist()}]}
+                    reply = http.post(f"/v2/models/{name}/infer", json=body)
+                    assert reply.status_code == 200, reply.text
+                    assert reply.json()["outputs"][0]["data"] == [expected]
+                    inp = grpcclient.InferInput("image", list(image.shape), "FP32")
+                    inp.set_data_from_numpy(image)
+                    result = grpc.infer(name, [inp])
+                    assert result.as_numpy("text")[0].decode() == expected
+        finally:
+            grpc.close()

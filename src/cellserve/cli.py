@@ -175,14 +175,15 @@ def _bench_compress(args):
         raise UsageError(f"--qat takes weight/activation bit pairs like 8/8,4/4, not {args.qat!r}")
     if any(len(p) != 2 or p[0] not in (8, 4, 2, 1) or not 2 <= p[1] <= 8 for p in qat):
         raise UsageError("--qat pairs: weight bits 8, 4, 2 or 1 / activation bits 2..8")
-    if any(not 0 < s < 1 for s in args.sparsities):
-        raise UsageError("--sparsities must lie strictly between 0 and 1")
+    if any(not 0 < s < 1 for s in args.sparsities + args.block_sparsities):
+        raise UsageError("--sparsities and --block-sparsities must lie strictly between 0 and 1")
     if min(args.train_lines, args.test_lines, args.hidden, args.student_hidden) < 2 or args.student_epochs < 1:
         raise UsageError("--train-lines, --test-lines, --hidden and --student-hidden must be >= 2, "
                          "--student-epochs >= 1")
     compress.run(args.workdir, args.train_lines, args.test_lines, args.hidden, args.train_seconds,
-                 args.finetune_seconds, qat, args.sparsities, args.student_hidden, args.student_epochs,
-                 json_path=args.json, plot_path=args.plot)
+                 args.finetune_seconds, qat, args.sparsities, block_sparsities=args.block_sparsities,
+                 student_hidden=args.student_hidden, student_epochs=args.student_epochs, json_path=args.json,
+                 plot_path=args.plot)
 
 
 def _ocr_train(args):
@@ -383,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--train-seconds", type=float, default=420)
     cb.add_argument("--finetune-seconds", type=float, default=90, help="per QAT / pruning fine-tune")
     cb.add_argument("--qat", default="8/8,4/8,4/4,2/8,2/4,1/8", help="weight/activation bit pairs")
-    cb.add_argument("--sparsities", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.75, 0.9])
+    cb.add_argument("--sparsities", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.75, 0.9],
+                    help="magnitude pruning (unstructured)")
+    cb.add_argument("--block-sparsities", type=lambda s: [float(v) for v in s.split(",")], default=[0.75],
+                    help="block pruning (16 x 1 blocks, run by the block-sparse kernel)")
     cb.add_argument("--student-hidden", type=int, default=48)
     cb.add_argument("--student-epochs", type=int, default=20, help="epochs for the student, with and without KD")
     cb.set_defaults(func=_bench_compress)

@@ -1,9 +1,9 @@
 """`cellserve bench compress`: the accuracy/speed trade-off of compressing the OCR BiLSTM-CTC recognizer.
 
 Trains the fp32 model (or reuses the one in --workdir), then derives every compressed variant from it:
-post-training int8, quantization-aware fine-tuning at several weight/activation bit-widths, magnitude
-and hidden-unit pruning with fine-tuning, and a distilled small student (beside the same student trained
-without the teacher). Each row: character error rate on held-out lines, the bytes of weights our runtime
+post-training int8, quantization-aware fine-tuning at several weight/activation bit-widths, magnitude,
+block (16 x 1, run by the block-sparse kernel) and hidden-unit pruning with fine-tuning, and a distilled
+small student (beside the same student trained without the teacher). Each row: character error rate on held-out lines, the bytes of weights our runtime
 holds, and the median microseconds to recognize a line on one thread in our runtime.
 """
 
@@ -44,6 +44,7 @@ def time_models(candidates: list, images, repeats: int = 7) -> list[float]:
 
 def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int = 400, hidden: int = 128,
         train_seconds: float = 420, finetune_seconds: float = 90, qat=DEFAULT_QAT, sparsities=(0.5, 0.75, 0.9),
+        block_sparsities=(0.75,),
         student_hidden: int = 48, student_epochs: int = 20, timing_lines: int = 60, json_path=None,
         plot_path=None, seed: int = 0) -> list[dict]:
     import torch
@@ -115,6 +116,15 @@ def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int =
                  after_step=lambda m, masks=masks: ot.apply_masks(m, masks))
         add(f"prune-magnitude-{int(sparsity * 100)}", module, sparsity=sparsity, hidden=hidden,
             extra_train_s=finetune_seconds)
+
+    for sparsity in block_sparsities:  # blocks of 16 output rows x 1 input, run by the block-sparse kernel
+        module = copy.deepcopy(teacher)
+        masks = ot.block_masks(module, sparsity)
+        ot.apply_masks(module, masks)
+        ot.train(module, train_set, epochs=100, seconds=finetune_seconds, lr=1e-3, log=log,
+                 after_step=lambda m, masks=masks: ot.apply_masks(m, masks))
+        add(f"prune-blocks-{int(sparsity * 100)}", ot.to_runtime(module, block_sparse=True), sparsity=sparsity,
+            hidden=hidden, extra_train_s=finetune_seconds)
 
     half = ot.prune_hidden_units(teacher, hidden // 2)
     add("prune-units-half-no-finetune", half, sparsity=0.5, hidden=hidden // 2)
