@@ -31,7 +31,7 @@ def _serve(args):
     from cellserve.server.repository import Repository
 
     try:
-        repository = Repository.from_directory(args.model_dir) if args.model_dir else Repository.defaults()
+        repository = Repository.from_path(args.model_dir) if args.model_dir else Repository.defaults()
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc))
     base = f"http://{args.host}:{args.port}"
@@ -261,17 +261,51 @@ def _import_torch(args):
     import torch
 
     from cellserve import models
+    from cellserve.models.torch_import import load_torch, module_to_onnx, parse_input
 
     try:
-        state = torch.load(args.state_dict, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise UsageError(f"cannot read {args.state_dict}: {exc}")
-    try:
-        rnn = models.rnn_from_torch(state, args.kind)
+        source = load_torch(args.source)
+        if isinstance(source, dict):  # a state dict: an nn.LSTM / nn.GRU's weights
+            rnn = models.rnn_from_torch(source, args.kind)
+            models.save(rnn, args.out)
+            print(f"saved {rnn.config()} to {args.out}")
+            return
+        if not isinstance(source, torch.nn.Module):
+            raise ValueError(f"{args.source} holds a {type(source).__name__}, not a module or a state dict")
+        graph = module_to_onnx(source, [parse_input(text) for text in args.input] or None)
     except (ValueError, KeyError) as exc:
-        raise UsageError(f"{args.state_dict}: {exc}")
-    models.save(rnn, args.out)
-    print(f"saved {rnn.config()} to {args.out}")
+        raise UsageError(f"{args.source}: {exc}")
+    if args.onnx:
+        with open(args.onnx, "wb") as f:
+            f.write(graph)
+    _import_graph(graph, args.out, args.source)
+
+
+def _import_onnx(args):
+    try:
+        with open(args.model, "rb") as f:
+            graph = f.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.model}: {exc}")
+    _import_graph(graph, args.out, args.model)
+
+
+def _import_graph(graph: bytes, out: str, source: str) -> None:
+    """Split an ONNX graph around its recurrent core, save it in our format, and say what it became."""
+    from cellserve import models
+    from cellserve.models.imported import import_onnx
+
+    try:
+        model = import_onnx(graph)
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}")
+    models.save(model, out)
+    rnn = model.rnn
+    tensors = lambda specs: ", ".join(f"{s['name']} {s['datatype']} {s['shape']}" for s in specs)  # noqa: E731
+    print(f"imported {source}: core {rnn.num_layers} x {'bi' if rnn.bidirectional else ''}{rnn.cell_kind.upper()}"
+          f"({rnn.hidden_size}) over {rnn.input_size} features; inputs {tensors(model.inputs)}; outputs "
+          f"{tensors(model.outputs)}; {'streams (sessions)' if model.streamable else 'whole sequences'}; "
+          f"saved to {out}")
 
 
 def _info(args):
@@ -295,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve models over the Open Inference Protocol (KServe v2) HTTP API")
-    serve.add_argument("model_dir", nargs="?", help="model repository: one folder per model (weights + "
-                       "config.json); the embedded models when omitted")
+    serve.add_argument("model_dir", nargs="?", help="model repository: one folder per model (ours: weights + "
+                       "config.json; Triton's: <name>/<version>/model.onnx|model.safetensors + config.pbtxt), or "
+                       "one model file (model.onnx or .safetensors); the embedded models when omitted")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC (KServe v2 / Triton) port; 0 turns it off")
@@ -416,11 +451,23 @@ def build_parser() -> argparse.ArgumentParser:
     orr.add_argument("images", nargs="+")
     orr.set_defaults(func=_ocr_read)
 
-    imp = sub.add_parser("import-torch", help="convert a torch nn.LSTM/nn.GRU(/Cell) state dict to our format")
-    imp.add_argument("state_dict", help="a file written by torch.save(module.state_dict())")
+    imp = sub.add_parser("import-torch", help="import a torch model: an nn.LSTM/nn.GRU state dict, or a whole "
+                         "nn.Module (pickled, TorchScript or module:factory) through ONNX")
+    imp.add_argument("source", help="a torch.save file (state dict or module), a TorchScript archive, or "
+                     "package.module:factory")
     imp.add_argument("out", help="output .safetensors path")
-    imp.add_argument("--kind", choices=["lstm", "gru"], help="cell type (inferred when omitted)")
+    imp.add_argument("--kind", choices=["lstm", "gru"], help="state dicts: cell type (inferred when omitted)")
+    imp.add_argument("--input", action="append", default=[], metavar="NAME:DTYPE:DIMS",
+                     help="a module's input for the export, e.g. tokens:int64:batch,time (named dimensions vary); "
+                          "repeat per input; guessed from the first layer when omitted")
+    imp.add_argument("--onnx", help="also write the exported ONNX graph here")
     imp.set_defaults(func=_import_torch)
+
+    imo = sub.add_parser("import-onnx", help="import an ONNX model: its LSTM/GRU core runs as our cells, the "
+                         "layers before and after it on ONNX Runtime")
+    imo.add_argument("model", help="model.onnx")
+    imo.add_argument("out", help="output .safetensors path")
+    imo.set_defaults(func=_import_onnx)
 
     info = sub.add_parser("info", help="print a model file's architecture")
     info.add_argument("model")

@@ -12,7 +12,7 @@ import numpy as np
 from cellserve.bench.common import console, limit_threads, print_table, write_json
 from cellserve.bench.loadgen import poisson_arrivals, run_load
 from cellserve.bench.workloads import WORKLOADS, sentence_lengths
-from cellserve.engine import POLICIES, Engine, make_runner
+from cellserve.engine import POLICIES, Engine
 
 SLO_P99_MS = 1000.0
 
@@ -26,7 +26,7 @@ def sustained(row: dict) -> bool:
 def unbatched_capacity(workload, model, seed: int, samples: int = 8) -> float:
     """Requests per second one request at a time can serve (to place the rate grid)."""
     rng = np.random.default_rng(seed + 99)
-    engine = Engine(make_runner(model, 4096), "none").start()
+    engine = Engine(workload.runner(model, "none", 4096), "none").start()
     requests = [workload.make_request(rng, int(n)) for n in sentence_lengths(rng, samples)]
     engine.submit(requests[0]).result()  # warm-up
     start = time.perf_counter()
@@ -68,7 +68,7 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
         for name in workloads:
             workload = WORKLOADS[name]
             models = {"cellserve": workload.make_model()}
-            if "onnxruntime" in backends and name not in ("treelstm", "speller"):  # ORT has no TreeLSTM operator
+            if "onnxruntime" in backends and name not in ("treelstm", "speller", "imported"):  # no TreeLSTM operator
                 from cellserve.models.onnx_io import use_onnxruntime
 
                 models["onnxruntime"] = use_onnxruntime(workload.make_model())
@@ -128,7 +128,7 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
     requests = [workload.make_request(rng, int(n)) for n in sentence_lengths(rng, len(arrivals))]
     # graph batches whole requests; a cellular step's rows are nodes (16 per tree)
     step_rows = max_batch * (workload.rows_per_request if policy == "cellular" else 1)
-    engine = Engine(make_runner(model, 16384 if workload.name == "treelstm" else 4096), policy,
+    engine = Engine(workload.runner(model, policy, 16384 if workload.name == "treelstm" else 4096), policy,
                     max_batch=step_rows, max_queue=4 * max_batch + int(rate), max_delay_ms=max_delay_ms,
                     length_buckets=buckets, max_running=workload.running_per_batch * max_batch).start()
     result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from cellserve.engine import make_runner
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM
 
 VOCAB = 10_000
@@ -43,6 +44,10 @@ class Workload:
     make_request: Callable[[np.random.Generator, int], dict]  # (rng, sentence length) -> inputs
     rows_per_request: int = 1  # cell-step rows one request brings at once: cellular's max_batch is in rows
     running_per_batch: int = 2  # cellular's running set, in units of max_batch requests
+    make_runner: Callable | None = None  # (model, policy, capacity) -> runner; default: the model's own
+
+    def runner(self, model, policy: str, capacity: int):
+        return self.make_runner(model, policy, capacity) if self.make_runner else make_runner(model, capacity)
 
 
 def _lm_request(rng, n):
@@ -71,6 +76,46 @@ def _tree_request(rng, n):
     return {"parents": parents, "tokens": rng.integers(0, VOCAB, len(parents)).tolist()}
 
 
+FEATURES = 40  # filterbank features per 10 ms frame
+
+
+def _acoustic():
+    """A CTC acoustic model as a user brings it: a torch module (Conv1d front subsampling time by 2,
+    2-layer GRU(256), linear head over 29 symbols, log-softmax), exported to ONNX and imported."""
+    import torch
+    from torch import nn
+
+    from cellserve.models.imported import import_onnx
+    from cellserve.models.torch_import import module_to_onnx
+
+    class Acoustic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(FEATURES, 256, 3, stride=2, padding=1)
+            self.rnn = nn.GRU(256, 256, num_layers=2)
+            self.head = nn.Linear(256, 29)
+
+        def forward(self, feats):  # (batch, features, time)
+            y, _ = self.rnn(torch.relu(self.conv(feats)).permute(2, 0, 1))
+            return torch.log_softmax(self.head(y), dim=-1)
+
+    torch.manual_seed(0)
+    return import_onnx(module_to_onnx(Acoustic().eval(), [("feats", "float32", ["batch", FEATURES, "time"])]))
+
+
+def _acoustic_request(rng, n):
+    """An utterance of ~8 frames per word of a sentence (median ~1.6 s)."""
+    return {"feats": rng.standard_normal((1, FEATURES, 8 * n)).astype(np.float32)}
+
+
+def _imported_runner(model, policy, capacity):
+    """graph: ONNX Runtime on the whole original graph, requests padded to the longest (Triton + ONNX
+    Runtime); otherwise our engine on the imported model, GRU steps in blocks of 4."""
+    from cellserve.engine.runners import WholeGraphRunner
+
+    return WholeGraphRunner(model, capacity) if policy == "graph" else make_runner(model, capacity, block_steps=4)
+
+
 WORKLOADS = {
     "lm": Workload("lm", "LSTM language model, 2x512, vocab 10k: log-likelihood of a sentence",
                    lambda: LanguageModel.random(VOCAB, 512, 512, num_layers=2, seed=0), _lm_request),
@@ -81,4 +126,7 @@ WORKLOADS = {
                          rows_per_request=16, running_per_batch=1),
     "speller": Workload("speller", "the embedded number speller: LSTM encoder-decoder, 2x128, numbers up to "
                         "999999 spelled in words", _speller, _speller_request),
+    "imported": Workload("imported", "Conv1d + 2-layer GRU(256) CTC acoustic model imported from ONNX; graph = "
+                         "ONNX Runtime on the whole graph, batched per request", _acoustic, _acoustic_request,
+                         make_runner=_imported_runner),
 }

@@ -23,8 +23,6 @@ from cellserve.engine.pool import Arena, StatePool
 from cellserve.engine.request import Request
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM, tree_levels
 from cellserve.models.lm import log_softmax
-from cellserve.models.ocr import OCRModel
-from cellserve.models.rnn import RNN
 
 ADMITTED, NO_ROOM, DONE = "admitted", "no room", "done"  # what admit() says
 
@@ -298,42 +296,82 @@ class Seq2SeqRunner(SequenceRunner):
         self._leave(st, a + done, out)
 
 
-class StreamRunner(SequenceRunner):
-    """A stacked unidirectional RNN over feature frames (speech, sensors): returns the top layer's output
-    per frame. Frames run in blocks of `block_steps`, one cell call per block, so SRU/QRNN read their
-    weights once per block; in a session, frames short of a full block wait for the next chunk or the
-    session's end, and the state waits in a pool slot between chunks. A row whose chunk ends in a short
-    block runs it apart from the full-block rows of its step."""
+class Frames:
+    """A request of a frame-sequence model: its inputs (for the model's result_of) and the frames its
+    front turned them into."""
+
+    __slots__ = ("inputs", "frames")
+
+    def __init__(self, inputs: dict, frames: np.ndarray):
+        self.inputs, self.frames = inputs, frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+class FrameSequenceRunner(SequenceRunner):
+    """Runners of models whose recurrent core reads a sequence of feature frames. The model gives
+    `rnn` (the core), `frames_of(inputs)` (validates a request and makes its frames: an embedding lookup,
+    image columns, an imported graph's front) and `result_of(inputs, ys, finals)` (the request's result
+    from the top layer's outputs (T, D*H) and every cell's final state, finals[l * D + d] = (h[, c]))."""
+
+    def __init__(self, model, capacity: int, stages: list[Stage], block_steps: int):
+        if block_steps < 1:
+            raise ValueError("block_steps must be >= 1")
+        self.model, self.rnn, self.block_steps = model, model.rnn, int(block_steps)
+        super().__init__(capacity, stages)
+
+    def prepare(self, inputs):
+        return Frames(inputs, np.asarray(self.model.frames_of(inputs), dtype=np.float32)), 1
+
+    def _blocks(self, st: Stage, a: int, b: int, pad_to: int, run) -> None:
+        """Advance rows [a, b) by up to block_steps frames: run(rows, t, pad) for the rows with t frames
+        left in this block; rows ending in a short block run apart, grouped (rare: the end of a sequence)."""
+        k = self.block_steps
+        steps = np.minimum(st["length"][a:b] - st["pos"][a:b], k)
+        if (steps == k).all():
+            run(slice(a, b), k, self._padding(st, a, b, pad_to))
+            return
+        for t in np.unique(steps):
+            run(a + np.flatnonzero(steps == t), int(t), 0)
+
+    @staticmethod
+    def _cell_steps(cell, xs: np.ndarray, state: tuple) -> np.ndarray:
+        """t steps of one cell over xs (t, rows, in), its state views updated in place; returns (t, rows, H)."""
+        if len(xs) == 1:
+            cell.step_into(xs[0], state)
+            return state[0][None]
+        ys, new = cell.steps(np.ascontiguousarray(xs), state)
+        for view, value in zip(state, new):
+            view[...] = value
+        return ys
+
+
+class StreamRunner(FrameSequenceRunner):
+    """A unidirectional stack: all its layers advance together, in blocks of `block_steps` frames, one
+    cell call per layer per block (SRU/QRNN read their weights once per block). In a session, frames short
+    of a full block wait for the next chunk or the session's end, and the state waits in a pool slot
+    between chunks."""
 
     cell_types = ("block",)
 
-    def __init__(self, model: RNN, capacity: int, block_steps: int = 1):
-        if model.bidirectional:
+    def __init__(self, model, capacity: int, block_steps: int = 1):
+        if model.rnn.bidirectional:
             raise ValueError("streaming needs a unidirectional RNN")
-        if block_steps < 1:
-            raise ValueError("block_steps must be >= 1")
-        self.model, self.block_steps = model, int(block_steps)
-        self.names = layer_state_names(model)
-        widths = layer_state_widths(model)
+        rnn = model.rnn
+        self.names = layer_state_names(rnn)
+        widths = layer_state_widths(rnn)
         self.pool = StatePool(capacity, widths)  # sessions' states between chunks
-        self.frames = Arena(model.input_size, np.float32)
-        self.outputs = Arena(model.hidden_size, np.float32)
+        self.frames = Arena(rnn.input_size, np.float32)
+        self.outputs = Arena(rnn.output_size, np.float32)
         self.stage = Stage("block", capacity, widths, {"offset": np.int64, "length": np.int64, "pos": np.int64,
                                                        "out": np.int64, "arrival": np.float64})
-        super().__init__(capacity, [self.stage])
+        super().__init__(model, capacity, [self.stage], block_steps)
 
     @property
     def used(self):
         """Sessions' slots (held between chunks) and the rows of requests without a session."""
         return self.pool.used + sum(1 for r in self.stage.reqs if r.session is None)
-
-    def prepare(self, inputs):
-        frames = np.asarray(inputs.get("frames"), dtype=np.float32)
-        if frames.ndim != 2 or frames.shape[1] != self.model.input_size:
-            raise ValueError(f"frames must have shape [T, {self.model.input_size}], got {list(frames.shape)}")
-        if not np.isfinite(frames).all():
-            raise ValueError("frames contain NaN or infinity")
-        return frames, 1
 
     def check_snapshot(self, snapshot):
         state, pending = snapshot.get("state"), snapshot.get("pending")
@@ -344,8 +382,8 @@ class StreamRunner(SequenceRunner):
             width = self.pool[name].shape[1]
             if np.shape(values) != (width,) or not np.isfinite(values).all():
                 raise ValueError(f"snapshot state {name!r} must be {width} finite values, got shape {np.shape(values)}")
-        if pending is None or np.ndim(pending) != 2 or np.shape(pending)[1] != self.model.input_size:
-            raise ValueError(f"the snapshot's pending frames must have shape [n, {self.model.input_size}]")
+        if pending is None or np.ndim(pending) != 2 or np.shape(pending)[1] != self.rnn.input_size:
+            raise ValueError(f"the snapshot's pending frames must have shape [n, {self.rnn.input_size}]")
 
     def _snapshot(self, req: Request, state) -> dict:
         """The session's state (after this chunk) and the frames waiting for a full block."""
@@ -361,9 +399,9 @@ class StreamRunner(SequenceRunner):
             if session.restore is not None:  # a snapshot opens this session
                 for name, values in session.restore["state"].items():
                     self.pool[name][session.slots[0]] = values
-                session.buffer = np.asarray(session.restore["pending"], np.float32).reshape(-1, self.model.input_size)
+                session.buffer = np.asarray(session.restore["pending"], np.float32).reshape(-1, self.rnn.input_size)
                 session.restore = None
-        frames = req.payload
+        frames = req.payload.frames
         if session is not None and session.buffer is not None and len(session.buffer):
             frames = np.concatenate([session.buffer, frames])
         k = self.block_steps
@@ -371,9 +409,8 @@ class StreamRunner(SequenceRunner):
         if session is not None:
             session.buffer = frames[usable:]
         if not usable:
-            req.result = self._result(req, np.empty((0, self.model.hidden_size), np.float32))
-            if req.snapshot:
-                req.result["snapshot"] = self._snapshot(req, {n: a[session.slots[0]] for n, a in self.pool.arrays.items()})
+            state = self._held(session)
+            req.result = self._result(req, np.empty((0, self.rnn.output_size), np.float32), state)
             return DONE
         req.progress["frames"] = (self.frames.put(frames[:usable]), usable)
         req.progress["out"] = self.outputs.alloc(usable)
@@ -384,144 +421,159 @@ class StreamRunner(SequenceRunner):
                 arr[rows] = self.pool[name][session.slots[0]]
         return ADMITTED
 
+    def _held(self, session) -> dict:
+        """A session's state as it waits between chunks (zeros without a session)."""
+        if session is None:
+            return {name: np.zeros(arr.shape[1], np.float32) for name, arr in self.pool.arrays.items()}
+        return {name: arr[session.slots[0]] for name, arr in self.pool.arrays.items()}
+
     def _free(self, req):
         offset, usable = req.progress.pop("frames")
         self.frames.free(offset, usable)
         self.outputs.free(req.progress.pop("out"), usable)
 
     def step(self, cell_type, max_rows, pad_to=0):
-        st, k = self.stage, self.block_steps
+        st = self.stage
         a, b, out = self._window(st, max_rows)
         if b == a:
             return out
-        pos, length = st["pos"][a:b], st["length"][a:b]
-        steps = np.minimum(length - pos, k)
-        full = steps == k
-        if full.all():
-            self._run_block(a, b, k, self._padding(st, a, b, pad_to))
-        else:  # rows ending in a short block run apart, gathered (rare: the end of a stream)
-            if full.any():
-                self._run_rows(a + np.flatnonzero(full), k)
-            for t in np.unique(steps[~full]):
-                self._run_rows(a + np.flatnonzero(steps == t), int(t))
+        self._blocks(st, a, b, pad_to, self._run)
+        length = st["length"][a:b]
         done = np.flatnonzero(st["pos"][a:b] >= length)
         for i in done:
             req = st.reqs[a + i]
             o, n = st["out"][a + i], length[i]
+            state = {name: arr[a + i] for name, arr in st.states.items()}
             if req.session is not None and not req.end:  # the state waits for the next chunk
-                for name, arr in st.states.items():
-                    self.pool[name][req.session.slots[0]] = arr[a + i]
-            req.result = self._result(req, self.outputs.data[o:o + n].copy())
-            if req.snapshot:
-                req.result["snapshot"] = self._snapshot(req, {n: arr[a + i] for n, arr in st.states.items()})
+                for name, value in state.items():
+                    self.pool[name][req.session.slots[0]] = value
+            req.result = self._result(req, self.outputs.data[o:o + n].copy(), state)
         self._leave(st, a + done, out)
         self.last_rows = b - a
         return out
 
-    def _inputs(self, rows, t: int) -> np.ndarray:
+    def _run(self, rows, t: int, pad: int) -> None:
+        """t steps of every layer for the stage rows `rows` (a slice runs in place, padded by `pad` rows)."""
         st = self.stage
         index = (st["offset"][rows] + st["pos"][rows])[:, None] + np.arange(t)
-        return np.ascontiguousarray(self.frames.data[index].transpose(1, 0, 2))
-
-    def _outputs(self, rows, t: int, ys: np.ndarray) -> None:
-        st = self.stage
-        index = (st["out"][rows] + st["pos"][rows])[:, None] + np.arange(t)
-        self.outputs.data[index] = ys.transpose(1, 0, 2)
+        xs = self.frames.data[index].transpose(1, 0, 2)
+        start = time.perf_counter()
+        if isinstance(rows, slice):
+            if pad:
+                xs = np.concatenate([xs, np.zeros((t, pad, xs.shape[2]), np.float32)], axis=1)
+            ys = stack_steps(self.rnn, st, self.names, xs, rows.start, rows.stop + pad)[:, : rows.stop - rows.start]
+        else:  # gathered rows: their state is copied out and back
+            ys = xs
+            for cell, layer in zip(self.rnn.cells, self.names):
+                state = tuple(st.states[name][rows] for name in layer)
+                ys = self._cell_steps(cell, ys, state)
+                for name, value in zip(layer, state):
+                    st.states[name][rows] = value
+        self.kernel_seconds += time.perf_counter() - start
+        out = (st["out"][rows] + st["pos"][rows])[:, None] + np.arange(t)
+        self.outputs.data[out] = ys.transpose(1, 0, 2)
         st["pos"][rows] += t
 
-    def _run_block(self, a: int, b: int, t: int, pad: int) -> None:
-        xs = self._inputs(slice(a, b), t)
-        if pad:
-            xs = np.concatenate([xs, np.zeros((t, pad, xs.shape[2]), np.float32)], axis=1)
-        start = time.perf_counter()
-        ys = stack_steps(self.model, self.stage, self.names, xs, a, b + pad)
-        self.kernel_seconds += time.perf_counter() - start
-        self._outputs(slice(a, b), t, ys[:, : b - a])
-
-    def _run_rows(self, rows: np.ndarray, t: int) -> None:
-        st = self.stage
-        xs = self._inputs(rows, t)
-        start = time.perf_counter()
-        for cell, layer in zip(self.model.cells, self.names):
-            xs, new = cell.steps(xs, tuple(st.states[name][rows] for name in layer))
-            for name, value in zip(layer, new):
-                st.states[name][rows] = value
-        self.kernel_seconds += time.perf_counter() - start
-        self._outputs(rows, t, xs)
-
-    def _result(self, req, outputs):
+    def _result(self, req, ys: np.ndarray, state: dict) -> dict:
+        finals = [tuple(np.array(state[name]) for name in layer) for layer in self.names]
+        result = self.model.result_of(req.payload.inputs, ys, finals)
         session = req.session
-        return {"outputs": outputs, "frames_pending": 0 if session is None else len(session.buffer)}
+        result["frames_pending"] = 0 if session is None else len(session.buffer)
+        if req.snapshot:
+            result["snapshot"] = self._snapshot(req, state)
+        return result
 
 
-class OCRRunner(SequenceRunner):
-    """A 1-layer bidirectional recognizer over a line image: its forward and backward directions are two
-    stages, each stepped over many lines at once; when both have covered a line, the CTC head and
-    greedy decoding give its text."""
+class BidirectionalRunner(FrameSequenceRunner):
+    """A bidirectional stack over whole sequences: each layer's forward and backward directions are two
+    stages, each stepped over many requests at once, in blocks of `block_steps` frames. A request enters
+    layer l + 1 once both directions have covered layer l (the layer's output at a step needs both).
+    Layer l reads arena `seq[l]` and writes its outputs, forward half then backward half, into
+    `seq[l + 1]`; the top layer's outputs and every cell's final state go to the model's result_of."""
 
-    cell_types = ("forward", "backward")
-
-    def __init__(self, model: OCRModel, capacity: int):
-        if model.rnn.num_layers != 1 or not model.rnn.bidirectional:
-            raise ValueError("OCR serving needs a 1-layer bidirectional recognizer")
-        self.model = model
-        self.cells = dict(zip(self.cell_types, model.rnn.layers[0]))
-        hidden = model.rnn.hidden_size
-        self.frames = Arena(model.rnn.input_size, np.float32)
-        self.hidden = {d: Arena(hidden, np.float32) for d in self.cell_types}
-        stages = [Stage(d, capacity, {f"s{i}": w for i, w in enumerate(cell.state_widths())},
-                        {"offset": np.int64, "length": np.int64, "pos": np.int64, "out": np.int64,
-                         "arrival": np.float64}) for d, cell in self.cells.items()]
-        super().__init__(capacity, stages)
-
-    def prepare(self, inputs):
-        return self.model.frames(inputs.get("image")), 1
+    def __init__(self, model, capacity: int, block_steps: int = 1):
+        rnn = model.rnn
+        if not rnn.bidirectional:
+            raise ValueError("BidirectionalRunner runs bidirectional RNNs")
+        self.cell_types = tuple(f"l{l}.{d}" for l in range(rnn.num_layers) for d in ("forward", "backward"))
+        self.cells = {name: rnn.cells[i] for i, name in enumerate(self.cell_types)}
+        self.seq = [Arena(rnn.input_size, np.float32)] + [Arena(rnn.output_size, np.float32)
+                                                          for _ in range(rnn.num_layers)]
+        stages = [Stage(name, capacity, {f"s{i}": w for i, w in enumerate(cell.state_widths())},
+                        {"src": np.int64, "dst": np.int64, "length": np.int64, "pos": np.int64, "arrival": np.float64})
+                  for name, cell in self.cells.items()]
+        super().__init__(model, capacity, stages, block_steps)
 
     def _admit(self, req):
-        steps = len(req.payload)
-        offset = self.frames.put(req.payload)
-        req.progress.update(frames=offset, left=2)
-        for d in self.cell_types:
-            req.progress[d] = self.hidden[d].alloc(steps)
-            self.stages[d].add([req], offset=offset, length=steps, pos=0, out=req.progress[d], arrival=req.arrival)
+        if req.session is not None:
+            raise ValueError("a bidirectional model reads whole sequences: it cannot stream in sessions")
+        req.progress.update(blocks=[(0, self.seq[0].put(req.payload.frames))], finals=[None] * len(self.cells))
+        self._enter(req, 0)
         return ADMITTED
+
+    def _enter(self, req, layer: int) -> None:
+        """Start both directions of `layer`, reading the request's block in seq[layer]."""
+        steps = len(req.payload)
+        src = req.progress["blocks"][-1][1]
+        dst = self.seq[layer + 1].alloc(steps)
+        req.progress["blocks"].append((layer + 1, dst))
+        req.progress["left"] = 2
+        for d in ("forward", "backward"):
+            self.stages[f"l{layer}.{d}"].add([req], src=src, dst=dst, length=steps, pos=0, arrival=req.arrival)
 
     def _free(self, req):
         steps = len(req.payload)
-        if "frames" in req.progress:
-            self.frames.free(req.progress.pop("frames"), steps)
-            for d in self.cell_types:
-                self.hidden[d].free(req.progress.pop(d), steps)
+        for level, offset in req.progress.pop("blocks", []):
+            self.seq[level].free(offset, steps)
 
     def step(self, cell_type, max_rows, pad_to=0):
         st, cell = self.stages[cell_type], self.cells[cell_type]
         a, b, out = self._window(st, max_rows)
         if b == a:
             return out
-        pad = self._padding(st, a, b, pad_to)
-        pos, length = st["pos"][a:b], st["length"][a:b]
-        frame = pos if cell_type == "forward" else length - 1 - pos
-        x = self._pad(self.frames.data[st["offset"][a:b] + frame], pad)
-        state = tuple(st.states[f"s{i}"][a:b + pad] for i in range(len(st.states)))
-        start = time.perf_counter()
-        cell.step_into(x, state)
-        self.kernel_seconds += time.perf_counter() - start
-        self.hidden[cell_type].data[st["out"][a:b] + frame] = state[0][: b - a]
-        pos += 1
-        done = a + np.flatnonzero(pos >= length)
+        layer, direction = int(cell_type[1:cell_type.index(".")]), cell_type.endswith("backward")
+        hidden = self.rnn.hidden_size
+        source, target = self.seq[layer], self.seq[layer + 1]
+
+        def run(rows, t, pad):
+            pos, length = st["pos"][rows], st["length"][rows]
+            frame = pos[:, None] + np.arange(t)
+            if direction:
+                frame = length[:, None] - 1 - frame
+            xs = source.data[st["src"][rows][:, None] + frame].transpose(1, 0, 2)
+            if pad:
+                xs = np.concatenate([xs, np.zeros((t, pad, xs.shape[2]), np.float32)], axis=1)
+            wide = slice(rows.start, rows.stop + pad) if isinstance(rows, slice) else rows
+            state = tuple(st.states[f"s{i}"][wide] for i in range(len(st.states)))
+            start = time.perf_counter()
+            ys = self._cell_steps(cell, xs, state)
+            self.kernel_seconds += time.perf_counter() - start
+            if not isinstance(rows, slice):
+                for i, value in enumerate(state):
+                    st.states[f"s{i}"][rows] = value
+            target.data[st["dst"][rows][:, None] + frame, direction * hidden:(direction + 1) * hidden] = \
+                ys[:, : len(pos)].transpose(1, 0, 2)
+            st["pos"][rows] += t
+
+        self._blocks(st, a, b, pad_to, run)
+        done = a + np.flatnonzero(st["pos"][a:b] >= st["length"][a:b])
+        index = self.cell_types.index(cell_type)
+        for row in done:
+            st.reqs[row].progress["finals"][index] = tuple(st.states[f"s{i}"][row].copy() for i in range(len(st.states)))
         for req in st.remove(done):
             req.progress["left"] -= 1
-            if req.progress["left"] == 0:  # both directions have covered the line
-                steps = len(req.payload)
-                hidden = np.concatenate([self.hidden[d].data[req.progress[d]:req.progress[d] + steps]
-                                         for d in self.cell_types], axis=1)
-                req.result = {"text": self.model.text(self.model.head(hidden))}
-                self._free(req)
-                out.append(req)
+            if req.progress["left"]:
+                continue
+            if layer + 1 < self.rnn.num_layers:
+                self._enter(req, layer + 1)
+                continue
+            top = req.progress["blocks"][-1][1]
+            ys = self.seq[-1].data[top:top + len(req.payload)].copy()
+            req.result = self.model.result_of(req.payload.inputs, ys, req.progress["finals"])
+            self._free(req)
+            out.append(req)
         self.last_rows = b - a
         return out
-
-
 class TreeRunner(Runner):
     """Leaves and internal nodes are two cell types; a node is ready once its children are done. A tree's
     nodes take contiguous pool slots [base, base + n), with its parents, child lists (CSR), pending-child
@@ -667,12 +719,104 @@ class TreeRunner(Runner):
             self._release(req)
 
 
+class WholeGraphRunner(Runner):
+    """ONNX Runtime running an imported model's original graph, one call per batch of requests, their rows
+    padded with zeros along the time axis to the longest and cut back after: what Triton + ONNX Runtime
+    do under dynamic batching (the graph policy). The serving backend `onnxruntime` of an imported model,
+    and the peer its benchmark compares with."""
+
+    cell_types = ("graph",)
+    pads = False  # the batch is what was admitted; padding is along time
+
+    def __init__(self, model, capacity: int):
+        from cellserve.models.onnx_io import ort_session
+        import onnx
+
+        if not model.whole_graph:
+            raise ValueError("this imported model was saved without its original graph")
+        super().__init__(capacity)
+        self.model = model
+        self.session = ort_session(onnx.load_from_string(model.whole_graph))
+        self.waiting: list[Request] = []
+        self._time_lengths: dict[int, dict[str, int]] = {}  # input steps -> each output's steps
+
+    def prepare(self, inputs):
+        rows = self.model.rows(inputs)
+        if len(rows) != 1:
+            raise ValueError("an engine request is one row")
+        return rows[0], 1
+
+    def length(self, payload):
+        return self._steps(payload)
+
+    def _steps(self, row: dict) -> int:
+        timed = next((s for s in self.model.inputs if s["time_axis"] is not None), None)
+        return 1 if timed is None else row[timed["name"]].shape[timed["time_axis"]]
+
+    def _admit(self, req):
+        self.waiting.append(req)
+        return ADMITTED
+
+    def ready(self, cell_type):
+        return len(self.waiting)
+
+    def oldest(self, cell_type):
+        return min(r.arrival for r in self.waiting)
+
+    @property
+    def used(self):
+        return len(self.waiting)
+
+    def drop(self, req):
+        if req in self.waiting:
+            self.waiting.remove(req)
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        batch, self.waiting = self.waiting[:max_rows], self.waiting[max_rows:]
+        dropped = [r for r in batch if self.cancel_flags[r.ticket]]
+        batch = [r for r in batch if not self.cancel_flags[r.ticket]]
+        if batch:
+            steps = [self._steps(r.payload) for r in batch]
+            start = time.perf_counter()
+            outputs = self.session.run(None, self._feeds([r.payload for r in batch], max(steps)))
+            self.kernel_seconds += time.perf_counter() - start
+            for i, (req, n) in enumerate(zip(batch, steps)):
+                lengths = self._output_steps(n, req.payload)
+                req.result = {}
+                for spec, value in zip(self.model.outputs, outputs):
+                    row = np.take(value, [i], axis=spec["batch_axis"]) if spec["batch_axis"] is not None else value
+                    if spec["time_axis"] is not None:
+                        row = np.take(row, range(lengths[spec["name"]]), axis=spec["time_axis"])
+                    req.result[spec["name"]] = row
+        self.last_rows = len(batch)
+        return dropped + batch
+
+    def _feeds(self, rows: list[dict], steps: int) -> dict:
+        feeds = {}
+        for spec in self.model.inputs:
+            parts = [r[spec["name"]] for r in rows]
+            if spec["time_axis"] is not None:
+                parts = [np.pad(p, [(0, steps - p.shape[a]) if a == spec["time_axis"] else (0, 0) for a in range(p.ndim)])
+                         for p in parts]
+            feeds[spec["name"]] = parts[0] if spec["batch_axis"] is None else np.concatenate(parts, spec["batch_axis"])
+        return feeds
+
+    def _output_steps(self, n: int, row: dict) -> dict[str, int]:
+        """Each output's steps for an input of n steps (the graph run alone on zeros, once per length)."""
+        if n not in self._time_lengths:
+            outputs = self.session.run(None, self._feeds([{k: np.zeros_like(v) for k, v in row.items()}], n))
+            self._time_lengths[n] = {s["name"]: o.shape[s["time_axis"]] for s, o in zip(self.model.outputs, outputs)
+                                     if s["time_axis"] is not None}
+        return self._time_lengths[n]
+
+
 def make_runner(model, capacity: int, block_steps: int = 1) -> Runner:
     """The runner for a loaded model (by its architecture)."""
-    if isinstance(model, RNN):
-        return StreamRunner(model, capacity, block_steps)
-    kinds = {LanguageModel: LanguageModelRunner, Seq2Seq: Seq2SeqRunner, TreeLSTM: TreeRunner, OCRModel: OCRRunner}
+    kinds = {LanguageModel: LanguageModelRunner, Seq2Seq: Seq2SeqRunner, TreeLSTM: TreeRunner}
     for cls, runner in kinds.items():
         if isinstance(model, cls):
             return runner(model, capacity)
+    if hasattr(model, "frames_of"):  # a frame-sequence model: an RNN, classifier, recognizer, imported graph
+        runner = BidirectionalRunner if model.rnn.bidirectional else StreamRunner
+        return runner(model, capacity, block_steps)
     raise ValueError(f"no serving runner for architecture {getattr(model, 'arch', type(model).__name__)!r}")

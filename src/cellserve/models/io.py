@@ -34,6 +34,10 @@ def load(path: str | Path):
     if meta.get("cellserve_format") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a cellserve model file (format {meta.get('cellserve_format')!r})")
     config = json.loads(meta["config"])
+    if config.get("arch") == "onnx":  # an imported graph: needs the onnx extra, so imported only here
+        from cellserve.models.imported import ImportedModel
+
+        return ImportedModel.from_tensors(config, load_file(str(path)))
     if config.get("arch") not in ARCHS:
         raise ValueError(f"{path}: unknown architecture {config.get('arch')!r}")
     return ARCHS[config["arch"]].from_tensors(config, load_file(str(path)))

@@ -46,6 +46,13 @@ class OCRModel:
         ys, _ = self.rnn.forward(self.frames(image)[:, None, :])
         return self.head(ys[:, 0])
 
+    def frames_of(self, inputs: dict) -> np.ndarray:
+        """A served request's frames (engine/runners.py): its line image's columns."""
+        return self.frames(inputs.get("image"))
+
+    def result_of(self, inputs: dict, ys: np.ndarray, finals: list) -> dict:
+        return {"text": self.text(self.head(ys))}
+
     def text(self, logits: np.ndarray) -> str:
         """Greedy CTC decoding of (steps, classes) logits."""
         return "".join(self.alphabet[i - 1] for i in ctc_greedy(logits.argmax(axis=-1)))

@@ -158,47 +158,64 @@ def _inverse_reorder(a: np.ndarray, kind: str) -> np.ndarray:
     return np.concatenate([blocks[i] for i in inverse], axis=0)
 
 
+def load_onnx(source) -> onnx.ModelProto:
+    """A ModelProto from a path, bytes or a ModelProto."""
+    if isinstance(source, onnx.ModelProto):
+        return source
+    return onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+
+
+def constants_of(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Tensors known before run time: initializers and the outputs of Constant nodes."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def cells_of_node(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[Cell]:
+    """Our cells (one per direction) for an ONNX LSTM or GRU operator. Activations must be the defaults,
+    GRU needs linear_before_reset=1 (torch's and cuDNN's GRU), and the weights must be constants."""
+    kind = node.op_type.lower()
+    where = f"{node.op_type} node {node.name!r}"
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    for unsupported in ("activations", "clip", "input_forget"):
+        if attrs.get(unsupported):
+            raise ValueError(f"{where}: {unsupported} is not supported")
+    if kind == "gru" and attrs.get("linear_before_reset", 0) != 1:
+        raise ValueError(f"{where}: GRU needs linear_before_reset=1 (the torch/cuDNN formulation)")
+    if attrs.get("layout", 0) != 0:
+        raise ValueError(f"{where}: only layout=0 ([T, B, F]) is supported")
+    if attrs.get("direction", b"forward") in (b"reverse", "reverse"):
+        raise ValueError(f"{where}: a lone reverse-direction layer is not supported")
+    names = list(node.input) + [""] * (4 - len(node.input))
+    if names[1] not in constants or names[2] not in constants:
+        raise ValueError(f"{where}: its weights W and R must be constants (initializers)")
+    w, r = constants[names[1]], constants[names[2]]
+    hidden, gates = r.shape[-1], len(_ORDER[kind])
+    b = constants.get(names[3]) if names[3] else None
+    if names[3] and b is None:
+        raise ValueError(f"{where}: its bias B must be a constant (initializer)")
+    if b is None:
+        b = np.zeros((w.shape[0], 2 * gates * hidden), np.float32)
+    cells = []
+    for d in range(w.shape[0]):
+        w_ih, w_hh = _inverse_reorder(w[d], kind), _inverse_reorder(r[d], kind)
+        b_ih, b_hh = _inverse_reorder(b[d, :gates * hidden], kind), _inverse_reorder(b[d, gates * hidden:], kind)
+        if kind == "lstm":
+            cells.append(LSTMCell(w_ih, w_hh, b_ih + b_hh))
+        else:
+            cells.append(GRUCell(w_ih, w_hh, b_ih, b_hh))
+    return cells
+
+
 def rnn_from_onnx(source) -> RNN:
     """Import the LSTM/GRU operators of an ONNX model (a path, bytes or ModelProto), in graph order, as a
-    stacked RNN: consecutive operators are consecutive layers. Activations must be the defaults, and GRU
-    needs linear_before_reset=1 (torch's and cuDNN's GRU)."""
-    model = source if isinstance(source, onnx.ModelProto) else (
-        onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source)))
-    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    layers = []
-    for node in model.graph.node:
-        if node.op_type not in ("LSTM", "GRU"):
-            continue
-        kind = node.op_type.lower()
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        for unsupported in ("activations", "clip", "input_forget"):
-            if attrs.get(unsupported):
-                raise ValueError(f"{node.op_type} with {unsupported} is not supported")
-        if kind == "gru" and attrs.get("linear_before_reset", 0) != 1:
-            raise ValueError("GRU needs linear_before_reset=1 (the torch/cuDNN formulation)")
-        if attrs.get("layout", 0) != 0:
-            raise ValueError("only layout=0 ([T, B, F]) is supported")
-        names = list(node.input) + [""] * (4 - len(node.input))
-        try:
-            w, r = weights[names[1]], weights[names[2]]
-        except KeyError:
-            raise ValueError(f"{node.op_type} weights must be initializers")
-        hidden = r.shape[-1]
-        gates = len(_ORDER[kind])
-        b = weights.get(names[3]) if names[3] else None
-        if b is None:
-            b = np.zeros((w.shape[0], 2 * gates * hidden), np.float32)
-        cells = []
-        for d in range(w.shape[0]):
-            w_ih, w_hh = _inverse_reorder(w[d], kind), _inverse_reorder(r[d], kind)
-            b_ih, b_hh = _inverse_reorder(b[d, :gates * hidden], kind), _inverse_reorder(b[d, gates * hidden:], kind)
-            if kind == "lstm":
-                cells.append(LSTMCell(w_ih, w_hh, b_ih + b_hh))
-            else:
-                cells.append(GRUCell(w_ih, w_hh, b_ih, b_hh))
-        if attrs.get("direction", b"forward") in (b"reverse", "reverse"):
-            raise ValueError("a lone reverse-direction layer is not supported")
-        layers.append(cells)
+    stacked RNN: consecutive operators are consecutive layers (models/imported.py imports whole graphs)."""
+    model = load_onnx(source)
+    constants = constants_of(model.graph)
+    layers = [cells_of_node(node, constants) for node in model.graph.node if node.op_type in ("LSTM", "GRU")]
     if not layers:
         raise ValueError("no LSTM or GRU operator in the ONNX graph")
     return RNN(layers)

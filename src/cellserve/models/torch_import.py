@@ -1,6 +1,8 @@
-"""Import weights from torch's nn.LSTM / nn.GRU / nn.LSTMCell / nn.GRUCell (modules or state dicts).
+"""Import from torch: the weights of nn.LSTM / nn.GRU / nn.LSTMCell / nn.GRUCell (modules or state dicts),
+or a whole nn.Module (pickled, TorchScript, or built by module:factory) exported to ONNX and imported as a
+graph (models/imported.py).
 
-Only reads tensors; torch itself is needed only when a module (not a plain dict of arrays) is given.
+rnn_from_torch only reads tensors; torch itself is needed only when a module is given.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ def rnn_from_torch(source, kind: str | None = None) -> RNN:
     for key, value in state.items():
         match = _KEY.match(key)
         if not match:
-            raise ValueError(f"unsupported torch RNN parameter {key!r} (projections, e.g. proj_size, are not supported)")
+            if key.startswith(("weight_hr", "weight_ih", "weight_hh", "bias_")):
+                raise ValueError(f"unsupported torch RNN parameter {key!r} (projections, proj_size, are not supported)")
+            raise ValueError(f"{key!r} is not an nn.LSTM/nn.GRU parameter: this state dict holds more than a recurrent "
+                             "layer. Import the whole module instead (a pickled or TorchScript file, or "
+                             "module:factory), which goes through ONNX")
         what, side, layer, reverse = match.groups()
         groups.setdefault((int(layer or 0), 1 if reverse else 0), {})[f"{what}_{side}"] = _numpy(value).astype(np.float32)
     if not groups:
@@ -52,3 +58,108 @@ def rnn_from_torch(source, kind: str | None = None) -> RNN:
                 dirs.append(GRUCell(g["weight_ih"], g["weight_hh"], b_ih, b_hh))
         layers.append(dirs)
     return RNN(layers)
+
+
+def load_torch(source: str):
+    """A torch object from a TorchScript archive, a state dict, a pickled module, or 'package.module:name'
+    (a module, or a function returning one). ValueError says what the source is not."""
+    import importlib
+    from pathlib import Path
+
+    import torch
+
+    path = Path(source)
+    if not path.exists():
+        if ":" not in source:
+            raise ValueError(f"{source} does not exist (a file, or module:factory)")
+        name, _, attr = source.partition(":")
+        try:
+            obj = getattr(importlib.import_module(name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import {source}: {exc}")
+        return obj if isinstance(obj, torch.nn.Module) else obj()
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError):
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (torch raises pickle's and its own errors alike)
+        pass
+    try:  # a whole pickled module: unpickling runs its code, as torch.load does; for your own files
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{source} is not a TorchScript archive, a state dict or a pickled module "
+                         f"({type(exc).__name__}: {exc}); for a module whose class is not importable, give "
+                         "module:factory")
+
+
+def parse_input(text: str) -> tuple[str, str, list]:
+    """'tokens:int64:batch,time' -> ('tokens', 'int64', ['batch', 'time']): named dimensions vary, numbers
+    are fixed."""
+    try:
+        name, dtype, dims = text.split(":")
+        shape = [int(d) if d.isdigit() else d for d in dims.split(",")]
+    except ValueError:
+        raise ValueError(f"--input takes NAME:DTYPE:DIMS like tokens:int64:batch,time, not {text!r}")
+    if dtype not in ("float32", "int64", "int32") or not name or not all(shape):
+        raise ValueError(f"--input {text!r}: dtype must be float32, int64 or int32, and dimensions names or sizes")
+    return name, dtype, shape
+
+
+def guess_inputs(module) -> list[tuple[str, str, list]]:
+    """The input of a module from its first layer: token ids for an Embedding, (batch, channels, time)
+    for a Conv1d, feature frames for an LSTM/GRU/Linear."""
+    for m in list(module.modules())[1:]:
+        kind = getattr(m, "original_name", type(m).__name__)
+        if kind == "Embedding":
+            return [("tokens", "int64", ["batch", "time"])]
+        if kind == "Conv1d":
+            return [("input", "float32", ["batch", int(m.in_channels), "time"])]
+        if kind in ("LSTM", "GRU"):
+            first = ["batch", "time"] if m.batch_first else ["time", "batch"]
+            return [("input", "float32", first + [int(m.input_size)])]
+        if kind == "Linear":
+            return [("input", "float32", ["batch", "time", int(m.in_features)])]
+    raise ValueError("cannot tell the module's input from its layers: give --input NAME:DTYPE:DIMS")
+
+
+def module_to_onnx(module, inputs: list[tuple[str, str, list]] | None = None) -> bytes:
+    """Export a module to ONNX (TorchScript exporter: LSTM/GRU become ONNX LSTM/GRU operators) with every
+    named dimension dynamic, in the inputs and in the outputs that follow them."""
+    import io
+
+    import torch
+
+    inputs = inputs or guess_inputs(module)
+    module.eval()
+
+    def examples(extra: int):
+        sizes, tensors = {}, []
+        for _, dtype, dims in inputs:
+            shape = [d if isinstance(d, int) else sizes.setdefault(d, 2 + len(sizes) * 3 + extra) for d in dims]
+            t = torch.zeros(shape, dtype=getattr(torch, dtype)) if dtype != "float32" else torch.randn(shape)
+            tensors.append(t)
+        return tuple(tensors)
+
+    def shapes(args):
+        with torch.no_grad():
+            out = module(*args)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [tuple(o.shape) for o in out]
+
+    try:
+        first, second = shapes(examples(0)), shapes(examples(2))
+    except Exception as exc:  # noqa: BLE001 (whatever the module raises)
+        raise ValueError(f"the module fails on example inputs {[(n, d, s) for n, d, s in inputs]}: {exc}")
+    names = ["output"] if len(first) == 1 else [f"output{i}" for i in range(len(first))]
+    dynamic = {name: {a: d for a, d in enumerate(dims) if not isinstance(d, int)} for name, _, dims in inputs}
+    for name, a, b in zip(names, first, second):
+        dynamic[name] = {axis: f"{name}_{axis}" for axis, (m, n) in enumerate(zip(a, b)) if m != n}
+    buffer = io.BytesIO()
+    try:
+        torch.onnx.export(module, examples(0), buffer, dynamo=False, opset_version=17,
+                          input_names=[n for n, _, _ in inputs], output_names=names, dynamic_axes=dynamic)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"torch.onnx.export failed: {exc}")
+    return buffer.getvalue()

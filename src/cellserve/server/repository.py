@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellserve import models
 from cellserve.engine import Engine, make_runner
-from cellserve.models import LanguageModel, RNN, Seq2Seq, TreeLSTM
+from cellserve.models import Classifier, LanguageModel, RNN, Seq2Seq, TreeLSTM
 from cellserve.models.ocr import OCRModel
 from cellserve.server.protocol import ProtocolError
 
@@ -39,6 +39,10 @@ class ModelConfig(BaseModel):
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
     threads: int = Field(1, ge=1, le=256, description="cores each batched step's matrix products are split across")
     text_codec: Literal["number-speller"] | None = None
+    sequence_batching: bool | None = Field(None, description="imported graphs: serve sessions (default: when the "
+                                           "graph streams: unidirectional core, per-step front and head)")
+    decode: Literal["ctc", "lm"] | None = Field(None, description="imported graphs: add CTC greedy labels or the "
+                                                "LM log-likelihood of the tokens to the graph's outputs")
     backend: Literal["cellserve", "onnxruntime", "onnxruntime-int8"] = Field(
         "cellserve", description="who runs the LSTM/GRU cells (onnxruntime-int8: ORT's dynamic int8 quantization)")
 
@@ -115,6 +119,7 @@ class ServedModel:
     engine results back into output tensors."""
 
     version = "1"
+    versions: list[str] | None = None  # every version in the repository (default: the served one)
     platform = "cellserve"
     stateful = False
     inputs: list[TensorSpec] = []
@@ -126,14 +131,18 @@ class ServedModel:
         self.name, self.model, self.config = name, model, config
         self.architecture = architecture_hash(model)
         self.stats = InferenceStats()
-        self.engine = Engine(make_runner(model, config.capacity, config.block_steps), config.policy,
+        self.engine = Engine(self.runner(model, config), config.policy,
                              max_batch=config.max_batch, max_queue=config.max_queue,
                              max_delay_ms=config.max_delay_ms, idle_timeout_s=config.idle_timeout_s,
                              pick=config.pick, threads=config.threads, max_running=config.max_running,
                              max_sessions=config.max_sessions)
 
+    @staticmethod
+    def runner(model, config: ModelConfig):
+        return make_runner(model, config.capacity, config.block_steps)
+
     def metadata(self) -> dict:
-        return {"name": self.name, "versions": [self.version], "platform": self.platform,
+        return {"name": self.name, "versions": self.versions or [self.version], "platform": self.platform,
                 "inputs": [s.metadata() for s in self.inputs], "outputs": [s.metadata() for s in self.outputs],
                 "parameters": {"architecture": self.model.config()["arch"], "policy": self.config.policy,
                                "stateful": self.stateful, "block_steps": self.config.block_steps}}
@@ -157,6 +166,15 @@ class ServedModel:
 
     def requests(self, tensors: dict[str, np.ndarray]) -> list[dict]:
         raise NotImplementedError
+
+    def restore_of(self, tensors) -> dict:
+        """The session state in the request's sequence_snapshot tensor (sequence_restore)."""
+        from cellserve.server.snapshot import from_text
+
+        blob = tensors.get("sequence_snapshot")
+        if blob is None or blob.size != 1 or blob.dtype != object:
+            raise ProtocolError("sequence_restore needs the snapshot as input 'sequence_snapshot' (BYTES, shape [1])")
+        return from_text(blob.reshape(-1)[0], self.name, self.architecture)
 
     def outputs_of(self, results: list) -> tuple[dict[str, np.ndarray], dict]:
         raise NotImplementedError
@@ -292,15 +310,6 @@ class StreamModel(ServedModel):
             frames = frames[0]
         return [{"frames": frames}]
 
-    def restore_of(self, tensors) -> dict:
-        """The session state in the request's sequence_snapshot tensor (sequence_restore)."""
-        from cellserve.server.snapshot import from_text
-
-        blob = tensors.get("sequence_snapshot")
-        if blob is None or blob.size != 1 or blob.dtype != object:
-            raise ProtocolError("sequence_restore needs the snapshot as input 'sequence_snapshot' (BYTES, shape [1])")
-        return from_text(blob.reshape(-1)[0], self.name, self.architecture)
-
     def outputs_of(self, results):
         from cellserve.server.snapshot import to_text
 
@@ -335,11 +344,78 @@ class OCRServedModel(ServedModel):
         return {"text": np.array([r["text"].encode() for r in results], dtype=object)}, {}
 
 
+class ClassifierModel(ServedModel):
+    """Token sequences in, class logits out (the final hidden state(s) through the head)."""
+
+    def __init__(self, name, model: Classifier, config):
+        super().__init__(name, model, config)
+        self.inputs = [TensorSpec("tokens", "INT64", [-1, -1])]
+        self.outputs = [TensorSpec("logits", "FP32", [-1, model.num_classes])]
+
+    def requests(self, tensors):
+        self._check_names(tensors)
+        return [{"tokens": row} for row in _rows(tensors["tokens"], "tokens")]
+
+    def outputs_of(self, results):
+        return {"logits": np.stack([r["logits"] for r in results]).astype(np.float32)}, {}
+
+
+class ImportedServedModel(ServedModel):
+    """An imported ONNX graph behind its own tensors: the names, datatypes and shapes of the original,
+    so a client written for Triton + ONNX Runtime works unchanged. A request's rows (along each tensor's
+    batch axis) run as separate engine requests; a streaming graph also serves sessions."""
+
+    def __init__(self, name, model, config):
+        model.set_decode(config.decode)
+        if config.sequence_batching and not model.streamable:
+            raise ValueError("sequence batching needs a graph that streams (unidirectional core, and a front and "
+                             "head that work step by step, so chunks give what one pass gives); this one does not")
+        super().__init__(name, model, config)
+        self.stateful = config.backend == "cellserve" and (
+            model.streamable if config.sequence_batching is None else config.sequence_batching)
+        self.inputs = [TensorSpec(i["name"], i["datatype"], i["shape"]) for i in model.inputs]
+        self.outputs = [TensorSpec(o["name"], o["datatype"], o["shape"]) for o in model.outputs]
+        if config.decode:
+            extra = model.EXTRA_OUTPUTS[config.decode]
+            self.outputs.append(TensorSpec(extra["name"], extra["datatype"], extra["shape"]))
+        if self.stateful:
+            self.inputs.append(TensorSpec("sequence_snapshot", "BYTES", [1], optional=True))
+            self.outputs.append(TensorSpec("sequence_snapshot", "BYTES", [1], optional=True))
+
+    @staticmethod
+    def runner(model, config):
+        if config.backend == "onnxruntime":  # the original graph on ONNX Runtime, as Triton would run it
+            from cellserve.engine.runners import WholeGraphRunner
+
+            return WholeGraphRunner(model, config.capacity)
+        if config.backend != "cellserve":
+            raise ValueError(f"backend {config.backend!r} does not run imported graphs (cellserve or onnxruntime)")
+        return make_runner(model, config.capacity, config.block_steps)
+
+    def requests(self, tensors):
+        tensors = {k: v for k, v in tensors.items() if k != "sequence_snapshot"}
+        try:
+            return self.model.rows(tensors)
+        except ValueError as exc:
+            raise ProtocolError(str(exc))
+
+    def outputs_of(self, results):
+        from cellserve.server.snapshot import to_text
+
+        outputs = self.model.join(results)
+        if len(results) == 1 and "snapshot" in results[0]:
+            outputs["sequence_snapshot"] = np.array([to_text(self.name, self.architecture, results[0]["snapshot"])],
+                                                    dtype=object)
+        return outputs, {}
+
+
 KINDS = {OCRModel: OCRServedModel, Seq2Seq: Seq2SeqModel, LanguageModel: LanguageModelModel, TreeLSTM: TreeModel,
-         RNN: StreamModel}
+         RNN: StreamModel, Classifier: ClassifierModel}
 
 
 def serve_model(name: str, model, config: ModelConfig) -> ServedModel:
+    if model.arch == "onnx":
+        return ImportedServedModel(name, model, config)
     if config.backend.startswith("onnxruntime"):
         from cellserve.models.onnx_io import use_onnxruntime
 
@@ -433,6 +509,14 @@ class Repository:
                          name=f"retire-{served.name}", daemon=True).start()
 
     @classmethod
+    def from_path(cls, path: str | Path) -> "Repository":
+        """A repository folder, or a single model file (model.onnx or ours) served under its stem."""
+        path = Path(path)
+        if path.is_file():
+            return cls([serve_model(path.stem, _load_model(path), ModelConfig())])
+        return cls.from_directory(path)
+
+    @classmethod
     def from_directory(cls, root: str | Path) -> "Repository":
         root = Path(root)
         if not root.is_dir():
@@ -456,14 +540,109 @@ class Repository:
 
 
 def load_folder(folder: Path) -> ServedModel:
-    """A model folder: weights + optional config.json. ValueError names what is wrong."""
+    """A model folder, ValueError naming what is wrong. Two layouts:
+      ours    weights (model.safetensors) + optional config.json;
+      Triton  numbered version folders holding model.onnx or model.safetensors, and an optional
+              config.pbtxt (and/or config.json) beside them; the newest version is served unless the
+              config's version_policy names others (the newest of those)."""
+    versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    settings, declared = {}, None
+    if (folder / "config.pbtxt").exists():
+        settings, declared = triton_config(folder / "config.pbtxt", folder.name)
     config_path = folder / "config.json"
     try:
-        config = ModelConfig(**json.loads(config_path.read_text())) if config_path.exists() else ModelConfig()
+        if config_path.exists():
+            settings.update(json.loads(config_path.read_text()))
+        policy = settings.pop("version_policy", None)
+        filename = settings.pop("default_model_filename", None)
+        config = ModelConfig(**settings)
     except (json.JSONDecodeError, ValidationError) as exc:
-        raise ValueError(f"{config_path}: {exc}")
+        raise ValueError(f"{config_path if config_path.exists() else folder / 'config.pbtxt'}: {exc}")
+    if not versions:
+        served = serve_model(folder.name, _load_model(folder / (filename or config.weights)), config)
+    else:
+        chosen = _pick_version(versions, policy)
+        files = [filename] if filename else ["model.onnx", "model.safetensors"]
+        path = next((chosen / f for f in files if (chosen / f).exists()), None)
+        if path is None:
+            raise ValueError(f"version folder {chosen} holds none of {files}")
+        served = serve_model(folder.name, _load_model(path), config)
+        served.version, served.versions = chosen.name, [v.name for v in versions]
+    if declared is not None:
+        _check_declared(served, declared, folder / "config.pbtxt")
+    return served
+
+
+def _load_model(path: Path):
+    """Our model file, or an ONNX graph imported on the spot."""
+    if path.suffix == ".onnx":
+        from cellserve.models.imported import import_onnx
+
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        return import_onnx(path)
     try:
-        model = models.load(folder / config.weights)
+        return models.load(path)
     except OSError as exc:
-        raise ValueError(f"{folder / config.weights}: {exc}")
-    return serve_model(folder.name, model, config)
+        raise ValueError(f"{path}: {exc}")
+
+
+def _pick_version(versions: list[Path], policy: dict | None) -> Path:
+    if policy and policy.get("specific"):
+        wanted = {str(v) for v in policy["specific"]}
+        chosen = [v for v in versions if v.name in wanted]
+        if not chosen:
+            raise ValueError(f"version_policy names versions {sorted(wanted)}; the folder has {[v.name for v in versions]}")
+        return chosen[-1]
+    return versions[-1]
+
+
+def triton_config(path: Path, folder_name: str) -> tuple[dict, list[dict]]:
+    """What we use of a Triton config.pbtxt: (our config settings, declared input/output tensors).
+    max_batch_size -> max_batch; sequence_batching (max_sequence_idle_microseconds) -> sessions and
+    their idle timeout; dynamic_batching's max_queue_delay_microseconds -> the graph policy's window;
+    parameters {key: string_value} -> our config keys (policy, block_steps, threads, decode, ...);
+    version_policy and default_model_filename; input/output names, datatypes and dims are checked
+    against the model's."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        pb = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path}: {exc}")
+    if pb.name and pb.name != folder_name:
+        raise ValueError(f"{path} names the model {pb.name!r}, but its folder is {folder_name!r}")
+    settings: dict = {k: v.string_value for k, v in pb.parameters.items()}
+    if pb.max_batch_size > 0:
+        settings["max_batch"] = pb.max_batch_size
+    if pb.HasField("sequence_batching"):
+        settings["sequence_batching"] = True
+        if pb.sequence_batching.max_sequence_idle_microseconds:
+            settings["idle_timeout_s"] = pb.sequence_batching.max_sequence_idle_microseconds / 1e6
+    if pb.HasField("dynamic_batching") and pb.dynamic_batching.max_queue_delay_microseconds:
+        settings["max_delay_ms"] = pb.dynamic_batching.max_queue_delay_microseconds / 1000
+    if pb.default_model_filename:
+        settings["default_model_filename"] = pb.default_model_filename
+    if pb.HasField("version_policy") and pb.version_policy.WhichOneof("policy_choice") == "specific":
+        settings["version_policy"] = {"specific": list(pb.version_policy.specific.versions)}
+    batch = [-1] if pb.max_batch_size > 0 else []
+    declared = [{"io": io, "name": t.name, "datatype": model_config_pb2.DataType.Name(t.data_type),
+                 "dims": batch + list(t.dims)} for io, tensors in (("input", pb.input), ("output", pb.output))
+                for t in tensors]
+    return settings, declared
+
+
+def _check_declared(served: ServedModel, declared: list[dict], path: Path) -> None:
+    """config.pbtxt's tensors must be the model's: same names, datatypes, and dims (-1 matches any)."""
+    for d in declared:
+        specs = {s.name: s for s in (served.inputs if d["io"] == "input" else served.outputs)}
+        spec = specs.get(d["name"])
+        if spec is None:
+            raise ValueError(f"{path} declares {d['io']} {d['name']!r}; the model's {d['io']}s are {sorted(specs)}")
+        if d["datatype"] != "TYPE_INVALID" and TRITON_TYPES.get(spec.datatype) != d["datatype"]:
+            raise ValueError(f"{path}: {d['io']} {d['name']!r} is {TRITON_TYPES.get(spec.datatype)} in the model, "
+                             f"{d['datatype']} in the config")
+        if len(d["dims"]) != len(spec.shape) or any(a != b and -1 not in (a, b) for a, b in zip(d["dims"], spec.shape)):
+            raise ValueError(f"{path}: {d['io']} {d['name']!r} has dims {spec.shape} in the model (with the batch "
+                             f"dimension), {d['dims']} in the config")
