@@ -95,9 +95,28 @@ class FrameGRU(nn.Module):
         return self.out(y)
 
 
+class PackedTagger(nn.Module):
+    """Padded batches with their lengths (pack_padded_sequence): the export's LSTMs take sequence_lens."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.rnn = nn.LSTM(8, 10, num_layers=2, batch_first=True, bidirectional=True)
+        self.cls = nn.Linear(20, 3)
+        self.tag = nn.Linear(20, 4)
+
+    def forward(self, tokens, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(tokens), lengths, batch_first=True, enforce_sorted=False)
+        y, (h, _) = self.rnn(packed)
+        y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True)
+        return self.cls(torch.cat([h[-2], h[-1]], dim=1)), self.tag(y)
+
+
 def exported(module_cls, seed=0):
     torch.manual_seed(seed)
-    return module_to_onnx(module_cls().eval())
+    inputs = [("tokens", "int64", ["batch", "time"]), ("lengths", "int64", ["batch"])] \
+        if module_cls is PackedTagger else None
+    return module_to_onnx(module_cls().eval(), inputs)
 
 
 def token_request(rng, n):
@@ -112,12 +131,19 @@ def frame_request(rng, n):
     return {"input": rng.standard_normal((1, n, FEATS)).astype(np.float32)}
 
 
+def padded_request(rng, n):
+    """A row padded past its length with junk ids."""
+    return {"tokens": rng.integers(0, VOCAB, (1, n)).astype(np.int64),
+            "lengths": rng.integers(1, n + 1, 1).astype(np.int64)}
+
+
 MODELS = {  # name: (module, its input's name in the export, request maker)
     "classifier": (SentimentClassifier, token_request),
     "tagger": (Tagger, token_request),
     "acoustic": (Acoustic, acoustic_request),
     "lm": (WordLM, token_request),
     "frames": (FrameGRU, frame_request),
+    "packed": (PackedTagger, padded_request),
 }
 
 
@@ -207,8 +233,10 @@ def test_bad_requests_are_400_naming_the_problem(server):
              ({"tokens": np.full((1, 4), VOCAB + 3, np.int64)}, "outside [0, 50)"),
              ({"feats": np.zeros((1, 4), np.float32)}, "unknown input"),
              ({"tokens": np.zeros((1, 4, 2), np.int64)}, "must have shape")]
-    for feeds, message in cases:
-        reply = httpx.post(f"{server.url}/v2/models/classifier/infer",
+    cases = [("classifier", feeds, message) for feeds, message in cases]
+    cases.append(("packed", {"tokens": np.zeros((1, 4), np.int64), "lengths": np.array([5])}, "outside [1, 4]"))
+    for model, feeds, message in cases:
+        reply = httpx.post(f"{server.url}/v2/models/{model}/infer",
                            json={"inputs": [as_json(k, v) for k, v in feeds.items()]})
         assert reply.status_code == 400 and message in reply.json()["error"], reply.text
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200

@@ -14,6 +14,10 @@ LSTM or GRU, and only reshaping may sit between stacked layers: anything else is
 operator's name. Import then checks the split on a probe input against ONNX Runtime running the whole
 graph, and refuses a model it does not reproduce.
 
+Sequence lengths (the operators' sequence_lens, as pack_padded_sequence exports them) are computed from
+the graph inputs by a third cut-out graph; the core runs each row over its own steps only, and its
+outputs are padded back with zeros as the ONNX operators pad them.
+
 Each graph input and output keeps its name, datatype and shape. Import finds the batch and time axes by
 running the graph on probe sizes; a request's rows become one engine request each.
 """
@@ -49,12 +53,16 @@ class ImportedModel:
     EXTRA_OUTPUTS = {"ctc": {"name": "labels", "datatype": "INT64", "shape": [-1, -1]},
                      "lm": {"name": "log_likelihood", "datatype": "FP64", "shape": [-1]}}
 
-    def __init__(self, front: bytes, head: bytes, rnn: RNN, spec: dict, whole: bytes = b""):
+    PADDED_STEPS = "cellserve.padded_steps"  # kept in a row's inputs by frames_of when lengths cut it
+
+    def __init__(self, front: bytes, head: bytes, rnn: RNN, spec: dict, whole: bytes = b"", lengths: bytes = b""):
         self.front_graph, self.head_graph, self.rnn, self.spec = front, head, rnn, spec
+        self.lengths_graph = lengths  # graph inputs -> the core's sequence_lens, when the graph has them
         self.whole_graph = whole  # the original, for ONNX Runtime as backend (engine.runners.WholeGraphRunner)
         self.inputs, self.outputs = spec["inputs"], spec["outputs"]
         self._front = ort_session(onnx.load_from_string(front)) if front else None
         self._head = ort_session(onnx.load_from_string(head)) if head else None
+        self._lengths = ort_session(onnx.load_from_string(lengths)) if lengths else None
         self._head_feeds = [i.name for i in self._head.get_inputs()] if self._head else []
         self.decode: str | None = None  # "ctc" / "lm": one more output from the graph's scores (a serving option)
 
@@ -111,12 +119,18 @@ class ImportedModel:
         if x.ndim != 3 or x.shape[1] != 1 or x.shape[2] != self.rnn.input_size:
             raise ValueError(f"the front produced shape {list(x.shape)} for the core, which takes "
                              f"[T, 1, {self.rnn.input_size}]")
+        if self._lengths is not None:  # run only the row's own steps; result_of pads the core's outputs back
+            n = int(np.asarray(self._lengths.run(None, self._feeds(self._lengths, inputs))[0]).reshape(-1)[0])
+            if not 1 <= n <= len(x):
+                raise ValueError(f"sequence length {n} is outside [1, {len(x)}] (the row's steps)")
+            inputs[self.PADDED_STEPS] = len(x)
+            x = x[:n]
         return np.ascontiguousarray(x[:, 0], dtype=np.float32)
 
     def result_of(self, inputs: dict[str, np.ndarray], ys: np.ndarray, finals: list[tuple]) -> dict[str, np.ndarray]:
         """One row's graph outputs from its inputs, the top layer's outputs ys (T, D*H) and the final
         state of every cell (finals[l * D + d] = (h[, c]), each (H,))."""
-        core = self._core_tensors(ys, finals)
+        core = self._core_tensors(ys, finals, inputs.get(self.PADDED_STEPS))
         outputs = {}
         if self._head is not None:
             feeds = {name: core[name] if name in core else inputs[name] for name in self._head_feeds}
@@ -129,13 +143,16 @@ class ImportedModel:
             outputs.update(self._decoded(inputs, outputs))
         return outputs
 
-    def _core_tensors(self, ys: np.ndarray, finals: list[tuple]) -> dict[str, np.ndarray]:
-        """The core's outputs in ONNX layouts: Y [T, D, 1, H], Y_h / Y_c [D, 1, H]."""
+    def _core_tensors(self, ys: np.ndarray, finals: list[tuple], padded_steps: int | None) -> dict[str, np.ndarray]:
+        """The core's outputs in ONNX layouts: Y [T, D, 1, H] (zeros past the row's length, as ONNX has
+        it), Y_h / Y_c [D, 1, H] (the state at the row's last step)."""
         dirs, hidden = self.rnn.num_directions, self.rnn.hidden_size
         out = {}
         for source in self.spec["core_outputs"]:
             if source["kind"] == "Y":
-                out[source["name"]] = np.ascontiguousarray(ys.reshape(len(ys), 1, dirs, hidden).transpose(0, 2, 1, 3))
+                y = np.zeros((padded_steps or len(ys), dirs, 1, hidden), np.float32)
+                y[: len(ys)] = ys.reshape(len(ys), dirs, 1, hidden)
+                out[source["name"]] = y
             else:
                 layer, which = source["layer"], 0 if source["kind"] == "Y_h" else 1
                 out[source["name"]] = np.stack([finals[layer * dirs + d][which] for d in range(dirs)])[:, None]
@@ -214,7 +231,7 @@ class ImportedModel:
     @property
     def weight_bytes(self) -> int:
         """What serving holds: our core's weights and the front and head graphs."""
-        return self.rnn.weight_bytes + len(self.front_graph) + len(self.head_graph)
+        return self.rnn.weight_bytes + len(self.front_graph) + len(self.head_graph) + len(self.lengths_graph)
 
     def config(self) -> dict:
         return {"arch": self.arch, "rnn": self.rnn.config(), "spec": json.dumps(self.spec)}
@@ -222,13 +239,14 @@ class ImportedModel:
     def tensors(self) -> dict:
         return {**prefixed("rnn", self.rnn.tensors()), "graph.front": np.frombuffer(self.front_graph, np.uint8),
                 "graph.head": np.frombuffer(self.head_graph, np.uint8),
-                "graph.whole": np.frombuffer(self.whole_graph, np.uint8)}
+                "graph.whole": np.frombuffer(self.whole_graph, np.uint8),
+                "graph.lengths": np.frombuffer(self.lengths_graph, np.uint8)}
 
     @classmethod
     def from_tensors(cls, config, tensors):
         return cls(tensors["graph.front"].tobytes(), tensors["graph.head"].tobytes(),
                    RNN.from_tensors(config["rnn"], unprefixed("rnn", tensors)), json.loads(config["spec"]),
-                   tensors["graph.whole"].tobytes())
+                   tensors["graph.whole"].tobytes(), tensors.get("graph.lengths", np.zeros(0, np.uint8)).tobytes())
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -278,11 +296,13 @@ def import_onnx(source) -> ImportedModel:
             name = node.input[0]
 
     layers = []
+    lengths_tensors = {node.input[4] if len(node.input) > 4 else "" for node in recurrent}
+    if len(lengths_tensors) > 1:
+        raise ValueError("the recurrent layers take different sequence_lens; cellserve runs the layers of a row "
+                         "over the same steps")
+    lengths_tensor = lengths_tensors.pop()
     for node in recurrent:
         names = list(node.input) + [""] * (8 - len(node.input))
-        if names[4]:
-            raise ValueError(f"{node.op_type} node {node.name!r} takes sequence_lens: send each sequence as its own "
-                             "batch row instead (rows are never padded here)")
         for state in (names[5], names[6]):
             if state in input_names:
                 raise ValueError(f"{node.op_type} node {node.name!r} takes its initial state from input {state!r}: "
@@ -318,14 +338,16 @@ def import_onnx(source) -> ImportedModel:
     head_outputs = [n for n in output_names if n not in tensors_in]
     head = _extract(extractor, tensors_in, head_outputs) if head_outputs else b""
 
+    lengths = _extract(extractor, list(input_names), [lengths_tensor]) if lengths_tensor else b""
     spec = {"inputs": [_tensor_spec(i) for i in graph_inputs], "outputs": [_tensor_spec(o) for o in graph.output],
             "core_input": core_input, "core_outputs": core_outputs, "streamable": False,
-            "vocab": _vocabularies(graph, constants, input_names)}
-    imported = ImportedModel(front, head, rnn, spec, model.SerializeToString())
+            "vocab": _vocabularies(graph, constants, input_names),
+            "length_inputs": _length_inputs(lengths, graph_inputs) if lengths else []}
+    imported = ImportedModel(front, head, rnn, spec, model.SerializeToString(), lengths)
     whole = ort_session(model)
     _find_axes(imported, whole)
     _check(imported, whole)
-    spec["streamable"] = not rnn.bidirectional and _chunks_equal_one_pass(imported)
+    spec["streamable"] = not rnn.bidirectional and not lengths and _chunks_equal_one_pass(imported)
     return imported
 
 
@@ -364,6 +386,18 @@ def _tensor_spec(value_info) -> dict:
             "batch_axis": None, "time_axis": None}
 
 
+def _length_inputs(lengths: bytes, graph_inputs) -> list[str]:
+    """The graph inputs the sequence lengths are computed from: integer vectors, one length per row."""
+    names = [i.name for i in onnx.load_from_string(lengths).graph.input]
+    for i in graph_inputs:
+        if i.name in names:
+            t = i.type.tensor_type
+            if t.elem_type not in (TensorProto.INT64, TensorProto.INT32) or len(t.shape.dim) != 1:
+                raise ValueError(f"the sequence lengths come from input {i.name!r}, which is not an integer vector "
+                                 "(one length per row)")
+    return names
+
+
 def _vocabularies(graph, constants, input_names) -> dict[str, int]:
     """Integer inputs used as indices into a constant table (an embedding): their table sizes."""
     vocab = {}
@@ -373,13 +407,16 @@ def _vocabularies(graph, constants, input_names) -> dict[str, int]:
     return vocab
 
 
-def _probe(spec: dict, sizes: dict[str, int], rng: np.random.Generator, batch_dim: int | None = None) -> dict:
-    """Random input tensors with each symbolic dimension at its probe size."""
+def _probe(spec: dict, sizes: dict[str, int], rng: np.random.Generator, steps: int = 1) -> dict:
+    """Random input tensors with each symbolic dimension at its probe size; sequence lengths at most
+    `steps` (the core's steps at these sizes)."""
     feeds = {}
     for s in spec["inputs"]:
         shape = [d if isinstance(d, int) else sizes[d] for d in s["dims"]]
         dtype = NUMPY[s["datatype"]]
-        if np.issubdtype(dtype, np.floating):
+        if s["name"] in spec.get("length_inputs", ()):
+            feeds[s["name"]] = rng.integers(1, steps + 1, shape).astype(dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[s["name"]] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[s["name"]] = rng.random(shape) < 0.5
@@ -445,7 +482,12 @@ def _changed_axis(a: tuple, b: tuple) -> int | None:
 def _check(model: ImportedModel, whole, rtol: float = 1e-4) -> None:
     """The split model against ONNX Runtime running the whole graph, on two probe rows."""
     spec = model.spec
-    feeds = _probe(spec, _sizes(spec, batch=2, other=9), np.random.default_rng(1))
+    sizes = _sizes(spec, batch=2, other=9)
+    feeds = _probe(spec, sizes, np.random.default_rng(1))
+    if spec.get("length_inputs"):  # lengths from 1 up to the core's steps
+        steps = model._front.run([spec["core_input"]], model._feeds(model._front, feeds))[0].shape[0] \
+            if model._front else feeds[spec["core_input"]].shape[0]
+        feeds = _probe(spec, sizes, np.random.default_rng(1), steps)
     expected = dict(zip([o["name"] for o in spec["outputs"]], whole.run(None, feeds)))
     got = model.forward(feeds)
     for name, want in expected.items():

@@ -138,7 +138,7 @@ def module_to_onnx(module, inputs: list[tuple[str, str, list]] | None = None) ->
         sizes, tensors = {}, []
         for _, dtype, dims in inputs:
             shape = [d if isinstance(d, int) else sizes.setdefault(d, 2 + len(sizes) * 3 + extra) for d in dims]
-            t = torch.zeros(shape, dtype=getattr(torch, dtype)) if dtype != "float32" else torch.randn(shape)
+            t = torch.ones(shape, dtype=getattr(torch, dtype)) if dtype != "float32" else torch.randn(shape)  # ids and lengths of 1
             tensors.append(t)
         return tuple(tensors)
 
