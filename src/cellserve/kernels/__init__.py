@@ -24,8 +24,8 @@ get_threads = _native.get_threads
 
 def load_dense(name: str, tensors: dict):
     """The matrix saved under `name` by Dense.tensors, BlockSparseDense.tensors or QuantizedDense.tensors."""
-    if f"{name}.block_sparse" in tensors:
-        return BlockSparseDense(tensors[name])
+    if f"{name}.blocks" in tensors:
+        return BlockSparseDense.from_tensors(name, tensors)
     return Dense(tensors[name]) if name in tensors else QuantizedDense.from_tensors(name, tensors)
 
 

@@ -86,4 +86,21 @@ class BlockSparseDense(Dense):
         return self.packed.nbytes
 
     def tensors(self, name: str) -> dict[str, np.ndarray]:
-        return {name: self.weight, f"{name}.block_sparse": np.array([self.BLOCK], dtype=np.int64)}
+        """Only the nonzero blocks: their values (n, 16) and (row block, column) coordinates (n, 2)."""
+        rows_padded = -(-self.out_features // self.BLOCK) * self.BLOCK
+        weight = np.zeros((rows_padded, self.in_features), np.float32)
+        weight[: self.out_features] = self.weight
+        blocks = weight.reshape(-1, self.BLOCK, self.in_features).transpose(0, 2, 1)  # (row block, column, 16)
+        coords = np.ascontiguousarray(np.argwhere(blocks.any(axis=2)), dtype=np.int32)  # safetensors writes raw buffers
+        return {f"{name}.blocks": np.ascontiguousarray(blocks[coords[:, 0], coords[:, 1]]),
+                f"{name}.block_coords": coords,
+                f"{name}.shape": np.array([self.out_features, self.in_features], np.int64)}
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict) -> "BlockSparseDense":
+        out_features, in_features = (int(v) for v in tensors[f"{name}.shape"])
+        coords = tensors[f"{name}.block_coords"]
+        blocks = np.zeros((-(-out_features // cls.BLOCK), in_features, cls.BLOCK), np.float32)
+        blocks[coords[:, 0], coords[:, 1]] = tensors[f"{name}.blocks"]
+        weight = blocks.transpose(0, 2, 1).reshape(-1, in_features)[:out_features]
+        return cls(np.ascontiguousarray(weight))
