@@ -110,10 +110,11 @@ def _acoustic_request(rng, n):
 
 def _imported_runner(model, policy, capacity):
     """graph: ONNX Runtime on the whole original graph, requests padded to the longest (Triton + ONNX
-    Runtime); otherwise our engine on the imported model, GRU steps in blocks of 4."""
+    Runtime); otherwise our engine on the imported model, GRU steps in blocks of 16 (a whole request is there:
+    blocks add no latency, and the input projection reads its weights once per 16 steps)."""
     from cellserve.engine.runners import WholeGraphRunner
 
-    return WholeGraphRunner(model, capacity) if policy == "graph" else make_runner(model, capacity, block_steps=4)
+    return WholeGraphRunner(model, capacity) if policy == "graph" else make_runner(model, capacity, block_steps=16)
 
 
 WORKLOADS = {
