@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import time
 from pathlib import Path
 
@@ -13,15 +14,25 @@ from rich.table import Table
 console = Console(width=None if Console().is_terminal else 160)  # logs and CI get whole table rows
 
 
+@contextlib.contextmanager
 def limit_threads(threads: int = 1):
-    """Pin BLAS, Numba and (if loaded) torch to `threads` intra-op threads; returns the BLAS limiter."""
+    """Run the block with our kernels (on this thread), BLAS and (if loaded) torch on `threads` intra-op
+    threads."""
     import sys
 
     from threadpoolctl import threadpool_limits
 
+    from cellserve import kernels
+
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
-    return threadpool_limits(threads)
+    previous = kernels.get_threads()
+    kernels.set_threads(threads)
+    try:
+        with threadpool_limits(threads):
+            yield
+    finally:
+        kernels.set_threads(previous)
 
 
 def median_us(fn, seconds: float = 0.3, repeats: int = 7) -> float:
