@@ -321,6 +321,19 @@ def test_import_torch_takes_a_pickled_module_and_a_factory(tmp_path, capsys):
     assert "Import the whole module" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     assert main(["import-torch", str(tmp_path / "junk.pt"), str(tmp_path / "d.safetensors")]) == 2
+    # a module pickled from a script: its class lived in that script's __main__, absent here
+    script_class = type("ScriptTagger", (Tagger,), {"__module__": "__main__"})
+    import __main__
+    __main__.ScriptTagger = script_class
+    try:
+        torch.save(script_class(), tmp_path / "script.pt")
+    finally:
+        del __main__.ScriptTagger
+    capsys.readouterr()
+    assert main(["import-torch", str(tmp_path / "script.pt"), str(tmp_path / "e.safetensors")]) == 2
+    assert "TorchScript" in capsys.readouterr().err
+    torch.jit.script(Tagger().eval()).save(str(tmp_path / "scripted.pt"))
+    assert main(["import-torch", str(tmp_path / "scripted.pt"), str(tmp_path / "f.safetensors")]) == 0
 
 
 def test_triton_layout_loads_versions_and_config_pbtxt(graphs, tmp_path):

@@ -88,10 +88,13 @@ def load_torch(source: str):
         pass
     try:  # a whole pickled module: unpickling runs its code, as torch.load does; for your own files
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as exc:  # the pickle names a class this process cannot import
+        raise ValueError(f"{source} is a pickled module whose class cannot be imported here ({exc}); put the "
+                         "class in a module on PYTHONPATH, save the module as TorchScript "
+                         "(torch.jit.script(model).save(path)), or give package.module:factory")
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{source} is not a TorchScript archive, a state dict or a pickled module "
-                         f"({type(exc).__name__}: {exc}); for a module whose class is not importable, give "
-                         "module:factory")
+                         f"({type(exc).__name__}: {exc})")
 
 
 def parse_input(text: str) -> tuple[str, str, list]:
