@@ -90,6 +90,8 @@ def test_every_output_equals_its_unbatched_run(kind, policy, lm, s2s, tree):
         assert_same(kind, got, reference(kind, model, inp))
     assert engine.stats.completed == len(inputs) and engine.stats.failed == 0
     assert engine.runner.used == 0  # every slot returned
+    padded = engine.stats.rows_padded
+    assert padded == 0 if policy != "graph" or kind == "tree" else 0 < padded < engine.stats.rows_run
 
 
 def test_cellular_batches_cell_types_apart_and_serves_both(s2s):

@@ -132,7 +132,7 @@ def _bench_serving(args):
     if set(args.backends) - {"cellserve", "onnxruntime"}:
         raise UsageError("--backends takes cellserve and/or onnxruntime")
     serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
-                args.max_delay_ms, args.buckets, args.json, args.plots, args.backends)
+                args.max_delay_ms, args.buckets, args.json, args.plots, args.backends, tune_gc=not args.python_gc)
 
 
 def _bench_multistep(args):
@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--buckets", type=_ints, default=[], help="graph policy: length bucket bounds, e.g. 10,20,40")
     sv.add_argument("--backends", type=_words, default=["cellserve"],
                     help="who runs the cells: cellserve and/or onnxruntime (LSTM workloads)")
+    sv.add_argument("--python-gc", action="store_true", help="leave Python's garbage collector at its defaults "
+                    "(the engine freezes the loaded objects and collects less often): measures what that buys")
     sv.set_defaults(func=_bench_serving)
 
     ms = bench_sub.add_parser("multistep", help="single-stream SRU/QRNN run k time steps per call")

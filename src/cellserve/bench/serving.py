@@ -58,7 +58,7 @@ def refine(rows: list[dict], policy: str, step: float = 1.25) -> list[float]:
 
 def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: float = 8.0, seed: int = 0,
         max_batch: int = 64, max_delay_ms: float = 5.0, buckets=(), json_path=None, plot_dir=None,
-        backends=("cellserve",)) -> list[dict]:
+        backends=("cellserve",), tune_gc: bool = True) -> list[dict]:
     """backends: who runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers. Without
     explicit rates, a coarse doubling grid runs until every policy saturates, then each of cellular and
     graph is refined near its saturation (steps of at most 1.25x; graph's points run both policies, since
@@ -84,7 +84,7 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                     if saturated[(policy, backend)] >= 2:  # saturated twice already: higher rates tell nothing new
                         continue
                     row = _measure(workload, models[backend], policy, backend, rate, duration, seed, max_batch,
-                                   max_delay_ms, buckets)
+                                   max_delay_ms, buckets, tune_gc)
                     saturated[(policy, backend)] += 0 if row["sustained"] else 1
                     mine.append(row)
                 if all(v >= 2 for v in saturated.values()):
@@ -96,16 +96,17 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                     for rate in extra:
                         for policy in also:
                             mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate, duration,
-                                                 seed, max_batch, max_delay_ms, buckets))
+                                                 seed, max_batch, max_delay_ms, buckets, tune_gc))
             rows += sorted(mine, key=lambda r: (r["backend"], r["rate_rps"], POLICIES.index(r["policy"])))
     columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("rate_rps", "offered/s"),
                ("throughput_rps", "done/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
                ("mean_batch", "mean batch"), ("overhead_us", "overhead us/step"),
-               ("overhead_share", "overhead share"), ("completed", "done"), ("refused", "refused"),
+               ("overhead_share", "overhead share"), ("padding_share", "padded rows"), ("completed", "done"), ("refused", "refused"),
                ("failed", "failed"), ("lost", "lost")]
     print_table("serving: open-loop Poisson load, same trace per rate", rows, columns,
                 caption="overhead = the engine's time per step outside the model's kernels (admission, "
-                        "bookkeeping, retiring); share = of the steps' wall time")
+                        "bookkeeping, retiring); share = of the steps' wall time; padded rows = share of the "
+                        "rows computed that were padding")
     summary = summarize(rows)
     print_table("targets: cellular vs graph", summary,
                 [("workload", "workload"), ("max_sustained_cellular", "cellular max/s"),
@@ -121,7 +122,8 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
     return rows
 
 
-def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, max_delay_ms, buckets) -> dict:
+def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, max_delay_ms, buckets,
+             tune_gc=True) -> dict:
     """One policy at one offered rate: the same seeded trace for every policy."""
     arrivals = poisson_arrivals(rate, duration, seed)
     rng = np.random.default_rng(seed)
@@ -130,7 +132,8 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
     step_rows = max_batch * (workload.rows_per_request if policy == "cellular" else 1)
     engine = Engine(workload.runner(model, policy, 16384 if workload.name == "treelstm" else 4096), policy,
                     max_batch=step_rows, max_queue=4 * max_batch + int(rate), max_delay_ms=max_delay_ms,
-                    length_buckets=buckets, max_running=workload.running_per_batch * max_batch).start()
+                    length_buckets=buckets, max_running=workload.running_per_batch * max_batch,
+                    tune_gc=tune_gc).start()
     result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
     stats = engine.stats
     row = {"workload": workload.name, "policy": policy, "backend": backend, "rate_rps": rate,
@@ -139,7 +142,8 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
            "completed": result.completed, "refused": result.refused, "failed": result.failed,
            "lost": result.lost, "mean_batch": _mean_batch(engine),
            "overhead_us": stats.overhead_s / stats.steps * 1e6 if stats.steps else None,
-           "overhead_share": stats.overhead_s / stats.step_s if stats.step_s else None}
+           "overhead_share": stats.overhead_s / stats.step_s if stats.step_s else None,
+           "padding_share": stats.rows_padded / stats.rows_run if stats.rows_run else None}
     row["sustained"] = sustained(row)
     console.print(f"  {policy:8s} {backend:11s} {rate:8.1f} req/s -> {row['throughput_rps']:7.1f} done/s, "
                   f"p90 {_ms(row['p90_ms'])}, p99 {_ms(row['p99_ms'])}, refused {row['refused']}, "

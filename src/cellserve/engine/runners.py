@@ -48,6 +48,7 @@ class Runner:
         self.cancel_flags = np.zeros(0, bool)  # the engine's, indexed by Request.ticket
         self.kernel_seconds = 0.0  # time inside the model's compute (kernels), for the overhead metric
         self.last_rows = 0  # rows (without padding) of the last step
+        self.last_padding = 0.0  # padding the last step computed, in rows (for the engine's padding share)
 
     # --- engine-facing -------------------------------------------------------------------------------
     def prepare(self, inputs: dict) -> tuple[object, int]:
@@ -775,11 +776,13 @@ class WholeGraphRunner(Runner):
         batch, self.waiting = self.waiting[:max_rows], self.waiting[max_rows:]
         dropped = [r for r in batch if self.cancel_flags[r.ticket]]
         batch = [r for r in batch if not self.cancel_flags[r.ticket]]
+        self.last_padding = 0.0
         if batch:
             steps = [self._steps(r.payload) for r in batch]
             start = time.perf_counter()
             outputs = self.session.run(None, self._feeds([r.payload for r in batch], max(steps)))
             self.kernel_seconds += time.perf_counter() - start
+            self.last_padding = len(batch) - sum(steps) / max(steps)  # time steps of padding, as rows
             for i, (req, n) in enumerate(zip(batch, steps)):
                 lengths = self._output_steps(n, req.payload)
                 req.result = {}

@@ -53,13 +53,16 @@ class EngineStats:
     step_s: float = 0.0  # wall time of all rounds that ran a step
     overhead_s: float = 0.0  # the part of it outside the model's kernels
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # (cell type, size) -> count
+    rows_run: int = 0  # rows the kernels computed, padding included
+    rows_padded: float = 0.0  # of them, padding: finished requests' rows kept to the batch size (graph
+    # policy), or time steps of padding in a whole-graph call counted as rows
 
 
 def calm_gc(threshold: int = 50_000) -> None:
     """Keep the cyclic garbage collector from stalling steps: objects alive now (models, the server)
     move to the permanent generation (gc.freeze), and young collections run every `threshold`
     allocations instead of 700, so a step rarely meets one. Measured on the speller at saturation:
-    see README, Serving."""
+    see README, Garbage collection (`bench serving --python-gc`)."""
     gc.freeze()
     gc.set_threshold(threshold, 20, 100)
 
@@ -387,6 +390,8 @@ class Engine:
         self._last_run[cell_type] = self.stats.steps
         size = max(self.runner.last_rows, pad_to)
         self.stats.batch_sizes[(cell_type, size)] += 1
+        self.stats.rows_run += size
+        self.stats.rows_padded += size - self.runner.last_rows + self.runner.last_padding
         if self.observer:
             self.observer.on_batch(cell_type, size, time.perf_counter() - start)
         return left
