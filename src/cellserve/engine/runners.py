@@ -575,6 +575,8 @@ class BidirectionalRunner(FrameSequenceRunner):
             out.append(req)
         self.last_rows = b - a
         return out
+
+
 class TreeRunner(Runner):
     """Leaves and internal nodes are two cell types; a node is ready once its children are done. A tree's
     nodes take contiguous pool slots [base, base + n), with its parents, child lists (CSR), pending-child

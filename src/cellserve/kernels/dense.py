@@ -27,13 +27,14 @@ class Dense:
     """A weight matrix a cell multiplies by: __call__(x) = x @ W^T. QuantizedDense has the same face."""
 
     bits = 32
+    _pack = staticmethod(_native.pack_f32)  # the native layout the product streams
 
     def __init__(self, weight: np.ndarray):
         weight = np.asarray(weight, dtype=np.float32)
         if weight.ndim != 2:
             raise ValueError(f"a weight matrix must be 2-D, got shape {weight.shape}")
         self.out_features, self.in_features = weight.shape
-        self.packed = _native.pack_f32(weight)
+        self.packed = self._pack(weight)
 
     @property
     def nbytes(self) -> int:
@@ -73,13 +74,7 @@ class BlockSparseDense(Dense):
     matrix costs about a quarter of the bytes and multiply-adds."""
 
     BLOCK = 16
-
-    def __init__(self, weight: np.ndarray):
-        weight = np.asarray(weight, dtype=np.float32)
-        if weight.ndim != 2:
-            raise ValueError(f"a weight matrix must be 2-D, got shape {weight.shape}")
-        self.out_features, self.in_features = weight.shape
-        self.packed = _native.pack_bsr(weight)
+    _pack = staticmethod(_native.pack_bsr)
 
     @property
     def nbytes(self) -> int:

@@ -114,6 +114,9 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
 
 
+SNAPSHOT = TensorSpec("sequence_snapshot", "BYTES", [1], optional=True)  # a stateful model's session state
+
+
 class ServedModel:
     """A model behind the protocol: turns input tensors into engine requests (one per batch row) and
     engine results back into output tensors."""
@@ -175,6 +178,12 @@ class ServedModel:
         if blob is None or blob.size != 1 or blob.dtype != object:
             raise ProtocolError("sequence_restore needs the snapshot as input 'sequence_snapshot' (BYTES, shape [1])")
         return from_text(blob.reshape(-1)[0], self.name, self.architecture)
+
+    def snapshot_of(self, result: dict) -> np.ndarray:
+        """A session's state (a runner's result["snapshot"]) as the sequence_snapshot output tensor."""
+        from cellserve.server.snapshot import to_text
+
+        return np.array([to_text(self.name, self.architecture, result["snapshot"])], dtype=object)
 
     def outputs_of(self, results: list) -> tuple[dict[str, np.ndarray], dict]:
         raise NotImplementedError
@@ -293,10 +302,8 @@ class StreamModel(ServedModel):
 
     def __init__(self, name, model: RNN, config):
         super().__init__(name, model, config)
-        self.inputs = [TensorSpec("frames", "FP32", [-1, model.input_size], optional=True),
-                       TensorSpec("sequence_snapshot", "BYTES", [1], optional=True)]
-        self.outputs = [TensorSpec("outputs", "FP32", [-1, model.hidden_size]),
-                        TensorSpec("sequence_snapshot", "BYTES", [1], optional=True)]
+        self.inputs = [TensorSpec("frames", "FP32", [-1, model.input_size], optional=True), SNAPSHOT]
+        self.outputs = [TensorSpec("outputs", "FP32", [-1, model.hidden_size]), SNAPSHOT]
 
     def requests(self, tensors):
         self._check_names(tensors)
@@ -311,13 +318,10 @@ class StreamModel(ServedModel):
         return [{"frames": frames}]
 
     def outputs_of(self, results):
-        from cellserve.server.snapshot import to_text
-
         (result,) = results
         outputs = {"outputs": result["outputs"]}
         if "snapshot" in result:
-            outputs["sequence_snapshot"] = np.array([to_text(self.name, self.architecture, result["snapshot"])],
-                                                    dtype=object)
+            outputs["sequence_snapshot"] = self.snapshot_of(result)
         return outputs, {"frames_pending": result["frames_pending"]}
 
 
@@ -379,8 +383,8 @@ class ImportedServedModel(ServedModel):
             extra = model.EXTRA_OUTPUTS[config.decode]
             self.outputs.append(TensorSpec(extra["name"], extra["datatype"], extra["shape"]))
         if self.stateful:
-            self.inputs.append(TensorSpec("sequence_snapshot", "BYTES", [1], optional=True))
-            self.outputs.append(TensorSpec("sequence_snapshot", "BYTES", [1], optional=True))
+            self.inputs.append(SNAPSHOT)
+            self.outputs.append(SNAPSHOT)
 
     @staticmethod
     def runner(model, config):
@@ -400,12 +404,9 @@ class ImportedServedModel(ServedModel):
             raise ProtocolError(str(exc))
 
     def outputs_of(self, results):
-        from cellserve.server.snapshot import to_text
-
         outputs = self.model.join(results)
         if len(results) == 1 and "snapshot" in results[0]:
-            outputs["sequence_snapshot"] = np.array([to_text(self.name, self.architecture, results[0]["snapshot"])],
-                                                    dtype=object)
+            outputs["sequence_snapshot"] = self.snapshot_of(results[0])
         return outputs, {}
 
 
