@@ -228,6 +228,28 @@ def test_streaming_graph_serves_sessions_equal_to_one_pass(graphs, server):
     assert classifier.status_code == 400 and "stateless" in classifier.json()["error"]
 
 
+def test_a_streaming_graph_in_blocks_says_how_many_frames_wait(graphs):
+    """With 4-frame blocks, frames short of a block wait for the next chunk, and each reply says how many
+    (as our own stream models do); the chunks still give one pass."""
+    from fastapi.testclient import TestClient
+
+    served = serve_model("frames", import_onnx(graphs["frames"]), ModelConfig(block_steps=4))
+    frames = frame_request(np.random.default_rng(4), 13)["input"]
+    got, pending = [], []
+    with TestClient(create_app(Repository([served]))) as client:
+        for i, chunk in enumerate(np.split(frames, [5, 11], axis=1)):
+            reply = client.post("/v2/models/frames/infer", json={
+                "inputs": [as_json("input", chunk)],
+                "parameters": {"sequence_id": 7, "sequence_start": i == 0, "sequence_end": i == 2}})
+            assert reply.status_code == 200, reply.text
+            output = reply.json()["outputs"][0]
+            got.append(np.array(output["data"]).reshape(output["shape"]))
+            pending.append(reply.json()["parameters"]["frames_pending"])
+    assert pending == [1, 3, 0]  # 5 frames: 4 run, 1 waits; 1 + 6: 4 run, 3 wait; the end runs the rest
+    want = ort_session(onnx.load_from_string(graphs["frames"])).run(None, {"input": frames})[0]
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_requests_are_400_naming_the_problem(server):
     cases = [({"tokens": np.zeros((1, 4), np.float32)}, "must be INT64"),
              ({"tokens": np.full((1, 4), VOCAB + 3, np.int64)}, "outside [0, 50)"),

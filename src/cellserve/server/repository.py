@@ -407,6 +407,8 @@ class ImportedServedModel(ServedModel):
         outputs = self.model.join(results)
         if len(results) == 1 and "snapshot" in results[0]:
             outputs["sequence_snapshot"] = self.snapshot_of(results[0])
+        if len(results) == 1 and "frames_pending" in results[0]:  # a session's frames short of a block
+            return outputs, {"frames_pending": results[0]["frames_pending"]}
         return outputs, {}
 
 
