@@ -40,7 +40,7 @@ class BuildNative(build_ext):
 setup(
     ext_modules=[Extension(
         "cellserve.kernels._native",
-        sources=[f"{NATIVE}/module.cpp", f"{NATIVE}/pool.cpp", f"{NATIVE}/isa_portable.cpp"],
+        sources=[f"{NATIVE}/{name}.cpp" for name in ("bindings", "packing", "drivers", "platform", "pool", "isa_portable")],
         depends=[f"{NATIVE}/native.h", f"{NATIVE}/kernels.inc", *ISA_UNITS],
         include_dirs=[NATIVE],
         extra_compile_args=COMMON,

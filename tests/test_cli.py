@@ -88,8 +88,8 @@ def test_ocr_and_compress_bad_input_exits_with_code_2(argv, capsys):
 def test_ocr_quantize_and_read(tmp_path, capsys):
     from PIL import Image
 
-    from cellserve.compress import ocr_train
-    from cellserve.compress.ocr_data import render
+    from cellserve.tasks import ocr_train
+    from cellserve.tasks.ocr_data import render
 
     fp32 = tmp_path / "ocr.safetensors"
     models.save(ocr_train.to_runtime(ocr_train.build(16)), fp32)

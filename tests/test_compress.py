@@ -7,13 +7,16 @@ import torch
 
 from cellserve import models
 from cellserve.cells import LSTMCell
-from cellserve.compress import ocr_train as ot
-from cellserve.compress.ocr_data import ALPHABET, HEIGHT, character_error_rate, decode, encode, make_datasets, render
+from cellserve.tasks import ocr_train as ot
+from cellserve.tasks.ocr_data import ALPHABET, HEIGHT, character_error_rate, decode, encode, make_datasets, render
 from cellserve.compress.qat import QuantSpec, fake_weight, reverse_within
 from cellserve.compress.quantize import quantize_dynamic
+from cellserve.interop.torch_import import rnn_from_torch
 from cellserve.kernels import Dense, QuantizedDense
 from cellserve.kernels.quantized import pack, quantize_weight, unpack
-from cellserve.models.ocr import columns, ctc_greedy
+from cellserve.families.decoding import ctc_greedy
+from cellserve.families.ocr import recognize
+from cellserve.models.ocr import columns
 
 
 @pytest.mark.parametrize("bits", [4, 2, 1])
@@ -67,7 +70,7 @@ def test_quantize_weight_grids():
 def test_fused_recurrence_matches_torch_lstm(batch):
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(12, 16)
-    cell = models.rnn_from_torch(lstm).cells[0]
+    cell = rnn_from_torch(lstm).cells[0]
     x = torch.randn(9, batch, 12)
     expected, _ = lstm(x)
     hs, _ = cell.steps(x.numpy(), cell.zero_state(batch))
@@ -212,7 +215,8 @@ def test_quantized_models_save_and_load(tmp_path):
 @pytest.mark.parametrize("policy", ["cellular", "graph", "none"])
 def test_ocr_serving_equals_direct_recognition(policy):
     """Lines of different widths batched per cell step (or padded, or alone) give each line's unbatched result."""
-    from cellserve.engine import Engine, make_runner
+    from cellserve.engine import Engine
+    from cellserve.families import make_runner
 
     model = quantize_dynamic(ot.to_runtime(small_recognizer()))
     images = [np.random.default_rng(i).random((HEIGHT, w), dtype=np.float32) for i, w in enumerate((20, 34, 8, 50))]
@@ -223,7 +227,7 @@ def test_ocr_serving_equals_direct_recognition(policy):
         texts = [r.result(timeout=30)["text"] for r in results]
     finally:
         engine.stop()
-    assert texts == [model.recognize(img) for img in images]
+    assert texts == [recognize(model, img) for img in images]
     with pytest.raises(ValueError, match="image must have shape"):
         make_runner(model, 4).prepare({"image": np.zeros((7, 20), np.float32)})
 
@@ -247,7 +251,7 @@ def test_compressed_ocr_model_served_over_http_from_a_repository(tmp_path):
         response = client.post("/v2/models/ocr/infer", json=body)
         assert response.status_code == 200, response.text
         (text,) = response.json()["outputs"]
-        assert text["datatype"] == "BYTES" and text["data"] == [model.recognize(img) for img in images]
+        assert text["datatype"] == "BYTES" and text["data"] == [recognize(model, img) for img in images]
         body["inputs"][0]["shape"] = [2, 24, HEIGHT]
         bad = client.post("/v2/models/ocr/infer", json=body)
         assert bad.status_code == 400 and "image must have shape" in bad.json()["error"]
@@ -302,7 +306,7 @@ def test_compressed_models_save_load_and_serve_over_http_and_grpc(tmp_path):
         try:
             for name, model in variants.items():
                 for image in images:
-                    expected = model.recognize(image)
+                    expected = recognize(model, image)
                     body = {"inputs": [{"name": "image", "shape": list(image.shape), "datatype": "FP32",
                                         "data": image.reshape(-1).tolist()}]}
                     reply = http.post(f"/v2/models/{name}/infer", json=body)

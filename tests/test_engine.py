@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cellserve.bench.workloads import binary_tree
-from cellserve.engine import Engine, EngineFull, EngineStopped, make_runner
+from cellserve.engine import Engine, EngineFull, EngineStopped
+from cellserve.families import make_runner
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM
 from cellserve.models.lm import log_softmax
 
@@ -328,7 +329,7 @@ def python_calls_per_step(lm, queued: int) -> float:
             counts["calls"] += 1
 
     engine = Engine(make_runner(lm, 4096), "cellular", max_batch=16, max_queue=5000)
-    loop, run = engine._loop, engine._run
+    loop, run = engine._loop, engine.run
 
     def profiled_loop():
         sys.setprofile(hook)
@@ -338,7 +339,7 @@ def python_calls_per_step(lm, queued: int) -> float:
         counts["steps"] += 1
         return run(*args)
 
-    engine._loop, engine._run = profiled_loop, counted_run
+    engine._loop, engine.run = profiled_loop, counted_run
     engine.start()
     with engine._cv:  # (a reentrant lock) the scheduler waits until all are queued
         futures = [engine.submit({"tokens": [1, 2, 3, 4, 5, 6, 7, 8] * 4}) for _ in range(queued)]

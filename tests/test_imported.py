@@ -16,9 +16,9 @@ from torch import nn  # noqa: E402
 
 from cellserve import models  # noqa: E402
 from cellserve.cli import main  # noqa: E402
-from cellserve.models.imported import import_onnx  # noqa: E402
-from cellserve.models.onnx_io import ort_session  # noqa: E402
-from cellserve.models.torch_import import module_to_onnx  # noqa: E402
+from cellserve.interop.onnx_import import import_onnx  # noqa: E402
+from cellserve.cells.onnxruntime import ort_session  # noqa: E402
+from cellserve.interop.torch_import import module_to_onnx  # noqa: E402
 from cellserve.server.app import create_app  # noqa: E402
 from cellserve.server.background import BackgroundServer  # noqa: E402
 from cellserve.server.repository import ModelConfig, Repository, load_folder, serve_model  # noqa: E402
@@ -265,15 +265,15 @@ def test_bad_requests_are_400_naming_the_problem(server):
 
 
 def test_ctc_and_lm_decoding_add_an_output(graphs):
-    acoustic = import_onnx(graphs["acoustic"])
-    acoustic.set_decode("ctc")
+    from cellserve.families.imported import ImportedFamily
+
+    acoustic = ImportedFamily(import_onnx(graphs["acoustic"]), decode="ctc")
     feeds = acoustic_request(np.random.default_rng(0), 17)
     out = acoustic.forward(feeds)
     best = out["output"][:, 0].argmax(-1)
     expected = [int(b) for i, b in enumerate(best) if b != 0 and (i == 0 or b != best[i - 1])]
     assert out["labels"][0].tolist() == expected
-    lm = import_onnx(graphs["lm"])
-    lm.set_decode("lm")
+    lm = ImportedFamily(import_onnx(graphs["lm"]), decode="lm")
     tokens = token_request(np.random.default_rng(1), 8)
     logits = torch.from_numpy(lm.forward(tokens)["output"][0])
     expected = torch.log_softmax(logits, -1)[torch.arange(7), torch.from_numpy(tokens["tokens"][0, 1:])].sum()

@@ -247,8 +247,8 @@ def test_numba_tanh_and_sigmoid_are_accurate_over_fp32_range():
     """The Numba copy of the same approximation (SRU, QRNN, TreeLSTM scans)."""
     from numba import njit
 
-    from cellserve.kernels.pointwise import sigmoid as nb_sigmoid
-    from cellserve.kernels.pointwise import tanh as nb_tanh
+    from cellserve.kernels.treelstm import sigmoid as nb_sigmoid
+    from cellserve.kernels.treelstm import tanh as nb_tanh
 
     @njit
     def both(x, t, s):

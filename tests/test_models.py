@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from cellserve import models
-from cellserve.models import RNN, Classifier, LanguageModel, Seq2Seq, TreeLSTM, rnn_from_torch, tree_levels
+from cellserve.interop.torch_import import rnn_from_torch
+from cellserve.models import RNN, Classifier, LanguageModel, Seq2Seq, TreeLSTM, tree_levels
 from cellserve.models.torch_reference import TorchChildSumTreeLSTM
 from conftest import assert_close
 

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 
 from cellserve.cells import SRUCell
-from cellserve.engine import Engine, make_runner
+from cellserve.engine import Engine
+from cellserve.families import make_runner
 from cellserve.models import LanguageModel, RNN
-from cellserve.models.onnx_io import ort_session, rnn_from_onnx, rnn_to_onnx, sru_steps_to_onnx, use_onnxruntime
+from cellserve.cells.onnxruntime import ort_session
+from cellserve.interop.onnx_export import rnn_to_onnx, sru_steps_to_onnx, use_onnxruntime
+from cellserve.interop.onnx_import import rnn_from_onnx
 from cellserve.server.repository import ModelConfig, serve_model
 
 

@@ -1,10 +1,15 @@
-"""Ray Serve scale-out: a local Ray instance, 2 engine shards, sessions on both, each sticking to one."""
+"""Ray Serve scale-out: a local Ray instance, 2 engine shards, sessions on both, each sticking to one, over
+HTTP through the ingress and over gRPC through the same router protocol."""
 
+import asyncio
+import concurrent.futures
 import socket
+import threading
 
 import numpy as np
 import pytest
 
+from cellserve.server.protocol import InferRequest
 from cellserve.server.ray_serve import merge_metrics, sequence_key
 
 ray = pytest.importorskip("ray")
@@ -12,10 +17,12 @@ serve = pytest.importorskip("ray.serve")
 
 
 def test_sequence_key_and_metric_merging():
-    assert sequence_key(b'{"parameters": {"sequence_id": 12}}', None) == ("12", False)
-    assert sequence_key(b'{"parameters": {"sequence_id": "a", "sequence_restore": true}}', None) == ("a", True)
-    assert sequence_key(b'{"inputs": []}', None) == (None, False)
-    assert sequence_key(b"not json", None) == (None, False)
+    def request(parameters):
+        return InferRequest(None, parameters, {})
+
+    assert sequence_key(request({"sequence_id": 12})) == ("12", False)
+    assert sequence_key(request({"sequence_id": "a", "sequence_restore": True})) == ("a", True)
+    assert sequence_key(request({})) == (None, False)
     merged = merge_metrics(["# HELP a_total x\n# TYPE a_total counter\na_total{model=\"m\"} 1.0\n",
                             "# HELP a_total x\n# TYPE a_total counter\na_total{model=\"m\"} 2.0\n"])
     assert merged.count("# HELP a_total") == 1
@@ -58,6 +65,7 @@ def test_two_shards_serve_sessions_that_stick():
                 np.testing.assert_allclose(np.concatenate(outputs), reference.forward(frames[:, None])[0][:, 0],
                                            rtol=1e-5, atol=1e-5)
             assert seen == {0, 1}  # sessions landed on both shards
+            grpc_through_the_router(reference, rng)
             restore_after_shard_death(client, reference, rng)
             bad = client.post("/v2/models/sru-stream/infer", content=b"{oops")
             assert bad.status_code == 400 and "JSON" in bad.json()["error"]
@@ -95,3 +103,48 @@ def restore_after_shard_death(client, reference, rng):
     outputs = [np.array(r.json()["outputs"][0]["data"]).reshape(r.json()["outputs"][0]["shape"]) for r in (first, rest)]
     np.testing.assert_allclose(np.concatenate(outputs), reference.forward(frames[:, None])[0][:, 0],
                                rtol=1e-5, atol=1e-5)
+
+
+def grpc_through_the_router(reference, rng):
+    """tritonclient.grpc against the gRPC service over a ShardRouter: a session's chunks stick to one shard
+    and equal an uninterrupted run; stateless requests reach both shards."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from cellserve.server.grpc_service import start_grpc
+    from cellserve.server.ray_serve import shard_router
+
+    router = shard_router("cellserve", 2)
+    loop = asyncio.new_event_loop()
+    started = concurrent.futures.Future()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        started.set_result(loop.run_until_complete(start_grpc(lambda: router, "127.0.0.1", 0)))
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    server, port = started.result(60)
+    try:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_ready()
+        frames = rng.standard_normal((10, 40)).astype(np.float32)
+        outputs, replicas = [], set()
+        for i, (a, b) in enumerate([(0, 5), (5, 10)]):
+            chunk = grpcclient.InferInput("frames", [b - a, 40], "FP32")
+            chunk.set_data_from_numpy(frames[a:b])
+            result = client.infer("sru-stream", [chunk], sequence_id="grpc-user", sequence_start=i == 0,
+                                  sequence_end=b == 10)
+            outputs.append(result.as_numpy("outputs"))
+            replicas.add(result.get_response().parameters["replica"].int64_param)
+        assert len(replicas) == 1
+        np.testing.assert_allclose(np.concatenate(outputs), reference.forward(frames[:, None])[0][:, 0],
+                                   rtol=1e-5, atol=1e-5)
+        seen = set()
+        for _ in range(4):
+            chunk = grpcclient.InferInput("frames", [3, 40], "FP32")
+            chunk.set_data_from_numpy(frames[:3])
+            seen.add(client.infer("sru-stream", [chunk]).get_response().parameters["replica"].int64_param)
+        assert seen == {0, 1}  # round-robin over the shards
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+

@@ -6,7 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from cellserve.engine import Engine, make_runner
+from cellserve.engine import Engine
+from cellserve.families import make_runner
 from cellserve.engine.request import SessionError
 from cellserve.models import RNN
 

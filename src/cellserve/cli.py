@@ -48,23 +48,16 @@ def _serve(args):
 
 
 def _serve_on_ray(args, base: str):
-    import os
-
     try:
-        import ray
-        from ray import serve
-
-        from cellserve.server.ray_serve import build
+        from cellserve.server.ray_serve import run
     except ImportError:
         raise UsageError("--ray needs Ray Serve: pip install 'cellserve[ray]'")
     if args.replicas < 1:
         raise UsageError("--replicas must be >= 1")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    grpc = f"; gRPC on {args.host}:{args.grpc_port} (this process, over the same router)" if args.grpc_port else ""
     print(f"cellserve on Ray Serve, {args.replicas} engine shard(s), on {base}: inference "
-          f"{base}/v2/models/<name>/infer, metrics {base}/metrics, API docs {base}/docs", flush=True)
-    serve.run(build(args.model_dir, args.replicas, args.max_body_mb * 2**20), name="cellserve", route_prefix="/",
-              blocking=True)
+          f"{base}/v2/models/<name>/infer, metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
+    run(args.model_dir, args.replicas, args.host, args.port, args.grpc_port, args.max_body_mb * 2**20)
 
 
 def _demo(args):
@@ -188,8 +181,8 @@ def _bench_compress(args):
 
 def _ocr_train(args):
     from cellserve import models
-    from cellserve.compress import ocr_train as ot
-    from cellserve.compress.ocr_data import make_datasets
+    from cellserve.tasks import ocr_train as ot
+    from cellserve.tasks.ocr_data import make_datasets
 
     if args.lines < 2 or args.hidden < 2 or args.seconds <= 0:
         raise UsageError("--lines and --hidden must be >= 2, --seconds positive")
@@ -225,8 +218,8 @@ def _ocr_quantize(args):
 
 def _ocr_eval(args):
     from cellserve.bench.compress import us_per_line
-    from cellserve.compress.ocr_train import evaluate
-    from cellserve.compress.ocr_data import make_datasets
+    from cellserve.tasks.ocr_train import evaluate
+    from cellserve.tasks.ocr_data import make_datasets
 
     model = _load_ocr(args.model)
     _, test_set = make_datasets(0, args.lines, args.seed)
@@ -238,7 +231,8 @@ def _ocr_read(args):
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from cellserve.compress.ocr_data import HEIGHT
+    from cellserve.families.ocr import recognize
+    from cellserve.tasks.ocr_data import HEIGHT
 
     model = _load_ocr(args.model)
     for path in args.images:
@@ -252,7 +246,7 @@ def _ocr_read(args):
         if pixels.mean() > 0.5:  # dark text on light paper: the model reads light ink on dark
             pixels = 1.0 - pixels
         try:
-            print(f"{path}: {model.recognize(pixels)}")
+            print(f"{path}: {recognize(model, pixels)}")
         except ValueError as exc:
             raise UsageError(f"{path}: {exc}")
 
@@ -261,12 +255,12 @@ def _import_torch(args):
     import torch
 
     from cellserve import models
-    from cellserve.models.torch_import import load_torch, module_to_onnx, parse_input
+    from cellserve.interop.torch_import import load_torch, module_to_onnx, parse_input, rnn_from_torch
 
     try:
         source = load_torch(args.source)
         if isinstance(source, dict):  # a state dict: an nn.LSTM / nn.GRU's weights
-            rnn = models.rnn_from_torch(source, args.kind)
+            rnn = rnn_from_torch(source, args.kind)
             models.save(rnn, args.out)
             print(f"saved {rnn.config()} to {args.out}")
             return
@@ -293,7 +287,7 @@ def _import_onnx(args):
 def _import_graph(graph: bytes, out: str, source: str) -> None:
     """Split an ONNX graph around its recurrent core, save it in our format, and say what it became."""
     from cellserve import models
-    from cellserve.models.imported import import_onnx
+    from cellserve.interop.onnx_import import import_onnx
 
     try:
         model = import_onnx(graph)

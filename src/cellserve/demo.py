@@ -12,8 +12,9 @@ import numpy as np
 
 from cellserve.bench.common import console, limit_threads, print_table
 from cellserve.bench.loadgen import poisson_arrivals, run_load
-from cellserve.engine import POLICIES, Engine, make_runner
-from cellserve.models.speller import MAX_NUMBER, encode_number, spell
+from cellserve.engine import POLICIES, Engine
+from cellserve.families import make_runner
+from cellserve.tasks.speller import MAX_NUMBER, encode_number, spell
 
 
 def _text_request(numbers) -> dict:

@@ -1,1 +1,2 @@
-"""Benchmarks: commands that print a table and write JSON (never timed tests)."""
+"""Benchmarks: commands that print a table and write JSON (never timed tests), their load generators,
+workloads and plots."""

@@ -33,7 +33,8 @@ def _torch_step(kind: str, cell, torch):
 
 
 def _ort_step(kind: str, cell, batch: int):
-    from cellserve.models.onnx_io import ort_session, rnn_to_onnx, sru_steps_to_onnx
+    from cellserve.cells.onnxruntime import ort_session
+    from cellserve.interop.onnx_export import rnn_to_onnx, sru_steps_to_onnx
 
     hidden = cell.hidden_size
     if kind == "sru":

@@ -17,6 +17,8 @@ import numpy as np
 
 from cellserve import models
 from cellserve.bench.common import console, limit_threads, print_table, write_json
+from cellserve.families.ocr import recognize
+from cellserve.models.ocr import OCRModel
 
 DEFAULT_QAT = ((8, 8), (4, 8), (4, 4), (2, 8), (2, 4), (1, 8))
 
@@ -32,12 +34,12 @@ def time_models(candidates: list, images, repeats: int = 7) -> list[float]:
     samples: list[list[float]] = [[] for _ in candidates]
     with limit_threads(1):
         for model in candidates:
-            model.recognize(images[0])
+            recognize(model, images[0])
         for _ in range(repeats):
             for model, mine in zip(candidates, samples):
                 start = time.perf_counter()
                 for image in images:
-                    model.recognize(image)
+                    recognize(model, image)
                 mine.append((time.perf_counter() - start) / len(images) * 1e6)
     return [float(np.median(m)) for m in samples]
 
@@ -49,11 +51,11 @@ def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int =
         plot_path=None, seed: int = 0) -> list[dict]:
     import torch
 
-    from cellserve.compress import ocr_train as ot
-    from cellserve.compress.ocr_data import make_datasets
+    from cellserve.tasks import ocr_train as ot
+    from cellserve.tasks.ocr_data import make_datasets
     from cellserve.compress.qat import QuantSpec
     from cellserve.compress.quantize import quantize_dynamic
-    from cellserve.models.onnx_io import use_onnxruntime
+    from cellserve.interop.onnx_export import use_onnxruntime
 
     torch.set_num_threads(2)
     workdir = Path(workdir)
@@ -66,7 +68,7 @@ def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int =
     runtime_models: list = []
 
     def add(scheme, module_or_model, weight_bits=32, act_bits=32, sparsity=0.0, save=True, **extra):
-        model = module_or_model if hasattr(module_or_model, "recognize") else ot.to_runtime(module_or_model)
+        model = module_or_model if isinstance(module_or_model, OCRModel) else ot.to_runtime(module_or_model)
         if save:
             models.save(model, workdir / f"ocr_{scheme}.safetensors")
         row = {"scheme": scheme, "backend": "cellserve", "weight_bits": weight_bits, "act_bits": act_bits,

@@ -45,7 +45,8 @@ def _product(impl: str, w: np.ndarray, m: int):
         wt = w.T
         return lambda: np.matmul(x, wt, out=out)
     if impl == "onnxruntime":
-        from cellserve.models.onnx_io import matmul_to_onnx, ort_session
+        from cellserve.cells.onnxruntime import ort_session
+        from cellserve.interop.onnx_export import matmul_to_onnx
 
         session, feeds = ort_session(matmul_to_onnx(w)), {"x": x}
         return lambda: session.run(None, feeds)

@@ -21,8 +21,9 @@ import httpx
 import numpy as np
 
 from cellserve.bench.common import console, limit_threads, print_table, write_json
-from cellserve.engine import Engine, make_runner
-from cellserve.models.speller import MAX_NUMBER, encode_number, load_default
+from cellserve.engine import Engine
+from cellserve.families import make_runner
+from cellserve.tasks.speller import MAX_NUMBER, encode_number, load_default
 
 
 def _free_port() -> int:

@@ -45,7 +45,8 @@ def _torch_block(rnn: RNN, k: int):
 
 
 def _ort_block(rnn: RNN, k: int):
-    from cellserve.models.onnx_io import ort_session, sru_steps_to_onnx
+    from cellserve.cells.onnxruntime import ort_session
+    from cellserve.interop.onnx_export import sru_steps_to_onnx
 
     sessions = [ort_session(sru_steps_to_onnx(cell, k)) for (cell,) in rnn.layers]
     xs = np.random.default_rng(k).standard_normal((k, 1, rnn.input_size)).astype(np.float32)

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 
 from cellserve.bench.common import console, print_table, write_json
-from cellserve.models.speller import MAX_NUMBER
+from cellserve.tasks.speller import MAX_NUMBER
 
 
 def run(replicas=(1, 2), requests: int = 600, clients: int = 16, json_path=None) -> list[dict]:

@@ -69,7 +69,7 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
             workload = WORKLOADS[name]
             models = {"cellserve": workload.make_model()}
             if "onnxruntime" in backends and name not in ("treelstm", "speller", "imported"):  # no TreeLSTM operator
-                from cellserve.models.onnx_io import use_onnxruntime
+                from cellserve.interop.onnx_export import use_onnxruntime
 
                 models["onnxruntime"] = use_onnxruntime(workload.make_model())
             base = unbatched_capacity(workload, models["cellserve"], seed)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from cellserve.engine import make_runner
+from cellserve.families import make_runner
 from cellserve.models import LanguageModel, Seq2Seq, TreeLSTM
 
 VOCAB = 10_000
@@ -60,13 +60,13 @@ def _s2s_request(rng, n):
 
 
 def _speller_request(rng, n):
-    from cellserve.models.speller import MAX_NUMBER, encode_number
+    from cellserve.tasks.speller import MAX_NUMBER, encode_number
 
     return {"tokens": encode_number(str(int(rng.integers(0, MAX_NUMBER + 1)))), "max_output_tokens": 16}
 
 
 def _speller():
-    from cellserve.models.speller import load_default
+    from cellserve.tasks.speller import load_default
 
     return load_default()
 
@@ -85,8 +85,8 @@ def _acoustic():
     import torch
     from torch import nn
 
-    from cellserve.models.imported import import_onnx
-    from cellserve.models.torch_import import module_to_onnx
+    from cellserve.interop.onnx_import import import_onnx
+    from cellserve.interop.torch_import import module_to_onnx
 
     class Acoustic(nn.Module):
         def __init__(self):
@@ -112,7 +112,7 @@ def _imported_runner(model, policy, capacity):
     """graph: ONNX Runtime on the whole original graph, requests padded to the longest (Triton + ONNX
     Runtime); otherwise our engine on the imported model, GRU steps in blocks of 16 (a whole request is there:
     blocks add no latency, and the input projection reads its weights once per 16 steps)."""
-    from cellserve.engine.runners import WholeGraphRunner
+    from cellserve.families.imported import WholeGraphRunner
 
     return WholeGraphRunner(model, capacity) if policy == "graph" else make_runner(model, capacity, block_steps=16)
 

@@ -1,4 +1,5 @@
-"""Recurrent cells: the math of one step (and of k steps) on a batch of states. One file per cell type."""
+"""Recurrent cells: the math of one step (and of k steps) on a batch of states, one file per cell type
+(onnxruntime.py: a cell run by ONNX Runtime). A cell knows nothing of requests, batches or models."""
 
 from cellserve.cells.base import Cell, State
 from cellserve.cells.gru import GRUCell

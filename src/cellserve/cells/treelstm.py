@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import f32, random_tensors
-from cellserve.kernels import Dense, pointwise
+from cellserve.kernels import Dense, treelstm
 
 
 class ChildSumTreeLSTMCell:
@@ -43,7 +43,7 @@ class ChildSumTreeLSTMCell:
             fh = self.u_f(child_h)
         h = np.empty((n, hidden), dtype=np.float32)
         c = np.empty((n, hidden), dtype=np.float32)
-        pointwise.child_sum_tree_step(gx, self.bias, gh_iou, fh, f32(child_c), child_parent, h, c)
+        treelstm.child_sum_tree_step(gx, self.bias, gh_iou, fh, f32(child_c), child_parent, h, c)
         return h, c
 
     def options(self):

@@ -104,18 +104,33 @@ class Stage:
         return a, a + max_rows
 
 
-def stack_steps(rnn, stage: Stage, names: list[list[str]], xs: np.ndarray, a: int, b: int) -> np.ndarray:
-    """Run every layer of a stacked RNN over T steps for the contiguous rows [a, b) of a stage, reading and
-    writing their state in place; xs (T, b - a, in). Returns the top layer's outputs (T, b - a, H)."""
+def cell_steps(cell, xs: np.ndarray, state: tuple) -> np.ndarray:
+    """t steps of one cell over xs (t, rows, in), its state views updated in place; returns (t, rows, H)."""
+    if len(xs) == 1:
+        cell.step_into(xs[0], state)
+        return state[0][None]
+    ys, new = cell.steps(np.ascontiguousarray(xs), state)
+    for view, value in zip(state, new):
+        view[...] = value
+    return ys
+
+
+def stage_steps(cell, stage: Stage, names: list[str], xs: np.ndarray, rows) -> np.ndarray:
+    """t steps of one cell for some rows of a stage, whose state arrays are `names`. A slice of rows runs
+    on the state in place; gathered rows (an index array) are copied out and back."""
+    state = tuple(stage.states[name][rows] for name in names)
+    ys = cell_steps(cell, xs, state)
+    if not isinstance(rows, slice):
+        for name, value in zip(names, state):
+            stage.states[name][rows] = value
+    return ys
+
+
+def stack_steps(rnn, stage: Stage, names: list[list[str]], xs: np.ndarray, rows) -> np.ndarray:
+    """Every layer of a stacked RNN over T steps for stage rows (a slice runs in place), reading and
+    writing their state; xs (T, rows, in). Returns the top layer's outputs (T, rows, H)."""
     for cell, layer in zip(rnn.cells, names):
-        state = tuple(stage.states[name][a:b] for name in layer)
-        if len(xs) == 1:
-            cell.step_into(xs[0], state)
-            xs = state[0][None]
-        else:
-            xs, new = cell.steps(np.ascontiguousarray(xs), state)
-            for view, value in zip(state, new):
-                view[...] = value
+        xs = stage_steps(cell, stage, layer, xs, rows)
     return xs
 
 

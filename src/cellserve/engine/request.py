@@ -63,4 +63,9 @@ class Request:
     result: object = None
     session: Session | None = None
     end: bool = False  # the last chunk of its session
-    snapshot: bool = False  # return the session's state after this chunk (Runner.snapshot)
+    snapshot: bool = False  # return the session's state after this chunk (result["snapshot"])
+
+    @property
+    def queue_seconds(self) -> float:
+        """How long it waited for the running set (so far, while it still waits)."""
+        return (self.started if self.started is not None else time.perf_counter()) - self.arrival

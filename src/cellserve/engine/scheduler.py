@@ -1,27 +1,11 @@
-"""The engine: one scheduler thread that turns queued requests into batched cell steps.
-
-Policies, all over the same runner and kernels:
-  cellular  a bounded running set (max_running requests, like vLLM's max_num_seqs; 2 x max_batch by
-            default) is filled from the queue oldest first between steps; each step runs one cell type
-            (stage) on up to max_batch of its ready rows, and requests leave the moment they finish
-            (BatchMaker's cellular batching). Which stage runs (pick, by default the runner's):
-              stage    the later stage (decoder before encoder, internal nodes before leaves), so
-                       in-flight requests finish sooner, unless an earlier stage would run a batch
-                       more than twice as full (sequence models' default); while requests wait for
-                       a full running set, the fullest stage;
-              fullest  the stage with the most ready rows; oldest: the stage of the oldest request
-                       (trees' default).
-            Whatever the pick, a stage with ready rows that has not run for max_wait_steps steps runs
-            next, and a stage's rows take turns in windows of max_batch, so no request starves.
-  graph     request-level dynamic batching: wait up to max_delay_ms or max_batch requests (optionally
-            from one length bucket), then run every stage to completion with finished requests as
-            padding rows, and answer all requests together (TF-Serving / Triton / Clipper style).
-  none      one request at a time, start to finish.
+"""The engine: one scheduler thread that turns queued requests into batched cell steps, under a batching
+policy (engine/policies.py) over a model family's runner (engine/runner.py).
 
 Per step the engine does O(batch) work, never O(running requests): ready counts come from the runner's
 stages, a cancelled request is noticed through a flag (set by its future's callback) when its rows come
 up, and finished requests leave through the runner. The time each step spends outside the model's
-kernels is measured (stats.overhead_s, the observer's on_step).
+kernels is measured (stats.overhead_s, the observer's on_step). Sessions (sequence_id) are kept here:
+their order, busy flag and expiry; what a session holds in memory is the runner's.
 """
 
 from __future__ import annotations
@@ -30,16 +14,15 @@ import collections
 import gc
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cellserve import kernels
+from cellserve.engine.policies import POLICY_CLASSES, EngineConfig
 from cellserve.engine.request import EngineFull, EngineStopped, Request, Session, SessionError, SessionsFull
-from cellserve.engine.runners import DONE, NO_ROOM, Runner
-
-POLICIES = ("cellular", "graph", "none")
-PICKS = ("stage", "fullest", "oldest")
+from cellserve.engine.runner import DONE, NO_ROOM, Runner
 
 
 @dataclass
@@ -68,37 +51,26 @@ def calm_gc(threshold: int = 50_000) -> None:
 
 
 class Engine:
-    def __init__(self, runner: Runner, policy: str = "cellular", max_batch: int = 32, max_queue: int = 1024,
-                 max_delay_ms: float = 5.0, length_buckets: tuple[int, ...] = (), observer=None,
-                 idle_timeout_s: float = 60.0, max_wait_steps: int = 8, pick: str | None = None, threads: int = 1,
-                 max_running: int | None = None, tune_gc: bool = True, max_sessions: int | None = None):
-        """threads: cores each batched step's products are split across (set on the scheduler thread).
-        max_running: cellular's bound on requests in flight (default 2 x max_batch, within the runner's
-        capacity); graph runs max_batch at a time and none one. max_sessions: open streaming sessions
-        allowed at once (default: the runner's capacity); past it a new sequence is refused, never
-        made room for by evicting another."""
-        pick = pick or runner.default_pick
-        if pick not in PICKS:
-            raise ValueError(f"pick must be one of {PICKS}, got {pick!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if max_batch < 1 or max_queue < 1 or threads < 1 or (max_running is not None and max_running < 1):
-            raise ValueError("max_batch, max_queue, max_running and threads must be >= 1")
+    def __init__(self, runner: Runner, policy: str = "cellular", config: EngineConfig | None = None, observer=None,
+                 **settings):
+        """config: the engine's settings (EngineConfig); without one, `policy` and any EngineConfig fields
+        given as keywords make it. observer (optional): on_batch(cell_type, size, seconds), on_done(req),
+        on_step(overhead, seconds)."""
+        config = config or EngineConfig(policy=policy, **settings)
+        self.config = config
         self.runner = runner
-        self.policy = policy
-        self.max_batch = 1 if policy == "none" else int(max_batch)
-        running = {"cellular": max_running or 2 * self.max_batch, "graph": self.max_batch, "none": 1}[policy]
-        self.max_running = max(1, min(running, runner.capacity))
-        self.max_queue = int(max_queue)
-        self.max_delay = max_delay_ms / 1000.0
-        self.length_buckets = tuple(sorted(length_buckets))
-        self.observer = observer  # optional: on_batch(cell_type, size, seconds), on_done(req), on_step(overhead, s)
-        self.idle_timeout = float(idle_timeout_s)
-        self.max_wait_steps = int(max_wait_steps)
-        self.pick = pick
-        self.threads = int(threads)
-        self.tune_gc = tune_gc
-        self.max_sessions = int(max_sessions) if max_sessions else runner.capacity
+        self.policy = config.policy
+        self._policy = POLICY_CLASSES[config.policy](config)
+        self.max_batch = self._policy.max_batch
+        self.max_running = max(1, min(self._policy.running, runner.capacity))
+        self.max_queue = int(config.max_queue)
+        self.length_buckets = tuple(sorted(config.length_buckets))
+        self.observer = observer
+        self.idle_timeout = float(config.idle_timeout_s)
+        self.max_wait_steps = int(config.max_wait_steps)
+        self.pick = config.pick or runner.default_pick
+        self.threads = int(config.threads)
+        self.max_sessions = int(config.max_sessions) if config.max_sessions else runner.capacity
         self.stats = EngineStats()
         self._sessions: dict[str, Session] = {}
         self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
@@ -109,8 +81,7 @@ class Engine:
         self.cancel_flags = np.zeros(self.max_running, bool)
         runner.cancel_flags = self.cancel_flags
         self._tickets = list(range(self.max_running - 1, -1, -1))
-        self._last_run = dict.fromkeys(runner.cell_types, 0)
-        self._admit_batch = max(1, self.max_batch // 8)
+        self.last_run = dict.fromkeys(runner.cell_types, 0)  # cell type -> the step it last ran
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running_flag = False
@@ -119,18 +90,23 @@ class Engine:
     def start(self) -> "Engine":
         with self._cv:
             if self._thread is None:
-                if self.tune_gc:
+                if self.config.tune_gc:
                     calm_gc()
                 self._running_flag = True
                 self._thread = threading.Thread(target=self._loop, name=f"cellserve-{self.policy}", daemon=True)
                 self._thread.start()
         return self
 
-    def submit(self, inputs: dict, sequence_id: str | None = None, sequence_start: bool = False,
-               sequence_end: bool = False, sequence_snapshot: bool = False,
-               sequence_restore: dict | None = None) -> "Future":  # noqa: F821
-        """Queue a request; returns a Future with the result. Raises ValueError on bad input and
-        EngineFull when the queue is at capacity (nothing is dropped silently).
+    def submit(self, inputs: dict, *sequence, **options) -> Future:
+        """Queue a request; returns a Future with its result (the arguments are enqueue's)."""
+        return self.enqueue(inputs, *sequence, **options).future
+
+    def enqueue(self, inputs: dict, sequence_id: str | None = None, sequence_start: bool = False,
+                sequence_end: bool = False, sequence_snapshot: bool = False,
+                sequence_restore: dict | None = None) -> Request:
+        """Queue a request; returns it (its `future` has the result, `queue_seconds` its wait for the running
+        set). Raises ValueError on bad input and EngineFull when the queue is at capacity (nothing is
+        dropped silently).
 
         With a sequence_id the request is one chunk of a stateful stream: sequence_start opens the
         session (or restarts an idle one), sequence_end closes it after this chunk; any other chunk
@@ -167,7 +143,7 @@ class Engine:
                 self._queue.append(req)
             self._cv.notify()
         req.future.add_done_callback(lambda future: self._on_cancel(req, future))
-        return req.future
+        return req
 
     def _on_cancel(self, req: Request, future) -> None:
         """A cancelled future flags its request; the engine acts on the flag when the request's rows come
@@ -199,9 +175,7 @@ class Engine:
         return session
 
     def _close_session(self, session: Session) -> None:
-        if session.slots is not None:
-            self.runner.pool.release(session.slots)
-            session.slots = None
+        self.runner.close_session(session)
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
 
@@ -250,6 +224,11 @@ class Engine:
         return self._running_flag
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for the running set (not counting chunks behind a busy session)."""
+        return len(self._queue)
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue) + self._waiting_chunks
 
@@ -272,10 +251,7 @@ class Engine:
             start, kernel = time.perf_counter(), self.runner.kernel_seconds
             steps = self.stats.steps
             try:
-                if self.policy == "cellular":
-                    self._cellular_round()
-                else:
-                    self._graph_round()
+                self._policy.round(self)
             except Exception as exc:  # a bug in one batch must not take the engine down
                 with self._cv:
                     for req in list(self._running.values()):
@@ -288,7 +264,7 @@ class Engine:
                 if self.observer and hasattr(self.observer, "on_step"):
                     self.observer.on_step(overhead / (self.stats.steps - steps), seconds)
 
-    def _admit(self, limit: int, bucket=None) -> int:
+    def admit(self, limit: int, bucket=None) -> int:
         """Move queued requests into the running set, oldest first, up to `limit` running (and while the
         runner has room), in one batch. With a bucket (graph), only requests of that length bucket.
         Returns how many joined."""
@@ -299,7 +275,7 @@ class Engine:
                 if bucket is None:
                     req = self._queue.popleft()
                 else:
-                    req = next((r for r in self._queue if self._bucket(r) == bucket), None)
+                    req = next((r for r in self._queue if self.bucket(r) == bucket), None)
                     if req is None:
                         break
                     self._queue.remove(req)
@@ -309,10 +285,9 @@ class Engine:
                 req.ticket = self._tickets.pop()
                 self.cancel_flags[req.ticket] = False
                 req.started = time.perf_counter()
-                req.future.queue_seconds = req.started - req.arrival  # for the server's statistics
                 self._running[req.id] = req
                 batch.append(req)
-        self._retire(cancelled)
+        self.retire(cancelled)
         if not batch:
             return 0
         try:
@@ -330,64 +305,31 @@ class Engine:
                 self._tickets.append(req.ticket)
                 req.ticket, req.started = -1, None
                 self._queue.appendleft(req)
-        self._retire(done)
+        self.retire(done)
         return len(batch) - len(back)
 
-    def _bucket(self, req: Request) -> int:
+    def bucket(self, req: Request) -> int:
         length = self.runner.length(req.payload)
         return next((i for i, b in enumerate(self.length_buckets) if length <= b), len(self.length_buckets))
 
-    def _pick(self) -> str | None:
-        runner, steps = self.runner, self.stats.steps
-        ready = [(t, runner.ready(t)) for t in runner.cell_types]
-        ready = [(t, min(n, self.max_batch)) for t, n in ready if n]
-        if len(ready) <= 1:
-            return ready[0][0] if ready else None
-        starving = [t for t, _ in ready if steps - self._last_run[t] > self.max_wait_steps]
-        if starving:
-            return min(starving, key=self._last_run.get)
-        if self.pick == "oldest":
-            return min((t for t, _ in ready), key=runner.oldest)
-        fullest = max(n for _, n in ready)
-        if self.pick == "fullest" or (self._queue and len(self._running) >= self.max_running):
-            return next(t for t, n in reversed(ready) if n == fullest)
-        return next(t for t, n in reversed(ready) if 2 * n >= fullest)  # later stages come last in ready
-
-    def _cellular_round(self) -> None:
-        room = self.max_running - len(self._running)
-        if room >= self._admit_batch or not self._running:  # admit in batches: fixed costs per call, not per request
-            self._admit(self.max_running)
-        cell_type = self._pick()
-        if cell_type is None:  # e.g. only chunks whose frames all wait for a full block: done at admission
-            return
-        self._retire(self._run(cell_type, self.max_batch, 0))
-
-    def _graph_round(self) -> None:
+    def oldest_queued(self) -> Request | None:
         with self._cv:
-            if not self._queue:
-                return
-            first = self._queue[0].arrival
-        bucket = self._bucket(self._queue[0]) if self.length_buckets else None
-        deadline = first + self.max_delay
-        while self.policy == "graph" and time.perf_counter() < deadline:
-            with self._cv:
-                same = sum(1 for r in self._queue if bucket is None or self._bucket(r) == bucket)
-                if same >= self.max_batch or not self._running_flag:
-                    break
-                self._cv.wait(max(0.0, deadline - time.perf_counter()))
-        self._admit(self.max_batch, bucket)
-        pad_to = len(self._running) if self.runner.pads else 0
-        done: list[Request] = []
-        for cell_type in self.runner.cell_types:
-            while self.runner.ready(cell_type):
-                done += self._run(cell_type, 1 << 30, pad_to)
-        self._retire(done)  # all at once: the whole batch answers together
+            return self._queue[0] if self._queue else None
 
-    def _run(self, cell_type: str, max_rows: int, pad_to: int) -> list[Request]:
+    def wait_for(self, bucket, count: int, deadline: float) -> None:
+        """Wait until `count` requests of a length bucket (None: any) are queued, the deadline passes or
+        the engine stops: the graph policy's batching window."""
+        with self._cv:
+            while self._running_flag and time.perf_counter() < deadline:
+                if sum(1 for r in self._queue if bucket is None or self.bucket(r) == bucket) >= count:
+                    return
+                self._cv.wait(max(0.0, deadline - time.perf_counter()))
+
+    def run(self, cell_type: str, max_rows: int, pad_to: int) -> list[Request]:
         start = time.perf_counter()
         left = self.runner.step(cell_type, max_rows, pad_to)
         self.stats.steps += 1
-        self._last_run[cell_type] = self.stats.steps
+        self.last_run[cell_type] = self.stats.steps
         size = max(self.runner.last_rows, pad_to)
         self.stats.batch_sizes[(cell_type, size)] += 1
         self.stats.rows_run += size
@@ -396,7 +338,7 @@ class Engine:
             self.observer.on_batch(cell_type, size, time.perf_counter() - start)
         return left
 
-    def _retire(self, reqs: list[Request]) -> None:
+    def retire(self, reqs: list[Request]) -> None:
         """Hand back requests that left the runner: a result, or a cancellation; free their tickets. The
         futures are resolved outside the engine's lock (their callbacks run here), so submitters never
         wait for them."""

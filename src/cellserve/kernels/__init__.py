@@ -1,6 +1,8 @@
-"""Hot loops. The native core (kernels/native/: C++, runtime ISA dispatch) runs every matrix product
-(fp32 and int8, weights packed once at load), the LSTM/GRU gate math and their whole-sequence
-recurrences; Numba runs the element-wise scans of SRU, QRNN and TreeLSTM, where it is as fast.
+"""Hot loops, and nothing that knows of cells or requests. The native core (kernels/native/: C++, per-kernel
+runtime ISA dispatch) runs every matrix product (fp32, block-sparse, int8 and 4/2/1-bit, weights packed
+once at load), the LSTM/GRU gate math and their whole-sequence recurrences, and the SRU and QRNN blocks
+(one product, then the scan); Numba runs the TreeLSTM node update (treelstm.py). The Python face:
+dense.py and quantized.py (packed matrices), recurrence.py (the cell steps' calls).
 
 Thread count: products run on `set_threads(n)` threads, a setting of the calling thread (each engine
 sets its own); the default is 1."""
@@ -11,7 +13,7 @@ except ImportError as exc:  # a source checkout that was never built
     raise ImportError("cellserve's native kernel core is not built: run `make test` (or `pip install -e .`), "
                       f"which compiles it with the system's C++ compiler ({exc})") from exc
 
-from cellserve.kernels import pointwise
+from cellserve.kernels import treelstm
 from cellserve.kernels.dense import BlockSparseDense, Dense
 from cellserve.kernels.quantized import QuantizedDense
 
@@ -29,5 +31,5 @@ def load_dense(name: str, tensors: dict):
     return Dense(tensors[name]) if name in tensors else QuantizedDense.from_tensors(name, tensors)
 
 
-__all__ = ["BlockSparseDense", "Dense", "QuantizedDense", "load_dense", "pointwise", "isa", "isas", "set_isa", "set_threads",
+__all__ = ["BlockSparseDense", "Dense", "QuantizedDense", "load_dense", "treelstm", "isa", "isas", "set_isa", "set_threads",
            "get_threads"]

@@ -23,8 +23,20 @@ def rows(x) -> np.ndarray:
     return x
 
 
-class Dense:
-    """A weight matrix a cell multiplies by: __call__(x) = x @ W^T. QuantizedDense has the same face."""
+class PackedMatrix:
+    """A weight matrix packed for the native core: __call__(x) = x @ W^T, whatever its storage. Subclasses
+    set `packed` and `out_features`."""
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        x = rows(x)
+        if out is None:
+            out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
+        _native.gemm(x, self.packed, out)
+        return out
+
+
+class Dense(PackedMatrix):
+    """An fp32 weight matrix a cell multiplies by. QuantizedDense and BlockSparseDense have the same face."""
 
     bits = 32
     _pack = staticmethod(_native.pack_f32)  # the native layout the product streams
@@ -39,13 +51,6 @@ class Dense:
     @property
     def nbytes(self) -> int:
         return self.out_features * self.in_features * 4
-
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        x = rows(x)
-        if out is None:
-            out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
-        _native.gemm(x, self.packed, out)
-        return out
 
     @property
     def weight(self) -> np.ndarray:

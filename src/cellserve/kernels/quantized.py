@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.kernels import _native
-from cellserve.kernels.dense import rows
+from cellserve.kernels.dense import PackedMatrix, rows
 
 OFFSET = {4: 8, 2: 1, 1: 0}
 
@@ -84,7 +84,7 @@ def unpack(packed: np.ndarray, bits: int, shape: tuple[int, int]) -> np.ndarray:
     return codes.ravel()[: shape[0] * shape[1]].reshape(shape)
 
 
-class QuantizedDense:
+class QuantizedDense(PackedMatrix):
     """A Dense with int8 or low-bit weights; same interface (called with fp32 x, returns fp32).
 
     act_scale: 0 quantizes each input row dynamically; > 0 is the fixed activation grid step."""
@@ -113,13 +113,6 @@ class QuantizedDense:
     def quantize_input(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The int8 codes and row scales this matrix's product gives x."""
         return quantize_rows(x, self.act_scale)
-
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        x = rows(x)
-        if out is None:
-            out = np.empty((x.shape[0], self.out_features), dtype=np.float32)
-        _native.gemm(x, self.packed, out)
-        return out
 
     def int_codes(self) -> np.ndarray:
         """(out, in) int8 codes (a new array)."""

@@ -1,7 +1,7 @@
 """LSTM, GRU, SRU and QRNN recurrences on the native core: one call per step, or per block of steps.
 
-A step computes both products (x W_ih^T and h W_hh^T; for fp32, both in one pass with the sum in
-registers) and the fused gate math in one call, so Python dispatch is paid once per step. A sequence
+A step computes both products (x W_ih^T, then h W_hh^T added onto it: two sequential passes, each matrix
+streamed once) and the fused gate math in one call, so Python dispatch is paid once per step. A sequence
 takes the input projections of all T steps (one product, see Cell.project) and runs the T recurrent
 products and gate updates inside one call. Matrices are Dense or QuantizedDense (int8 activations per
 row, per step). SRU and QRNN have no product inside their recurrence: a block of k steps is one

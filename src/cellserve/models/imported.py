@@ -1,46 +1,25 @@
-"""Serve your own model: an ONNX graph (exported from PyTorch or anything else) around a recurrent core.
+"""A model imported from an ONNX graph, at run time: the graph's front and head (serialized ONNX, run by
+ONNX Runtime) around our recurrent core. The graph surgery that makes one (split, probing, checks) is
+interop/onnx_import.py.
 
-Import splits the graph at its LSTM/GRU operators:
-  front  graph inputs -> the first recurrent operator's input X [T, B, F]: embedding Gather, Conv,
-         MatMul/Gemm, normalization, activations, ...
-  core   the LSTM/GRU operators (stacked, bidirectional) and the reshaping between them. They become our
-         cells, which the engine batches step by step across requests (cellular batching).
-  head   what the graph computes from the core's outputs (every step of the top layer, the final states
-         of any layer) and its own inputs: a classifier, tagger, CTC or LM head.
-Front and head are the original graph's own nodes, cut out as two ONNX models with their weights as
-initializers and run by ONNX Runtime once per request over its rows, so they compute exactly what the
-original does whatever their operators. Only the recurrence runs elsewhere; its operators have to be
-LSTM or GRU, and only reshaping may sit between stacked layers: anything else is refused with the
-operator's name. Import then checks the split on a probe input against ONNX Runtime running the whole
-graph, and refuses a model it does not reproduce.
-
-Sequence lengths (the operators' sequence_lens, as pack_padded_sequence exports them) are computed from
-the graph inputs by a third cut-out graph; the core runs each row over its own steps only, and its
-outputs are padded back with zeros as the ONNX operators pad them.
-
-Each graph input and output keeps its name, datatype and shape. Import finds the batch and time axes by
-running the graph on probe sizes; a request's rows become one engine request each.
-"""
+  front  graph inputs -> the first recurrent operator's input X [T, B, F];
+  core   the LSTM/GRU operators, as our cells;
+  head   what the graph computes from the core's outputs and its own inputs.
+Sequence lengths (the operators' sequence_lens) come from a third cut-out graph; the core runs each row
+over its own steps only, and its outputs are padded back with zeros as the ONNX operators pad them.
+Each graph input and output keeps its name, datatype and shape; `spec` holds them with their batch and
+time axes."""
 
 from __future__ import annotations
 
-import collections
 import json
 
 import numpy as np
 import onnx
-import onnx.utils
-from onnx import TensorProto
 
-from cellserve.models.onnx_io import cells_of_node, constants_of, load_onnx, ort_session
+from cellserve.cells.onnxruntime import ort_session
 from cellserve.models.rnn import RNN, prefixed, unprefixed
 
-RECURRENT = ("LSTM", "GRU")
-OTHER_RECURRENCES = ("RNN", "Loop", "Scan")  # recurrences the core cannot take
-GLUE = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout")  # allowed between layers
-DATATYPES = {TensorProto.FLOAT: "FP32", TensorProto.DOUBLE: "FP64", TensorProto.FLOAT16: "FP16",
-             TensorProto.INT64: "INT64", TensorProto.INT32: "INT32", TensorProto.INT16: "INT16",
-             TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.BOOL: "BOOL"}
 NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
          "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
 
@@ -50,58 +29,17 @@ class ImportedModel:
     `spec` describes the graph's tensors and how the core's outputs feed the head (see import_onnx)."""
 
     arch = "onnx"
-    EXTRA_OUTPUTS = {"ctc": {"name": "labels", "datatype": "INT64", "shape": [-1, -1]},
-                     "lm": {"name": "log_likelihood", "datatype": "FP64", "shape": [-1]}}
-
     PADDED_STEPS = "cellserve.padded_steps"  # kept in a row's inputs by frames_of when lengths cut it
 
     def __init__(self, front: bytes, head: bytes, rnn: RNN, spec: dict, whole: bytes = b"", lengths: bytes = b""):
         self.front_graph, self.head_graph, self.rnn, self.spec = front, head, rnn, spec
         self.lengths_graph = lengths  # graph inputs -> the core's sequence_lens, when the graph has them
-        self.whole_graph = whole  # the original, for ONNX Runtime as backend (engine.runners.WholeGraphRunner)
+        self.whole_graph = whole  # the original, for ONNX Runtime as backend (families/imported.py WholeGraphRunner)
         self.inputs, self.outputs = spec["inputs"], spec["outputs"]
         self._front = ort_session(onnx.load_from_string(front)) if front else None
         self._head = ort_session(onnx.load_from_string(head)) if head else None
         self._lengths = ort_session(onnx.load_from_string(lengths)) if lengths else None
         self._head_feeds = [i.name for i in self._head.get_inputs()] if self._head else []
-        self.decode: str | None = None  # "ctc" / "lm": one more output from the graph's scores (a serving option)
-
-    def set_decode(self, decode: str | None) -> None:
-        """Add CTC greedy decoding ("labels": best path, repeats merged, blanks (id 0) dropped, rows padded
-        with -1) or LM scoring ("log_likelihood" of the token input under the per-step logits) to the
-        graph's outputs. Both read the first floating-point output with a time axis."""
-        if decode is not None:
-            if decode not in self.EXTRA_OUTPUTS:
-                raise ValueError(f"decode must be one of {sorted(self.EXTRA_OUTPUTS)}, not {decode!r}")
-            if self._scores_spec() is None:
-                raise ValueError(f"{decode} decoding needs a floating-point output with a time axis")
-            if decode == "lm" and self._tokens_spec() is None:
-                raise ValueError("LM scoring needs an integer input with a time axis (the tokens)")
-        self.decode = decode
-
-    def _scores_spec(self) -> dict | None:
-        return next((o for o in self.outputs if o["time_axis"] is not None and o["datatype"].startswith("FP")), None)
-
-    def _tokens_spec(self) -> dict | None:
-        return next((i for i in self.inputs if i["time_axis"] is not None and i["datatype"].startswith("INT")), None)
-
-    def _decoded(self, inputs: dict, outputs: dict) -> dict:
-        """One row's extra output (see set_decode)."""
-        from cellserve.models.lm import log_softmax
-        from cellserve.models.ocr import ctc_greedy
-
-        spec = self._scores_spec()
-        scores = np.moveaxis(outputs[spec["name"]], spec["time_axis"], 0)
-        if spec["batch_axis"] is not None:  # (T, ..., 1, ..., C) -> (T, C)
-            scores = scores.reshape(scores.shape[0], -1, scores.shape[-1])[:, 0]
-        if self.decode == "ctc":
-            return {"labels": np.array([ctc_greedy(scores.argmax(axis=-1))], dtype=np.int64).reshape(1, -1)}
-        tokens_spec = self._tokens_spec()
-        tokens = np.moveaxis(inputs[tokens_spec["name"]], tokens_spec["time_axis"], 0).reshape(-1)
-        if len(tokens) != len(scores):
-            raise ValueError(f"LM scoring: {len(tokens)} tokens but {len(scores)} steps of logits")
-        logp = log_softmax(scores.astype(np.float64))
-        return {"log_likelihood": np.array([logp[np.arange(len(tokens) - 1), tokens[1:]].sum()], np.float64)}
 
     @property
     def streamable(self) -> bool:
@@ -109,7 +47,7 @@ class ImportedModel:
         the model can serve stateful sessions."""
         return bool(self.spec["streamable"])
 
-    # --- one row: the engine's frame-sequence protocol (engine/runners.py) -------------------------------
+    # --- one row: what the frame runners need (engine/frames.py) -------------------------------
     def frames_of(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One row's graph inputs (batch axes of size 1) -> the core's input frames (T, F)."""
         if self._front is None:
@@ -139,8 +77,6 @@ class ImportedModel:
         for spec in self.outputs:  # graph outputs that are core tensors or inputs themselves
             if spec["name"] not in outputs:
                 outputs[spec["name"]] = core[spec["name"]] if spec["name"] in core else inputs[spec["name"]]
-        if self.decode:
-            outputs.update(self._decoded(inputs, outputs))
         return outputs
 
     def _core_tensors(self, ys: np.ndarray, finals: list[tuple], padded_steps: int | None) -> dict[str, np.ndarray]:
@@ -208,24 +144,18 @@ class ImportedModel:
         for spec in self.outputs:
             parts = [r[spec["name"]] for r in rows]
             out[spec["name"]] = parts[0] if spec["batch_axis"] is None else np.concatenate(parts, axis=spec["batch_axis"])
-        if self.decode == "ctc":  # rows of labels padded with -1
-            width = max(r["labels"].shape[1] for r in rows)
-            out["labels"] = np.full((len(rows), width), -1, np.int64)
-            for i, r in enumerate(rows):
-                out["labels"][i, : r["labels"].shape[1]] = r["labels"][0]
-        elif self.decode == "lm":
-            out["log_likelihood"] = np.concatenate([r["log_likelihood"] for r in rows])
         return out
+
+    def core(self, row: dict[str, np.ndarray]) -> tuple[np.ndarray, list[tuple]]:
+        """One row through front and core, without the engine: (ys (T, D*H), finals) for result_of."""
+        frames = self.frames_of(row)
+        ys, finals = self.rnn.forward(frames[:, None])
+        return ys[:, 0], [tuple(s[0] for s in state) for state in finals]
 
     def forward(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The whole model on a request, row by row, without the engine (reference runs and the import
         check)."""
-        results = []
-        for row in self.rows(tensors):
-            frames = self.frames_of(row)
-            ys, finals = self.rnn.forward(frames[:, None])
-            results.append(self.result_of(row, ys[:, 0], [tuple(s[0] for s in state) for state in finals]))
-        return self.join(results)
+        return self.join([self.result_of(row, *self.core(row)) for row in self.rows(tensors)])
 
     # --- our file format -------------------------------------------------------------------------------
     @property
@@ -247,292 +177,3 @@ class ImportedModel:
         return cls(tensors["graph.front"].tobytes(), tensors["graph.head"].tobytes(),
                    RNN.from_tensors(config["rnn"], unprefixed("rnn", tensors)), json.loads(config["spec"]),
                    tensors["graph.whole"].tobytes(), tensors.get("graph.lengths", np.zeros(0, np.uint8)).tobytes())
-
-
-# ---------------------------------------------------------------------------------------------- import
-
-
-def import_onnx(source) -> ImportedModel:
-    """Split an ONNX model (path, bytes or ModelProto) into front, core and head; see the module doc.
-    ValueError says what does not fit, naming the operator."""
-    model = load_onnx(source)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ValueError(f"not a valid ONNX model: {str(exc).splitlines()[0]}")
-    graph = model.graph
-    constants = constants_of(graph)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    graph_inputs = [i for i in graph.input if i.name not in constants]
-    input_names = {i.name for i in graph_inputs}
-    output_names = [o.name for o in graph.output]
-
-    for node in graph.node:
-        if node.op_type in OTHER_RECURRENCES:
-            raise ValueError(f"operator {node.op_type} (node {node.name!r}) is a recurrence cellserve does not run: "
-                             "the recurrent core must be ONNX LSTM or GRU operators")
-    recurrent = [n for n in graph.node if n.op_type in RECURRENT]
-    if not recurrent:
-        raise ValueError(f"no LSTM or GRU operator in the graph (it has {sorted({n.op_type for n in graph.node})})")
-    if len({n.op_type for n in recurrent}) > 1:
-        raise ValueError("the graph mixes LSTM and GRU layers; cellserve runs one cell type per stack")
-
-    core = {id(n) for n in recurrent}
-    for i in range(1, len(recurrent)):  # only reshaping between stacked layers
-        name = recurrent[i].input[0]
-        while name != recurrent[i - 1].output[0]:
-            node = producer.get(name)
-            if node is None or node.op_type in RECURRENT:
-                raise ValueError(f"recurrent layer {i} ({recurrent[i].op_type} node {recurrent[i].name!r}) does not "
-                                 f"read layer {i - 1}'s output: cellserve runs the layers as one stack")
-            if node.op_type not in GLUE:
-                raise ValueError(f"operator {node.op_type} (node {node.name!r}) lies between recurrent layers {i - 1} "
-                                 f"and {i}; only reshaping ({', '.join(GLUE[:4])}) can")
-            core.add(id(node))
-            name = node.input[0]
-
-    layers = []
-    lengths_tensors = {node.input[4] if len(node.input) > 4 else "" for node in recurrent}
-    if len(lengths_tensors) > 1:
-        raise ValueError("the recurrent layers take different sequence_lens; cellserve runs the layers of a row "
-                         "over the same steps")
-    lengths_tensor = lengths_tensors.pop()
-    for node in recurrent:
-        names = list(node.input) + [""] * (8 - len(node.input))
-        for state in (names[5], names[6]):
-            if state in input_names:
-                raise ValueError(f"{node.op_type} node {node.name!r} takes its initial state from input {state!r}: "
-                                 "state between calls is what sessions (sequence_id) are for")
-        layers.append(cells_of_node(node, constants))
-    if len({len(d) for d in layers}) > 1 or len({c.hidden_size for d in layers for c in d}) > 1:
-        raise ValueError("stacked recurrent layers must share their direction count and hidden size")
-    rnn = RNN(layers)
-
-    # the core's outputs that the rest of the graph reads
-    def read_outside(name):
-        return name in output_names or any(id(c) not in core for c in consumers[name])
-
-    glue_tensors = {out for node in graph.node if id(node) in core and node.op_type in GLUE for out in node.output}
-    for i, node in enumerate(recurrent[:-1]):
-        for name in [node.output[0]] + [t for t in glue_tensors if _upstream(t, node.output[0], producer)]:
-            if read_outside(name):
-                raise ValueError(f"the graph reads every step of recurrent layer {i}, not only of the top layer; "
-                                 "cellserve keeps the top layer's steps")
-    core_outputs = []
-    top = recurrent[-1].output[0] if recurrent[-1].output else ""
-    if top and read_outside(top):
-        core_outputs.append({"name": top, "kind": "Y"})
-    for l, node in enumerate(recurrent):
-        for k, kind in ((1, "Y_h"), (2, "Y_c")):
-            if len(node.output) > k and node.output[k] and read_outside(node.output[k]):
-                core_outputs.append({"name": node.output[k], "kind": kind, "layer": l})
-
-    core_input = recurrent[0].input[0]
-    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))
-    front = b"" if core_input in input_names else _extract(extractor, list(input_names), [core_input])
-    tensors_in = [o["name"] for o in core_outputs] + [i.name for i in graph_inputs]
-    head_outputs = [n for n in output_names if n not in tensors_in]
-    head = _extract(extractor, tensors_in, head_outputs) if head_outputs else b""
-
-    lengths = _extract(extractor, list(input_names), [lengths_tensor]) if lengths_tensor else b""
-    spec = {"inputs": [_tensor_spec(i) for i in graph_inputs], "outputs": [_tensor_spec(o) for o in graph.output],
-            "core_input": core_input, "core_outputs": core_outputs, "streamable": False,
-            "vocab": _vocabularies(graph, constants, input_names),
-            "length_inputs": _length_inputs(lengths, graph_inputs) if lengths else []}
-    imported = ImportedModel(front, head, rnn, spec, model.SerializeToString(), lengths)
-    whole = ort_session(model)
-    _find_axes(imported, whole)
-    _check(imported, whole)
-    spec["streamable"] = not rnn.bidirectional and not lengths and _chunks_equal_one_pass(imported)
-    return imported
-
-
-def _upstream(tensor: str, source: str, producer: dict) -> bool:
-    """Whether `tensor` is computed from `source` through single-input glue."""
-    while tensor != source:
-        node = producer.get(tensor)
-        if node is None or node.op_type not in GLUE:
-            return False
-        tensor = node.input[0]
-    return True
-
-
-def _extract(extractor, inputs: list[str], outputs: list[str]) -> bytes:
-    """The subgraph computing `outputs` from `inputs`, with the inputs it does not read removed."""
-    try:
-        sub = extractor.extract_model(inputs, outputs)
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"cannot cut the graph between {inputs} and {outputs}: {exc}")
-    used = {name for node in sub.graph.node for name in node.input} | {o.name for o in sub.graph.output}
-    unused = [i for i in sub.graph.input if i.name not in used]
-    for i in unused:
-        sub.graph.input.remove(i)
-    return sub.SerializeToString()
-
-
-def _tensor_spec(value_info) -> dict:
-    t = value_info.type.tensor_type
-    if t.elem_type not in DATATYPES:
-        raise ValueError(f"tensor {value_info.name!r} has ONNX type {TensorProto.DataType.Name(t.elem_type)}, which "
-                         "cellserve does not serve")
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or f"?{value_info.name}.{a}")
-            for a, d in enumerate(t.shape.dim)]
-    return {"name": value_info.name, "datatype": DATATYPES[t.elem_type],
-            "shape": [d if isinstance(d, int) else -1 for d in dims], "dims": dims,
-            "batch_axis": None, "time_axis": None}
-
-
-def _length_inputs(lengths: bytes, graph_inputs) -> list[str]:
-    """The graph inputs the sequence lengths are computed from: integer vectors, one length per row."""
-    names = [i.name for i in onnx.load_from_string(lengths).graph.input]
-    for i in graph_inputs:
-        if i.name in names:
-            t = i.type.tensor_type
-            if t.elem_type not in (TensorProto.INT64, TensorProto.INT32) or len(t.shape.dim) != 1:
-                raise ValueError(f"the sequence lengths come from input {i.name!r}, which is not an integer vector "
-                                 "(one length per row)")
-    return names
-
-
-def _vocabularies(graph, constants, input_names) -> dict[str, int]:
-    """Integer inputs used as indices into a constant table (an embedding): their table sizes."""
-    vocab = {}
-    for node in graph.node:
-        if node.op_type == "Gather" and node.input[1] in input_names and node.input[0] in constants:
-            vocab[node.input[1]] = int(constants[node.input[0]].shape[0])
-    return vocab
-
-
-def _probe(spec: dict, sizes: dict[str, int], rng: np.random.Generator, steps: int = 1) -> dict:
-    """Random input tensors with each symbolic dimension at its probe size; sequence lengths at most
-    `steps` (the core's steps at these sizes)."""
-    feeds = {}
-    for s in spec["inputs"]:
-        shape = [d if isinstance(d, int) else sizes[d] for d in s["dims"]]
-        dtype = NUMPY[s["datatype"]]
-        if s["name"] in spec.get("length_inputs", ()):
-            feeds[s["name"]] = rng.integers(1, steps + 1, shape).astype(dtype)
-        elif np.issubdtype(dtype, np.floating):
-            feeds[s["name"]] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[s["name"]] = rng.random(shape) < 0.5
-        else:
-            feeds[s["name"]] = rng.integers(0, min(spec["vocab"].get(s["name"], 2), 1000), shape).astype(dtype)
-    return feeds
-
-
-def _find_axes(model: ImportedModel, whole) -> None:
-    """Batch and time axes of every input and output, found by changing one symbolic size at a time:
-    the batch size is the core input's axis 1, its time axis 0."""
-    spec = model.spec
-    symbols = list(dict.fromkeys(d for s in spec["inputs"] for d in s["dims"] if isinstance(d, str)))
-    base = {s: 3 + 2 * i for i, s in enumerate(symbols)}  # 3, 5, 7, ...
-    rng = np.random.default_rng(0)
-
-    def run(sizes):
-        feeds = _probe(spec, sizes, rng)
-        x = model._front.run([spec["core_input"]], model._feeds(model._front, feeds))[0] if model._front else \
-            feeds[spec["core_input"]]
-        outs = whole.run([o["name"] for o in spec["outputs"]], feeds)
-        return x.shape, [o.shape for o in outs]
-
-    try:
-        x0, out0 = run(base)
-    except Exception as exc:  # noqa: BLE001 (ONNX Runtime raises its own types)
-        raise ValueError(f"ONNX Runtime cannot run the graph on probe inputs: {exc}")
-    batch = time = None
-    changes = {}
-    for s in symbols:
-        x1, out1 = run({**base, s: base[s] + 2})
-        changes[s] = out1
-        if x1[1] != x0[1]:
-            batch = s
-        elif x1[0] != x0[0]:
-            time = time or s
-    spec["symbols"] = {"batch": batch, "time": time}
-    for s in spec["inputs"]:
-        s["batch_axis"] = s["dims"].index(batch) if batch in s["dims"] else None
-        s["time_axis"] = s["dims"].index(time) if time in s["dims"] else None
-    if batch is None:  # a graph exported for batch 1: rows are whole requests
-        for s in spec["inputs"]:
-            s["batch_axis"] = s["dims"].index(1) if x0[1] == 1 and 1 in s["dims"] else None
-    for k, o in enumerate(spec["outputs"]):
-        o["batch_axis"] = _changed_axis(out0[k], changes[batch][k]) if batch else (
-            0 if out0[k] and out0[k][0] == 1 else None)
-        o["time_axis"] = _changed_axis(out0[k], changes[time][k]) if time else None
-        if batch and o["batch_axis"] is None:
-            raise ValueError(f"output {o['name']!r} has no batch axis: rows of a request could not be told apart")
-
-
-def _sizes(spec: dict, batch: int, other: int) -> dict[str, int]:
-    """Probe sizes: `batch` for the batch dimension, `other` for every other symbolic one."""
-    return {d: batch if d == spec["symbols"]["batch"] else other
-            for s in spec["inputs"] for d in s["dims"] if isinstance(d, str)}
-
-
-def _changed_axis(a: tuple, b: tuple) -> int | None:
-    diff = [i for i, (m, n) in enumerate(zip(a, b)) if m != n]
-    return diff[0] if len(diff) == 1 else None
-
-
-def _check(model: ImportedModel, whole, rtol: float = 1e-4) -> None:
-    """The split model against ONNX Runtime running the whole graph, on two probe rows."""
-    spec = model.spec
-    sizes = _sizes(spec, batch=2, other=9)
-    feeds = _probe(spec, sizes, np.random.default_rng(1))
-    if spec.get("length_inputs"):  # lengths from 1 up to the core's steps
-        steps = model._front.run([spec["core_input"]], model._feeds(model._front, feeds))[0].shape[0] \
-            if model._front else feeds[spec["core_input"]].shape[0]
-        feeds = _probe(spec, sizes, np.random.default_rng(1), steps)
-    expected = dict(zip([o["name"] for o in spec["outputs"]], whole.run(None, feeds)))
-    got = model.forward(feeds)
-    for name, want in expected.items():
-        have = got[name]
-        if have.shape != want.shape:
-            raise ValueError(f"the split model gives output {name!r} shape {list(have.shape)}, the graph "
-                             f"{list(want.shape)}")
-        scale = max(1.0, float(np.abs(want).max())) if want.size and want.dtype.kind == "f" else 1.0
-        if not np.allclose(have, want, rtol=rtol, atol=rtol * scale):
-            raise ValueError(f"the split model does not reproduce the graph: output {name!r} differs by "
-                             f"{float(np.abs(have.astype(np.float64) - want).max()):.3g} (are the initial states "
-                             "zeros?)")
-
-
-def _chunks_equal_one_pass(model: ImportedModel) -> bool:
-    """Whether the front and head work step by step: a sequence cut in two chunks (the core's state
-    carried over) gives the outputs of one pass. Sessions need it."""
-    spec = model.spec
-    timed = [s for s in spec["inputs"] if s["time_axis"] is not None]
-    if not timed or any(o["time_axis"] is None for o in spec["outputs"]):
-        return False
-    row = model.rows(_probe(spec, _sizes(spec, batch=1, other=12), np.random.default_rng(2)))[0]
-
-    def cut(a, b):
-        return {name: np.take(v, range(a, b), axis=s["time_axis"]) if s["time_axis"] is not None else v
-                for s in spec["inputs"] for name, v in [(s["name"], row[s["name"]])]}
-
-    steps = row[timed[0]["name"]].shape[timed[0]["time_axis"]]
-    half = steps // 2
-    try:
-        frames = [model.frames_of(cut(0, half)), model.frames_of(cut(half, steps))]
-        whole_frames = model.frames_of(row)
-    except Exception:  # noqa: BLE001 (a front that cannot take short chunks cannot stream)
-        return False
-    if sum(len(f) for f in frames) != len(whole_frames) or not np.allclose(np.concatenate(frames), whole_frames,
-                                                                             rtol=1e-5, atol=1e-6):
-        return False
-    state = None
-    outs = []
-    for chunk, f in zip((cut(0, half), cut(half, steps)), frames):
-        ys, state = model.rnn.forward(f[:, None], state)
-        outs.append(model.result_of(chunk, ys[:, 0], [tuple(s[0] for s in st) for st in state]))
-    whole = model.forward(row)
-    for o in spec["outputs"]:
-        joined = np.concatenate([x[o["name"]] for x in outs], axis=o["time_axis"])
-        if joined.shape != whole[o["name"]].shape or not np.allclose(joined, whole[o["name"]], rtol=1e-4, atol=1e-5):
-            return False
-    return True

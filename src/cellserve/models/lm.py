@@ -62,24 +62,14 @@ class Classifier:
 
     def features(self, tokens: np.ndarray) -> np.ndarray:
         ys, _ = self.rnn.forward(self.embedding(tokens))
-        return self._last(ys)
+        return self.last_hidden(ys)
 
-    def _last(self, ys: np.ndarray) -> np.ndarray:
+    def last_hidden(self, ys: np.ndarray) -> np.ndarray:
         """The final hidden state(s) from the top layer's outputs ys (T, ..., D*H)."""
         hidden = self.rnn.hidden_size
         if not self.rnn.bidirectional:
             return ys[-1]
         return np.concatenate([ys[-1, ..., :hidden], ys[0, ..., hidden:]], axis=-1)
-
-    def frames_of(self, inputs: dict) -> np.ndarray:
-        """A served request's frames (engine/runners.py): its tokens' embeddings."""
-        tokens = np.asarray(inputs.get("tokens"))
-        if tokens.ndim != 1 or len(tokens) < 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"tokens must be a 1-D list of at least 1 integer token id, got shape {list(tokens.shape)}")
-        return self.embedding(tokens)
-
-    def result_of(self, inputs: dict, ys: np.ndarray, finals: list) -> dict:
-        return {"logits": self.head(self._last(ys))}
 
     def forward(self, tokens: np.ndarray) -> np.ndarray:
         """tokens (T, B) -> logits (B, classes)."""

@@ -1,4 +1,4 @@
-"""Line OCR: a bidirectional RNN over pixel columns with a CTC head, decoded greedily in our runtime."""
+"""Line OCR: a bidirectional RNN over pixel columns with a CTC head (decoded by families/decoding.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,6 @@ def columns(image: np.ndarray, stride: int) -> np.ndarray:
     height, width = image.shape
     width -= width % stride
     return np.ascontiguousarray(image[:, :width].T.reshape(width // stride, height * stride), dtype=np.float32)
-
-
-def ctc_greedy(best: np.ndarray) -> list[int]:
-    """Collapse repeats, then drop blanks (id 0)."""
-    keep = np.ones(len(best), dtype=bool)
-    keep[1:] = best[1:] != best[:-1]
-    keep &= best != 0
-    return best[keep].tolist()
 
 
 class OCRModel:
@@ -45,20 +37,6 @@ class OCRModel:
         """(steps, classes) for one line image (height, width)."""
         ys, _ = self.rnn.forward(self.frames(image)[:, None, :])
         return self.head(ys[:, 0])
-
-    def frames_of(self, inputs: dict) -> np.ndarray:
-        """A served request's frames (engine/runners.py): its line image's columns."""
-        return self.frames(inputs.get("image"))
-
-    def result_of(self, inputs: dict, ys: np.ndarray, finals: list) -> dict:
-        return {"text": self.text(self.head(ys))}
-
-    def text(self, logits: np.ndarray) -> str:
-        """Greedy CTC decoding of (steps, classes) logits."""
-        return "".join(self.alphabet[i - 1] for i in ctc_greedy(logits.argmax(axis=-1)))
-
-    def recognize(self, image: np.ndarray) -> str:
-        return self.text(self.logits(image))
 
     @property
     def weight_bytes(self) -> int:

@@ -42,24 +42,6 @@ class RNN:
         self.output_size = self.hidden_size * self.num_directions
 
     @property
-    def rnn(self) -> "RNN":
-        """The recurrent core, as of every frame-sequence model (engine/runners.py): itself."""
-        return self
-
-    def frames_of(self, inputs: dict) -> np.ndarray:
-        """A served request's frames (T, input_size), checked; ValueError says what is wrong."""
-        frames = np.asarray(inputs.get("frames"), dtype=np.float32)
-        if frames.ndim != 2 or frames.shape[1] != self.input_size:
-            raise ValueError(f"frames must have shape [T, {self.input_size}], got {list(frames.shape)}")
-        if not np.isfinite(frames).all():
-            raise ValueError("frames contain NaN or infinity")
-        return frames
-
-    def result_of(self, inputs: dict, ys: np.ndarray, finals: list) -> dict:
-        """A served request's result: the top layer's output per frame."""
-        return {"outputs": ys}
-
-    @property
     def cells(self) -> list[Cell]:
         return [cell for dirs in self.layers for cell in dirs]
 

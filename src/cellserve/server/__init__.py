@@ -1,1 +1,3 @@
-"""HTTP serving: Open Inference Protocol v2, streaming sessions, metrics (and Ray Serve scale-out)."""
+"""The server: the Open Inference Protocol (KServe v2) over HTTP and gRPC, the model repository, statistics and
+metrics, Ray Serve scale-out. One Backend protocol (backend.py) answers both wires; the wires only convert.
+Model specifics are the families' (families/); the engine runs them."""

@@ -1,6 +1,7 @@
 """The HTTP front end: Open Inference Protocol v2 routes (with Triton's repository, statistics and
-configuration extensions) over the service layer, Prometheus metrics, and the gRPC service started beside
-it on the same event loop and engines.
+configuration extensions) over a Backend (backend.py), Prometheus metrics, and the gRPC service started
+beside it on the same event loop and engines. It only converts: HTTP bodies to requests and responses
+back (protocol.py).
 
 Every refusal, unknown routes included, answers {"error": message} with its 4xx/5xx status.
 """
@@ -18,9 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cellserve import __version__
-from cellserve.server.protocol import HEADER_LENGTH
+from cellserve.server.protocol import HEADER_LENGTH, InferRequest, build_response, parse_infer_request
 from cellserve.server.repository import Repository
-from cellserve.server.service import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
+from cellserve.server.backend import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
 
 INFER_DOC = {
     "requestBody": {"content": {"application/json": {"schema": {
@@ -40,8 +41,7 @@ INFER_DOC = {
 
 def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_provider=None,
                grpc_port: int | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
-    """The HTTP API over a backend: a Repository (served here) or any object with LocalBackend's
-    async methods. backend_provider, when given, is called per request instead (the Ray Serve ingress
+    """The HTTP API over a backend: a Repository (served here) or any Backend. backend_provider, when given, is called per request instead (the Ray Serve ingress
     binds its router after Ray has copied the app into the replica). With grpc_port, the gRPC service
     runs beside it (0 picks a free port; app.state.grpc_port tells which)."""
     if isinstance(backend, Repository):
@@ -122,7 +122,15 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
     @app.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
     async def infer(name: str, request: Request, version: str | None = None):
         body = await _read_body(request, max_body_bytes)
-        content, headers = await current().infer_http(name, body, request.headers.get(HEADER_LENGTH), version)
+        header_length = request.headers.get(HEADER_LENGTH)
+        parsed: list[InferRequest] = []
+
+        def parse() -> InferRequest:
+            parsed.append(parse_infer_request(body, header_length))
+            return parsed[0]
+
+        response = await current().infer(name, parse, version)
+        content, headers = build_response(response, parsed[0])
         return Response(content, headers=headers)
 
     @app.post("/v2/repository/index", summary="Models in the repository and their state")

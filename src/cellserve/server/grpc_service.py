@@ -1,5 +1,6 @@
 """The gRPC front end: the KServe v2 / Triton `inference.GRPCInferenceService` on grpcio's asyncio server,
-over the same service layer and engines as HTTP, so `tritonclient.grpc` works unchanged.
+over the same Backend as HTTP (backend.py), so `tritonclient.grpc` works unchanged. It only converts
+protobuf messages to requests and responses back.
 
 It reuses tritonclient's generated messages and servicer base (tritonclient.grpc.service_pb2*) instead of
 generating its own: the `inference` protobuf package is then registered once per process, and a client
@@ -14,7 +15,6 @@ gets an error_message in the stream while the stream goes on.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import numpy as np
@@ -23,8 +23,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
-from cellserve.server.protocol import DTYPES, InferRequest, ProtocolError, _from_binary, _to_binary, datatype_of
-from cellserve.server.service import ServiceError
+from cellserve.server.backend import ServiceError
+from cellserve.server.protocol import DTYPES, InferRequest, InferResponse, ProtocolError, datatype_of, from_binary, to_binary
 
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
             "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -66,7 +66,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
             raise ProtocolError(f"input {name!r}: shape must be non-negative, got {shape}")
         count = int(np.prod(shape)) if shape else 1
         if request.raw_input_contents:
-            array = _from_binary(name, memoryview(request.raw_input_contents[i]), datatype, count)
+            array = from_binary(name, memoryview(request.raw_input_contents[i]), datatype, count)
         else:
             if datatype not in CONTENTS:
                 raise ProtocolError(f"input {name!r}: {datatype} needs raw_input_contents")
@@ -80,24 +80,20 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
     return InferRequest(request.id or None, parameters, tensors, outputs, True)
 
 
-def encode_response(model: str, version: str, req: InferRequest, outputs: dict, parameters: dict) -> pb.ModelInferResponse:
-    wanted = list(req.outputs) or list(outputs)
-    unknown = set(wanted) - set(outputs)
-    if unknown:
-        raise ProtocolError(f"unknown output(s) {sorted(unknown)}; this model has {sorted(outputs)}")
-    response = pb.ModelInferResponse(model_name=model, model_version=version, id=req.id or "")
-    for name in wanted:
-        array = outputs[name]
-        response.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
-        response.raw_output_contents.append(_to_binary(array))
-    for key, value in parameters.items():
-        set_parameter(response.parameters[key], value)
-    return response
+def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
+                                    id=response.id or "")
+    for name, array in response.outputs.items():
+        message.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
+        message.raw_output_contents.append(to_binary(array))
+    for key, value in response.parameters.items():
+        set_parameter(message.parameters[key], value)
+    return message
 
 
 class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     def __init__(self, backend):
-        self.backend = backend  # () -> LocalBackend (or the Ray router)
+        self.backend = backend  # () -> the Backend (LocalBackend, or the Ray router)
 
     async def _guard(self, context, call):
         try:
@@ -165,21 +161,9 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def _infer(self, request) -> pb.ModelInferResponse:
-        backend, start = self.backend(), time.perf_counter()
-        try:
-            req = decode_request(request)
-        except ProtocolError as exc:
-            backend._failed(request.model_name, start)
-            raise ServiceError(400, str(exc))
-        served, outputs, parameters, timing = await backend.infer(request.model_name, req,
-                                                                  request.model_version or None, start)
-        try:
-            response = encode_response(served.name, served.version, req, outputs, parameters)
-        except ProtocolError as exc:
-            backend._failed(request.model_name, start)
-            raise ServiceError(400, str(exc))
-        backend._succeeded(served, start, timing)
-        return response
+        response = await self.backend().infer(request.model_name, lambda: decode_request(request),
+                                              request.model_version or None)
+        return encode_response(response)
 
     async def ModelInfer(self, request, context):
         return await self._guard(context, lambda: self._infer(request))

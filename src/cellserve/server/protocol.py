@@ -30,6 +30,17 @@ class InferRequest:
     binary_outputs: bool = False  # request-level binary_data_output
 
 
+@dataclass
+class InferResponse:
+    """A response, whatever the wire: the requested outputs (all, when none were named), in order."""
+
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: dict[str, np.ndarray]
+    parameters: dict = field(default_factory=dict)
+
+
 def datatype_of(array: np.ndarray) -> str:
     if array.dtype == np.object_:
         return "BYTES"
@@ -104,7 +115,7 @@ def _parse_tensor(spec, binary: memoryview, offset: int) -> tuple[str, np.ndarra
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise ProtocolError(f"input {name!r}: binary_data_size {size!r} runs past the binary data")
         raw = binary[offset:offset + size]
-        array = _from_binary(name, raw, datatype, count)
+        array = from_binary(name, raw, datatype, count)
         return name, array.reshape(shape), size
     if "data" not in spec:
         raise ProtocolError(f"input {name!r} has no 'data'")
@@ -137,7 +148,7 @@ def _from_json(name: str, data, datatype: str) -> np.ndarray:
     return converted
 
 
-def _from_binary(name: str, raw: memoryview, datatype: str, count: int) -> np.ndarray:
+def from_binary(name: str, raw: memoryview, datatype: str, count: int) -> np.ndarray:
     if datatype == "BYTES":
         items, pos = [], 0
         while pos < len(raw):
@@ -158,36 +169,30 @@ def _from_binary(name: str, raw: memoryview, datatype: str, count: int) -> np.nd
     return np.frombuffer(raw, dtype=np.dtype(DTYPES[datatype]).newbyteorder("<")).copy()
 
 
-def build_response(model: str, version: str, req: InferRequest, outputs: dict[str, np.ndarray],
-                   parameters: dict | None = None) -> tuple[bytes, dict[str, str]]:
-    """JSON response body, or JSON header + binary tensors for outputs requested as binary."""
-    wanted = req.outputs or {name: False for name in outputs}
-    unknown = set(wanted) - set(outputs)
-    if unknown:
-        raise ProtocolError(f"unknown output(s) {sorted(unknown)}; this model has {sorted(outputs)}")
+def build_response(response: InferResponse, req: InferRequest) -> tuple[bytes, dict[str, str]]:
+    """The HTTP body: JSON, or a JSON header + binary tensors for the outputs requested as binary."""
     specs, blobs = [], []
-    for name, binary in wanted.items():
-        array = outputs[name]
+    for name, array in response.outputs.items():
         spec = {"name": name, "shape": list(array.shape), "datatype": datatype_of(array)}
-        if binary or req.binary_outputs:
-            blob = _to_binary(array)
+        if req.outputs.get(name) or req.binary_outputs:
+            blob = to_binary(array)
             spec["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
             spec["data"] = [v.decode() for v in array.reshape(-1)] if array.dtype == object else array.reshape(-1).tolist()
         specs.append(spec)
-    body = {"model_name": model, "model_version": version, "outputs": specs}
-    if req.id is not None:
-        body["id"] = req.id
-    if parameters:
-        body["parameters"] = parameters
+    body = {"model_name": response.model_name, "model_version": response.model_version, "outputs": specs}
+    if response.id is not None:
+        body["id"] = response.id
+    if response.parameters:
+        body["parameters"] = response.parameters
     header = json.dumps(body).encode()
     if not blobs:
         return header, {"Content-Type": "application/json"}
     return header + b"".join(blobs), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
 
-def _to_binary(array: np.ndarray) -> bytes:
+def to_binary(array: np.ndarray) -> bytes:
     if array.dtype == object:
         return b"".join(struct.pack("<I", len(v)) + v for v in array.reshape(-1))
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()

@@ -2,7 +2,8 @@
 
 Each shard is its own single-replica deployment running our engines, because a streaming session's
 recurrent state lives in one engine's state pool: the ingress sends every chunk of a sequence to the
-shard chosen by a stable hash of its sequence_id, and spreads stateless requests round-robin. (Ray
+shard chosen by a stable hash of its sequence_id, and spreads stateless requests round-robin. The router
+implements the same Backend protocol as LocalBackend (backend.py), so HTTP and gRPC both work through it. (Ray
 Serve's own replica routing has no strict affinity, so shards are separate deployments.) Ray places the
 shards on any node of the cluster: see docs/ray.md. Needs `ray[serve]` (the `ray` extra).
 """
@@ -10,7 +11,6 @@ shards on any node of the cluster: see docs/ray.md. Needs `ray[serve]` (the `ray
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import zlib
 
@@ -18,7 +18,8 @@ from ray import serve
 
 from cellserve.server.app import create_app
 from cellserve.server.repository import Repository
-from cellserve.server.service import LocalBackend, ServiceError
+from cellserve.server.backend import LocalBackend, Parsed, ServiceError
+from cellserve.server.protocol import InferRequest, InferResponse, ProtocolError
 
 
 def _repository(model_dir: str | None) -> Repository:
@@ -44,22 +45,15 @@ class EngineShard:
         self.backend.stop()
 
 
-def sequence_key(body: bytes, header_length: str | None) -> tuple[str | None, bool]:
-    """The sequence_id a request names, read from its JSON header, and whether it restores a snapshot
-    ((None, False) when it names none, or when the body is malformed: a shard will then answer 400)."""
-    try:
-        header = body[: int(header_length)] if header_length else body
-        parameters = json.loads(header).get("parameters", {})
-        sid = parameters.get("sequence_id")
-        restore = parameters.get("sequence_restore") is True
-    except (ValueError, AttributeError, TypeError):
-        return None, False
-    return (None, False) if sid is None else (str(sid), restore)
+def sequence_key(req: InferRequest) -> tuple[str | None, bool]:
+    """The sequence_id a request names (None when it names none) and whether it restores a snapshot."""
+    sid = req.parameters.get("sequence_id")
+    return (None, False) if sid is None else (str(sid), req.parameters.get("sequence_restore") is True)
 
 
 class ShardRouter:
-    """The backend the ingress app talks to: same methods as LocalBackend, answered by the shards. A
-    sequence that was restored from a snapshot onto another shard (its own shard died) stays there."""
+    """The Backend the ingress talks to, answered by the shards. A sequence that was restored from a
+    snapshot onto another shard (its own shard died) stays there."""
 
     def __init__(self, shards: list):
         self.shards = shards
@@ -77,11 +71,15 @@ class ShardRouter:
             raise ServiceError(status, value)
         return value
 
-    async def infer_http(self, name: str, body: bytes, header_length: str | None, version: str | None = None):
-        key, restore = sequence_key(body, header_length)
+    async def infer(self, name: str, request: Parsed, version: str | None = None) -> InferResponse:
+        try:
+            req = request() if callable(request) else request
+        except ProtocolError as exc:
+            raise ServiceError(400, str(exc))
+        key, restore = sequence_key(req)
         shard = self.shard_for(key)
         try:
-            return await self._call(shard, "infer_http", name, body, header_length, version)
+            return await self._call(shard, "infer", name, req, version)
         except ServiceError:
             raise
         except Exception:  # the shard is gone: a sequence opened from a snapshot may go to another
@@ -89,7 +87,7 @@ class ShardRouter:
                 raise ServiceError(503, f"the engine shard holding sequence {key!r} is unavailable; restore the "
                                         "sequence from a snapshot (sequence_restore)" if key else "shard unavailable")
             other = (shard + 1) % len(self.shards)
-            result = await self._call(other, "infer_http", name, body, header_length, version)
+            result = await self._call(other, "infer", name, req, version)
             self.moved[key] = other
             return result
 
@@ -175,8 +173,40 @@ class Ingress:
         bind_router(ShardRouter(list(shards)))
 
 
+def shard_router(app_name: str, replicas: int) -> ShardRouter:
+    """A router over the shards of a running application, for a front end outside the ingress (the gRPC
+    service of `cellserve serve --ray`)."""
+    return ShardRouter([serve.get_deployment_handle(f"cellserve-shard-{i}", app_name=app_name)
+                        for i in range(replicas)])
+
+
 def build(model_dir: str | None = None, replicas: int = 2, max_body_bytes: int = 16 * 2**20):
     """The Ray Serve application: `replicas` engine shards and the HTTP ingress."""
     shards = [EngineShard.options(name=f"cellserve-shard-{i}").bind(model_dir, i, max_body_bytes)
               for i in range(replicas)]
     return Ingress.options(name="cellserve-ingress").bind(*shards)
+
+
+def run(model_dir: str | None, replicas: int, host: str, port: int, grpc_port: int = 0,
+        max_body_bytes: int = 16 * 2**20) -> None:
+    """Serve on Ray Serve (joining RAY_ADDRESS if set) until stopped: HTTP through the ingress, and with a
+    grpc_port the gRPC service in this process over a router to the same shards."""
+    import asyncio
+    import os
+
+    import ray
+
+    from cellserve.server.grpc_service import start_grpc
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(model_dir, replicas, max_body_bytes), name="cellserve", route_prefix="/", blocking=not grpc_port)
+    if grpc_port:
+        router = shard_router("cellserve", replicas)
+
+        async def serve_grpc():
+            server, _ = await start_grpc(lambda: router, host, grpc_port)
+            await server.wait_for_termination()
+
+        asyncio.run(serve_grpc())
+

@@ -264,7 +264,6 @@ void gemm_s8_panels_vbmi(const qgemm_t *g, int p0, int p1) {
     else gemm_s8_panels(g, p0, p1);
 }
 
-void gemm_s8_vbmi(const qgemm_t *g, int threads) { pool_run(threads, split_panels<gemm_s8_panels_vbmi>, (void *)g); }
 
 int supported() {
     __builtin_cpu_init();
@@ -273,11 +272,12 @@ int supported() {
            __builtin_cpu_supports("fma");
 }
 
-int supported_vbmi() { return supported() && __builtin_cpu_supports("avx512vbmi"); }
-
 }  // namespace
 
-extern const isa_t ISA_AVX512_VBMI = {"avx512-vbmi", supported_vbmi, gemm_f32, gemm_bsr, gemm_s8_vbmi, 1, quantize_rows,
-                                      lstm_gates, gru_gates, sru_scan, qrnn_scan};
+int avx512_vbmi_supported() { return supported() && __builtin_cpu_supports("avx512vbmi"); }
+void avx512_vbmi_gemm_s8(const qgemm_t *g, int threads) {
+    pool_run(threads, split_panels<gemm_s8_panels_vbmi>, (void *)g);
+}
+
 extern const isa_t ISA_AVX512 = {"avx512", supported, gemm_f32, gemm_bsr, gemm_s8, 1, quantize_rows,
                                  lstm_gates, gru_gates, sru_scan, qrnn_scan};

@@ -8,7 +8,11 @@
  *   4/2/1-bit: the int8 layout with G = 8/bits consecutive [NR][4] groups sharing each byte (group t in
  *         bit field t), so one 64-byte load holds G groups; a field u stands for the code q = a*u + b
  *         (lowbit_affine). K is padded to a multiple of 4*G with u = 0.
- * The layout is the same on every ISA path, so a packed matrix can be used by any of them. */
+ * The layout is the same on every ISA path, so a packed matrix can be used by any of them.
+ *
+ * The core is split as MLAS splits its own: bindings.cpp (the CPython face), packing.cpp, drivers.cpp
+ * (products, recurrences, threading decisions), platform.cpp (dispatch, settings, scratch), pool.cpp
+ * (threads), and the kernels: kernels.inc compiled once per ISA path (isa_*.cpp). */
 #ifndef CELLSERVE_NATIVE_H
 #define CELLSERVE_NATIVE_H
 
@@ -20,10 +24,10 @@
 
 #define BR 16      /* rows of W (output columns) per block of a block-sparse matrix */
 
-enum { PACK_F32 = 0, PACK_S8 = 1, PACK_BSR = 2 };
+enum { PACK_F32 = 0, PACK_S8 = 1, PACK_BSR = 2 };  /* fp32 panels, int8/low-bit panels, block-sparse fp32 */
 
 typedef struct {
-    int kind;            /* PACK_F32 or PACK_S8 */
+    int kind;            /* PACK_F32, PACK_S8 or PACK_BSR */
     int bits;            /* PACK_S8: 8, or 4/2/1 (fields packed several to a byte) */
     int n, k;            /* logical shape: the matrix is (n, k), computed as x @ W^T */
     int panels;          /* ceil(n / NR) */
@@ -104,22 +108,65 @@ typedef struct {
     void (*qrnn_scan)(const float *u, int steps, int batch, int hidden, const float *bias, float *c, float *h_out);
 } isa_t;
 
+/* The ISA paths (isa_*.cpp), each a full table of its kernels. */
 extern const isa_t ISA_PORTABLE;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const isa_t ISA_AVX2;
 extern const isa_t ISA_AVX512;
-extern const isa_t ISA_AVX512_VBMI;
+/* Kernels of a path that overrides only some of another path's (isa_avx512.cpp): AVX-512 VBMI adds a
+ * table-lookup kernel for binary weights (platform.cpp puts it over the AVX-512 table). */
+int avx512_vbmi_supported(void);
+void avx512_vbmi_gemm_s8(const qgemm_t *g, int threads);
 #endif
 
 static inline int unsigned_codes(const isa_t *isa, const packed_t *w) { return isa->s8_unsigned && w->bits == 8; }
 
-/* thread pool (pool.cpp): run fn(ctx, tid, nthreads) on nthreads threads, the caller being tid 0 */
+/* ---- platform.cpp: per-kernel dispatch (MLAS's way: the best path's table, with the kernels a newer
+ * extension adds put over it), the calling thread's thread count, per-thread scratch */
+const isa_t *platform(void);           /* the dispatch table in use */
+int platform_select(const char *name); /* 0, or -1 unknown name, -2 not supported by this CPU */
+int platform_count(void);              /* the paths, best first */
+const isa_t *platform_path(int i);
+extern thread_local int native_threads;
+void *aligned_zeros(size_t bytes);
+/* per-thread scratch buffers, 64-byte aligned, grown on demand; NULL when out of memory */
+enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_SUMS, SLOT_PACKED_A, SLOT_PANEL, SLOT_LUT, NUM_SLOTS };
+void *scratch(int slot, size_t bytes);
+
+/* ---- pool.cpp: run fn(ctx, tid, nthreads) on nthreads threads, the caller being tid 0 */
 typedef void (*task_fn)(void *ctx, int tid, int nthreads);
 void pool_run(int nthreads, task_fn fn, void *ctx);
 
-/* per-thread scratch buffers (module.cpp), 64-byte aligned, grown on demand; NULL when out of memory */
-enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_SUMS, SLOT_PACKED_A, SLOT_PANEL, SLOT_LUT, NUM_SLOTS };
-void *scratch(int slot, size_t bytes);
+/* ---- packing.cpp: weights into the panel layouts above, once at load. Each returns 0, or -1 when out of
+ * memory (the packed_t then holds what was allocated: packed_free it). */
+int pack_f32(packed_t *p, const float *w, ptrdiff_t ld, int n, int k);
+int pack_bsr(packed_t *p, const float *w, ptrdiff_t ld, int n, int k);
+long off_grid(const int8_t *codes, ptrdiff_t ld, int n, int k, int bits); /* first code not on the grid, or -1 */
+int pack_s8(packed_t *p, const int8_t *codes, ptrdiff_t ld, int n, int k, const float *scales, float act_scale,
+            int bits);
+void unpack(const packed_t *p, void *out, ptrdiff_t ld); /* fp32 weights, or int8 codes */
+size_t packed_nbytes(const packed_t *p);
+void packed_free(packed_t *p);
+
+/* ---- drivers.cpp: products and recurrences on raw arrays (shapes checked by the caller). Row strides
+ * (ld) are in elements. */
+void linear(const packed_t *w, const float *x, ptrdiff_t ldx, int m, float *c, ptrdiff_t ldc, const float *addend,
+            ptrdiff_t ld_add, const float *bias);
+void gemm_s32(const packed_t *w, const int8_t *x, ptrdiff_t ldx, int m, int32_t *out, ptrdiff_t ldo);
+void quantize(const float *x, ptrdiff_t ldx, int m, int k, float static_scale, uint8_t *codes, float *scales);
+void lstm_step(const packed_t *wi, const packed_t *wh, const float *x, ptrdiff_t ldx, const float *h, ptrdiff_t ldh,
+               const float *c, ptrdiff_t ldc, const float *bias, float *h_out, ptrdiff_t ldh_out, float *c_out,
+               int batch, float cell_step, float cell_limit);
+void lstm_sequence(const packed_t *wh, const float *gi, const float *bias, const float *h0, ptrdiff_t ldh0, float *c,
+                   ptrdiff_t ldc, float *hs, int steps, int batch, float cell_step, float cell_limit);
+void gru_step(const packed_t *wi, const packed_t *wh, const float *x, ptrdiff_t ldx, const float *h, ptrdiff_t ldh,
+              const float *b_ih, const float *b_hh, float *h_out, ptrdiff_t ldh_out, int batch);
+void gru_sequence(const packed_t *wh, const float *gi, const float *b_ih, const float *b_hh, const float *h0,
+                  ptrdiff_t ldh0, float *hs, int steps, int batch);
+void sru_steps(const packed_t *w, const float *xs, const float *v_f, const float *v_r, const float *b_f,
+               const float *b_r, float *c, float *hs, int steps, int batch, int hidden, int use_tanh);
+void qrnn_steps(const packed_t *w, const float *xs, const float *bias, float *c, float *hs, int steps, int batch,
+                int hidden);
 
 
 #endif

@@ -1,22 +1,26 @@
-"""What the server does, whatever the wire: the Open Inference Protocol operations over the repository's
-engines, shared by the HTTP app (app.py) and the gRPC service (grpc_service.py), and forwarded across
-processes by the Ray Serve router.
+"""What the server does, whatever the wire: the Backend protocol (the Open Inference Protocol operations,
+one `infer` entry point among them), and LocalBackend, which answers it from this process's repository
+and engines and records each model's statistics. The HTTP app (app.py) and the gRPC service
+(grpc_service.py) only convert between their wire and this protocol, like MLServer's REST and gRPC
+converters over its DataPlane; the Ray Serve router (ray_serve.py) implements the same protocol across
+processes, so both wires work through it too.
 
 Every refusal is a ServiceError with an HTTP status; the gRPC front end maps it to a status code. A bad
-request never touches another: the handler parses, submits to the engine and waits on its futures.
+request never touches another: infer parses, submits to the engine and waits on its futures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Callable, Protocol, Union
 
 from prometheus_client import generate_latest
 
 from cellserve import __version__
 from cellserve.engine import EngineFull, EngineStopped
 from cellserve.server.metrics import Metrics
-from cellserve.server.protocol import InferRequest, ProtocolError, build_response, parse_infer_request
+from cellserve.server.protocol import InferRequest, InferResponse, ProtocolError
 from cellserve.server.repository import Repository
 
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
@@ -36,6 +40,28 @@ class ServiceError(Exception):
     @property
     def grpc_code(self) -> str:
         return GRPC_CODES.get(self.status, "UNKNOWN")
+
+
+Parsed = Union[InferRequest, Callable[[], InferRequest]]  # a request, or what parses it (ProtocolError)
+
+
+class Backend(Protocol):
+    """What the wires ask of a server: LocalBackend here, ShardRouter across Ray Serve processes."""
+
+    async def server_metadata(self) -> dict: ...
+    async def ready(self) -> bool: ...
+    async def model_metadata(self, name: str, version: str | None = None) -> dict: ...
+    async def model_ready(self, name: str, version: str | None = None) -> bool: ...
+    async def model_config(self, name: str, version: str | None = None) -> dict: ...
+    async def statistics(self, name: str | None = None, version: str | None = None) -> dict: ...
+    async def metrics_text(self) -> bytes: ...
+    async def repository_index(self, ready_only: bool = False) -> list[dict]: ...
+    async def load(self, name: str) -> None: ...
+    async def unload(self, name: str) -> None: ...
+
+    async def infer(self, name: str, request: Parsed, version: str | None = None) -> InferResponse:
+        """Run one inference request: a parsed InferRequest, or a function that parses it (then its parsing
+        time and failures count in the model's statistics). Raises ServiceError."""
 
 
 class LocalBackend:
@@ -110,35 +136,20 @@ class LocalBackend:
             raise ServiceError(400, str(exc.args[0]))
 
     # --- inference ------------------------------------------------------------------------------------
-    async def infer_http(self, name: str, body: bytes, header_length: str | None,
-                         version: str | None = None) -> tuple[bytes, dict]:
-        """An HTTP infer call: JSON (or JSON + binary tensors) in, the same out."""
+    async def infer(self, name: str, request: Parsed, version: str | None = None) -> InferResponse:
         start = time.perf_counter()
         try:
-            req = parse_infer_request(body, header_length)
+            req = request() if callable(request) else request
         except ProtocolError as exc:
-            self._failed(name, start)
+            self._record_failure(name, start, 400)
             raise ServiceError(400, str(exc))
-        served, outputs, parameters, timing = await self.infer(name, req, version, start)
-        try:
-            response = build_response(served.name, served.version, req, outputs, parameters)
-        except ProtocolError as exc:
-            self._failed(name, start)
-            raise ServiceError(400, str(exc))
-        self._succeeded(served, start, timing)
-        return response
-
-    async def infer(self, name: str, req: InferRequest, version: str | None = None, start: float | None = None):
-        """Run a parsed request: (served model, output tensors, response parameters, timing). The caller
-        builds its wire response and then calls _succeeded."""
-        start = start or time.perf_counter()
         try:
             return await self._infer(name, req, version, start)
         except ServiceError as exc:
-            self._failed(name, start, exc)
+            self._record_failure(name, start, exc.status)
             raise
 
-    async def _infer(self, name, req, version, start):
+    async def _infer(self, name: str, req: InferRequest, version: str | None, start: float) -> InferResponse:
         served = self._model(name, version)
         try:
             sequence = _sequence_parameters(req.parameters, served.stateful)
@@ -147,60 +158,53 @@ class LocalBackend:
             inputs = served.requests(req.inputs)
             if sequence and len(inputs) != 1:
                 raise ProtocolError("a sequence chunk carries one stream (batch size 1)")
-        except ProtocolError as exc:
-            raise ServiceError(400, str(exc))
-        except ValueError as exc:  # a snapshot that is not this model's
+        except ValueError as exc:  # ProtocolError, or a snapshot that is not this model's
             raise ServiceError(400, str(exc))
         parsed = time.perf_counter()
         for attempt in (0, 1):
-            futures = []
+            submitted = []
             try:
                 for item in inputs:
-                    futures.append(served.engine.submit(item, **sequence))
-                results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+                    submitted.append(served.engine.enqueue(item, **sequence))
+                results = await asyncio.gather(*(asyncio.wrap_future(r.future) for r in submitted))
                 break
             except ValueError as exc:  # bad values the model rejects, unknown/expired sessions
-                _cancel(futures)
+                _cancel(submitted)
                 raise ServiceError(400, str(exc))
             except EngineFull as exc:
-                _cancel(futures)
+                _cancel(submitted)
                 raise ServiceError(503, str(exc))
             except EngineStopped as exc:
                 current = self.repository.get(name)
-                if attempt == 0 and not futures and current is not None and current is not served:
+                if attempt == 0 and not submitted and current is not None and current is not served:
                     served = current  # reloaded between lookup and submit: the new version takes it
                     continue
                 raise ServiceError(503, str(exc))
             except asyncio.CancelledError:  # the client went away: free the engine's slots
-                _cancel(futures)
+                _cancel(submitted)
                 raise
         done = time.perf_counter()
         outputs, parameters = served.outputs_of(results)
+        wanted = list(req.outputs) or list(outputs)
+        unknown = set(wanted) - set(outputs)
+        if unknown:
+            raise ServiceError(400, f"unknown output(s) {sorted(unknown)}; this model has {sorted(outputs)}")
         if sequence:
-            parameters = {**parameters, "sequence_id": sequence["sequence_id"]}
+            parameters["sequence_id"] = sequence["sequence_id"]
         if self.replica is not None:
-            parameters = {**parameters, "replica": self.replica}
-        return served, outputs, parameters, (parsed, done, len(inputs), _queue_seconds(futures))
-
-    def _succeeded(self, served, start: float, timing) -> None:
-        parsed, done, rows, queue = timing
+            parameters["replica"] = self.replica
+        queue = max((r.queue_seconds for r in submitted), default=0.0)  # the longest of its rows' waits
         now = time.perf_counter()
         served.stats.record(True, now - start, parse=parsed - start, queue=queue, infer=done - parsed - queue,
-                            output=now - done, rows=rows)
+                            output=now - done, rows=len(inputs))
         self.metrics.requests.labels(served.name, "success").inc()
+        return InferResponse(served.name, served.version, req.id, {k: outputs[k] for k in wanted}, parameters)
 
-    def _failed(self, name: str, start: float, exc: ServiceError | None = None) -> None:
+    def _record_failure(self, name: str, start: float, status: int) -> None:
         served = self.repository.get(name)
         if served is not None:
             served.stats.record(False, time.perf_counter() - start)
-        status = exc.status if exc is not None else 400
         self.metrics.requests.labels(name, f"http_{status}").inc()
-
-
-def _queue_seconds(futures) -> float:
-    """How long the request's rows waited for the running set (the longest of them)."""
-    waits = [getattr(f, "queue_seconds", 0.0) for f in futures]
-    return max(waits, default=0.0)
 
 
 def _sequence_parameters(parameters: dict, stateful: bool) -> dict:
@@ -228,6 +232,6 @@ def _sequence_parameters(parameters: dict, stateful: bool) -> dict:
     return {"sequence_id": str(sid), **flags, "sequence_restore": True}
 
 
-def _cancel(futures) -> None:
-    for f in futures:
-        f.cancel()
+def _cancel(requests) -> None:
+    for r in requests:
+        r.future.cancel()

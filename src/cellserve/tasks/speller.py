@@ -56,7 +56,7 @@ def train(steps: int = 3000, hidden: int = 128, seed: int = 0, out: str | Path |
     from torch import nn
 
     from cellserve.models.layers import Embedding, Linear
-    from cellserve.models.torch_import import rnn_from_torch
+    from cellserve.interop.torch_import import rnn_from_torch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellserve.compress.ocr_data import ALPHABET, HEIGHT, OCRDataset, character_error_rate, encode
+from cellserve.tasks.ocr_data import ALPHABET, HEIGHT, OCRDataset, character_error_rate, encode
+from cellserve.families.ocr import recognize
 from cellserve.compress.qat import QuantSpec, int8_linear, quantized_lstm
 from cellserve.compress.quantize import quantize_cells, quantize_head
 from cellserve.kernels import BlockSparseDense
 from cellserve.models.layers import Linear
 from cellserve.models.ocr import OCRModel, columns
-from cellserve.models.torch_import import rnn_from_torch
+from cellserve.interop.torch_import import rnn_from_torch
 
 
 class Recognizer(nn.Module):
@@ -115,7 +116,7 @@ def to_runtime(module: Recognizer, block_sparse: bool = False) -> OCRModel:
 
 
 def evaluate(model: OCRModel, dataset: OCRDataset) -> float:
-    return character_error_rate([model.recognize(img) for img in dataset.images], dataset.texts)
+    return character_error_rate([recognize(model, img) for img in dataset.images], dataset.texts)
 
 
 def cell_peak(module: Recognizer, dataset: OCRDataset, lines: int = 64, quantile: float = 0.999) -> float:

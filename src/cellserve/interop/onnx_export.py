@@ -1,5 +1,6 @@
 """Export our recurrent models to ONNX, using the standard LSTM/GRU operators where they exist and
-primitive operators (MatMul, Sigmoid, Tanh, ...) for SRU. Needs the `onnx` package."""
+primitive operators (MatMul, Sigmoid, Tanh, ...) for SRU; and ONNX Runtime as the backend of a model's
+LSTM/GRU layers (use_onnxruntime), fp32 or with its dynamic int8 quantization. Needs the `onnx` extra."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from cellserve.cells import Cell, GRUCell, LSTMCell, SRUCell
+from cellserve.cells import Cell, SRUCell
+from cellserve.cells.onnxruntime import OnnxRuntimeCell
 from cellserve.models.rnn import RNN, rnns_of
 
 OPSET = 18
 IR_VERSION = 8  # enough for opset 18; runtimes reject IR versions newer than they know
 # Block orders: torch LSTM [i, f, g, o] -> ONNX [i, o, f, c]; torch GRU [r, z, n] -> ONNX [z, r, h].
-_ORDER = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}
+GATE_ORDER = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}
 
 
 def _reorder(a: np.ndarray, kind: str) -> np.ndarray:
-    blocks = np.split(a, len(_ORDER[kind]), axis=0)
-    return np.concatenate([blocks[i] for i in _ORDER[kind]], axis=0)
+    blocks = np.split(a, len(GATE_ORDER[kind]), axis=0)
+    return np.concatenate([blocks[i] for i in GATE_ORDER[kind]], axis=0)
 
 
 def _rnn_op_weights(kind: str, dirs: list[Cell]):
@@ -44,7 +46,7 @@ def rnn_to_onnx(rnn: RNN) -> onnx.ModelProto:
     """A stacked (bi)LSTM/GRU: input X [T, B, in], initial states h0 (and c0) [L*D, B, H];
     outputs Y [T, B, D*H] and final hN (and cN) [L*D, B, H], in our state order."""
     kind = rnn.cell_kind
-    if kind not in _ORDER:
+    if kind not in GATE_ORDER:
         raise ValueError(f"ONNX has no standard {kind} operator; export it with cell_step_to_onnx")
     dirs, hidden, lstm = rnn.num_directions, rnn.hidden_size, kind == "lstm"
     nodes, inits = [], []
@@ -142,85 +144,6 @@ def matmul_to_onnx(weight: np.ndarray) -> onnx.ModelProto:
                   [numpy_helper.from_array(np.ascontiguousarray(weight.T, dtype=np.float32), "wt")], "matmul")
 
 
-def ort_session(model: onnx.ModelProto, threads: int = 1):
-    """An ONNX Runtime CPU session with a fixed number of intra-op threads."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _inverse_reorder(a: np.ndarray, kind: str) -> np.ndarray:
-    blocks = np.split(a, len(_ORDER[kind]), axis=0)
-    inverse = np.argsort(_ORDER[kind])
-    return np.concatenate([blocks[i] for i in inverse], axis=0)
-
-
-def load_onnx(source) -> onnx.ModelProto:
-    """A ModelProto from a path, bytes or a ModelProto."""
-    if isinstance(source, onnx.ModelProto):
-        return source
-    return onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
-
-
-def constants_of(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Tensors known before run time: initializers and the outputs of Constant nodes."""
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
-def cells_of_node(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> list[Cell]:
-    """Our cells (one per direction) for an ONNX LSTM or GRU operator. Activations must be the defaults,
-    GRU needs linear_before_reset=1 (torch's and cuDNN's GRU), and the weights must be constants."""
-    kind = node.op_type.lower()
-    where = f"{node.op_type} node {node.name!r}"
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    for unsupported in ("activations", "clip", "input_forget"):
-        if attrs.get(unsupported):
-            raise ValueError(f"{where}: {unsupported} is not supported")
-    if kind == "gru" and attrs.get("linear_before_reset", 0) != 1:
-        raise ValueError(f"{where}: GRU needs linear_before_reset=1 (the torch/cuDNN formulation)")
-    if attrs.get("layout", 0) != 0:
-        raise ValueError(f"{where}: only layout=0 ([T, B, F]) is supported")
-    if attrs.get("direction", b"forward") in (b"reverse", "reverse"):
-        raise ValueError(f"{where}: a lone reverse-direction layer is not supported")
-    names = list(node.input) + [""] * (4 - len(node.input))
-    if names[1] not in constants or names[2] not in constants:
-        raise ValueError(f"{where}: its weights W and R must be constants (initializers)")
-    w, r = constants[names[1]], constants[names[2]]
-    hidden, gates = r.shape[-1], len(_ORDER[kind])
-    b = constants.get(names[3]) if names[3] else None
-    if names[3] and b is None:
-        raise ValueError(f"{where}: its bias B must be a constant (initializer)")
-    if b is None:
-        b = np.zeros((w.shape[0], 2 * gates * hidden), np.float32)
-    cells = []
-    for d in range(w.shape[0]):
-        w_ih, w_hh = _inverse_reorder(w[d], kind), _inverse_reorder(r[d], kind)
-        b_ih, b_hh = _inverse_reorder(b[d, :gates * hidden], kind), _inverse_reorder(b[d, gates * hidden:], kind)
-        if kind == "lstm":
-            cells.append(LSTMCell(w_ih, w_hh, b_ih + b_hh))
-        else:
-            cells.append(GRUCell(w_ih, w_hh, b_ih, b_hh))
-    return cells
-
-
-def rnn_from_onnx(source) -> RNN:
-    """Import the LSTM/GRU operators of an ONNX model (a path, bytes or ModelProto), in graph order, as a
-    stacked RNN: consecutive operators are consecutive layers (models/imported.py imports whole graphs)."""
-    model = load_onnx(source)
-    constants = constants_of(model.graph)
-    layers = [cells_of_node(node, constants) for node in model.graph.node if node.op_type in ("LSTM", "GRU")]
-    if not layers:
-        raise ValueError("no LSTM or GRU operator in the ONNX graph")
-    return RNN(layers)
-
-
 def quantize_onnx_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's dynamic int8 quantization of the LSTM/GRU operators (per-channel weights; at run
     time DynamicQuantizeLSTM quantizes activations per call and uses its VNNI/AVX2 int8 GEMM)."""
@@ -245,54 +168,19 @@ def quantize_onnx_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(target)
 
 
-class OnnxRuntimeCell(Cell):
-    """An LSTM/GRU cell executed by ONNX Runtime, with our cell interface, so the engine and models run on
-    either backend unchanged (per-model `backend: onnxruntime` or `onnxruntime-int8`)."""
-
-    def __init__(self, cell: Cell, threads: int = 1, int8: bool = False):
-        self.cell, self.kind, self.int8 = cell, cell.kind, int8
-        self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
-        graph = rnn_to_onnx(RNN([[cell]]))
-        if int8:
-            graph = quantize_onnx_int8(graph)
-        self.graph_weight_bytes = sum(numpy_helper.to_array(t).nbytes for t in graph.graph.initializer)
-        self.session = ort_session(graph, threads)
-
-    def state_widths(self):
-        return self.cell.state_widths()
-
-    def zero_state(self, batch):
-        return self.cell.zero_state(batch)
-
-    def options(self):
-        return self.cell.options()
-
-    def tensors(self):
-        return self.cell.tensors()
-
-    @property
-    def weight_bytes(self):
-        return self.graph_weight_bytes if self.int8 else self.cell.weight_bytes
-
-    def step(self, x, state):
-        return self.steps(x[None], state)[1]
-
-    def steps(self, xs, state):
-        feeds = {"X": np.ascontiguousarray(xs, dtype=np.float32), "h0": np.ascontiguousarray(state[0][None])}
-        if self.kind == "lstm":
-            feeds["c0"] = np.ascontiguousarray(state[1][None])
-        out = self.session.run(None, feeds)
-        return out[0], tuple(o[0] for o in out[1:])
+def _ort_cell(cell: Cell, threads: int, int8: bool) -> OnnxRuntimeCell:
+    graph = rnn_to_onnx(RNN([[cell]]))
+    return OnnxRuntimeCell(cell, quantize_onnx_int8(graph) if int8 else graph, threads, int8)
 
 
 def use_onnxruntime(model, threads: int = 1, int8: bool = False):
     """Switch every LSTM/GRU layer inside a model (RNN, LM, classifier, seq2seq, OCR) to ONNX Runtime, in
     place; int8 uses ORT's dynamically quantized operators."""
     rnns = rnns_of(model)
-    if not rnns or any(r.cell_kind not in _ORDER for r in rnns):
+    if not rnns or any(r.cell_kind not in GATE_ORDER for r in rnns):
         raise ValueError("the onnxruntime backend runs LSTM and GRU models")
     for rnn in rnns:
         if any(not hasattr(c.ih, "weight") or not hasattr(c.hh, "weight") for c in rnn.cells):
             raise ValueError("ONNX Runtime takes fp32 weights; quantize with backend onnxruntime-int8 instead")
-        rnn.layers = [[OnnxRuntimeCell(c, threads, int8) for c in dirs] for dirs in rnn.layers]
+        rnn.layers = [[_ort_cell(c, threads, int8) for c in dirs] for dirs in rnn.layers]
     return model

@@ -1,0 +1,290 @@
+"""Runners of frame-sequence models: a recurrent core that reads a sequence of feature frames.
+
+The families of the stream RNN, the classifier, the OCR recognizer and imported graphs all run on these.
+Each gives a `source` with `rnn` (the core), `frames_of(inputs)` (validates a request and makes its frames:
+an embedding lookup, image columns, an imported graph's front) and `result_of(inputs, ys, finals)` (the
+request's result from the top layer's outputs (T, D*H) and every cell's final state,
+finals[l * D + d] = (h[, c])).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cellserve.engine.batch import Stage, layer_state_names, layer_state_widths, stack_steps, stage_steps
+from cellserve.engine.pool import Arena, StatePool
+from cellserve.engine.request import Request
+from cellserve.engine.runner import ADMITTED, DONE, NO_ROOM, SequenceRunner, pad_rows
+
+
+class Frames:
+    """A request of a frame-sequence model: its inputs (for the source's result_of) and the frames its
+    front turned them into."""
+
+    __slots__ = ("inputs", "frames")
+
+    def __init__(self, inputs: dict, frames: np.ndarray):
+        self.inputs, self.frames = inputs, frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+class FrameSequenceRunner(SequenceRunner):
+    """What stream and bidirectional runners share: the source, blocks of `block_steps` frames."""
+
+    def __init__(self, source, capacity: int, stages: list[Stage], block_steps: int):
+        if block_steps < 1:
+            raise ValueError("block_steps must be >= 1")
+        self.source, self.rnn, self.block_steps = source, source.rnn, int(block_steps)
+        super().__init__(capacity, stages)
+
+    def prepare(self, inputs):
+        return Frames(inputs, np.asarray(self.source.frames_of(inputs), dtype=np.float32)), 1
+
+    def _blocks(self, st: Stage, a: int, b: int, pad_to: int, run) -> None:
+        """Advance rows [a, b) by up to block_steps frames: run(rows, t, pad) for the rows with t frames
+        left in this block; rows ending in a short block run apart, grouped (rare: the end of a sequence)."""
+        k = self.block_steps
+        steps = np.minimum(st["length"][a:b] - st["pos"][a:b], k)
+        if (steps == k).all():
+            run(slice(a, b), k, self._padding(st, a, b, pad_to))
+            return
+        for t in np.unique(steps):
+            run(a + np.flatnonzero(steps == t), int(t), 0)
+
+    @staticmethod
+    def _widened(rows, xs: np.ndarray, pad: int):
+        """(rows, xs) with `pad` dummy rows after a slice of rows: a padded step of the graph policy."""
+        if not pad:
+            return rows, xs
+        return slice(rows.start, rows.stop + pad), pad_rows(xs, pad, axis=1)
+
+
+class StreamRunner(FrameSequenceRunner):
+    """A unidirectional stack: all its layers advance together, in blocks of `block_steps` frames, one
+    cell call per layer per block (SRU/QRNN read their weights once per block). In a session, frames short
+    of a full block wait for the next chunk or the session's end, and the state waits in a pool slot
+    between chunks."""
+
+    cell_types = ("block",)
+
+    def __init__(self, source, capacity: int, block_steps: int = 1):
+        if source.rnn.bidirectional:
+            raise ValueError("streaming needs a unidirectional RNN")
+        rnn = source.rnn
+        self.names = layer_state_names(rnn)
+        widths = layer_state_widths(rnn)
+        self.pool = StatePool(capacity, widths)  # sessions' states between chunks
+        self.frames = Arena(rnn.input_size, np.float32)
+        self.outputs = Arena(rnn.output_size, np.float32)
+        self.stage = Stage("block", capacity, widths, {"offset": np.int64, "length": np.int64, "pos": np.int64,
+                                                       "out": np.int64, "arrival": np.float64})
+        super().__init__(source, capacity, [self.stage], block_steps)
+
+    @property
+    def used(self):
+        """Sessions' slots (held between chunks) and the rows of requests without a session."""
+        return self.pool.used + sum(1 for r in self.stage.reqs if r.session is None)
+
+    def close_session(self, session):
+        if session.slots is not None:
+            self.pool.release(session.slots)
+            session.slots = None
+
+    def check_snapshot(self, snapshot):
+        state, pending = snapshot.get("state"), snapshot.get("pending")
+        if not isinstance(state, dict) or set(state) != set(self.pool.arrays):
+            raise ValueError(f"the snapshot's state arrays {sorted(state or {})} are not this model's "
+                             f"{sorted(self.pool.arrays)}")
+        for name, values in state.items():
+            width = self.pool[name].shape[1]
+            if np.shape(values) != (width,) or not np.isfinite(values).all():
+                raise ValueError(f"snapshot state {name!r} must be {width} finite values, got shape {np.shape(values)}")
+        if pending is None or np.ndim(pending) != 2 or np.shape(pending)[1] != self.rnn.input_size:
+            raise ValueError(f"the snapshot's pending frames must have shape [n, {self.rnn.input_size}]")
+
+    def _snapshot(self, req: Request, state) -> dict:
+        """The session's state (after this chunk) and the frames waiting for a full block."""
+        return {"state": {name: np.array(values, np.float32) for name, values in state.items()},
+                "pending": np.array(req.session.buffer, np.float32)}
+
+    def _admit(self, req):
+        session = req.session
+        if session is not None and session.slots is None:
+            session.slots = self.pool.alloc(1)
+            if session.slots is None:
+                return NO_ROOM
+            if session.restore is not None:  # a snapshot opens this session
+                for name, values in session.restore["state"].items():
+                    self.pool[name][session.slots[0]] = values
+                session.buffer = np.asarray(session.restore["pending"], np.float32).reshape(-1, self.rnn.input_size)
+                session.restore = None
+        frames = req.payload.frames
+        if session is not None and session.buffer is not None and len(session.buffer):
+            frames = np.concatenate([session.buffer, frames])
+        k = self.block_steps
+        usable = len(frames) if session is None or req.end else len(frames) // k * k
+        if session is not None:
+            session.buffer = frames[usable:]
+        if not usable:
+            state = self._held(session)
+            req.result = self._result(req, np.empty((0, self.rnn.output_size), np.float32), state)
+            return DONE
+        req.progress["frames"] = (self.frames.put(frames[:usable]), usable)
+        req.progress["out"] = self.outputs.alloc(usable)
+        rows = self.stage.add([req], offset=req.progress["frames"][0], length=usable, pos=0, out=req.progress["out"],
+                              arrival=req.arrival)
+        if session is not None:
+            for name, arr in self.stage.states.items():
+                arr[rows] = self.pool[name][session.slots[0]]
+        return ADMITTED
+
+    def _held(self, session) -> dict:
+        """A session's state as it waits between chunks (zeros without a session)."""
+        if session is None:
+            return {name: np.zeros(arr.shape[1], np.float32) for name, arr in self.pool.arrays.items()}
+        return {name: arr[session.slots[0]] for name, arr in self.pool.arrays.items()}
+
+    def _free(self, req):
+        offset, usable = req.progress.pop("frames")
+        self.frames.free(offset, usable)
+        self.outputs.free(req.progress.pop("out"), usable)
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        st = self.stage
+        a, b, out = self._window(st, max_rows)
+        if b == a:
+            return out
+        self._blocks(st, a, b, pad_to, self._run)
+        length = st["length"][a:b]
+        done = np.flatnonzero(st["pos"][a:b] >= length)
+        for i in done:
+            req = st.reqs[a + i]
+            o, n = st["out"][a + i], length[i]
+            state = {name: arr[a + i] for name, arr in st.states.items()}
+            if req.session is not None and not req.end:  # the state waits for the next chunk
+                for name, value in state.items():
+                    self.pool[name][req.session.slots[0]] = value
+            req.result = self._result(req, self.outputs.data[o:o + n].copy(), state)
+        self._leave(st, a + done, out)
+        self.last_rows = b - a
+        return out
+
+    def _run(self, rows, t: int, pad: int) -> None:
+        """t steps of every layer for the stage rows `rows` (a slice runs in place, padded by `pad` rows)."""
+        st = self.stage
+        index = (st["offset"][rows] + st["pos"][rows])[:, None] + np.arange(t)
+        xs = self.frames.data[index].transpose(1, 0, 2)
+        start = time.perf_counter()
+        wide, xs = self._widened(rows, xs, pad)
+        ys = stack_steps(self.rnn, st, self.names, xs, wide)[:, : len(index)]
+        self.kernel_seconds += time.perf_counter() - start
+        out = (st["out"][rows] + st["pos"][rows])[:, None] + np.arange(t)
+        self.outputs.data[out] = ys.transpose(1, 0, 2)
+        st["pos"][rows] += t
+
+    def _result(self, req, ys: np.ndarray, state: dict) -> dict:
+        finals = [tuple(np.array(state[name]) for name in layer) for layer in self.names]
+        result = self.source.result_of(req.payload.inputs, ys, finals)
+        session = req.session
+        result["frames_pending"] = 0 if session is None else len(session.buffer)
+        if req.snapshot:
+            result["snapshot"] = self._snapshot(req, state)
+        return result
+
+
+class BidirectionalRunner(FrameSequenceRunner):
+    """A bidirectional stack over whole sequences: each layer's forward and backward directions are two
+    stages, each stepped over many requests at once, in blocks of `block_steps` frames. A request enters
+    layer l + 1 once both directions have covered layer l (the layer's output at a step needs both).
+    Layer l reads arena `seq[l]` and writes its outputs, forward half then backward half, into
+    `seq[l + 1]`; the top layer's outputs and every cell's final state go to the source's result_of."""
+
+    def __init__(self, source, capacity: int, block_steps: int = 1):
+        rnn = source.rnn
+        if not rnn.bidirectional:
+            raise ValueError("BidirectionalRunner runs bidirectional RNNs")
+        self.cell_types = tuple(f"l{l}.{d}" for l in range(rnn.num_layers) for d in ("forward", "backward"))
+        self.cells = {name: rnn.cells[i] for i, name in enumerate(self.cell_types)}
+        self.state_names = {name: [f"s{i}" for i in range(len(cell.state_widths()))]
+                            for name, cell in self.cells.items()}
+        self.seq = [Arena(rnn.input_size, np.float32)] + [Arena(rnn.output_size, np.float32)
+                                                          for _ in range(rnn.num_layers)]
+        stages = [Stage(name, capacity, {f"s{i}": w for i, w in enumerate(cell.state_widths())},
+                        {"src": np.int64, "dst": np.int64, "length": np.int64, "pos": np.int64, "arrival": np.float64})
+                  for name, cell in self.cells.items()]
+        super().__init__(source, capacity, stages, block_steps)
+
+    def _admit(self, req):
+        if req.session is not None:
+            raise ValueError("a bidirectional model reads whole sequences: it cannot stream in sessions")
+        req.progress.update(blocks=[(0, self.seq[0].put(req.payload.frames))], finals=[None] * len(self.cells))
+        self._enter(req, 0)
+        return ADMITTED
+
+    def _enter(self, req, layer: int) -> None:
+        """Start both directions of `layer`, reading the request's block in seq[layer]."""
+        steps = len(req.payload)
+        src = req.progress["blocks"][-1][1]
+        dst = self.seq[layer + 1].alloc(steps)
+        req.progress["blocks"].append((layer + 1, dst))
+        req.progress["left"] = 2
+        for d in ("forward", "backward"):
+            self.stages[f"l{layer}.{d}"].add([req], src=src, dst=dst, length=steps, pos=0, arrival=req.arrival)
+
+    def _free(self, req):
+        steps = len(req.payload)
+        for level, offset in req.progress.pop("blocks", []):
+            self.seq[level].free(offset, steps)
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        st, cell, names = self.stages[cell_type], self.cells[cell_type], self.state_names[cell_type]
+        a, b, out = self._window(st, max_rows)
+        if b == a:
+            return out
+        layer, direction = int(cell_type[1:cell_type.index(".")]), cell_type.endswith("backward")
+        hidden = self.rnn.hidden_size
+        source, target = self.seq[layer], self.seq[layer + 1]
+
+        def run(rows, t, pad):
+            pos, length = st["pos"][rows], st["length"][rows]
+            frame = pos[:, None] + np.arange(t)
+            if direction:
+                frame = length[:, None] - 1 - frame
+            xs = source.data[st["src"][rows][:, None] + frame].transpose(1, 0, 2)
+            start = time.perf_counter()
+            wide, xs = self._widened(rows, xs, pad)
+            ys = stage_steps(cell, st, names, xs, wide)
+            self.kernel_seconds += time.perf_counter() - start
+            target.data[st["dst"][rows][:, None] + frame, direction * hidden:(direction + 1) * hidden] = \
+                ys[:, : len(pos)].transpose(1, 0, 2)
+            st["pos"][rows] += t
+
+        self._blocks(st, a, b, pad_to, run)
+        done = a + np.flatnonzero(st["pos"][a:b] >= st["length"][a:b])
+        index = self.cell_types.index(cell_type)
+        for row in done:
+            st.reqs[row].progress["finals"][index] = tuple(st.states[name][row].copy() for name in names)
+        for req in st.remove(done):
+            req.progress["left"] -= 1
+            if req.progress["left"]:
+                continue
+            if layer + 1 < self.rnn.num_layers:
+                self._enter(req, layer + 1)
+                continue
+            top = req.progress["blocks"][-1][1]
+            ys = self.seq[-1].data[top:top + len(req.payload)].copy()
+            req.result = self.source.result_of(req.payload.inputs, ys, req.progress["finals"])
+            self._free(req)
+            out.append(req)
+        self.last_rows = b - a
+        return out
+
+
+def frames_runner(source, capacity: int, block_steps: int = 1) -> FrameSequenceRunner:
+    """The runner for a frame-sequence source: bidirectional stacks read whole sequences, others stream."""
+    runner = BidirectionalRunner if source.rnn.bidirectional else StreamRunner
+    return runner(source, capacity, block_steps)

@@ -1,0 +1,168 @@
+"""The sequence-to-sequence family (the number speller is one): source tokens (or text, through a text
+codec) in, greedily decoded target tokens (and text) out. Encoder and decoder steps are two stages,
+batched apart."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cellserve.engine.batch import Stage, layer_state_names, layer_state_widths, stack_steps
+from cellserve.engine.pool import Arena
+from cellserve.engine.runner import ADMITTED, SequenceRunner, pad_rows, token_array
+from cellserve.families.base import Family, TensorSpec, token_rows
+from cellserve.models import Seq2Seq
+
+
+def codec_named(name: str):
+    """(encode, decode) of a named text codec: text -> source tokens, target tokens -> text."""
+    if name == "number-speller":
+        from cellserve.tasks.speller import decode_words, encode_number
+
+        return encode_number, decode_words
+    raise ValueError(f"unknown text codec {name!r} (number-speller)")
+
+
+class Seq2SeqFamily(Family):
+    arch = "seq2seq"
+    options = ("text_codec",)
+
+    def __init__(self, model: Seq2Seq, text_codec: str | None = None):
+        super().__init__(model)
+        self.codec = codec_named(text_codec) if text_codec else None  # (encode, decode)
+        self.inputs = [TensorSpec("tokens", "INT64", [-1, -1], optional=bool(self.codec)),
+                       TensorSpec("max_output_tokens", "INT64", [-1], optional=True)]
+        self.outputs = [TensorSpec("tokens", "INT64", [-1, -1]), TensorSpec("lengths", "INT64", [-1])]
+        if self.codec:
+            self.inputs.append(TensorSpec("text", "BYTES", [-1], optional=True))
+            self.outputs.append(TensorSpec("text", "BYTES", [-1]))
+
+    def runner(self, capacity, block_steps=1):
+        return Seq2SeqRunner(self.model, capacity)
+
+    def requests(self, tensors):
+        self.check_names(tensors)
+        if ("text" in tensors) == ("tokens" in tensors):
+            raise ValueError("give exactly one of 'tokens' or 'text'" if self.codec else "'tokens' is required")
+        if "text" in tensors:
+            encode = self.codec[0]
+            try:
+                rows = [encode(v.decode().strip()) for v in tensors["text"].reshape(-1)]
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise ValueError(f"input 'text': {exc}")
+        else:
+            rows = [list(r) for r in token_rows(tensors["tokens"], "tokens")]
+        limits = tensors.get("max_output_tokens")
+        if limits is not None:
+            limits = limits.reshape(-1)
+            if len(limits) not in (1, len(rows)) or not np.issubdtype(limits.dtype, np.integer):
+                raise ValueError("max_output_tokens must be one integer or one per batch row")
+        out = []
+        for i, row in enumerate(rows):
+            req = {"tokens": np.asarray(row, dtype=np.int64)}
+            if limits is not None:
+                req["max_output_tokens"] = int(limits[i if len(limits) > 1 else 0])
+            elif self.codec:
+                req["max_output_tokens"] = 16
+            out.append(req)
+        return out
+
+    def outputs_of(self, results):
+        seqs = [r["tokens"] for r in results]
+        width = max(map(len, seqs))
+        tokens = np.full((len(seqs), width), self.model.eos_id, dtype=np.int64)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)] = s
+        outputs = {"tokens": tokens, "lengths": np.array([len(s) for s in seqs], dtype=np.int64)}
+        if self.codec:
+            decode = self.codec[1]
+            outputs["text"] = np.array([decode(s).encode() for s in seqs], dtype=object)
+        return outputs
+
+
+class Seq2SeqRunner(SequenceRunner):
+    """Encoder steps over the source, then greedy decoder steps, as two stages batched apart; a request
+    moves its states from the encoder's batch to the decoder's once, when its source is read."""
+
+    cell_types = ("encoder", "decoder")
+
+    def __init__(self, model: Seq2Seq, capacity: int):
+        self.model = model
+        self.names = layer_state_names(model.encoder)
+        widths = layer_state_widths(model.encoder)
+        self.src, self.out = Arena(0, np.int64), Arena(0, np.int64)
+        self.encoder = Stage("encoder", capacity, widths, {"offset": np.int64, "length": np.int64,
+                                                           "pos": np.int64, "arrival": np.float64})
+        self.decoder = Stage("decoder", capacity, widths, {"prev": np.int64, "out": np.int64, "count": np.int64,
+                                                           "max_len": np.int64, "stop": bool, "arrival": np.float64})
+        super().__init__(capacity, [self.encoder, self.decoder])
+
+    def prepare(self, inputs):
+        src = token_array(inputs.get("tokens"), "tokens", self.model.src_embedding.vocab_size)
+        max_len = int(inputs.get("max_output_tokens", 2 * len(src) + 10))
+        if not 1 <= max_len <= 4096:
+            raise ValueError(f"max_output_tokens must be in [1, 4096], got {max_len}")
+        return {"src": src, "max_len": max_len, "stop_at_eos": bool(inputs.get("stop_at_eos", True))}, 1
+
+    def length(self, payload):
+        return len(payload["src"])
+
+    def admit(self, reqs):
+        for req in reqs:
+            req.progress["src"] = self.src.put(req.payload["src"])
+        self.encoder.add(reqs, offset=[r.progress["src"] for r in reqs], length=[len(r.payload["src"]) for r in reqs],
+                         pos=0, arrival=[r.arrival for r in reqs])
+        return [ADMITTED] * len(reqs)
+
+    def _free(self, req):
+        if "src" in req.progress:
+            self.src.free(req.progress.pop("src"), len(req.payload["src"]))
+        if "out" in req.progress:
+            self.out.free(req.progress.pop("out"), req.payload["max_len"])
+
+    def step(self, cell_type, max_rows, pad_to=0):
+        st = self.stages[cell_type]
+        a, b, out = self._window(st, max_rows)
+        if b > a:
+            (self._encode if cell_type == "encoder" else self._decode)(st, a, b, self._padding(st, a, b, pad_to), out)
+            self.last_rows = b - a
+        return out
+
+    def _encode(self, st, a, b, pad, out):
+        model = self.model
+        offset, pos = st["offset"][a:b], st["pos"][a:b]
+        start = time.perf_counter()
+        x = model.src_embedding.table[pad_rows(self.src.data[offset + pos], pad)]
+        stack_steps(model.encoder, st, self.names, x[None], slice(a, b + pad))
+        self.kernel_seconds += time.perf_counter() - start
+        pos += 1
+        done = a + np.flatnonzero(pos >= st["length"][a:b])
+        if not len(done):
+            return
+        moving = [st.reqs[row] for row in done]  # read their sources: states move to the decoder
+        for req in moving:
+            self.src.free(req.progress.pop("src"), len(req.payload["src"]))
+            req.progress["out"] = self.out.alloc(req.payload["max_len"])
+        rows = self.decoder.add(moving, prev=model.bos_id, out=[r.progress["out"] for r in moving], count=0,
+                                max_len=[r.payload["max_len"] for r in moving],
+                                stop=[r.payload["stop_at_eos"] for r in moving], arrival=st["arrival"][done])
+        self.decoder.state[rows] = st.state[done]  # encoder and decoder have the same state layout
+        st.remove(done)
+
+    def _decode(self, st, a, b, pad, out):
+        model = self.model
+        start = time.perf_counter()
+        x = model.tgt_embedding.table[pad_rows(st["prev"][a:b], pad)]
+        top = stack_steps(model.decoder, st, self.names, x[None], slice(a, b + pad))[0]
+        tokens = model.head(top).argmax(axis=-1)[: b - a]
+        self.kernel_seconds += time.perf_counter() - start
+        count = st["count"][a:b]
+        self.out.data[st["out"][a:b] + count] = tokens
+        count += 1
+        st["prev"][a:b] = tokens
+        done = np.flatnonzero(((st["stop"][a:b] != 0) & (tokens == model.eos_id)) | (count >= st["max_len"][a:b]))
+        for i in done:
+            o = st["out"][a + i]
+            st.reqs[a + i].result = {"tokens": self.out.data[o:o + count[i]].tolist()}
+        self._leave(st, a + done, out)

@@ -1,0 +1,99 @@
+/* Dispatch, settings and scratch memory of the native core.
+ *
+ * Per-kernel dispatch, as MLAS builds its platform: each path is the table of a base ISA with only the
+ * kernels that a newer extension adds put over it, so AVX-512 VBMI is the AVX-512 table with one entry
+ * (binary weights by table lookup) replaced. The best path the CPU supports is chosen when the module
+ * loads; CELLSERVE_ISA or platform_select() (tests, benchmarks) force another. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "native.h"
+
+namespace {
+
+struct Path {
+    isa_t table;
+};
+
+/* The paths, best first; built once, on first use. */
+struct Paths {
+    Path path[4];
+    int count = 0;
+
+    void add(const isa_t &base) { path[count++].table = base; }
+
+    Paths() {
+#if defined(__x86_64__) || defined(_M_X64)
+        add(ISA_AVX512);  /* AVX-512 VBMI: the AVX-512 table with the one kernel VBMI adds */
+        isa_t &vbmi = path[count - 1].table;
+        vbmi.name = "avx512-vbmi";
+        vbmi.supported = avx512_vbmi_supported;
+        vbmi.gemm_s8 = avx512_vbmi_gemm_s8;
+        add(ISA_AVX512);
+        add(ISA_AVX2);
+#endif
+        add(ISA_PORTABLE);
+        active = &ISA_PORTABLE;
+        for (int i = 0; i < count; i++)
+            if (path[i].table.supported()) {
+                active = &path[i].table;
+                break;
+            }
+    }
+
+    const isa_t *active;
+};
+
+Paths &paths() {
+    static Paths instance;
+    return instance;
+}
+
+/* Per-thread scratch: a calling thread's gates, quantized activations and packed rows of A. */
+struct Scratch {
+    void *ptr[NUM_SLOTS] = {};
+    size_t size[NUM_SLOTS] = {};
+    ~Scratch() {
+        for (void *p : ptr) free(p);
+    }
+};
+thread_local Scratch scratch_buffers;
+
+}  // namespace
+
+thread_local int native_threads = 1;
+
+const isa_t *platform(void) { return paths().active; }
+
+int platform_count(void) { return paths().count; }
+
+const isa_t *platform_path(int i) { return &paths().path[i].table; }
+
+int platform_select(const char *name) {
+    Paths &all = paths();
+    for (int i = 0; i < all.count; i++) {
+        if (strcmp(all.path[i].table.name, name) != 0) continue;
+        if (!all.path[i].table.supported()) return -2;
+        all.active = &all.path[i].table;
+        return 0;
+    }
+    return -1;
+}
+
+void *aligned_zeros(size_t bytes) {
+    bytes = (bytes + ALIGN - 1) / ALIGN * ALIGN;
+    void *p = aligned_alloc(ALIGN, bytes ? bytes : ALIGN);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
+void *scratch(int slot, size_t bytes) {
+    Scratch &s = scratch_buffers;
+    if (bytes > s.size[slot]) {
+        free(s.ptr[slot]);
+        s.size[slot] = bytes + bytes / 2;
+        s.ptr[slot] = aligned_zeros(s.size[slot]);
+        if (!s.ptr[slot]) s.size[slot] = 0;
+    }
+    return s.ptr[slot];
+}

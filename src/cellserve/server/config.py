@@ -1,0 +1,105 @@
+"""A model's configuration: our config.json keys (ModelConfig), and what we use of a Triton config.pbtxt
+(triton_config), with the check that its declared tensors are the model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cellserve.engine import EngineConfig
+
+
+class ModelConfig(BaseModel):
+    """config.json of a model folder; every field has a default."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights: str = "model.safetensors"
+    policy: Literal["cellular", "graph", "none"] = "cellular"
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_queue: int = Field(1024, ge=1)
+    capacity: int = Field(4096, ge=1, description="state pool slots (tree nodes for a TreeLSTM)")
+    max_delay_ms: float = Field(5.0, ge=0, description="graph policy batching window")
+    pick: Literal["stage", "fullest", "oldest"] | None = Field(None, description="cellular: which cell type runs "
+                                                               "next (default: stage; oldest for trees)")
+    max_running: int | None = Field(None, ge=1, description="cellular: requests in flight (default 2 x max_batch)")
+    max_sessions: int | None = Field(None, ge=1, description="open streaming sessions at once (default: capacity); "
+                                     "past it a new sequence gets 503")
+    idle_timeout_s: float = Field(60.0, gt=0, description="streaming sessions expire after this idle time")
+    block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
+    threads: int = Field(1, ge=1, le=256, description="cores each batched step's matrix products are split across")
+    text_codec: Literal["number-speller"] | None = None
+    sequence_batching: bool | None = Field(None, description="imported graphs: serve sessions (default: when the "
+                                           "graph streams: unidirectional core, per-step front and head)")
+    decode: Literal["ctc", "lm"] | None = Field(None, description="imported graphs: add CTC greedy labels or the "
+                                                "LM log-likelihood of the tokens to the graph's outputs")
+    backend: Literal["cellserve", "onnxruntime", "onnxruntime-int8"] = Field(
+        "cellserve", description="who runs the LSTM/GRU cells (onnxruntime-int8: ORT's dynamic int8 quantization)")
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's settings, passed whole."""
+        return EngineConfig(policy=self.policy, max_batch=self.max_batch, max_queue=self.max_queue,
+                            max_delay_ms=self.max_delay_ms, idle_timeout_s=self.idle_timeout_s, pick=self.pick,
+                            threads=self.threads, max_running=self.max_running, max_sessions=self.max_sessions)
+
+    def family_options(self) -> dict:
+        """The keys a model family may take (each takes its own; see families/)."""
+        return {"text_codec": self.text_codec, "decode": self.decode, "sequence_batching": self.sequence_batching,
+                "backend": self.backend}
+
+
+TRITON_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT32": "TYPE_INT32",
+                "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64",
+                "BYTES": "TYPE_STRING"}
+
+
+def triton_config(path: Path, folder_name: str) -> tuple[dict, list[dict]]:
+    """What we use of a Triton config.pbtxt: (our config settings, declared input/output tensors).
+    max_batch_size -> max_batch; sequence_batching (max_sequence_idle_microseconds) -> sessions and
+    their idle timeout; dynamic_batching's max_queue_delay_microseconds -> the graph policy's window;
+    parameters {key: string_value} -> our config keys (policy, block_steps, threads, decode, ...);
+    version_policy and default_model_filename; input/output names, datatypes and dims are checked
+    against the model's."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        pb = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path}: {exc}")
+    if pb.name and pb.name != folder_name:
+        raise ValueError(f"{path} names the model {pb.name!r}, but its folder is {folder_name!r}")
+    settings: dict = {k: v.string_value for k, v in pb.parameters.items()}
+    if pb.max_batch_size > 0:
+        settings["max_batch"] = pb.max_batch_size
+    if pb.HasField("sequence_batching"):
+        settings["sequence_batching"] = True
+        if pb.sequence_batching.max_sequence_idle_microseconds:
+            settings["idle_timeout_s"] = pb.sequence_batching.max_sequence_idle_microseconds / 1e6
+    if pb.HasField("dynamic_batching") and pb.dynamic_batching.max_queue_delay_microseconds:
+        settings["max_delay_ms"] = pb.dynamic_batching.max_queue_delay_microseconds / 1000
+    if pb.default_model_filename:
+        settings["default_model_filename"] = pb.default_model_filename
+    if pb.HasField("version_policy") and pb.version_policy.WhichOneof("policy_choice") == "specific":
+        settings["version_policy"] = {"specific": list(pb.version_policy.specific.versions)}
+    batch = [-1] if pb.max_batch_size > 0 else []
+    declared = [{"io": io, "name": t.name, "datatype": model_config_pb2.DataType.Name(t.data_type),
+                 "dims": batch + list(t.dims)} for io, tensors in (("input", pb.input), ("output", pb.output))
+                for t in tensors]
+    return settings, declared
+
+
+def check_declared(served, declared: list[dict], path: Path) -> None:
+    """config.pbtxt's tensors must be the model's: same names, datatypes, and dims (-1 matches any)."""
+    for d in declared:
+        specs = {s.name: s for s in (served.inputs if d["io"] == "input" else served.outputs)}
+        spec = specs.get(d["name"])
+        if spec is None:
+            raise ValueError(f"{path} declares {d['io']} {d['name']!r}; the model's {d['io']}s are {sorted(specs)}")
+        if d["datatype"] != "TYPE_INVALID" and TRITON_TYPES.get(spec.datatype) != d["datatype"]:
+            raise ValueError(f"{path}: {d['io']} {d['name']!r} is {TRITON_TYPES.get(spec.datatype)} in the model, "
+                             f"{d['datatype']} in the config")
+        if len(d["dims"]) != len(spec.shape) or any(a != b and -1 not in (a, b) for a, b in zip(d["dims"], spec.shape)):
+            raise ValueError(f"{path}: {d['io']} {d['name']!r} has dims {spec.shape} in the model (with the batch "
+                             f"dimension), {d['dims']} in the config")
