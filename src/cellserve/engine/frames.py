@@ -5,6 +5,13 @@ Each gives a `source` with `rnn` (the core), `frames_of(inputs)` (validates a re
 an embedding lookup, image columns, an imported graph's front) and `result_of(inputs, ys, finals)` (the
 request's result from the top layer's outputs (T, D*H) and every cell's final state,
 finals[l * D + d] = (h[, c])).
+
+A source whose front and head are worth batching (an imported graph's convolutions) gives them for many
+rows at once instead: `frames_batch(rows)`, `results_batch(rows, ys, finals)`, and `initial_states(rows)`
+(a row's own initial state, when the client sends it). The stream runner then runs the front once over
+the requests an engine step admits and the head once over the requests a step finishes (BatchMaker: every
+subgraph with shared weights is a cell), and keeps each session's input `context` (the source's
+{input: samples}: the last samples of the previous chunk, put before the next one).
 """
 
 from __future__ import annotations
@@ -18,15 +25,18 @@ from cellserve.engine.pool import Arena, StatePool
 from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, DONE, NO_ROOM, SequenceRunner, pad_rows
 
+CONTEXT = "context:"  # snapshot state entries that hold a session's input context
+
 
 class Frames:
     """A request of a frame-sequence model: its inputs (for the source's result_of) and the frames its
     front turned them into."""
 
-    __slots__ = ("inputs", "frames")
+    __slots__ = ("inputs", "frames", "initial")
 
-    def __init__(self, inputs: dict, frames: np.ndarray):
+    def __init__(self, inputs: dict, frames: np.ndarray | None, initial: list | None = None):
         self.inputs, self.frames = inputs, frames
+        self.initial = initial  # the row's own initial state per cell, when its inputs carry one
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -42,7 +52,16 @@ class FrameSequenceRunner(SequenceRunner):
         super().__init__(capacity, stages)
 
     def prepare(self, inputs):
+        if self.batched:  # the front runs at admission, over every request admitted with this one
+            return Frames(inputs, None), 1
         return Frames(inputs, np.asarray(self.source.frames_of(inputs), dtype=np.float32)), 1
+
+    @property
+    def batched(self) -> bool:
+        return hasattr(self.source, "frames_batch") and not self.rnn.bidirectional
+
+    def length(self, payload):
+        return 1 if payload.frames is None else len(payload.frames)
 
     def _blocks(self, st: Stage, a: int, b: int, pad_to: int, run) -> None:
         """Advance rows [a, b) by up to block_steps frames: run(rows, t, pad) for the rows with t frames
@@ -96,6 +115,7 @@ class StreamRunner(FrameSequenceRunner):
 
     def check_snapshot(self, snapshot):
         state, pending = snapshot.get("state"), snapshot.get("pending")
+        state = {k: v for k, v in (state or {}).items() if not k.startswith(CONTEXT)}
         if not isinstance(state, dict) or set(state) != set(self.pool.arrays):
             raise ValueError(f"the snapshot's state arrays {sorted(state or {})} are not this model's "
                              f"{sorted(self.pool.arrays)}")
@@ -108,17 +128,65 @@ class StreamRunner(FrameSequenceRunner):
 
     def _snapshot(self, req: Request, state) -> dict:
         """The session's state (after this chunk) and the frames waiting for a full block."""
-        return {"state": {name: np.array(values, np.float32) for name, values in state.items()},
+        context = {CONTEXT + name: np.asarray(values, np.float32).reshape(-1)
+                   for name, values in req.session.context.items()}
+        return {"state": {**{name: np.array(values, np.float32) for name, values in state.items()}, **context},
                 "pending": np.array(req.session.buffer, np.float32)}
+
+    def admit(self, reqs):
+        fresh = [r for r in reqs if r.payload.frames is None]  # (one sent back for room keeps its frames)
+        failed = self._front(fresh) if self.batched and fresh else {}
+        statuses = super().admit([r for r in reqs if r.id not in failed])
+        by_id = {r.id: st for r, st in zip([r for r in reqs if r.id not in failed], statuses)}
+        return [failed.get(r.id, by_id.get(r.id)) for r in reqs]
+
+    def _front(self, reqs) -> dict:
+        """Context, front and client-given initial states for the requests admitted together, batched;
+        returns {request id: exception} for those that failed."""
+        context = getattr(self.source, "context", {})
+        rows = []
+        for req in reqs:
+            inputs, session = req.payload.inputs, req.session
+            for name, n in context.items():
+                x = inputs[name]
+                prev = session.context.get(name) if session is not None else None
+                prev = np.zeros(x.shape[:-1] + (n,), x.dtype) if prev is None else prev.reshape(x.shape[:-1] + (n,))
+                inputs[name] = np.concatenate([prev, x], axis=-1)
+                if session is not None:
+                    session.context[name] = inputs[name][..., -n:].copy()
+            rows.append(inputs)
+        try:
+            frames = self.source.frames_batch(rows)
+            initial = self.source.initial_states(rows)
+        except Exception:  # noqa: BLE001 (one bad row must not fail the others: each alone)
+            return self._front_alone(reqs)
+        for req, f, state in zip(reqs, frames, initial):
+            req.payload.frames, req.payload.initial = f, state
+        return {}
+
+    def _front_alone(self, reqs) -> dict:
+        failed = {}
+        for req in reqs:
+            try:
+                req.payload.frames = self.source.frames_batch([req.payload.inputs])[0]
+                req.payload.initial = self.source.initial_states([req.payload.inputs])[0]
+            except Exception as exc:  # noqa: BLE001
+                failed[req.id] = exc
+        return failed
 
     def _admit(self, req):
         session = req.session
+        if session is not None and req.payload.initial is not None:
+            raise ValueError("in a session the server holds the state: send only the chunk's input")
         if session is not None and session.slots is None:
             session.slots = self.pool.alloc(1)
             if session.slots is None:
                 return NO_ROOM
             if session.restore is not None:  # a snapshot opens this session
                 for name, values in session.restore["state"].items():
+                    if name.startswith(CONTEXT):
+                        session.context[name[len(CONTEXT):]] = np.asarray(values, np.float32)
+                        continue
                     self.pool[name][session.slots[0]] = values
                 session.buffer = np.asarray(session.restore["pending"], np.float32).reshape(-1, self.rnn.input_size)
                 session.restore = None
@@ -140,6 +208,10 @@ class StreamRunner(FrameSequenceRunner):
         if session is not None:
             for name, arr in self.stage.states.items():
                 arr[rows] = self.pool[name][session.slots[0]]
+        elif req.payload.initial is not None:  # the client's own state, from its state inputs
+            for layer, cell_state in zip(self.names, req.payload.initial):
+                for name, value in zip(layer, cell_state):
+                    self.stage.states[name][rows] = value
         return ADMITTED
 
     def _held(self, session) -> dict:
@@ -161,6 +233,7 @@ class StreamRunner(FrameSequenceRunner):
         self._blocks(st, a, b, pad_to, self._run)
         length = st["length"][a:b]
         done = np.flatnonzero(st["pos"][a:b] >= length)
+        finished, ys, states = [], [], []
         for i in done:
             req = st.reqs[a + i]
             o, n = st["out"][a + i], length[i]
@@ -168,7 +241,12 @@ class StreamRunner(FrameSequenceRunner):
             if req.session is not None and not req.end:  # the state waits for the next chunk
                 for name, value in state.items():
                     self.pool[name][req.session.slots[0]] = value
-            req.result = self._result(req, self.outputs.data[o:o + n].copy(), state)
+            finished.append(req)
+            ys.append(self.outputs.data[o:o + n].copy())
+            states.append({name: np.array(value) for name, value in state.items()})
+        if finished:
+            for req, result in zip(finished, self._results(finished, ys, states)):
+                req.result = result
         self._leave(st, a + done, out)
         self.last_rows = b - a
         return out
@@ -187,13 +265,28 @@ class StreamRunner(FrameSequenceRunner):
         st["pos"][rows] += t
 
     def _result(self, req, ys: np.ndarray, state: dict) -> dict:
-        finals = [tuple(np.array(state[name]) for name in layer) for layer in self.names]
-        result = self.source.result_of(req.payload.inputs, ys, finals)
-        session = req.session
-        result["frames_pending"] = 0 if session is None else len(session.buffer)
-        if req.snapshot:
-            result["snapshot"] = self._snapshot(req, state)
-        return result
+        return self._results([req], [ys], [state])[0]
+
+    def _results(self, reqs, ys: list[np.ndarray], states: list[dict]) -> list[dict]:
+        """Finished requests' results (the head batched when the source batches), with what a session's
+        chunk adds: its frames held back for a full block, its snapshot when asked, and none of the
+        outputs that only carry the state the server holds (the source's session_hidden)."""
+        finals = [[tuple(np.array(state[name]) for name in layer) for layer in self.names] for state in states]
+        inputs = [req.payload.inputs for req in reqs]
+        if self.batched:
+            results = self.source.results_batch(inputs, ys, finals)
+        else:
+            results = [self.source.result_of(i, y, f) for i, y, f in zip(inputs, ys, finals)]
+        hidden = getattr(self.source, "session_hidden", ())
+        for req, result, state in zip(reqs, results, states):
+            session = req.session
+            result["frames_pending"] = 0 if session is None else len(session.buffer)
+            if session is not None:
+                for name in hidden:
+                    result.pop(name, None)
+            if req.snapshot:
+                result["snapshot"] = self._snapshot(req, state)
+        return results
 
 
 class BidirectionalRunner(FrameSequenceRunner):

@@ -45,6 +45,7 @@ class Session:
     busy: bool = False  # a chunk is queued or running
     waiting: collections.deque = field(default_factory=collections.deque)  # later chunks, in order
     restore: dict | None = None  # a snapshot's state and pending input, put in place by its first chunk
+    context: dict = field(default_factory=dict)  # input name -> the last samples of its previous chunk
 
 
 @dataclass(eq=False)

@@ -22,12 +22,24 @@ EXTRA_OUTPUTS = {"ctc": TensorSpec("labels", "INT64", [-1, -1]), "lm": TensorSpe
 
 
 class ImportedFamily(Family):
+    """A graph with state inputs and outputs (state -> stateN, h/c -> hn/cn) serves sessions with the
+    state held by the server: a session's requests send only their chunk, the state inputs start from
+    zeros, and the state outputs are not returned. A request without a session may send the state itself
+    (and gets the state outputs back); its rows still batch with everyone's. `context` ({input: samples})
+    keeps, per session, the last samples of an input's previous chunk and puts them before the next."""
+
     arch = "onnx"
-    options = ("decode", "sequence_batching", "backend")
+    options = ("decode", "sequence_batching", "backend", "context")
 
     def __init__(self, model: ImportedModel, decode: str | None = None, sequence_batching: bool | None = None,
-                 backend: str = "cellserve"):
+                 backend: str = "cellserve", context: dict[str, int] | None = None):
         super().__init__(model)
+        self.context = dict(context or {})
+        names = {i["name"] for i in model.inputs}
+        for name, n in self.context.items():
+            if name not in names or n < 1:
+                raise ValueError(f"context names input {name!r} with {n} samples; the graph's inputs are {sorted(names)}")
+        self.session_hidden = tuple(p["output"] for p in model.state_pairs if p["output"])
         self.rnn = model.rnn
         if backend not in ("cellserve", "onnxruntime"):
             raise ValueError(f"backend {backend!r} does not run imported graphs (cellserve or onnxruntime)")
@@ -49,7 +61,9 @@ class ImportedFamily(Family):
                 raise ValueError("LM scoring needs an integer input with a time axis (the tokens)")
         self.stateful = backend == "cellserve" and (
             model.streamable if sequence_batching is None else sequence_batching)
-        self.inputs = [TensorSpec(i["name"], i["datatype"], i["shape"]) for i in model.inputs]
+        state_inputs = {p["input"] for p in model.state_pairs}
+        self.inputs = [TensorSpec(i["name"], i["datatype"], self._client_shape(i), optional=i["name"] in state_inputs)
+                       for i in model.inputs]
         self.outputs = [TensorSpec(o["name"], o["datatype"], o["shape"]) for o in model.outputs]
         if decode:
             self.outputs.append(EXTRA_OUTPUTS[decode])
@@ -62,17 +76,34 @@ class ImportedFamily(Family):
             return WholeGraphRunner(self.model, capacity)
         return frames_runner(self, capacity, block_steps)
 
+    def _client_shape(self, spec: dict) -> list[int]:
+        """An input's shape as clients send it: its context comes from the server."""
+        shape = list(spec["shape"])
+        if spec["name"] in self.context and shape and shape[-1] >= 0:
+            shape[-1] -= self.context[spec["name"]]
+        return shape
+
     def requests(self, tensors):
-        return self.model.rows({k: v for k, v in tensors.items() if k != SNAPSHOT.name})
+        return self.model.rows({k: v for k, v in tensors.items() if k != SNAPSHOT.name}, self.context)
+
+    def frames_batch(self, rows: list[dict]) -> list[np.ndarray]:
+        return self.model.frames_batch(rows)
+
+    def initial_states(self, rows: list[dict]) -> list:
+        return self.model.initial_states(rows)
+
+    def results_batch(self, rows: list[dict], ys: list[np.ndarray], finals: list) -> list[dict]:
+        results = self.model.results_batch(rows, ys, finals)
+        if self.decode:
+            for row, outputs in zip(rows, results):
+                outputs.update(self._decoded(row, outputs))
+        return results
 
     def frames_of(self, inputs: dict) -> np.ndarray:
         return self.model.frames_of(inputs)
 
     def result_of(self, inputs: dict, ys: np.ndarray, finals: list) -> dict:
-        outputs = self.model.result_of(inputs, ys, finals)
-        if self.decode:
-            outputs.update(self._decoded(inputs, outputs))
-        return outputs
+        return self.results_batch([inputs], [ys], [finals])[0]
 
     def _decoded(self, inputs: dict, outputs: dict) -> dict:
         """One row's extra output: CTC greedy labels ("labels": best path, repeats merged, blanks (id 0)

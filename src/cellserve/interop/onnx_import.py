@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cellserve.cells import Cell, GRUCell, LSTMCell
 from cellserve.cells.onnxruntime import ort_session
+from cellserve.interop.normalize import normalize
 from cellserve.interop.onnx_export import GATE_ORDER
 from cellserve.models.imported import NUMPY, ImportedModel
 from cellserve.models.rnn import RNN
@@ -108,14 +109,18 @@ def rnn_from_onnx(source) -> RNN:
     return RNN(layers)
 
 
-def import_onnx(source) -> ImportedModel:
+def import_onnx(source, controls: dict | None = None, input_shapes: dict | None = None,
+                state_pairs: dict[str, str] | None = None) -> ImportedModel:
     """Split an ONNX model (path, bytes or ModelProto) into front, core and head; see the module doc.
-    ValueError says what does not fit, naming the operator."""
+    controls and input_shapes specialize it first (interop/normalize.py); state_pairs declares which
+    state output continues which state input (found by dataflow otherwise). ValueError says what does
+    not fit, naming the operator."""
     model = load_onnx(source)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise ValueError(f"not a valid ONNX model: {str(exc).splitlines()[0]}")
+    model = normalize(model, controls, input_shapes)
     graph = model.graph
     constants = constants_of(graph)
     producer = {out: node for node in graph.node for out in node.output}
@@ -157,12 +162,14 @@ def import_onnx(source) -> ImportedModel:
         raise ValueError("the recurrent layers take different sequence_lens; cellserve runs the layers of a row "
                          "over the same steps")
     lengths_tensor = lengths_tensors.pop()
-    for node in recurrent:
+    state_sources = []  # initial states the graph computes from its inputs: {"layer", "kind" (h/c), "name"}
+    for l, node in enumerate(recurrent):
         names = list(node.input) + [""] * (8 - len(node.input))
-        for state in (names[5], names[6]):
-            if state in input_names:
-                raise ValueError(f"{node.op_type} node {node.name!r} takes its initial state from input {state!r}: "
-                                 "state between calls is what sessions (sequence_id) are for")
+        for kind, name in (("h", names[5]), ("c", names[6])):
+            # an initial state built from shapes alone (zeros of the batch size, as torch exports them) is
+            # not a state the graph is given: the check below confirms zeros reproduce it
+            if name and name not in constants and _data_inputs(name, producer, input_names):
+                state_sources.append({"layer": l, "kind": kind, "name": name})
         layers.append(cells_of_node(node, constants))
     if len({len(d) for d in layers}) > 1 or len({c.hidden_size for d in layers for c in d}) > 1:
         raise ValueError("stacked recurrent layers must share their direction count and hidden size")
@@ -195,16 +202,82 @@ def import_onnx(source) -> ImportedModel:
     head = _extract(extractor, tensors_in, head_outputs) if head_outputs else b""
 
     lengths = _extract(extractor, list(input_names), [lengths_tensor]) if lengths_tensor else b""
+    states = _extract(extractor, list(input_names), [s["name"] for s in state_sources]) if state_sources else b""
+    state_inputs = [i.name for i in onnx.load_from_string(states).graph.input] if states else []
+    for part, cut in (("front", front), ("head", head), ("sequence lengths", lengths)):
+        read = {i.name for i in onnx.load_from_string(cut).graph.input} if cut else set()
+        if read & set(state_inputs):
+            raise ValueError(f"the graph's {part} reads state input(s) {sorted(read & set(state_inputs))}: cellserve "
+                             "takes state inputs only as the recurrent core's initial state")
     spec = {"inputs": [_tensor_spec(i) for i in graph_inputs], "outputs": [_tensor_spec(o) for o in graph.output],
             "core_input": core_input, "core_outputs": core_outputs, "streamable": False,
             "vocab": _vocabularies(graph, constants, input_names),
-            "length_inputs": _length_inputs(lengths, graph_inputs) if lengths else []}
-    imported = ImportedModel(front, head, rnn, spec, model.SerializeToString(), lengths)
+            "length_inputs": _length_inputs(lengths, graph_inputs) if lengths else [],
+            "state_sources": state_sources,
+            "state": _state_pairs(graph, producer, state_inputs, state_sources, core_outputs, state_pairs or {})}
+    imported = ImportedModel(front, head, rnn, spec, model.SerializeToString(), lengths, states)
     whole = ort_session(model)
     _find_axes(imported, whole)
     _check(imported, whole)
-    spec["streamable"] = not rnn.bidirectional and not lengths and _chunks_equal_one_pass(imported)
+    # sessions: a graph that carries its state itself, or one whose chunks give what one pass gives
+    spec["streamable"] = not rnn.bidirectional and not lengths and (bool(states) or _chunks_equal_one_pass(imported))
     return imported
+
+
+def _data_inputs(name: str, producer: dict, inputs: set[str]) -> set[str]:
+    """The graph inputs whose values (not only shapes) `name` is computed from."""
+    found, seen, todo = set(), set(), [name]
+    while todo:
+        tensor = todo.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in inputs:
+            found.add(tensor)
+            continue
+        node = producer.get(tensor)
+        if node is not None and node.op_type not in ("Shape", "Size"):
+            todo.extend(n for n in node.input if n)
+    return found
+
+
+def _ancestors(name: str, producer: dict, stops: set[str]) -> set[str]:
+    """The names in `stops` that `name` is computed from."""
+    found, seen, todo = set(), set(), [name]
+    while todo:
+        tensor = todo.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in stops:
+            found.add(tensor)
+            continue
+        node = producer.get(tensor)
+        if node is not None:
+            todo.extend(n for n in node.input if n)
+    return found
+
+
+def _state_pairs(graph, producer, state_inputs, state_sources, core_outputs, declared: dict) -> list[dict]:
+    """Which graph output continues each state input: the output computed only from the core's final
+    states (Y_h, Y_c) of the same layers and kinds the input starts (or as the config declares them)."""
+    finals = {o["name"]: (o["layer"], o["kind"][-1]) for o in core_outputs if o["kind"] != "Y"}
+    output_names = [o.name for o in graph.output]
+    for name, out in declared.items():
+        if name not in state_inputs or out not in output_names:
+            raise ValueError(f"the declared state pair {name!r} -> {out!r} is not a state input of the recurrent core "
+                             f"({state_inputs}) and a graph output ({output_names})")
+    reads = {}
+    for out in output_names:
+        sources = _ancestors(out, producer, set(finals) | set(state_inputs) | {"__never__"})
+        if sources and sources <= set(finals):
+            reads[out] = {finals[s] for s in sources}
+    pairs = []
+    for name in state_inputs:
+        feeds = {(s["layer"], s["kind"]) for s in state_sources if name in _ancestors(s["name"], producer, {name})}
+        out = declared.get(name) or next((o for o, r in reads.items() if r == feeds), None)
+        pairs.append({"input": name, "output": out})
+    return pairs
 
 
 def _upstream(tensor: str, source: str, producer: dict) -> bool:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cellserve.engine import EngineConfig
 
@@ -36,6 +37,30 @@ class ModelConfig(BaseModel):
                                                 "LM log-likelihood of the tokens to the graph's outputs")
     backend: Literal["cellserve", "onnxruntime", "onnxruntime-int8"] = Field(
         "cellserve", description="who runs the LSTM/GRU cells (onnxruntime-int8: ORT's dynamic int8 quantization)")
+    controls: dict[str, float] = Field({}, description="imported graphs: scalar control inputs fixed to a value, "
+                                       "which specializes the graph (Silero: {\"sr\": 16000})")
+    input_shapes: dict[str, list[int]] = Field({}, description="imported graphs: an input's shape as the graph "
+                                               "runs it, -1 on the batch axis (Silero: {\"input\": [-1, 576]})")
+    context: dict[str, int] = Field({}, description="imported graphs with sessions: per input, the samples of a "
+                                    "session's previous chunk the server puts before the next (Silero: 64)")
+    state: dict[str, str] = Field({}, description="imported graphs: state input -> the output that continues it "
+                                  "(found by dataflow when not given; config.pbtxt: sequence_batching.state)")
+
+    @field_validator("controls", "input_shapes", "context", "state", mode="before")
+    @classmethod
+    def _json_text(cls, value):
+        """config.pbtxt parameters are strings: a JSON object there is read as one."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(f"expected a JSON object, got {value!r}")
+        return value
+
+    def import_options(self) -> dict:
+        """What importing an ONNX graph for this config takes (interop/onnx_import.py)."""
+        shapes = {name: list(shape) for name, shape in self.input_shapes.items()}
+        return {"controls": self.controls, "input_shapes": shapes, "state_pairs": self.state}
 
     def engine_config(self) -> EngineConfig:
         """The engine's settings, passed whole."""
@@ -46,7 +71,7 @@ class ModelConfig(BaseModel):
     def family_options(self) -> dict:
         """The keys a model family may take (each takes its own; see families/)."""
         return {"text_codec": self.text_codec, "decode": self.decode, "sequence_batching": self.sequence_batching,
-                "backend": self.backend}
+                "backend": self.backend, "context": self.context}
 
 
 TRITON_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT32": "TYPE_INT32",
@@ -75,6 +100,8 @@ def triton_config(path: Path, folder_name: str) -> tuple[dict, list[dict]]:
         settings["max_batch"] = pb.max_batch_size
     if pb.HasField("sequence_batching"):
         settings["sequence_batching"] = True
+        if pb.sequence_batching.state:  # Triton's implicit state: pairs by name, whatever order they sort in
+            settings["state"] = {s.input_name: s.output_name for s in pb.sequence_batching.state}
         if pb.sequence_batching.max_sequence_idle_microseconds:
             settings["idle_timeout_s"] = pb.sequence_batching.max_sequence_idle_microseconds / 1e6
     if pb.HasField("dynamic_batching") and pb.dynamic_batching.max_queue_delay_microseconds:

@@ -116,7 +116,7 @@ class Repository:
         """A repository folder, or a single model file (model.onnx or ours) served under its stem."""
         path = Path(path)
         if path.is_file():
-            return cls([serve_model(path.stem, _load_model(path), ModelConfig())])
+            return cls([serve_model(path.stem, _load_model(path, ModelConfig()), ModelConfig())])
         return cls.from_directory(path)
 
     @classmethod
@@ -162,28 +162,28 @@ def load_folder(folder: Path) -> ServedModel:
     except (json.JSONDecodeError, ValidationError) as exc:
         raise ValueError(f"{config_path if config_path.exists() else folder / 'config.pbtxt'}: {exc}")
     if not versions:
-        served = serve_model(folder.name, _load_model(folder / (filename or config.weights)), config)
+        served = serve_model(folder.name, _load_model(folder / (filename or config.weights), config), config)
     else:
         chosen = _pick_version(versions, policy)
         files = [filename] if filename else ["model.onnx", "model.safetensors"]
         path = next((chosen / f for f in files if (chosen / f).exists()), None)
         if path is None:
             raise ValueError(f"version folder {chosen} holds none of {files}")
-        served = serve_model(folder.name, _load_model(path), config)
+        served = serve_model(folder.name, _load_model(path, config), config)
         served.version, served.versions = chosen.name, [v.name for v in versions]
     if declared is not None:
         check_declared(served, declared, folder / "config.pbtxt")
     return served
 
 
-def _load_model(path: Path):
-    """Our model file, or an ONNX graph imported on the spot."""
+def _load_model(path: Path, config: ModelConfig):
+    """Our model file, or an ONNX graph imported on the spot (specialized as its config says)."""
     if path.suffix == ".onnx":
         from cellserve.interop.onnx_import import import_onnx
 
         if not path.exists():
             raise ValueError(f"{path} does not exist")
-        return import_onnx(path)
+        return import_onnx(path, **config.import_options())
     try:
         return models.load(path)
     except OSError as exc:

@@ -1,0 +1,412 @@
+"""Graph normalization: what exporters really emit, rewritten into the plain form the split expects.
+
+  controls   scalar "control" inputs (Silero's `sr`) fixed to a value: they become constants, so a graph
+             that serves two sample rates is specialized to one (a model config names the value).
+  shapes     every input's batch axis is named `batch` (the first symbolic or unnamed axis, or the one a
+             declared shape marks -1), and declared sizes (a chunk of 576 samples) are written in, so the
+             graph is probed and split on requests of the form it will serve.
+  If         an `If` whose condition is the same whatever the request's values and batch size (it depends
+             on constants, controls, ranks or fixed sizes) is replaced by the branch it takes; nested ones
+             follow, level by level. The condition is found by running the graph on probe inputs at two
+             batch sizes; one that differs between probes is refused, naming the node.
+  constants  `Constant` nodes and every node computed from constants alone (weights sliced and
+             concatenated into gate order, shapes built from fixed numbers) are folded into initializers.
+  cells      an LSTM cell written in primitive operators (what torch's nn.LSTMCell, a Keras cell or an
+             op-set-18 re-export emit: MatMul/Gemm + Add, Split/Slice into gates, Sigmoid/Tanh, Mul/Add)
+             becomes one ONNX LSTM operator of one step, which the split then takes as the core.
+
+The result computes what the original computes on requests of the probed form (the caller checks it
+against ONNX Runtime on the original graph).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from cellserve.cells.onnxruntime import ort_session
+
+NUMPY_OF = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
+            TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.INT8: np.int8,
+            TensorProto.UINT8: np.uint8, TensorProto.BOOL: np.bool_}
+
+
+def normalize(model: onnx.ModelProto, controls: dict[str, float] | None = None,
+              shapes: dict[str, list[int]] | None = None, batch_sizes: tuple[int, int] = (1, 3)) -> onnx.ModelProto:
+    """The graph with its controls fixed, its input shapes named, its decidable Ifs inlined and its
+    constants folded. shapes: an input's full shape, -1 on its batch axis. ValueError names what does
+    not fit."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    fix_controls(model, controls or {})
+    name_shapes(model, shapes or {})
+    fold_constants(model)
+    while inline_ifs(model, batch_sizes):
+        fold_constants(model)
+    if not any(n.op_type in ("LSTM", "GRU") for n in model.graph.node):
+        fuse_lstm_cells(model)
+    return model
+
+
+def name_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name for i in graph.input if i.name not in initializers}
+    for name in set(shapes) - inputs:
+        raise ValueError(f"a shape is declared for {name!r}, which is not an input of the graph ({sorted(inputs)})")
+    for info in graph.input:
+        if info.name in initializers:
+            continue
+        dims = info.type.tensor_type.shape.dim
+        declared = shapes.get(info.name)
+        if declared is not None and len(declared) != len(dims):
+            raise ValueError(f"input {info.name!r} has {len(dims)} axes; its declared shape {declared} has "
+                             f"{len(declared)}")
+        if declared is None and all(d.dim_value or d.dim_param for d in dims):
+            continue  # named axes stay as they are
+        batch = declared.index(-1) if declared and -1 in declared else next(
+            (a for a, d in enumerate(dims) if not d.dim_value and not d.dim_param), None)
+        for axis, d in enumerate(dims):
+            if axis == batch:
+                d.dim_param = "batch"
+            elif declared is not None:
+                d.dim_value = declared[axis]
+            elif not d.dim_value and not d.dim_param:
+                raise ValueError(f"input {info.name!r} has an unnamed size on axis {axis}: declare its shape in the "
+                                 "model config (input_shapes, or dims in config.pbtxt)")
+
+
+def fix_controls(model: onnx.ModelProto, controls: dict[str, float]) -> None:
+    graph = model.graph
+    inputs = {i.name: i for i in graph.input}
+    for name, value in controls.items():
+        if name not in inputs:
+            raise ValueError(f"control input {name!r} is not an input of the graph (it has {sorted(inputs)})")
+        info = inputs[name]
+        t = info.type.tensor_type
+        if len(t.shape.dim) > 1 or (t.shape.dim and t.shape.dim[0].dim_value not in (0, 1)):
+            raise ValueError(f"control input {name!r} must be a scalar (or of one element)")
+        dtype = NUMPY_OF.get(t.elem_type)
+        if dtype is None:
+            raise ValueError(f"control input {name!r} has a type cellserve cannot fix")
+        shape = [1] if t.shape.dim else []
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype).reshape(shape), name))
+        graph.input.remove(info)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+
+
+def fold_constants(model: onnx.ModelProto) -> None:
+    """Evaluate every node whose inputs are all constants (and that holds no subgraph) into initializers."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    known = _constants(graph)
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        inputs = [n for n in node.input if n]
+        foldable = (all(n in known for n in inputs) and node.op_type not in ("If", "Loop", "Scan")
+                    and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)
+                    and node.domain in ("", "ai.onnx") and not any(o in outputs for o in node.output))
+        if not foldable:
+            keep.append(node)
+            continue
+        try:
+            values = ReferenceEvaluator(node).run(None, {n: known[n] for n in inputs})
+        except Exception:  # noqa: BLE001 (an operator the reference cannot run: left to ONNX Runtime)
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, values):
+            if name:
+                known[name] = np.asarray(value)
+                graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    del graph.node[:]
+    graph.node.extend(keep)
+    _drop_unused(graph)
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes and initializers nothing reads (outer names read inside subgraphs count)."""
+    needed = {o.name for o in graph.output}
+    alive = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output if o):
+            alive.append(node)
+            needed.update(_reads(node))
+    alive.reverse()
+    del graph.node[:]
+    graph.node.extend(alive)
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Every name a node reads, its subgraphs' reads of outer names included."""
+    names = {n for n in node.input if n}
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            inner = {o for n in attr.g.node for o in n.output} | {i.name for i in attr.g.initializer} | \
+                    {i.name for i in attr.g.input}
+            for n in attr.g.node:
+                names |= {r for r in _reads(n) if r not in inner}
+            names |= {o.name for o in attr.g.output if o.name not in inner}
+    return names
+
+
+def probe_inputs(graph: onnx.GraphProto, batch: int, seed: int = 0, other: int = 7) -> dict[str, np.ndarray]:
+    """Random inputs for a probe: `batch` on the axes named batch, `other` on other symbolic axes."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    initializers = {i.name for i in graph.initializer}
+    for info in graph.input:
+        if info.name in initializers:
+            continue
+        t = info.type.tensor_type
+        shape = [d.dim_value or (batch if d.dim_param == "batch" else other) for d in t.shape.dim]
+        dtype = NUMPY_OF.get(t.elem_type, np.float32)
+        if np.issubdtype(dtype, np.floating):
+            feeds[info.name] = (rng.standard_normal(shape) * 0.1).astype(dtype)
+        else:
+            feeds[info.name] = np.zeros(shape, dtype)
+    return feeds
+
+
+def inline_ifs(model: onnx.ModelProto, batch_sizes: tuple[int, int]) -> bool:
+    """Replace each top-level If whose condition is decided by the branch it takes; returns whether any was."""
+    graph = model.graph
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    if not ifs:
+        return False
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    existing = {o.name for o in probe.graph.output}
+    for node in ifs:
+        if node.input[0] not in existing:
+            probe.graph.output.append(helper.make_tensor_value_info(node.input[0], TensorProto.BOOL, None))
+    names = [node.input[0] for node in ifs]
+    seen = []
+    for batch in batch_sizes:
+        feeds = probe_inputs(probe.graph, batch, seed=batch)
+        try:
+            values = ort_session(probe).run(names, feeds)
+        except Exception as exc:  # noqa: BLE001 (ONNX Runtime raises its own types)
+            raise ValueError(f"ONNX Runtime cannot run the graph on probe inputs ({exc}); declare the inputs' "
+                             "shapes in the model config (input_shapes)")
+        seen.append([bool(np.asarray(v).reshape(-1)[0]) for v in values])
+    changed = False
+    for i, node in enumerate(ifs):
+        decided = {s[i] for s in seen}
+        if len(decided) > 1:
+            raise ValueError(f"If node {node.name!r} takes different branches at batch sizes {batch_sizes}: "
+                             "its condition depends on the request, which cellserve cannot specialize")
+        taken = "then_branch" if decided.pop() else "else_branch"
+        branch = next(a.g for a in node.attribute if a.name == taken)
+        _inline(graph, node, branch)
+        changed = True
+    return changed
+
+
+def _inline(graph: onnx.GraphProto, node: onnx.NodeProto, branch: onnx.GraphProto) -> None:
+    """Put a branch's nodes where the If node was, then an Identity from each branch output to the If's
+    output of the same place (names inside the branch stay, so nested subgraphs still find them)."""
+    position = list(graph.node).index(node)
+    nodes = list(branch.node) + [helper.make_node("Identity", [b.name], [o])
+                                 for b, o in zip(branch.output, node.output)]
+    graph.initializer.extend(branch.initializer)
+    del graph.node[position]
+    for k, new in enumerate(nodes):
+        graph.node.insert(position + k, new)
+
+
+# ------------------------------------------------------------------------------------------- LSTM cells
+
+def fuse_lstm_cells(model: onnx.ModelProto) -> int:
+    """Replace each LSTM cell written in primitive operators by an ONNX LSTM operator of one step; returns
+    how many. A cell is recognized from its output side: h' = o * tanh(c'), c' = f * c + i * g, with the
+    gates sigmoid(i, f, o) and tanh(g) of four slices of one pre-activation x W_ih^T + h W_hh^T (+ b)."""
+    graph = model.graph
+    constants = _constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    count = 0
+    for node in list(graph.node):
+        cell = _match_lstm_cell(node, producer, constants)
+        if cell is None:
+            continue
+        _replace_cell(graph, cell, f"cellserve_lstm_{count}")
+        count += 1
+    if count:
+        nodes = sorted(graph.node, key=_topological_key(graph))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unused(graph)
+    return count
+
+
+def _topological_key(graph: onnx.GraphProto):
+    """A sort key putting every node after its producers (the new LSTM nodes were appended)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    order, seen = {}, set()
+
+    def visit(node):
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        for name in _reads(node):
+            if name in producer:
+                visit(producer[name])
+        order[id(node)] = len(order)
+
+    for node in graph.node:
+        visit(node)
+    return lambda node: order[id(node)]
+
+
+def _op(producer: dict, name: str, *ops: str):
+    node = producer.get(name)
+    return node if node is not None and node.op_type in ops else None
+
+
+def _match_lstm_cell(mul: onnx.NodeProto, producer: dict, constants: dict) -> dict | None:
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    for o_name, t_name in (mul.input, reversed(mul.input)):
+        o_gate, tanh_c = _op(producer, o_name, "Sigmoid"), _op(producer, t_name, "Tanh")
+        add_c = tanh_c and _op(producer, tanh_c.input[0], "Add")
+        if not (o_gate and add_c):
+            continue
+        terms = [_op(producer, n, "Mul") for n in add_c.input]
+        if not all(terms):
+            continue
+        roles = {}
+        for term in terms:  # f * c_prev and i * g, in either order
+            a, b = term.input
+            if _op(producer, a, "Tanh") or _op(producer, b, "Tanh"):
+                g, i = (a, b) if _op(producer, a, "Tanh") else (b, a)
+                roles["g"], roles["i"] = producer[g], _op(producer, i, "Sigmoid")
+            else:
+                f, c = (a, b) if _op(producer, a, "Sigmoid") else (b, a)
+                roles["f"], roles["c_prev"] = _op(producer, f, "Sigmoid"), c
+        if set(roles) != {"g", "i", "f", "c_prev"} or not roles["i"] or not roles["f"]:
+            continue
+        gates = {"i": roles["i"].input[0], "f": roles["f"].input[0], "g": roles["g"].input[0], "o": o_gate.input[0]}
+        split = _gate_split(gates, producer)
+        if split is None:
+            continue
+        pre, index = split
+        products = _products(pre, producer, constants)
+        if products is None:
+            continue
+        return {"h_out": mul.output[0], "c_out": add_c.output[0], "c_prev": roles["c_prev"], "gates": index,
+                "products": products}
+    return None
+
+
+def _gate_split(gates: dict[str, str], producer: dict) -> tuple[str, dict[str, int]] | None:
+    """The one tensor the four gate pre-activations are cut from (Split, or Slices on the last axis),
+    and each gate's quarter."""
+    nodes = {g: producer.get(name) for g, name in gates.items()}
+    if any(n is None for n in nodes.values()):
+        return None
+    if all(n.op_type == "Split" for n in nodes.values()) and len({id(n) for n in nodes.values()}) == 1:
+        split = next(iter(nodes.values()))
+        if len(split.output) != 4 or (len(split.input) > 1 and split.input[1]):
+            return None  # uneven splits are not gates
+        return split.input[0], {g: list(split.output).index(gates[g]) for g in gates}
+    return None
+
+
+def _products(pre: str, producer: dict, constants: dict) -> list[dict] | None:
+    """pre = a + b where each is x @ W^T (+ bias) by Gemm or MatMul (+ Add) with constant weights:
+    [{"x": name, "w": (4H, in), "b": (4H,) or None}, two of them]."""
+    add = _op(producer, pre, "Add")
+    if add is None:
+        return None
+    out = []
+    for name in add.input:
+        node = producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                return None
+            if node.input[1] not in constants:
+                return None
+            w = constants[node.input[1]]
+            w = w if attrs.get("transB", 0) else w.T
+            b = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if len(node.input) > 2 and node.input[2] and b is None:
+                return None
+            out.append({"x": node.input[0], "w": w, "b": b})
+        elif node.op_type == "Add":  # MatMul + bias
+            mm = next((producer.get(n) for n in node.input if _op(producer, n, "MatMul")), None)
+            bias = next((constants.get(n) for n in node.input if n in constants), None)
+            if mm is None or bias is None or mm.input[1] not in constants:
+                return None
+            out.append({"x": mm.input[0], "w": constants[mm.input[1]].T, "b": bias})
+        elif node.op_type == "MatMul" and node.input[1] in constants:
+            out.append({"x": node.input[0], "w": constants[node.input[1]].T, "b": None})
+        else:
+            return None
+    return out if len(out) == 2 else None
+
+
+def _replace_cell(graph: onnx.GraphProto, cell: dict, prefix: str) -> None:
+    """An LSTM operator of one step computing the cell's h' and c' (rewired to their consumers)."""
+    if any(out.name in (cell["h_out"], cell["c_out"]) for out in graph.output):
+        raise ValueError(f"an LSTM cell whose state {cell['h_out']!r} or {cell['c_out']!r} is itself a graph output "
+                         "is not supported: cellserve reads the state through the graph's own outputs")
+    producer = {o: n for n in graph.node for o in n.output}
+    stops = {i.name for i in graph.input}
+    state_inputs = _ancestor_inputs(cell["c_prev"], producer, stops)
+    first, second = cell["products"]
+    # the recurrent product is the one reading (through the graph) the same inputs as c_prev
+    recurrent = [p for p in (first, second) if _ancestor_inputs(p["x"], producer, stops) & state_inputs]
+    if len(recurrent) != 1:
+        raise ValueError(f"an LSTM cell (h = {cell['h_out']!r}) whose input cannot be told from its recurrent state")
+    hh = recurrent[0]
+    ih = second if hh is first else first
+    hidden = hh["w"].shape[1]
+    order = [cell["gates"][g] for g in ("i", "o", "f", "g")]  # ONNX gate order [i, o, f, c]
+
+    def onnx_order(a: np.ndarray) -> np.ndarray:
+        blocks = np.split(a, 4, axis=0)
+        return np.concatenate([blocks[k] for k in order], axis=0)
+
+    zeros = np.zeros(4 * hidden, np.float32)
+    w = onnx_order(ih["w"].astype(np.float32))[None]
+    r = onnx_order(hh["w"].astype(np.float32))[None]
+    b = np.concatenate([onnx_order(ih["b"] if ih["b"] is not None else zeros),
+                        onnx_order(hh["b"] if hh["b"] is not None else zeros)]).astype(np.float32)[None]
+    names = {k: f"{prefix}_{k}" for k in ("W", "R", "B", "X", "h0", "c0", "Y", "Y_h", "Y_c", "axes")}
+    for key, value in (("W", w), ("R", r), ("B", b), ("axes", np.array([0], np.int64))):
+        graph.initializer.append(numpy_helper.from_array(value, names[key]))
+    nodes = [helper.make_node("Unsqueeze", [ih["x"], names["axes"]], [names["X"]]),
+             helper.make_node("Unsqueeze", [hh["x"], names["axes"]], [names["h0"]]),
+             helper.make_node("Unsqueeze", [cell["c_prev"], names["axes"]], [names["c0"]]),
+             helper.make_node("LSTM", [names["X"], names["W"], names["R"], names["B"], "", names["h0"], names["c0"]],
+                              [names["Y"], names["Y_h"], names["Y_c"]], hidden_size=hidden, name=prefix),
+             helper.make_node("Squeeze", [names["Y_h"], names["axes"]], [cell["h_out"] + "_lstm"]),
+             helper.make_node("Squeeze", [names["Y_c"], names["axes"]], [cell["c_out"] + "_lstm"])]
+    for node in graph.node:  # consumers of the primitive h' and c' read the operator's instead
+        for k, name in enumerate(node.input):
+            if name in (cell["h_out"], cell["c_out"]):
+                node.input[k] = name + "_lstm"
+    graph.node.extend(nodes)
+
+
+def _ancestor_inputs(name: str, producer: dict, inputs: set[str]) -> set[str]:
+    found, seen, todo = set(), set(), [name]
+    while todo:
+        tensor = todo.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in inputs:
+            found.add(tensor)
+        elif tensor in producer:
+            todo.extend(n for n in _reads(producer[tensor]))
+    return found

@@ -1,0 +1,179 @@
+"""Silero VAD as its wheel ships it (the `silero-vad` test dependency; nothing is downloaded): every ONNX file
+imports (If on `sr`, constants, primitive-op cells, packed and split state), and served with the state held
+by the server and the 64-sample context kept per session, 8 concurrent streams of 40 chunks over HTTP and
+gRPC give the speech probabilities ONNX Runtime gives on the original file with state and context threaded
+by hand."""
+
+import concurrent.futures
+import json
+import pathlib
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+silero_vad = pytest.importorskip("silero_vad")
+pytest.importorskip("onnxruntime")
+
+from cellserve.cells.onnxruntime import ort_session  # noqa: E402
+from cellserve.interop.onnx_import import import_onnx  # noqa: E402
+from cellserve.server.app import create_app  # noqa: E402
+from cellserve.server.background import BackgroundServer  # noqa: E402
+from cellserve.server.repository import Repository  # noqa: E402
+
+DATA = pathlib.Path(silero_vad.__file__).parent / "data"
+CHUNK = {16000: 512, 8000: 256}
+CONTEXT = {16000: 64, 8000: 32}
+# file, sample rate, how its state is passed, batch exported
+FILES = [("silero_vad.onnx", 16000), ("silero_vad.onnx", 8000), ("silero_vad_16k_op15.onnx", 16000),
+         ("silero_vad_half.onnx", 16000), ("silero_vad_openvino_16k.onnx", 16000),
+         ("silero_vad_op18_ifless.onnx", 16000)]
+STREAMS, CHUNKS = 8, 40
+
+
+def has_sr(graph: onnx.ModelProto) -> bool:
+    return any(i.name == "sr" for i in graph.graph.input)
+
+
+def config(name: str, sr: int) -> dict:
+    graph = onnx.load(DATA / name)
+    batch = 1 if "openvino" in name else -1
+    return {"controls": {"sr": sr} if has_sr(graph) else {}, "context": {"input": CONTEXT[sr]},
+            "input_shapes": {"input": [batch, CHUNK[sr] + CONTEXT[sr]]}, "max_batch": 16}
+
+
+def audio(seed: int, sr: int) -> np.ndarray:
+    """A stream of CHUNKS chunks: noise with bursts of a voiced-like tone, so probabilities move."""
+    rng = np.random.default_rng(seed)
+    n = CHUNKS * CHUNK[sr]
+    t = np.arange(n) / sr
+    tone = 0.3 * np.sin(2 * np.pi * (140 + 40 * seed) * t) * (np.sin(2 * np.pi * 0.7 * t) > 0)
+    return (tone + 0.02 * rng.standard_normal(n)).astype(np.float32)
+
+
+def reference(name: str, sr: int, samples: np.ndarray) -> np.ndarray:
+    """ONNX Runtime on the original file, state and context threaded by hand (as silero's wrapper does)."""
+    graph = onnx.load(DATA / name)
+    session = ort_session(graph)
+    state, context = np.zeros((2, 1, 128), np.float32), np.zeros((1, CONTEXT[sr]), np.float32)
+    probs = []
+    for chunk in samples.reshape(CHUNKS, 1, CHUNK[sr]):
+        x = np.concatenate([context, chunk], axis=1)
+        feeds = {"input": x, "state": state}
+        if has_sr(graph):
+            feeds["sr"] = np.array(sr, np.int64)
+        out, state = session.run(None, feeds)
+        context = x[:, -CONTEXT[sr]:]
+        probs.append(float(out[0, 0]))
+    return np.array(probs)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("silero")
+    for i, (name, sr) in enumerate(FILES):
+        folder = root / f"vad{i}"
+        (folder / "1").mkdir(parents=True)
+        (folder / "1" / "model.onnx").write_bytes((DATA / name).read_bytes())
+        (folder / "config.json").write_text(json.dumps(config(name, sr)))
+    app = create_app(Repository.from_directory(root), grpc_port=0)
+    with BackgroundServer(app) as server:
+        server.grpc_port = app.state.grpc_port
+        yield server
+
+
+def http_stream(url: str, model: str, sid: str, samples: np.ndarray, sr: int) -> list[float]:
+    probs = []
+    with httpx.Client(timeout=60) as client:
+        for k, chunk in enumerate(samples.reshape(CHUNKS, 1, CHUNK[sr])):
+            body = {"inputs": [{"name": "input", "shape": [1, CHUNK[sr]], "datatype": "FP32",
+                                "data": chunk.reshape(-1).tolist()}],
+                    "parameters": {"sequence_id": sid, "sequence_start": k == 0, "sequence_end": k == CHUNKS - 1}}
+            reply = client.post(f"{url}/v2/models/{model}/infer", json=body)
+            assert reply.status_code == 200, reply.text
+            outputs = {o["name"]: o for o in reply.json()["outputs"]}
+            assert set(outputs) == {"output"}  # the state the server holds is not returned
+            probs.append(outputs["output"]["data"][0])
+    return probs
+
+
+@pytest.mark.parametrize("index", range(len(FILES)), ids=[f"{n}@{sr}" for n, sr in FILES])
+def test_sessions_over_http_equal_onnxruntime_with_state_threaded(server, index):
+    name, sr = FILES[index]
+    streams = [audio(s, sr) for s in range(STREAMS)]
+    with concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
+        got = list(pool.map(lambda s: http_stream(server.url, f"vad{index}", f"h{index}-{s}", streams[s], sr),
+                            range(STREAMS)))
+    for s in range(STREAMS):
+        np.testing.assert_allclose(got[s], reference(name, sr, streams[s]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", [0, 1, 5], ids=["silero_vad.onnx@16000", "silero_vad.onnx@8000", "ifless"])
+def test_sessions_over_grpc_streaming_equal_onnxruntime(server, index):
+    import queue
+
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    name, sr = FILES[index]
+    streams = [audio(10 + s, sr) for s in range(STREAMS)]
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for k in range(CHUNKS):  # the 8 sessions interleaved on one stream, sent without waiting
+            for s in range(STREAMS):
+                chunk = grpcclient.InferInput("input", [1, CHUNK[sr]], "FP32")
+                chunk.set_data_from_numpy(streams[s][k * CHUNK[sr]:(k + 1) * CHUNK[sr]].reshape(1, -1))
+                client.async_stream_infer(f"vad{index}", [chunk], sequence_id=f"g{index}-{s}", sequence_start=k == 0,
+                                          sequence_end=k == CHUNKS - 1, request_id=f"{s}:{k}")
+        got = np.zeros((STREAMS, CHUNKS))
+        for _ in range(STREAMS * CHUNKS):
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            s, k = map(int, result.get_response().id.split(":"))
+            got[s, k] = result.as_numpy("output")[0, 0]
+    finally:
+        client.stop_stream()
+    for s in range(STREAMS):
+        np.testing.assert_allclose(got[s], reference(name, sr, streams[s]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_client_holding_the_state_itself_batches_and_gets_it_back(server):
+    """No sequence_id: the request carries `state` and gets `stateN`; a stream threaded that way by the
+    client gives ONNX Runtime's probabilities (its context is zeros: the server keeps context only in
+    sessions, so this client sends chunks that hold their own context)."""
+    name, sr = FILES[0]
+    graph = onnx.load(DATA / name)
+    session = ort_session(graph)
+    samples = audio(3, sr).reshape(CHUNKS, 1, CHUNK[sr])
+    ours, theirs = np.zeros((2, 1, 128), np.float32), np.zeros((2, 1, 128), np.float32)
+    with httpx.Client(timeout=60) as client:
+        for chunk in samples[:10]:
+            body = {"inputs": [{"name": "input", "shape": [1, CHUNK[sr]], "datatype": "FP32",
+                                "data": chunk.reshape(-1).tolist()},
+                               {"name": "state", "shape": [2, 1, 128], "datatype": "FP32",
+                                "data": ours.reshape(-1).tolist()}]}
+            reply = client.post(f"{server.url}/v2/models/vad0/infer", json=body)
+            assert reply.status_code == 200, reply.text
+            outputs = {o["name"]: np.array(o["data"], np.float32).reshape(o["shape"]) for o in reply.json()["outputs"]}
+            ours = outputs["stateN"]
+            x = np.concatenate([np.zeros((1, CONTEXT[sr]), np.float32), chunk], axis=1)
+            want, theirs = session.run(None, {"input": x, "state": theirs, "sr": np.array(sr, np.int64)})
+            np.testing.assert_allclose(outputs["output"], want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_the_sequence_file_threads_h_and_c_as_sessions(server):
+    """silero_vad_16k_sequence.onnx takes a whole sequence of windows with h and c: imported, its state
+    pairs are found by dataflow (h -> hn, c -> cn), and two halves threaded give the whole."""
+    model = import_onnx(DATA / "silero_vad_16k_sequence.onnx")
+    assert {(p["input"], p["output"]) for p in model.state_pairs} == {("h", "hn"), ("c", "cn")}
+    rng = np.random.default_rng(0)
+    windows = (rng.standard_normal((12, 576)) * 0.1).astype(np.float32)
+    zero = np.zeros((1, 1, 128), np.float32)
+    session = ort_session(onnx.load(DATA / "silero_vad_16k_sequence.onnx"))
+    want = session.run(None, {"input": windows, "h": zero, "c": zero})[0]
+    first = model.forward({"input": windows[:5], "h": zero, "c": zero})
+    second = model.forward({"input": windows[5:], "h": first["hn"], "c": first["cn"]})
+    np.testing.assert_allclose(np.concatenate([first["speech_probs"], second["speech_probs"]]), want,
+                               rtol=1e-4, atol=1e-5)
