@@ -177,3 +177,25 @@ def test_the_sequence_file_threads_h_and_c_as_sessions(server):
     second = model.forward({"input": windows[5:], "h": first["hn"], "c": first["cn"]})
     np.testing.assert_allclose(np.concatenate([first["speech_probs"], second["speech_probs"]]), want,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_session_request_carries_several_chunks_in_order(server):
+    """A 96 ms message as one request: its rows are consecutive chunks of the stream, run in order; the
+    probabilities equal chunk-by-chunk ONNX Runtime."""
+    name, sr = FILES[0]
+    samples = audio(5, sr)
+    want = reference(name, sr, samples)
+    per = 3
+    got = []
+    with httpx.Client(timeout=60) as client:
+        for m in range(CHUNKS // per):
+            rows = samples[m * per * CHUNK[sr]:(m + 1) * per * CHUNK[sr]].reshape(per, CHUNK[sr])
+            body = {"inputs": [{"name": "input", "shape": [per, CHUNK[sr]], "datatype": "FP32",
+                                "data": rows.reshape(-1).tolist()}],
+                    "parameters": {"sequence_id": "multi", "sequence_start": m == 0}}
+            reply = client.post(f"{server.url}/v2/models/vad0/infer", json=body)
+            assert reply.status_code == 200, reply.text
+            output = reply.json()["outputs"][0]
+            assert output["shape"] == [per, 1]
+            got += output["data"]
+    np.testing.assert_allclose(got, want[:len(got)], rtol=1e-4, atol=1e-5)

@@ -149,6 +149,23 @@ def _bench_http(args):
     http.run(args.requests, args.clients, json_path=args.json)
 
 
+def _bench_streams(args):
+    from cellserve.bench import streams
+
+    if min(args.streams) < 1 or min(args.message_ms) < 32 or args.seconds <= 0 or args.idle_sessions < 0:
+        raise UsageError("--streams must be positive, --message-ms at least 32 (one chunk), --seconds positive")
+    if any(ms % 32 for ms in args.message_ms):
+        raise UsageError("--message-ms must be whole chunks of 512 samples at 16 kHz (multiples of 32)")
+    unknown = set(args.deployments) - {"per-stream-ort", "graph", "cellular"}
+    if unknown:
+        raise UsageError(f"unknown deployment(s) {sorted(unknown)}: per-stream-ort, graph, cellular")
+    try:
+        streams.run(args.message_ms, args.streams, args.deployments, args.seconds, args.idle_sessions,
+                    json_path=args.json)
+    except RuntimeError as exc:
+        raise UsageError(str(exc))
+
+
 def _bench_ray(args):
     try:
         from cellserve.bench import ray_scale
@@ -397,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--requests", type=int, default=400)
     hb.add_argument("--clients", type=_ints, default=[1, 16], help="concurrent clients to measure")
     hb.set_defaults(func=_bench_http)
+
+    st = bench_sub.add_parser("streams", help="Silero VAD for S real-time audio streams: per-stream ONNX Runtime vs "
+                              "request-level batching vs cellular with server-held state")
+    st.add_argument("--json", help="write the ceiling, memory per session and rows to this file")
+    st.add_argument("--message-ms", type=_ints, default=[96], help="message lengths in ms (multiples of 32)")
+    st.add_argument("--streams", type=_ints, default=[8, 16, 32, 64, 128, 256, 512, 1024],
+                    help="stream counts to sweep, each until a deployment stops sustaining it")
+    st.add_argument("--deployments", type=_words, default=["per-stream-ort", "graph", "cellular"])
+    st.add_argument("--seconds", type=float, default=5.0, help="seconds of load per point")
+    st.add_argument("--idle-sessions", type=int, default=10_000, help="idle sessions for the memory figure (0: skip)")
+    st.set_defaults(func=_bench_streams)
 
     rb = bench_sub.add_parser("ray", help="throughput through Ray Serve with 1 vs N engine shards")
     rb.add_argument("--json", help="write the rows to this file")

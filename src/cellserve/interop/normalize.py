@@ -5,15 +5,15 @@
   shapes     every input's batch axis is named `batch` (the first symbolic or unnamed axis, or the one a
              declared shape marks -1), and declared sizes (a chunk of 576 samples) are written in, so the
              graph is probed and split on requests of the form it will serve.
-  If         an `If` whose condition is the same whatever the request's values and batch size (it depends
-             on constants, controls, ranks or fixed sizes) is replaced by the branch it takes; nested ones
-             follow, level by level. The condition is found by running the graph on probe inputs at two
-             batch sizes; one that differs between probes is refused, naming the node.
+  If         an `If` whose condition depends only on constants, controls, ranks and sizes is replaced by the
+             branch it takes; nested ones follow, level by level. The condition is found by running the graph
+             on probe inputs at two batch sizes; one that differs between them, or that reads an input's
+             values, is refused, naming the node.
   constants  `Constant` nodes and every node computed from constants alone (weights sliced and
              concatenated into gate order, shapes built from fixed numbers) are folded into initializers.
-  cells      an LSTM cell written in primitive operators (what torch's nn.LSTMCell, a Keras cell or an
-             op-set-18 re-export emit: MatMul/Gemm + Add, Split/Slice into gates, Sigmoid/Tanh, Mul/Add)
-             becomes one ONNX LSTM operator of one step, which the split then takes as the core.
+  cells      an LSTM or GRU cell written in primitive operators (what torch's nn.LSTMCell and nn.GRUCell
+             or an op-set-18 re-export emit: MatMul/Gemm (+ Add), Split into gates, Sigmoid/Tanh, Mul/Add/Sub)
+             becomes one ONNX LSTM or GRU operator of one step, which the split then takes as the core.
 
 The result computes what the original computes on requests of the probed form (the caller checks it
 against ONNX Runtime on the original graph).
@@ -44,7 +44,7 @@ def normalize(model: onnx.ModelProto, controls: dict[str, float] | None = None,
     while inline_ifs(model, batch_sizes):
         fold_constants(model)
     if not any(n.op_type in ("LSTM", "GRU") for n in model.graph.node):
-        fuse_lstm_cells(model)
+        fuse_cells(model)
     return model
 
 
@@ -181,6 +181,14 @@ def inline_ifs(model: onnx.ModelProto, batch_sizes: tuple[int, int]) -> bool:
     ifs = [n for n in graph.node if n.op_type == "If"]
     if not ifs:
         return False
+    producer = {o: n for n in graph.node for o in n.output}
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name for i in graph.input if i.name not in initializers}
+    for node in ifs:
+        read = _value_inputs(node.input[0], producer, inputs)
+        if read:
+            raise ValueError(f"If node {node.name!r} branches on the value of input(s) {sorted(read)}: fix them in the "
+                             "model config's controls (e.g. {\"sr\": 16000}) so the graph can be specialized")
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     existing = {o.name for o in probe.graph.output}
     for node in ifs:
@@ -209,6 +217,21 @@ def inline_ifs(model: onnx.ModelProto, batch_sizes: tuple[int, int]) -> bool:
     return changed
 
 
+def _value_inputs(name: str, producer: dict, inputs: set[str]) -> set[str]:
+    """The graph inputs whose values (not only their shapes) `name` is computed from."""
+    found, seen, todo = set(), set(), [name]
+    while todo:
+        tensor = todo.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in inputs:
+            found.add(tensor)
+        elif tensor in producer and producer[tensor].op_type not in ("Shape", "Size"):
+            todo.extend(_reads(producer[tensor]))
+    return found
+
+
 def _inline(graph: onnx.GraphProto, node: onnx.NodeProto, branch: onnx.GraphProto) -> None:
     """Put a branch's nodes where the If node was, then an Identity from each branch output to the If's
     output of the same place (names inside the branch stay, so nested subgraphs still find them)."""
@@ -221,21 +244,25 @@ def _inline(graph: onnx.GraphProto, node: onnx.NodeProto, branch: onnx.GraphProt
         graph.node.insert(position + k, new)
 
 
-# ------------------------------------------------------------------------------------------- LSTM cells
+# ------------------------------------------------------------------------------------------------- cells
 
-def fuse_lstm_cells(model: onnx.ModelProto) -> int:
-    """Replace each LSTM cell written in primitive operators by an ONNX LSTM operator of one step; returns
-    how many. A cell is recognized from its output side: h' = o * tanh(c'), c' = f * c + i * g, with the
-    gates sigmoid(i, f, o) and tanh(g) of four slices of one pre-activation x W_ih^T + h W_hh^T (+ b)."""
+def fuse_cells(model: onnx.ModelProto) -> int:
+    """Replace each LSTM or GRU cell written in primitive operators by an ONNX operator of one step;
+    returns how many. Cells are recognized from their output side:
+      LSTM  h' = o * tanh(c'), c' = f * c + i * g, the gates sigmoid(i, f, o) and tanh(g) of four even
+            splits of one pre-activation x W_ih^T + h W_hh^T (+ b);
+      GRU   h' = n + z * (h - n), n = tanh(i_n + r * h_n), r and z sigmoids of i_r + h_r and i_z + h_z,
+            the i_* and h_* three even splits of x W_ih^T + b_ih and h W_hh^T + b_hh (torch's GRUCell,
+            ONNX's GRU with linear_before_reset=1)."""
     graph = model.graph
     constants = _constants(graph)
     producer = {o: n for n in graph.node for o in n.output}
     count = 0
     for node in list(graph.node):
-        cell = _match_lstm_cell(node, producer, constants)
+        cell = _match_lstm_cell(node, producer, constants) or _match_gru_cell(node, producer, constants)
         if cell is None:
             continue
-        _replace_cell(graph, cell, f"cellserve_lstm_{count}")
+        _replace_cell(graph, cell, f"cellserve_{cell['kind']}_{count}")
         count += 1
     if count:
         nodes = sorted(graph.node, key=_topological_key(graph))
@@ -292,43 +319,105 @@ def _match_lstm_cell(mul: onnx.NodeProto, producer: dict, constants: dict) -> di
         if set(roles) != {"g", "i", "f", "c_prev"} or not roles["i"] or not roles["f"]:
             continue
         gates = {"i": roles["i"].input[0], "f": roles["f"].input[0], "g": roles["g"].input[0], "o": o_gate.input[0]}
-        split = _gate_split(gates, producer)
+        split = _gate_split(gates, producer, constants)
         if split is None:
             continue
         pre, index = split
         products = _products(pre, producer, constants)
         if products is None:
             continue
-        return {"h_out": mul.output[0], "c_out": add_c.output[0], "c_prev": roles["c_prev"], "gates": index,
-                "products": products}
+        return {"kind": "lstm", "h_node": mul, "c_node": add_c, "c_reader": tanh_c, "c_prev": roles["c_prev"],
+                "gates": index, "products": products}
     return None
 
 
-def _gate_split(gates: dict[str, str], producer: dict) -> tuple[str, dict[str, int]] | None:
-    """The one tensor the four gate pre-activations are cut from (Split, or Slices on the last axis),
-    and each gate's quarter."""
-    nodes = {g: producer.get(name) for g, name in gates.items()}
-    if any(n is None for n in nodes.values()):
+def _match_gru_cell(add: onnx.NodeProto, producer: dict, constants: dict) -> dict | None:
+    if add.op_type != "Add" or len(add.input) != 2:
         return None
-    if all(n.op_type == "Split" for n in nodes.values()) and len({id(n) for n in nodes.values()}) == 1:
-        split = next(iter(nodes.values()))
-        if len(split.output) != 4 or (len(split.input) > 1 and split.input[1]):
-            return None  # uneven splits are not gates
-        return split.input[0], {g: list(split.output).index(gates[g]) for g in gates}
+    for n_name, m_name in (add.input, reversed(add.input)):
+        tanh_n, mul = _op(producer, n_name, "Tanh"), _op(producer, m_name, "Mul")
+        if not (tanh_n and mul):
+            continue
+        sub = next((producer[i] for i in mul.input if _op(producer, i, "Sub")), None)
+        z_gate = next((producer[i] for i in mul.input if _op(producer, i, "Sigmoid")), None)
+        if sub is None or z_gate is None or sub.input[1] != n_name:
+            continue
+        h_prev = sub.input[0]
+        pre_n = _op(producer, tanh_n.input[0], "Add")
+        z_sum = _op(producer, z_gate.input[0], "Add")
+        if pre_n is None or z_sum is None:
+            continue
+        r_mul = next((producer[i] for i in pre_n.input if _op(producer, i, "Mul")), None)
+        i_n = next((i for i in pre_n.input if not _op(producer, i, "Mul")), None)
+        if r_mul is None or i_n is None:
+            continue
+        r_gate = next((producer[i] for i in r_mul.input if _op(producer, i, "Sigmoid")), None)
+        h_n = next((i for i in r_mul.input if not _op(producer, i, "Sigmoid")), None)
+        r_sum = r_gate and _op(producer, r_gate.input[0], "Add")
+        if r_sum is None or h_n is None:
+            continue
+        splits = {}
+        for gate, pair in (("r", r_sum.input), ("z", z_sum.input)):
+            for name in pair:
+                node = _op(producer, name, "Split")
+                if node is None:
+                    break
+                splits.setdefault(id(node), (node, {}))[1][gate] = list(node.output).index(name)
+        for gate, name in (("n", i_n), ("n", h_n)):
+            node = _op(producer, name, "Split")
+            if node is not None:
+                splits.setdefault(id(node), (node, {}))[1][gate] = list(node.output).index(name)
+        if len(splits) != 2 or any(len(index) != 3 or len(node.output) != 3 for node, index in splits.values()):
+            continue
+        if any(not _even_split(node, constants) for node, _ in splits.values()):
+            continue
+        (node_a, index_a), (node_b, index_b) = splits.values()
+        products = [_product(node_a.input[0], producer, constants), _product(node_b.input[0], producer, constants)]
+        if None in products:
+            continue
+        for product, index in zip(products, (index_a, index_b)):
+            product["gates"] = index
+        return {"kind": "gru", "h_node": add, "h_prev": h_prev, "products": products}
     return None
+
+
+def _even_split(split: onnx.NodeProto, constants: dict) -> bool:
+    """A Split into equal parts on the last axis (gates), by count or by equal constant sizes."""
+    axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
+    if axis not in (1, -1):
+        return False
+    if len(split.input) > 1 and split.input[1]:
+        sizes = constants.get(split.input[1])
+        return sizes is not None and len(set(np.asarray(sizes).tolist())) == 1
+    return True
+
+
+def _gate_split(gates: dict[str, str], producer: dict, constants: dict) -> tuple[str, dict[str, int]] | None:
+    """The one tensor the four gate pre-activations are cut from by an even Split, and each gate's part."""
+    nodes = {g: producer.get(name) for g, name in gates.items()}
+    if any(n is None or n.op_type != "Split" for n in nodes.values()) or len({id(n) for n in nodes.values()}) != 1:
+        return None
+    split = next(iter(nodes.values()))
+    if len(split.output) != 4 or not _even_split(split, constants):
+        return None
+    return split.input[0], {g: list(split.output).index(gates[g]) for g in gates}
 
 
 def _products(pre: str, producer: dict, constants: dict) -> list[dict] | None:
-    """pre = a + b where each is x @ W^T (+ bias) by Gemm or MatMul (+ Add) with constant weights:
-    [{"x": name, "w": (4H, in), "b": (4H,) or None}, two of them]."""
+    """pre = a + b, each a product (see _product): two of them, or None."""
     add = _op(producer, pre, "Add")
     if add is None:
         return None
+    out = [_product(name, producer, constants) for name in add.input]
+    return None if None in out else out
+
+
+def _product(name: str, producer: dict, constants: dict) -> dict | None:
+    """name = x @ W^T (+ bias) by Gemm, or MatMul (+ Add), with constant weights: {"x", "w" (G*H, in),
+    "b" (G*H,) or None}."""
+    node = producer.get(name)
     out = []
-    for name in add.input:
-        node = producer.get(name)
-        if node is None:
-            return None
+    if node is not None:
         if node.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
@@ -349,52 +438,63 @@ def _products(pre: str, producer: dict, constants: dict) -> list[dict] | None:
             out.append({"x": mm.input[0], "w": constants[mm.input[1]].T, "b": bias})
         elif node.op_type == "MatMul" and node.input[1] in constants:
             out.append({"x": node.input[0], "w": constants[node.input[1]].T, "b": None})
-        else:
-            return None
-    return out if len(out) == 2 else None
+    return out[0] if out else None
 
 
 def _replace_cell(graph: onnx.GraphProto, cell: dict, prefix: str) -> None:
-    """An LSTM operator of one step computing the cell's h' and c' (rewired to their consumers)."""
-    if any(out.name in (cell["h_out"], cell["c_out"]) for out in graph.output):
-        raise ValueError(f"an LSTM cell whose state {cell['h_out']!r} or {cell['c_out']!r} is itself a graph output "
-                         "is not supported: cellserve reads the state through the graph's own outputs")
+    """An ONNX LSTM/GRU operator of one step that computes the cell's h' (and c') under their own names,
+    so every reader outside the cell reads the operator's; the primitive nodes are left for _drop_unused."""
     producer = {o: n for n in graph.node for o in n.output}
     stops = {i.name for i in graph.input}
-    state_inputs = _ancestor_inputs(cell["c_prev"], producer, stops)
+    lstm = cell["kind"] == "lstm"
+    state = cell["c_prev"] if lstm else cell["h_prev"]
+    state_inputs = _ancestor_inputs(state, producer, stops)
     first, second = cell["products"]
-    # the recurrent product is the one reading (through the graph) the same inputs as c_prev
-    recurrent = [p for p in (first, second) if _ancestor_inputs(p["x"], producer, stops) & state_inputs]
+    gates = 4 if lstm else 3
+    # the recurrent product: the one whose weight is square per gate (when the input size differs), else
+    # the one reading the GRU's h_prev itself, else the one reading the same inputs as the LSTM's c_prev
+    recurrent = [p for p in (first, second) if p["w"].shape[1] * gates == p["w"].shape[0]]
+    if len(recurrent) != 1 and not lstm:
+        recurrent = [p for p in (first, second) if p["x"] == cell["h_prev"]]
     if len(recurrent) != 1:
-        raise ValueError(f"an LSTM cell (h = {cell['h_out']!r}) whose input cannot be told from its recurrent state")
+        recurrent = [p for p in (first, second) if _ancestor_inputs(p["x"], producer, stops) & state_inputs]
+    if len(recurrent) != 1:
+        raise ValueError(f"a {cell['kind'].upper()} cell (h = {cell['h_node'].output[0]!r}) whose input cannot be "
+                         "told from its recurrent state")
     hh = recurrent[0]
     ih = second if hh is first else first
     hidden = hh["w"].shape[1]
-    order = [cell["gates"][g] for g in ("i", "o", "f", "g")]  # ONNX gate order [i, o, f, c]
 
-    def onnx_order(a: np.ndarray) -> np.ndarray:
-        blocks = np.split(a, 4, axis=0)
-        return np.concatenate([blocks[k] for k in order], axis=0)
+    def reorder(a: np.ndarray, index: dict) -> np.ndarray:  # into ONNX gate order: LSTM [i, o, f, c], GRU [z, r, h]
+        blocks = np.split(np.asarray(a, np.float32), gates, axis=0)
+        return np.concatenate([blocks[index[g]] for g in (("i", "o", "f", "g") if lstm else ("z", "r", "n"))])
 
-    zeros = np.zeros(4 * hidden, np.float32)
-    w = onnx_order(ih["w"].astype(np.float32))[None]
-    r = onnx_order(hh["w"].astype(np.float32))[None]
-    b = np.concatenate([onnx_order(ih["b"] if ih["b"] is not None else zeros),
-                        onnx_order(hh["b"] if hh["b"] is not None else zeros)]).astype(np.float32)[None]
+    index_ih = cell["gates"] if lstm else ih["gates"]
+    index_hh = cell["gates"] if lstm else hh["gates"]
+    zeros = np.zeros(gates * hidden, np.float32)
+    w, r = reorder(ih["w"], index_ih)[None], reorder(hh["w"], index_hh)[None]
+    b = np.concatenate([reorder(ih["b"] if ih["b"] is not None else zeros, index_ih),
+                        reorder(hh["b"] if hh["b"] is not None else zeros, index_hh)])[None]
     names = {k: f"{prefix}_{k}" for k in ("W", "R", "B", "X", "h0", "c0", "Y", "Y_h", "Y_c", "axes")}
     for key, value in (("W", w), ("R", r), ("B", b), ("axes", np.array([0], np.int64))):
         graph.initializer.append(numpy_helper.from_array(value, names[key]))
-    nodes = [helper.make_node("Unsqueeze", [ih["x"], names["axes"]], [names["X"]]),
-             helper.make_node("Unsqueeze", [hh["x"], names["axes"]], [names["h0"]]),
-             helper.make_node("Unsqueeze", [cell["c_prev"], names["axes"]], [names["c0"]]),
-             helper.make_node("LSTM", [names["X"], names["W"], names["R"], names["B"], "", names["h0"], names["c0"]],
-                              [names["Y"], names["Y_h"], names["Y_c"]], hidden_size=hidden, name=prefix),
-             helper.make_node("Squeeze", [names["Y_h"], names["axes"]], [cell["h_out"] + "_lstm"]),
-             helper.make_node("Squeeze", [names["Y_c"], names["axes"]], [cell["c_out"] + "_lstm"])]
-    for node in graph.node:  # consumers of the primitive h' and c' read the operator's instead
-        for k, name in enumerate(node.input):
-            if name in (cell["h_out"], cell["c_out"]):
-                node.input[k] = name + "_lstm"
+    h_out = cell["h_node"].output[0]
+    cell["h_node"].output[0] = h_out + "_primitive"
+    nodes = [helper.make_node("Unsqueeze", [ih["x"], names["axes"]], [names["X"]])]
+    if lstm:
+        c_out = cell["c_node"].output[0]
+        cell["c_node"].output[0] = cell["c_reader"].input[0] = c_out + "_primitive"
+        nodes += [helper.make_node("Unsqueeze", [hh["x"], names["axes"]], [names["h0"]]),
+                  helper.make_node("Unsqueeze", [cell["c_prev"], names["axes"]], [names["c0"]]),
+                  helper.make_node("LSTM", [names["X"], names["W"], names["R"], names["B"], "", names["h0"],
+                                            names["c0"]], [names["Y"], names["Y_h"], names["Y_c"]],
+                                   hidden_size=hidden, name=prefix),
+                  helper.make_node("Squeeze", [names["Y_c"], names["axes"]], [c_out])]
+    else:
+        nodes += [helper.make_node("Unsqueeze", [hh["x"], names["axes"]], [names["h0"]]),
+                  helper.make_node("GRU", [names["X"], names["W"], names["R"], names["B"], "", names["h0"]],
+                                   [names["Y"], names["Y_h"]], hidden_size=hidden, linear_before_reset=1, name=prefix)]
+    nodes.append(helper.make_node("Squeeze", [names["Y_h"], names["axes"]], [h_out]))
     graph.node.extend(nodes)
 
 

@@ -267,17 +267,40 @@ def _state_pairs(graph, producer, state_inputs, state_sources, core_outputs, dec
         if name not in state_inputs or out not in output_names:
             raise ValueError(f"the declared state pair {name!r} -> {out!r} is not a state input of the recurrent core "
                              f"({state_inputs}) and a graph output ({output_names})")
-    reads = {}
+    reads, glue = {}, {}
     for out in output_names:
         sources = _ancestors(out, producer, set(finals) | set(state_inputs) | {"__never__"})
         if sources and sources <= set(finals):
             reads[out] = {finals[s] for s in sources}
+            glue[out] = _only_moves(out, producer, set(finals))
     pairs = []
     for name in state_inputs:
         feeds = {(s["layer"], s["kind"]) for s in state_sources if name in _ancestors(s["name"], producer, {name})}
-        out = declared.get(name) or next((o for o, r in reads.items() if r == feeds), None)
+        # the state itself (reshaped, stacked), before an output merely computed from it (a head on h)
+        candidates = sorted((o for o, r in reads.items() if r == feeds), key=lambda o: not glue[o])
+        out = declared.get(name) or next(iter(candidates), None)
         pairs.append({"input": name, "output": out})
     return pairs
+
+
+MOVES = ("Identity", "Squeeze", "Unsqueeze", "Concat", "Reshape", "Transpose", "Gather", "Slice", "Cast", "Flatten")
+
+
+def _only_moves(name: str, producer: dict, sources: set[str]) -> bool:
+    """Whether `name` is `sources` only moved about (reshaped, stacked, cut), not computed on."""
+    seen, todo = set(), [name]
+    while todo:
+        tensor = todo.pop()
+        if tensor in seen or tensor in sources:
+            continue
+        seen.add(tensor)
+        node = producer.get(tensor)
+        if node is None:
+            continue
+        if node.op_type not in MOVES:
+            return False
+        todo.extend(n for n in node.input if n)
+    return True
 
 
 def _upstream(tensor: str, source: str, producer: dict) -> bool:

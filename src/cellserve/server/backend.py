@@ -156,16 +156,14 @@ class LocalBackend:
             if sequence.get("sequence_restore"):
                 sequence["sequence_restore"] = served.restore_of(req.inputs)
             inputs = served.requests(req.inputs)
-            if sequence and len(inputs) != 1:
-                raise ProtocolError("a sequence chunk carries one stream (batch size 1)")
         except ValueError as exc:  # ProtocolError, or a snapshot that is not this model's
             raise ServiceError(400, str(exc))
         parsed = time.perf_counter()
         for attempt in (0, 1):
             submitted = []
             try:
-                for item in inputs:
-                    submitted.append(served.engine.enqueue(item, **sequence))
+                for i, item in enumerate(inputs):
+                    submitted.append(served.engine.enqueue(item, **_chunk_parameters(sequence, i, len(inputs))))
                 results = await asyncio.gather(*(asyncio.wrap_future(r.future) for r in submitted))
                 break
             except ValueError as exc:  # bad values the model rejects, unknown/expired sessions
@@ -230,6 +228,20 @@ def _sequence_parameters(parameters: dict, stateful: bool) -> dict:
     if not flags.pop("sequence_restore"):
         return {"sequence_id": str(sid), **flags}
     return {"sequence_id": str(sid), **flags, "sequence_restore": True}
+
+
+def _chunk_parameters(sequence: dict, i: int, n: int) -> dict:
+    """A session request's rows are consecutive chunks of its stream, run in order: the first opens (or
+    restores) the session, the last closes it or takes its snapshot."""
+    if not sequence or n == 1:
+        return sequence
+    chunk = dict(sequence)
+    if i > 0:
+        chunk["sequence_start"] = False
+        chunk.pop("sequence_restore", None)
+    if i < n - 1:
+        chunk["sequence_end"] = chunk["sequence_snapshot"] = False
+    return chunk
 
 
 def _cancel(requests) -> None:

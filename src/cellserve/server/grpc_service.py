@@ -175,9 +175,10 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
             try:
                 answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except ServiceError as exc:
-                answer = pb.ModelStreamInferResponse(error_message=str(exc))
+                answer = pb.ModelStreamInferResponse(error_message=str(exc), infer_response=_failed(request))
             except Exception as exc:  # never take the stream (or the server) down
-                answer = pb.ModelStreamInferResponse(error_message=f"internal error: {exc}")
+                answer = pb.ModelStreamInferResponse(error_message=f"internal error: {exc}",
+                                                     infer_response=_failed(request))
             await answers.put(answer)
 
         async def read():
@@ -194,6 +195,11 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 yield answer
         finally:
             reader.cancel()
+
+
+def _failed(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """What names a failed request in the stream (as Triton does): its model and id, no outputs."""
+    return pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
 
 
 async def start_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20):

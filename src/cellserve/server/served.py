@@ -77,12 +77,13 @@ class ServedModel:
         return from_text(blob.reshape(-1)[0], self.name, self.architecture)
 
     def outputs_of(self, results: list) -> tuple[dict[str, np.ndarray], dict]:
-        """(output tensors, response parameters). A session's chunk also returns its state when asked
-        (sequence_snapshot) and the frames it holds back for a full block (frames_pending)."""
-        outputs, parameters = self.family.outputs_of(results), {}
-        if len(results) == 1 and "snapshot" in results[0]:
-            outputs["sequence_snapshot"] = np.array([to_text(self.name, self.architecture, results[0]["snapshot"])],
+        """(output tensors, response parameters). A session's request also returns its state when asked
+        (sequence_snapshot, as of its last chunk) and, for a single chunk, the frames it holds back for a
+        full block (frames_pending)."""
+        outputs, parameters, last = self.family.outputs_of(results), {}, results[-1]
+        if "snapshot" in last:  # (a session request's last chunk)
+            outputs["sequence_snapshot"] = np.array([to_text(self.name, self.architecture, last["snapshot"])],
                                                     dtype=object)
-        if len(results) == 1 and "frames_pending" in results[0]:
-            parameters["frames_pending"] = results[0]["frames_pending"]
+        if "frames_pending" in last and len(results) == 1:
+            parameters["frames_pending"] = last["frames_pending"]
         return outputs, parameters

@@ -1,0 +1,344 @@
+"""`cellserve bench streams`: Silero VAD (the `silero-vad` wheel's silero_vad.onnx, 16 kHz) for S concurrent
+real-time audio streams. Each stream sends a message of M ms (default 96: three 512-sample chunks) every M ms,
+with a random phase; a message's latency runs from its scheduled time to its last chunk's answer. S is
+swept upward until a deployment no longer sustains it (p99 <= 100 ms, nothing refused, failed or lost):
+
+  per-stream-ort  in-process, one ONNX Runtime session per stream called per chunk by a pool of one thread
+                  per core: what voice-agent frameworks do (no network);
+  graph           `cellserve serve`, ONNX Runtime running the whole graph per request-level batch, the state
+                  and context carried by the client (each chunk waits for the previous one's state);
+  cellular        `cellserve serve`, cellular batching, state and context held by the server, front and
+                  head batched per step; a message is one request whose rows are its chunks (run in order).
+graph and cellular run in a server process and are driven over one gRPC stream (ModelStreamInfer) by the
+same client. Also printed: the model's ceiling (cores / ONNX Runtime's per-chunk cost at batch 64), the
+server's CPU time per message, and its memory per open session (RSS added by idle sessions). Traffic stays
+on 127.0.0.1; every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cellserve.bench.common import console, print_table, write_json
+
+SR, CHUNK, CONTEXT = 16000, 512, 64
+SLO_MS = 100.0
+
+
+def silero_file() -> Path:
+    try:
+        import silero_vad
+    except ImportError:
+        raise RuntimeError("bench streams needs the silero-vad wheel (pip install silero-vad): its ONNX file is "
+                           "the model")
+    return Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+
+
+def _session(path: Path):
+    import onnx
+
+    from cellserve.cells.onnxruntime import ort_session
+
+    return ort_session(onnx.load(path))
+
+
+def ceiling_streams(path: Path, message_ms: int, batch: int = 64, repeats: int = 20) -> tuple[float, float]:
+    """(streams the cores could serve at ONNX Runtime's batched per-chunk cost, that cost in us)."""
+    session = _session(path)
+    feeds = {"input": np.random.default_rng(0).standard_normal((batch, CHUNK + CONTEXT)).astype(np.float32) * 0.1,
+             "state": np.zeros((2, batch, 128), np.float32), "sr": np.array(SR, np.int64)}
+    session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    per_chunk = float(np.median(times)) / batch
+    chunks_per_stream = SR / CHUNK  # per second
+    return (os.cpu_count() or 1) / (per_chunk * chunks_per_stream), per_chunk * 1e6
+
+
+def _schedule(streams: int, message_ms: int, seconds: float, seed: int) -> list[tuple[float, int, int]]:
+    """(time, stream, message) of every message, in time order."""
+    rng = np.random.default_rng(seed)
+    period = message_ms / 1000
+    events = [(phase + k * period, s, k) for s, phase in enumerate(rng.uniform(0, period, streams))
+              for k in range(int(seconds / period))]
+    return sorted(events)
+
+
+def _audio(streams: int, samples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / SR
+    bursts = (np.sin(2 * np.pi * 0.5 * t) > 0)
+    voices = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 250, (streams, 1)) * t) * bursts
+    return (voices + 0.02 * rng.standard_normal((streams, samples))).astype(np.float32)
+
+
+def _row(deployment, message_ms, streams, latencies, refused, lost, failed=0) -> dict:
+    lat = np.array(latencies) * 1000
+    p50 = float(np.percentile(lat, 50)) if len(lat) else None
+    p99 = float(np.percentile(lat, 99)) if len(lat) else None
+    return {"deployment": deployment, "message_ms": message_ms, "streams": streams, "p50_ms": p50, "p99_ms": p99,
+            "refused": refused + failed, "lost": lost,
+            "sustained": bool(p99 is not None and p99 <= SLO_MS and not refused and not lost and not failed)}
+
+
+def run_per_stream_ort(path: Path, streams: int, message_ms: int, seconds: float, seed: int) -> dict:
+    per = message_ms * SR // 1000 // CHUNK
+    sessions = [_session(path) for _ in range(streams)]
+    states = [np.zeros((2, 1, 128), np.float32) for _ in range(streams)]
+    contexts = [np.zeros((1, CONTEXT), np.float32) for _ in range(streams)]
+    schedule = _schedule(streams, message_ms, seconds, seed)
+    audio = _audio(streams, (len(schedule) // streams + 2) * per * CHUNK, seed)
+    latencies = []
+    start = time.perf_counter()
+
+    def message(at, s, k):
+        for c in range(per):
+            chunk = audio[s, (k * per + c) * CHUNK:(k * per + c + 1) * CHUNK].reshape(1, -1)
+            x = np.concatenate([contexts[s], chunk], axis=1)
+            _, states[s] = sessions[s].run(None, {"input": x, "state": states[s], "sr": np.array(SR, np.int64)})
+            contexts[s] = x[:, -CONTEXT:]
+        return time.perf_counter() - (start + at)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        futures = []
+        for at, s, k in schedule:
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(pool.submit(message, at, s, k))
+        latencies = [f.result() for f in futures]
+    return _row("per-stream-ort", message_ms, streams, latencies, 0, 0)
+
+
+async def _drive_server(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int,
+                        server_state: bool) -> dict:
+    """One ModelStreamInfer stream carrying every stream's chunks. server_state: the server holds state
+    and context (a message's chunks go back to back); otherwise each chunk carries the state and context
+    its predecessor's answer left (so it waits for it)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    per = message_ms * SR // 1000 // CHUNK
+    schedule = _schedule(streams, message_ms, seconds, seed)
+    audio = _audio(streams, (len(schedule) // streams + 2) * per * CHUNK, seed)
+    states = [np.zeros((2, 1, 128), np.float32) for _ in range(streams)]
+    contexts = [np.zeros((1, CONTEXT), np.float32) for _ in range(streams)]
+    outbox: asyncio.Queue = asyncio.Queue()
+    waiting: dict[str, asyncio.Future] = {}
+    started_streams: set[int] = set()
+    loop = asyncio.get_running_loop()
+    answered, failed = {}, set()  # (stream, message) -> latency; messages with a failed chunk
+
+    def request(s: int, k: int, c: int) -> pb.ModelInferRequest:
+        """Server-held state: the whole message, its chunks as rows (c is 0). Otherwise: chunk c."""
+        req = pb.ModelInferRequest(model_name=model, id=f"{s}:{k}:{c}")
+        if server_state:
+            chunks = audio[s, k * per * CHUNK:(k + 1) * per * CHUNK].reshape(per, CHUNK)
+            req.inputs.add(name="input", datatype="FP32", shape=[per, CHUNK])
+            req.raw_input_contents.append(chunks.tobytes())
+            req.parameters["sequence_id"].string_param = f"stream-{s}"
+            req.parameters["sequence_start"].bool_param = s not in started_streams
+            started_streams.add(s)
+            return req
+        chunk = audio[s, (k * per + c) * CHUNK:(k * per + c + 1) * CHUNK].reshape(1, -1)
+        x = np.concatenate([contexts[s], chunk], axis=1)
+        contexts[s] = x[:, -CONTEXT:]
+        req.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK + CONTEXT])
+        req.raw_input_contents.append(x.tobytes())
+        req.inputs.add(name="state", datatype="FP32", shape=[2, 1, 128])
+        req.raw_input_contents.append(states[s].tobytes())
+        return req
+
+    async def requests():
+        while True:
+            item = await outbox.get()
+            if item is None:
+                return
+            yield item
+
+    async def message(at, s, k):
+        await asyncio.sleep(max(0.0, start + at - loop.time()))
+        for c in range(1 if server_state else per):
+            done = loop.create_future()
+            waiting[f"{s}:{k}:{c}"] = done
+            await outbox.put(request(s, k, c))
+            reply = await done
+            if reply is None:
+                failed.add((s, k))
+                return
+            if not server_state:
+                names = [o.name for o in reply.outputs]
+                states[s] = np.frombuffer(reply.raw_output_contents[names.index("stateN")], np.float32).reshape(2, 1, 128)
+        if (s, k) not in failed:
+            answered[(s, k)] = loop.time() - (start + at)
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        call = stub.ModelStreamInfer(requests())
+
+        async def read():
+            async for answer in call:
+                rid = answer.infer_response.id
+                fut = waiting.pop(rid, None)
+                if answer.error_message and rid.count(":") == 2:
+                    failed.add(tuple(int(v) for v in rid.split(":")[:2]))
+                if fut is not None and not fut.done():
+                    fut.set_result(None if answer.error_message else answer.infer_response)
+
+        reader = asyncio.ensure_future(read())
+        start = loop.time() + 0.2
+        tasks = [asyncio.ensure_future(message(at, s, k)) for at, s, k in schedule]
+        await asyncio.wait(tasks, timeout=seconds + 30)
+        await outbox.put(None)
+        reader.cancel()
+    lost = len(schedule) - len(answered) - len(failed)
+    return _row("cellular" if server_state else "graph", message_ms, streams, list(answered.values()), 0, lost,
+                len(failed))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _repository(root: Path, path: Path) -> None:
+    shared = {"controls": {"sr": SR}, "max_batch": 64, "capacity": 16384, "max_sessions": 16384,
+              "max_queue": 65536}
+    for name, extra, shape in (("vad-graph", {"policy": "graph", "backend": "onnxruntime"}, CHUNK + CONTEXT),
+                               ("vad-cellular", {"context": {"input": CONTEXT}}, CHUNK + CONTEXT)):
+        folder = root / name / "1"
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(path.read_bytes())
+        (root / name / "config.json").write_text(json.dumps({**shared, **extra, "input_shapes": {"input": [-1, shape]}}))
+
+
+class Server:
+    """`cellserve serve` on a model repository, in its own process."""
+
+    def __init__(self, root: Path):
+        self.port, self.grpc_port = _free_port(), _free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", str(root), "--port",
+                                         str(self.port), "--grpc-port", str(self.grpc_port)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def __enter__(self) -> "Server":
+        import httpx
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
+            time.sleep(0.2)
+        raise RuntimeError("the server did not become ready")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def bytes_per_session(server: Server, sessions: int) -> float:
+    """RSS the server adds for `sessions` idle sessions (each opened by one chunk and left open)."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pbg
+
+    chunk = np.zeros((1, CHUNK), np.float32).tobytes()
+
+    def requests(first: int, count: int):
+        for s in range(first, first + count):
+            req = pb.ModelInferRequest(model_name="vad-cellular", id=str(s))
+            req.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK])
+            req.raw_input_contents.append(chunk)
+            req.parameters["sequence_id"].string_param = f"idle-{s}"
+            req.parameters["sequence_start"].bool_param = True
+            yield req
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        for answer in stub.ModelStreamInfer(requests(0, 200)):  # warm: first-use allocations are not sessions
+            pass
+        time.sleep(0.5)
+        before = server.rss_bytes()
+        errors = sum(1 for answer in stub.ModelStreamInfer(requests(200, sessions)) if answer.error_message)
+        time.sleep(0.5)
+        after = server.rss_bytes()
+    if errors:
+        raise RuntimeError(f"{errors} of {sessions} sessions could not be opened")
+    return (after - before) / sessions
+
+
+def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployments=("per-stream-ort", "graph", "cellular"),
+        seconds: float = 5.0, idle_sessions: int = 10_000, seed: int = 0, json_path=None) -> dict:
+    path = silero_file()
+    ceiling, per_chunk_us = ceiling_streams(path, 96)
+    console.print(f"Silero VAD 16 kHz: ONNX Runtime at batch 64 takes {per_chunk_us:.1f} us per chunk; the model's "
+                  f"ceiling on {os.cpu_count()} cores is {ceiling:.0f} streams")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _repository(Path(tmp), path)
+        with Server(Path(tmp)) as server:
+            for deployment in deployments:
+                for ms in message_ms:
+                    for s in streams:
+                        cpu = server.cpu_seconds()
+                        if deployment == "per-stream-ort":
+                            row = run_per_stream_ort(path, s, ms, seconds, seed)
+                        else:
+                            row = asyncio.run(_drive_server(server.grpc_port, f"vad-{deployment}", s, ms, seconds,
+                                                            seed, server_state=deployment == "cellular"))
+                            messages = s * int(seconds * 1000 / ms)
+                            row["server_cpu_us_per_message"] = (server.cpu_seconds() - cpu) / messages * 1e6
+                        rows.append(row)
+                        console.print(f"  {deployment:14s} M={ms} ms S={s:5d}: p50 {row['p50_ms'] or 0:7.1f} ms, p99 "
+                                      f"{row['p99_ms'] or 0:7.1f} ms, refused {row['refused']}, lost {row['lost']}"
+                                      + (f", server CPU {row['server_cpu_us_per_message']:.0f} us/message"
+                                         if "server_cpu_us_per_message" in row else ""))
+                        if not row["sustained"]:
+                            break
+            per_session = bytes_per_session(server, idle_sessions) if idle_sessions else None
+    best = {(d, ms): max([r["streams"] for r in rows if r["deployment"] == d and r["message_ms"] == ms
+                          and r["sustained"]], default=0) for d in deployments for ms in message_ms}
+    print_table("Largest sustained S (p99 <= 100 ms, nothing refused or lost)",
+                [{"deployment": d, **{f"m{ms}": best[(d, ms)] for ms in message_ms}} for d in deployments],
+                [("deployment", "deployment"), *[(f"m{ms}", f"M = {ms} ms") for ms in message_ms]],
+                caption=f"model ceiling: {ceiling:.0f} streams")
+    if per_session is not None:
+        console.print(f"server memory per idle session (RSS added by {idle_sessions} sessions): {per_session:.0f} bytes")
+    result = {"ceiling_streams": ceiling, "per_chunk_us_batch64": per_chunk_us, "bytes_per_session": per_session,
+              "rows": rows}
+    if json_path:
+        write_json(json_path, result)
+    return result
