@@ -185,7 +185,7 @@ def inline_ifs(model: onnx.ModelProto, batch_sizes: tuple[int, int]) -> bool:
     initializers = {i.name for i in graph.initializer}
     inputs = {i.name for i in graph.input if i.name not in initializers}
     for node in ifs:
-        read = _value_inputs(node.input[0], producer, inputs)
+        read = upstream(node.input[0], producer, inputs, values_only=True)
         if read:
             raise ValueError(f"If node {node.name!r} branches on the value of input(s) {sorted(read)}: fix them in the "
                              "model config's controls (e.g. {\"sr\": 16000}) so the graph can be specialized")
@@ -217,17 +217,18 @@ def inline_ifs(model: onnx.ModelProto, batch_sizes: tuple[int, int]) -> bool:
     return changed
 
 
-def _value_inputs(name: str, producer: dict, inputs: set[str]) -> set[str]:
-    """The graph inputs whose values (not only their shapes) `name` is computed from."""
+def upstream(name: str, producer: dict, stops: set[str], values_only: bool = False) -> set[str]:
+    """The names in `stops` that `name` is computed from (not looking past them). values_only: what reaches
+    them only through Shape or Size (their sizes, not their values) does not count."""
     found, seen, todo = set(), set(), [name]
     while todo:
         tensor = todo.pop()
         if tensor in seen:
             continue
         seen.add(tensor)
-        if tensor in inputs:
+        if tensor in stops:
             found.add(tensor)
-        elif tensor in producer and producer[tensor].op_type not in ("Shape", "Size"):
+        elif tensor in producer and not (values_only and producer[tensor].op_type in ("Shape", "Size")):
             todo.extend(_reads(producer[tensor]))
     return found
 
@@ -448,7 +449,7 @@ def _replace_cell(graph: onnx.GraphProto, cell: dict, prefix: str) -> None:
     stops = {i.name for i in graph.input}
     lstm = cell["kind"] == "lstm"
     state = cell["c_prev"] if lstm else cell["h_prev"]
-    state_inputs = _ancestor_inputs(state, producer, stops)
+    state_inputs = upstream(state, producer, stops)
     first, second = cell["products"]
     gates = 4 if lstm else 3
     # the recurrent product: the one whose weight is square per gate (when the input size differs), else
@@ -457,7 +458,7 @@ def _replace_cell(graph: onnx.GraphProto, cell: dict, prefix: str) -> None:
     if len(recurrent) != 1 and not lstm:
         recurrent = [p for p in (first, second) if p["x"] == cell["h_prev"]]
     if len(recurrent) != 1:
-        recurrent = [p for p in (first, second) if _ancestor_inputs(p["x"], producer, stops) & state_inputs]
+        recurrent = [p for p in (first, second) if upstream(p["x"], producer, stops) & state_inputs]
     if len(recurrent) != 1:
         raise ValueError(f"a {cell['kind'].upper()} cell (h = {cell['h_node'].output[0]!r}) whose input cannot be "
                          "told from its recurrent state")
@@ -496,17 +497,3 @@ def _replace_cell(graph: onnx.GraphProto, cell: dict, prefix: str) -> None:
                                    [names["Y"], names["Y_h"]], hidden_size=hidden, linear_before_reset=1, name=prefix)]
     nodes.append(helper.make_node("Squeeze", [names["Y_h"], names["axes"]], [h_out]))
     graph.node.extend(nodes)
-
-
-def _ancestor_inputs(name: str, producer: dict, inputs: set[str]) -> set[str]:
-    found, seen, todo = set(), set(), [name]
-    while todo:
-        tensor = todo.pop()
-        if tensor in seen:
-            continue
-        seen.add(tensor)
-        if tensor in inputs:
-            found.add(tensor)
-        elif tensor in producer:
-            todo.extend(n for n in _reads(producer[tensor]))
-    return found

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cellserve.cells import Cell, GRUCell, LSTMCell
 from cellserve.cells.onnxruntime import ort_session
-from cellserve.interop.normalize import normalize
+from cellserve.interop.normalize import normalize, upstream
 from cellserve.interop.onnx_export import GATE_ORDER
 from cellserve.models.imported import NUMPY, ImportedModel
 from cellserve.models.rnn import RNN
@@ -168,7 +168,7 @@ def import_onnx(source, controls: dict | None = None, input_shapes: dict | None 
         for kind, name in (("h", names[5]), ("c", names[6])):
             # an initial state built from shapes alone (zeros of the batch size, as torch exports them) is
             # not a state the graph is given: the check below confirms zeros reproduce it
-            if name and name not in constants and _data_inputs(name, producer, input_names):
+            if name and name not in constants and upstream(name, producer, input_names, values_only=True):
                 state_sources.append({"layer": l, "kind": kind, "name": name})
         layers.append(cells_of_node(node, constants))
     if len({len(d) for d in layers}) > 1 or len({c.hidden_size for d in layers for c in d}) > 1:
@@ -181,7 +181,7 @@ def import_onnx(source, controls: dict | None = None, input_shapes: dict | None 
 
     glue_tensors = {out for node in graph.node if id(node) in core and node.op_type in GLUE for out in node.output}
     for i, node in enumerate(recurrent[:-1]):
-        for name in [node.output[0]] + [t for t in glue_tensors if _upstream(t, node.output[0], producer)]:
+        for name in [node.output[0]] + [t for t in glue_tensors if _through_glue(t, node.output[0], producer)]:
             if read_outside(name):
                 raise ValueError(f"the graph reads every step of recurrent layer {i}, not only of the top layer; "
                                  "cellserve keeps the top layer's steps")
@@ -224,40 +224,6 @@ def import_onnx(source, controls: dict | None = None, input_shapes: dict | None 
     return imported
 
 
-def _data_inputs(name: str, producer: dict, inputs: set[str]) -> set[str]:
-    """The graph inputs whose values (not only shapes) `name` is computed from."""
-    found, seen, todo = set(), set(), [name]
-    while todo:
-        tensor = todo.pop()
-        if tensor in seen:
-            continue
-        seen.add(tensor)
-        if tensor in inputs:
-            found.add(tensor)
-            continue
-        node = producer.get(tensor)
-        if node is not None and node.op_type not in ("Shape", "Size"):
-            todo.extend(n for n in node.input if n)
-    return found
-
-
-def _ancestors(name: str, producer: dict, stops: set[str]) -> set[str]:
-    """The names in `stops` that `name` is computed from."""
-    found, seen, todo = set(), set(), [name]
-    while todo:
-        tensor = todo.pop()
-        if tensor in seen:
-            continue
-        seen.add(tensor)
-        if tensor in stops:
-            found.add(tensor)
-            continue
-        node = producer.get(tensor)
-        if node is not None:
-            todo.extend(n for n in node.input if n)
-    return found
-
-
 def _state_pairs(graph, producer, state_inputs, state_sources, core_outputs, declared: dict) -> list[dict]:
     """Which graph output continues each state input: the output computed only from the core's final
     states (Y_h, Y_c) of the same layers and kinds the input starts (or as the config declares them)."""
@@ -269,13 +235,13 @@ def _state_pairs(graph, producer, state_inputs, state_sources, core_outputs, dec
                              f"({state_inputs}) and a graph output ({output_names})")
     reads, glue = {}, {}
     for out in output_names:
-        sources = _ancestors(out, producer, set(finals) | set(state_inputs) | {"__never__"})
+        sources = upstream(out, producer, set(finals) | set(state_inputs))
         if sources and sources <= set(finals):
             reads[out] = {finals[s] for s in sources}
             glue[out] = _only_moves(out, producer, set(finals))
     pairs = []
     for name in state_inputs:
-        feeds = {(s["layer"], s["kind"]) for s in state_sources if name in _ancestors(s["name"], producer, {name})}
+        feeds = {(s["layer"], s["kind"]) for s in state_sources if name in upstream(s["name"], producer, {name})}
         # the state itself (reshaped, stacked), before an output merely computed from it (a head on h)
         candidates = sorted((o for o, r in reads.items() if r == feeds), key=lambda o: not glue[o])
         out = declared.get(name) or next(iter(candidates), None)
@@ -303,7 +269,7 @@ def _only_moves(name: str, producer: dict, sources: set[str]) -> bool:
     return True
 
 
-def _upstream(tensor: str, source: str, producer: dict) -> bool:
+def _through_glue(tensor: str, source: str, producer: dict) -> bool:
     """Whether `tensor` is computed from `source` through single-input glue."""
     while tensor != source:
         node = producer.get(tensor)
