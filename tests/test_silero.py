@@ -199,3 +199,33 @@ def test_a_session_request_carries_several_chunks_in_order(server):
             assert output["shape"] == [per, 1]
             got += output["data"]
     np.testing.assert_allclose(got, want[:len(got)], rtol=1e-4, atol=1e-5)
+
+
+def test_speech_segments_equal_silero_vads_own(server):
+    """tests/data/speech_16k.wav (two sentences spoken by espeak-ng, 1.2 s apart): the speech segments from
+    the probabilities cellserve serves equal those silero_vad's get_speech_timestamps finds with its own
+    ONNX wrapper."""
+    import wave
+
+    torch = pytest.importorskip("torch")
+    from silero_vad import get_speech_timestamps, get_speech_timestamps_from_probs, load_silero_vad
+
+    with wave.open(str(pathlib.Path(__file__).parent / "data" / "speech_16k.wav")) as w:
+        assert w.getframerate() == 16000
+        samples = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+    chunk, per = CHUNK[16000], 10
+    padded = np.pad(samples, (0, -len(samples) % (chunk * per)))
+    probs = []
+    with httpx.Client(timeout=60) as client:
+        for m, rows in enumerate(padded.reshape(-1, per, chunk)):
+            body = {"inputs": [{"name": "input", "shape": [per, chunk], "datatype": "FP32",
+                                "data": rows.reshape(-1).tolist()}],
+                    "parameters": {"sequence_id": "speech", "sequence_start": m == 0}}
+            reply = client.post(f"{server.url}/v2/models/vad0/infer", json=body)
+            assert reply.status_code == 200, reply.text
+            probs += reply.json()["outputs"][0]["data"]
+    probs = probs[: -(-len(samples) // chunk)]
+    ours = get_speech_timestamps_from_probs(probs, sampling_rate=16000, audio_length_samples=len(samples))
+    theirs = get_speech_timestamps(torch.from_numpy(samples), load_silero_vad(onnx=True), sampling_rate=16000)
+    assert len(theirs) >= 2  # the two sentences
+    assert ours == theirs
