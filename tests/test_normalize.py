@@ -181,3 +181,33 @@ def test_weights_from_constant_nodes_are_folded():
     assert "Constant" in {n.op_type for n in graph.graph.node}
     zero = np.zeros((3, HIDDEN), np.float32)
     thread(graph, import_onnx(graph), {"h": zero, "c": zero})
+
+
+class Gained(torch.nn.Module):
+    """A module whose forward takes a non-tensor argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = torch.nn.GRU(IN, HIDDEN), torch.nn.Linear(HIDDEN, 2)
+
+    def forward(self, x, gain: float):
+        y, _ = self.rnn(x * gain)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("script", [True, False], ids=["torchscript", "module"])
+def test_a_non_tensor_argument_is_bound_for_the_export(script):
+    from cellserve.interop.torch_import import module_to_onnx, parse_arg
+
+    torch.manual_seed(0)
+    module = Gained().eval()
+    module = torch.jit.script(module) if script else module
+    assert parse_arg("gain=2.5") == ("gain", 2.5) and parse_arg("sr=16000") == ("sr", 16000)
+    graph = module_to_onnx(module, [("x", "float32", ["time", "batch", IN])], dict([parse_arg("gain=2.5")]))
+    model = import_onnx(graph)
+    x = torch.randn(5, 3, IN)
+    with torch.no_grad():
+        want = module(x, 2.5).numpy()
+    np.testing.assert_allclose(model.forward({"x": x.numpy()})["output"], want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="does not take"):
+        module_to_onnx(module, [("x", "float32", ["time", "batch", IN])], {"volume": 1.0})

@@ -229,3 +229,30 @@ def test_speech_segments_equal_silero_vads_own(server):
     theirs = get_speech_timestamps(torch.from_numpy(samples), load_silero_vad(onnx=True), sampling_rate=16000)
     assert len(theirs) >= 2  # the two sentences
     assert ours == theirs
+
+
+def test_the_torchscript_file_imports_through_its_stateless_submodule(tmp_path, capsys):
+    """silero_vad.jit's forward(x, sr) keeps state in the module: binding sr is not enough, and the error
+    says so; its submodule _model takes the state as an input and imports like the ONNX files."""
+    from cellserve.cli import main
+
+    jit = DATA / "silero_vad.jit"
+    out = tmp_path / "vad.safetensors"
+    assert main(["import-torch", str(jit), str(out), "--arg", "sr=16000"]) == 2
+    assert "keeps state in the module" in capsys.readouterr().err
+    code = main(["import-torch", str(jit), str(out), "--submodule", "_model", "--input", "input:float32:batch,576",
+                 "--input", "state:float32:2,batch,128"])
+    assert code == 0
+    from cellserve import models
+
+    model = models.load(out)
+    assert model.state_pairs[0]["input"] == "state"
+    samples = audio(7, 16000)
+    zero = np.zeros((2, 1, 128), np.float32)
+    state, context, probs = zero, np.zeros((1, 64), np.float32), []
+    for chunk in samples.reshape(CHUNKS, 1, 512)[:10]:
+        x = np.concatenate([context, chunk], axis=1)
+        out_ = model.forward({"input": x, "state": state})
+        state, context = out_[model.state_pairs[0]["output"]], x[:, -64:]
+        probs.append(float(out_["output0"].reshape(-1)[0]))
+    np.testing.assert_allclose(probs, reference("silero_vad.onnx", 16000, samples)[:10], rtol=1e-4, atol=1e-5)

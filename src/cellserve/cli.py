@@ -1,4 +1,7 @@
-"""The `cellserve` command. Usage errors and bad input exit with code 2 and a one-line message."""
+"""The `cellserve` command. Usage errors and bad input exit with code 2 and a one-line message.
+
+About 520 lines, on purpose: the parser of every subcommand and a short handler each (argument checks, then
+one call into the room that does the work), so the whole command surface reads in one place."""
 
 from __future__ import annotations
 
@@ -272,7 +275,7 @@ def _import_torch(args):
     import torch
 
     from cellserve import models
-    from cellserve.interop.torch_import import load_torch, module_to_onnx, parse_input, rnn_from_torch
+    from cellserve.interop.torch_import import load_torch, module_to_onnx, parse_arg, parse_input, rnn_from_torch, submodule
 
     try:
         source = load_torch(args.source)
@@ -283,7 +286,10 @@ def _import_torch(args):
             return
         if not isinstance(source, torch.nn.Module):
             raise ValueError(f"{args.source} holds a {type(source).__name__}, not a module or a state dict")
-        graph = module_to_onnx(source, [parse_input(text) for text in args.input] or None)
+        if args.submodule:
+            source = submodule(source, args.submodule)
+        graph = module_to_onnx(source, [parse_input(text) for text in args.input] or None,
+                               dict(parse_arg(text) for text in args.arg))
     except (ValueError, KeyError) as exc:
         raise UsageError(f"{args.source}: {exc}")
     if args.onnx:
@@ -485,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a module's input for the export, e.g. tokens:int64:batch,time (named dimensions vary); "
                           "repeat per input; guessed from the first layer when omitted")
     imp.add_argument("--onnx", help="also write the exported ONNX graph here")
+    imp.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="bind a non-tensor forward argument to a constant, e.g. sr=16000 (repeatable)")
+    imp.add_argument("--submodule", help="import this submodule (a.b) instead, e.g. the one taking the state")
     imp.set_defaults(func=_import_torch)
 
     imo = sub.add_parser("import-onnx", help="import an ONNX model: its LSTM/GRU core runs as our cells, the "

@@ -127,23 +127,79 @@ def guess_inputs(module) -> list[tuple[str, str, list]]:
     raise ValueError("cannot tell the module's input from its layers: give --input NAME:DTYPE:DIMS")
 
 
-def module_to_onnx(module, inputs: list[tuple[str, str, list]] | None = None) -> bytes:
+def parse_arg(text: str) -> tuple[str, object]:
+    """'sr=16000' -> ('sr', 16000): a non-tensor forward argument bound to a constant (int, float, or text)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise ValueError(f"--arg takes NAME=VALUE like sr=16000, not {text!r}")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def submodule(module, path: str):
+    """module.a.b for 'a.b'; ValueError lists the children when there is none."""
+    for part in path.split("."):
+        children = dict(module.named_children())
+        if part not in children:
+            raise ValueError(f"no submodule {part!r} (it has {sorted(children)})")
+        module = children[part]
+    return module
+
+
+def _keeps_state(module) -> list[str]:
+    """Attributes a TorchScript module's forward assigns: state it keeps between calls, out of an export's reach."""
+    graph = getattr(getattr(module, "forward", None), "graph", None)
+    if graph is None:
+        return []
+    return sorted({node.s("name") for node in graph.findAllNodes("prim::SetAttr")})
+
+
+def _parameters(module) -> list[str]:
+    """The names of forward's parameters, in order (TorchScript schema or Python signature)."""
+    import inspect
+
+    schema = getattr(getattr(module, "forward", None), "schema", None)
+    if schema is not None:
+        return [a.name for a in schema.arguments][1:]  # without self
+    return list(inspect.signature(module.forward).parameters)
+
+
+def module_to_onnx(module, inputs: list[tuple[str, str, list]] | None = None, args: dict | None = None) -> bytes:
     """Export a module to ONNX (TorchScript exporter: LSTM/GRU become ONNX LSTM/GRU operators) with every
-    named dimension dynamic, in the inputs and in the outputs that follow them."""
+    named dimension dynamic, in the inputs and in the outputs that follow them. args: non-tensor forward
+    arguments bound to constants (`--arg sr=16000`)."""
     import io
 
     import torch
 
+    kept = _keeps_state(module)
+    if kept:
+        children = [n for n, _ in module.named_children()]
+        raise ValueError(f"its forward keeps state in the module between calls ({', '.join(kept)}), which an export "
+                         f"cannot carry: import the submodule that takes the state as an input instead (--submodule, "
+                         f"one of {children}); cellserve then holds the state per session")
     inputs = inputs or guess_inputs(module)
     module.eval()
+    args = args or {}
+    order = _parameters(module) if args else [n for n, _, _ in inputs]
+    unknown = set(args) - set(order)
+    if unknown:
+        raise ValueError(f"--arg names {sorted(unknown)}, which forward does not take (it takes {order})")
 
     def examples(extra: int):
+        """Example inputs, with the bound arguments in their places among them (the exporter makes them
+        constants of the graph)."""
         sizes, tensors = {}, []
         for _, dtype, dims in inputs:
             shape = [d if isinstance(d, int) else sizes.setdefault(d, 2 + len(sizes) * 3 + extra) for d in dims]
             t = torch.ones(shape, dtype=getattr(torch, dtype)) if dtype != "float32" else torch.randn(shape)  # ids and lengths of 1
             tensors.append(t)
-        return tuple(tensors)
+        given = iter(tensors)
+        return tuple(args[name] if name in args else next(given) for name in order[:len(tensors) + len(args)])
 
     def shapes(args):
         with torch.no_grad():
@@ -161,8 +217,19 @@ def module_to_onnx(module, inputs: list[tuple[str, str, list]] | None = None) ->
         dynamic[name] = {axis: f"{name}_{axis}" for axis, (m, n) in enumerate(zip(a, b)) if m != n}
     buffer = io.BytesIO()
     try:
-        torch.onnx.export(module, examples(0), buffer, dynamo=False, opset_version=17,
-                          input_names=[n for n, _, _ in inputs], output_names=names, dynamic_axes=dynamic)
+        positional = examples(0)
+        tensor_names = iter([n for n, _, _ in inputs])  # bound arguments keep their own names where kept as inputs
+        torch.onnx.export(module, positional, buffer, dynamo=False, opset_version=17, output_names=names,
+                          input_names=[name if name in args else next(tensor_names) for name in order[:len(positional)]],
+                          dynamic_axes=dynamic)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"torch.onnx.export failed: {exc}")
-    return buffer.getvalue()
+    if not args:
+        return buffer.getvalue()
+    import onnx
+
+    from cellserve.interop.normalize import fix_controls
+
+    graph = onnx.load_from_string(buffer.getvalue())  # a TorchScript module's export keeps bound scalars as inputs
+    fix_controls(graph, {i.name: args[i.name] for i in graph.graph.input if i.name in args})
+    return graph.SerializeToString()
