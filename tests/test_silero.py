@@ -256,3 +256,63 @@ def test_the_torchscript_file_imports_through_its_stateless_submodule(tmp_path, 
         state, context = out_[model.state_pairs[0]["output"]], x[:, -64:]
         probs.append(float(out_["output0"].reshape(-1)[0]))
     np.testing.assert_allclose(probs, reference("silero_vad.onnx", 16000, samples)[:10], rtol=1e-4, atol=1e-5)
+
+
+def test_a_session_snapshot_restores_state_and_context_elsewhere(server):
+    """Snapshot mid-stream (state and the 64-sample context), restore it as another session: the rest of
+    the stream gives what one uninterrupted stream gives."""
+    name, sr = FILES[0]
+    samples = audio(9, sr).reshape(CHUNKS, 1, CHUNK[sr])
+    want = reference(name, sr, samples.reshape(-1))
+
+    def send(client, sid, chunk, **parameters):
+        body = {"inputs": [{"name": "input", "shape": [1, CHUNK[sr]], "datatype": "FP32",
+                            "data": chunk.reshape(-1).tolist()}], "parameters": {"sequence_id": sid, **parameters}}
+        body["inputs"] += parameters.pop("extra", [])
+        reply = client.post(f"{server.url}/v2/models/vad0/infer", json=body)
+        assert reply.status_code == 200, reply.text
+        return {o["name"]: o["data"] for o in reply.json()["outputs"]}
+
+    with httpx.Client(timeout=60) as client:
+        got = [send(client, "first", samples[k], sequence_start=k == 0)["output"][0] for k in range(9)]
+        snap = send(client, "first", samples[9], sequence_snapshot=True, sequence_end=True)
+        got.append(snap["output"][0])
+        blob = {"name": "sequence_snapshot", "shape": [1], "datatype": "BYTES", "data": snap["sequence_snapshot"]}
+        for k in range(10, 20):
+            parameters = {"sequence_restore": True, "extra": [blob]} if k == 10 else {}
+            got.append(send(client, "second", samples[k], **parameters)["output"][0])
+    np.testing.assert_allclose(got, want[:20], rtol=1e-4, atol=1e-5)
+
+
+def test_config_pbtxt_declares_the_state_pair_and_the_specialization(tmp_path):
+    """Triton's layout: config.pbtxt's sequence_batching.state pairs the state tensors by name, and the
+    controls, shapes and context come as parameters."""
+    folder = tmp_path / "vad"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.onnx").write_bytes((DATA / "silero_vad.onnx").read_bytes())
+    (folder / "config.pbtxt").write_text('''
+max_batch_size: 64
+input [ { name: "input" data_type: TYPE_FP32 dims: [ 512 ] } ]
+output [ { name: "output" data_type: TYPE_FP32 dims: [ 1 ] } ]
+sequence_batching {
+  max_sequence_idle_microseconds: 5000000
+  state [ { input_name: "state" output_name: "stateN" data_type: TYPE_FP32 dims: [ 2, -1, 128 ] } ]
+}
+parameters { key: "controls" value { string_value: "{\\"sr\\": 16000}" } }
+parameters { key: "input_shapes" value { string_value: "{\\"input\\": [-1, 576]}" } }
+parameters { key: "context" value { string_value: "{\\"input\\": 64}" } }
+''')
+    from cellserve.server.repository import load_folder
+
+    served = load_folder(folder)
+    assert served.stateful and served.config.state == {"state": "stateN"}
+    assert served.model.state_pairs == [{"input": "state", "output": "stateN"}]
+    assert served.config.idle_timeout_s == 5.0
+    samples = audio(4, 16000)
+    served.engine.start()
+    try:
+        got = [float(served.engine.submit({"input": chunk}, sequence_id="s", sequence_start=k == 0).result(30)
+                     ["output"].reshape(-1)[0]) for k, chunk in enumerate(samples.reshape(CHUNKS, 1, 512)[:8])]
+    finally:
+        served.engine.stop()
+    np.testing.assert_allclose(got, reference("silero_vad.onnx", 16000, samples)[:8], rtol=1e-4, atol=1e-5)

@@ -147,6 +147,10 @@ class StreamRunner(FrameSequenceRunner):
         rows = []
         for req in reqs:
             inputs, session = req.payload.inputs, req.session
+            if session is not None and session.restore is not None:  # a snapshot's context comes first
+                for key, values in session.restore["state"].items():
+                    if key.startswith(CONTEXT):
+                        session.context[key[len(CONTEXT):]] = np.asarray(values, np.float32)
             for name, n in context.items():
                 x = inputs[name]
                 prev = session.context.get(name) if session is not None else None
@@ -184,10 +188,8 @@ class StreamRunner(FrameSequenceRunner):
                 return NO_ROOM
             if session.restore is not None:  # a snapshot opens this session
                 for name, values in session.restore["state"].items():
-                    if name.startswith(CONTEXT):
-                        session.context[name[len(CONTEXT):]] = np.asarray(values, np.float32)
-                        continue
-                    self.pool[name][session.slots[0]] = values
+                    if not name.startswith(CONTEXT):  # (the context was put back before the front ran)
+                        self.pool[name][session.slots[0]] = values
                 session.buffer = np.asarray(session.restore["pending"], np.float32).reshape(-1, self.rnn.input_size)
                 session.restore = None
         frames = req.payload.frames
