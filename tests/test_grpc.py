@@ -32,7 +32,7 @@ def server():
     for name, model, config in (("other", OTHER, ModelConfig(block_steps=3)),
                                 ("capped", STREAM, ModelConfig(block_steps=3, max_sessions=2))):
         repository.models[name] = serve_model(name, model, config)
-    app = create_app(repository, grpc_port=0)
+    app = create_app(repository, grpc_port=0, model_control="explicit")
     with BackgroundServer(app) as background:
         background.grpc_port = app.state.grpc_port
         yield background
@@ -229,7 +229,7 @@ def test_reload_under_load_fails_no_request(tmp_path):
     folder = tmp_path / "lm"
     folder.mkdir()
     models.save(LM, folder / "model.safetensors")
-    app = create_app(Repository.from_directory(tmp_path), grpc_port=0)
+    app = create_app(Repository.from_directory(tmp_path), grpc_port=0, model_control="explicit")
     statuses, stop = [], threading.Event()
     with BackgroundServer(app) as background:
         body = {"inputs": [{"name": "tokens", "shape": [1, 20], "datatype": "INT64", "data": list(range(20))}]}

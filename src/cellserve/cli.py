@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _ints(text: str) -> list[int]:
@@ -33,8 +34,14 @@ def _serve(args):
     from cellserve.server.app import create_app
     from cellserve.server.repository import Repository
 
+    explicit = args.model_control_mode == "explicit"
+    if args.load_model and not explicit:
+        raise UsageError("--load-model goes with --model-control-mode explicit")
     try:
-        repository = Repository.from_path(args.model_dir) if args.model_dir else Repository.defaults()
+        if args.model_dir and explicit and Path(args.model_dir).is_dir():
+            repository = Repository.from_directory(args.model_dir, only=args.load_model)
+        else:
+            repository = Repository.from_path(args.model_dir) if args.model_dir else Repository.defaults()
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc))
     base = f"http://{args.host}:{args.port}"
@@ -43,11 +50,14 @@ def _serve(args):
     if not 0 <= args.grpc_port <= 65535:
         raise UsageError("--grpc-port must be in [0, 65535] (0 turns gRPC off)")
     app = create_app(repository, max_body_bytes=args.max_body_mb * 2**20, grpc_port=args.grpc_port or None,
-                     grpc_host=args.host)
+                     grpc_host=args.host, model_control=args.model_control_mode)
     grpc = f"; gRPC (KServe v2 / Triton) on {args.host}:{args.grpc_port}" if args.grpc_port else ""
     print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
           f"metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=15)
+    from cellserve.server.background import DrainingServer
+
+    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                  timeout_graceful_shutdown=args.exit_timeout_s), app.state.backend).run()
 
 
 def _serve_on_ray(args, base: str):
@@ -353,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC (KServe v2 / Triton) port; 0 turns it off")
     serve.add_argument("--max-body-mb", type=int, default=16, help="largest request body accepted")
+    serve.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
+                       help="none: the repository is fixed while serving (load/unload refused); explicit: they are "
+                       "allowed, and only --load-model models load at start")
+    serve.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                       help="explicit mode: a model folder to load at start (repeatable; '*' for every one)")
+    serve.add_argument("--exit-timeout-s", type=float, default=30.0,
+                       help="on SIGTERM/SIGINT: seconds accepted requests have to finish; the process then exits 0")
     serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (joins RAY_ADDRESS if set)")
     serve.add_argument("--replicas", type=int, default=2, help="with --ray: engine shards; sessions stick to one")
     serve.set_defaults(func=_serve)

@@ -46,6 +46,7 @@ class Session:
     waiting: collections.deque = field(default_factory=collections.deque)  # later chunks, in order
     restore: dict | None = None  # a snapshot's state and pending input, put in place by its first chunk
     context: dict = field(default_factory=dict)  # input name -> the last samples of its previous chunk
+    chunks: int = 0  # chunks submitted so far (a chunk's number, in errors)
 
 
 @dataclass(eq=False)
@@ -65,6 +66,7 @@ class Request:
     session: Session | None = None
     end: bool = False  # the last chunk of its session
     snapshot: bool = False  # return the session's state after this chunk (result["snapshot"])
+    chunk: int = 0  # its number in its session
 
     @property
     def queue_seconds(self) -> float:

@@ -73,7 +73,7 @@ class Engine:
         self.max_sessions = int(config.max_sessions) if config.max_sessions else runner.capacity
         self.stats = EngineStats()
         self._sessions: dict[str, Session] = {}
-        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent, bounded
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # recent ones' reasons, bounded
         self._next_expiry_check = 0.0
         self._queue: collections.deque[Request] = collections.deque()
         self._waiting_chunks = 0  # chunks queued behind a busy session
@@ -125,12 +125,17 @@ class Engine:
         with self._cv:
             if not self._running_flag:
                 raise EngineStopped("engine is not running")
-            if len(self._queue) + self._waiting_chunks >= self.max_queue:
+            opening = sequence_id is None or sequence_start or sequence_restore is not None
+            open_session = not opening and str(sequence_id) in self._sessions
+            # load refuses only what loses nothing: a new request or a new session's first chunk. A chunk of an
+            # open session waits in its session's order (the queue then holds at most one more per session).
+            if not open_session and len(self._queue) + self._waiting_chunks >= self.max_queue:
                 self.stats.refused += 1
                 raise EngineFull(f"queue full ({self.max_queue} waiting requests); retry later")
             if sequence_id is not None:
                 req.session = self._session_for(str(sequence_id), sequence_start or sequence_restore is not None)
                 req.session.last_active = time.perf_counter()
+                req.chunk, req.session.chunks = req.session.chunks, req.session.chunks + 1
                 if sequence_restore is not None:
                     req.session.restore = sequence_restore
             self.stats.submitted += 1
@@ -165,14 +170,19 @@ class Engine:
                 raise SessionsFull(f"this model holds its maximum of {self.max_sessions} open sequences; end one "
                                    "(sequence_end) or retry later")
             session = self._sessions[sequence_id] = Session(sequence_id)
-            self._expired.pop(sequence_id, None)
+            self._ended.pop(sequence_id, None)
             return session
         if session is None:
-            if sequence_id in self._expired:
-                raise SessionError(f"sequence {sequence_id!r} expired after {self.idle_timeout:g} s idle; "
-                                   "start a new one with sequence_start")
+            if sequence_id in self._ended:
+                raise SessionError(self._ended[sequence_id])
             raise SessionError(f"unknown sequence {sequence_id!r}; its first chunk needs sequence_start")
         return session
+
+    def _remember(self, sequence_id: str, reason: str) -> None:
+        """Why a sequence ended, for its later chunks (the most recent 100,000)."""
+        self._ended[sequence_id] = reason
+        while len(self._ended) > 100_000:
+            self._ended.popitem(last=False)
 
     def _close_session(self, session: Session) -> None:
         self.runner.close_session(session)
@@ -188,9 +198,8 @@ class Engine:
             for session in list(self._sessions.values()):
                 if not session.busy and now - session.last_active > self.idle_timeout:
                     self._close_session(session)
-                    self._expired[session.id] = None
-                    while len(self._expired) > 100_000:
-                        self._expired.popitem(last=False)
+                    self._remember(session.id, f"sequence {session.id!r} expired after {self.idle_timeout:g} s idle; "
+                                               "start a new one with sequence_start")
 
     @property
     def sessions(self) -> int:
@@ -366,7 +375,10 @@ class Engine:
         if session is None:
             return
         session.last_active = time.perf_counter()
-        if req.end or failed:
+        if failed or req.cancelled:  # never continue a session past a gap: its later chunks are refused
+            self._break_session(session, req, "failed" if failed else "was cancelled")
+            return
+        if req.end:
             self._close_session(session)
         if session.waiting:
             nxt = session.waiting.popleft()
@@ -375,6 +387,19 @@ class Engine:
             self._cv.notify()
         else:
             session.busy = False
+
+    def _break_session(self, session: Session, req: Request, what: str) -> None:
+        reason = (f"sequence {session.id!r} stopped at its chunk {req.chunk}, which {what}: it is never continued "
+                  "past a gap; restore it from a snapshot (sequence_restore) or start a new one (sequence_start)")
+        self._close_session(session)
+        self._remember(session.id, reason)
+        later, session.busy = list(session.waiting), False
+        session.waiting.clear()
+        self._waiting_chunks -= len(later)
+        for nxt in later:
+            if not nxt.future.done() and nxt.future.set_running_or_notify_cancel():
+                nxt.future.set_exception(SessionError(reason))
+                self.stats.failed += 1
 
     def _fail(self, req: Request, exc: Exception) -> None:
         if self._running.pop(req.id, None) is not None:

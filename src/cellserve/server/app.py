@@ -40,12 +40,13 @@ INFER_DOC = {
 
 
 def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_provider=None,
-               grpc_port: int | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
+               grpc_port: int | None = None, grpc_host: str = "127.0.0.1", model_control: str = "none") -> FastAPI:
     """The HTTP API over a backend: a Repository (served here) or any Backend. backend_provider, when given, is called per request instead (the Ray Serve ingress
     binds its router after Ray has copied the app into the replica). With grpc_port, the gRPC service
-    runs beside it (0 picks a free port; app.state.grpc_port tells which)."""
+    runs beside it (0 picks a free port; app.state.grpc_port tells which). model_control: "none" (load and
+    unload refused) or "explicit", as Triton's --model-control-mode."""
     if isinstance(backend, Repository):
-        backend = LocalBackend(backend, max_body_bytes)
+        backend = LocalBackend(backend, max_body_bytes, model_control=model_control)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

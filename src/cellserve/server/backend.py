@@ -26,8 +26,9 @@ from cellserve.server.repository import Repository
 DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 EXTENSIONS = ["binary_tensor_data", "sequence", "sequence_snapshot", "model_repository",
               "model_repository(unload_dependents)", "statistics", "model_configuration"]
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
-              500: "INTERNAL"}
+GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+              413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 500: "INTERNAL"}
+MODEL_CONTROL_MODES = ("none", "explicit")
 
 
 class ServiceError(Exception):
@@ -69,8 +70,14 @@ class LocalBackend:
     (Ray Serve shards); it is reported in infer responses and metrics."""
 
     def __init__(self, repository: Repository, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 replica: int | None = None):
+                 replica: int | None = None, model_control: str = "none"):
+        """model_control: "none" (Triton's default: the repository is fixed while serving, load and unload
+        are refused) or "explicit" (they are allowed)."""
+        if model_control not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model control mode must be one of {MODEL_CONTROL_MODES}, not {model_control!r}")
         self.repository, self.max_body_bytes, self.replica = repository, max_body_bytes, replica
+        self.model_control = model_control
+        self.draining = False  # shutting down: not ready, new work refused, accepted work finishes
         self.metrics = Metrics()
         for served in repository.models.values():
             self.metrics.watch(served)
@@ -94,7 +101,10 @@ class LocalBackend:
         return {"name": "cellserve", "version": __version__, "extensions": EXTENSIONS}
 
     async def ready(self) -> bool:
-        return all(m.engine.running for m in self.repository.models.values())
+        return not self.draining and all(m.engine.running for m in self.repository.models.values())
+
+    def begin_drain(self) -> None:
+        self.draining = True
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict:
         return self._model(name, version).metadata()
@@ -116,9 +126,15 @@ class LocalBackend:
     async def repository_index(self, ready_only: bool = False) -> list[dict]:
         return self.repository.index(ready_only)
 
+    def _control(self) -> None:
+        if self.model_control != "explicit":
+            raise ServiceError(403, "model control is off: start the server with --model-control-mode explicit to "
+                                    "load and unload models")
+
     async def load(self, name: str) -> None:
         """(Re)read a model's folder and serve the new version; requests already given to the old one finish
         there, new ones go to the new one."""
+        self._control()
         try:
             served, old = await asyncio.get_running_loop().run_in_executor(None, self.repository.load, name)
         except KeyError as exc:
@@ -130,6 +146,7 @@ class LocalBackend:
             self.repository.retire(old)
 
     async def unload(self, name: str) -> None:
+        self._control()
         try:
             self.repository.retire(self.repository.unload(name))
         except KeyError as exc:
@@ -153,6 +170,9 @@ class LocalBackend:
         served = self._model(name, version)
         try:
             sequence = _sequence_parameters(req.parameters, served.stateful)
+            if self.draining and (not sequence or sequence["sequence_start"] or "sequence_restore" in sequence):
+                raise ServiceError(503, "the server is shutting down: it finishes open sessions but takes no new "
+                                        "work; retry on another replica")
             if sequence.get("sequence_restore"):
                 sequence["sequence_restore"] = served.restore_of(req.inputs)
             inputs = served.requests(req.inputs)

@@ -1,11 +1,42 @@
-"""Run the app under uvicorn on a background thread (for the demo, tests and the HTTP benchmark)."""
+"""Run the app under uvicorn: on a background thread (the demo, tests, benchmarks), or as the process's server
+with a clean exit (DrainingServer)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 import time
 
 import uvicorn
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn for `cellserve serve`: on SIGTERM or SIGINT readiness turns false at once and new requests and
+    sessions get 503 / UNAVAILABLE (the backend drains), accepted ones finish within the graceful timeout, and
+    the process exits 0 (uvicorn re-raises the signal after its shutdown, which orchestrators record as a
+    failure on every rolling restart)."""
+
+    def __init__(self, config: uvicorn.Config, backend=None):
+        super().__init__(config)
+        self.backend = backend
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.backend is not None and hasattr(self.backend, "begin_drain"):
+            self.backend.begin_drain()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 class BackgroundServer:

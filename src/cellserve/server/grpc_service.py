@@ -15,6 +15,7 @@ gets an error_message in the stream while the stream goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 
 import grpc
 import numpy as np
@@ -26,6 +27,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 from cellserve.server.backend import ServiceError
 from cellserve.server.protocol import DTYPES, InferRequest, InferResponse, ProtocolError, datatype_of, from_binary, to_binary
 
+MAX_PENDING = 64  # chunks of one session a stream may have unanswered before the server stops reading it
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
             "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
@@ -169,9 +171,15 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         return await self._guard(context, lambda: self._infer(request))
 
     async def ModelStreamInfer(self, request_iterator, context):
+        """Requests are submitted in arrival order (a session's chunks keep theirs) and answered as they
+        finish. Flow control: while one session has more than MAX_PENDING chunks unanswered, the stream is
+        not read further (the client's sends wait), so load never makes the server refuse a chunk of an
+        open session."""
         answers: asyncio.Queue = asyncio.Queue()
+        pending: collections.Counter = collections.Counter()  # sequence id -> chunks unanswered
+        drained = asyncio.Condition()
 
-        async def one(request):
+        async def one(request, sid):
             try:
                 answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except ServiceError as exc:
@@ -180,13 +188,23 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 answer = pb.ModelStreamInferResponse(error_message=f"internal error: {exc}",
                                                      infer_response=_failed(request))
             await answers.put(answer)
+            if sid is not None:
+                async with drained:
+                    pending[sid] -= 1
+                    drained.notify_all()
 
         async def read():
-            pending = []
+            tasks = []
             async for request in request_iterator:
-                pending.append(asyncio.ensure_future(one(request)))
+                sid = _sequence_id(request)
+                if sid is not None:
+                    pending[sid] += 1
+                tasks.append(asyncio.ensure_future(one(request, sid)))
                 await asyncio.sleep(0)  # it submits before the next is read: chunks keep their order
-            await asyncio.gather(*pending)
+                if sid is not None and pending[sid] > MAX_PENDING:
+                    async with drained:
+                        await drained.wait_for(lambda: pending[sid] <= MAX_PENDING)
+            await asyncio.gather(*tasks)
             await answers.put(None)
 
         reader = asyncio.ensure_future(read())
@@ -195,6 +213,12 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 yield answer
         finally:
             reader.cancel()
+
+
+def _sequence_id(request: pb.ModelInferRequest):
+    if "sequence_id" not in request.parameters:
+        return None
+    return parameter_value(request.parameters["sequence_id"])
 
 
 def _failed(request: pb.ModelInferRequest) -> pb.ModelInferResponse:

@@ -8,6 +8,8 @@ Without a folder, the embedded default models are served."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 from pathlib import Path
 
@@ -17,6 +19,16 @@ from cellserve import models
 from cellserve.models import RNN
 from cellserve.server.config import ModelConfig, check_declared, triton_config
 from cellserve.server.served import ServedModel
+
+
+log = logging.getLogger("cellserve.repository")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_name(name: str) -> None:
+    """A model name is one path segment of letters, digits, '-', '_' and '.', never '.' or '..'."""
+    if not MODEL_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"invalid model name {name[:64]!r}: use letters, digits, '-', '_' and '.' (not '.' or '..')")
 
 
 def serve_model(name: str, model, config: ModelConfig) -> ServedModel:
@@ -73,16 +85,31 @@ class Repository:
         return rows
 
     def build(self, name: str) -> ServedModel:
+        check_name(name)
         if name in self.factories:
             return self.factories[name]()
         folder = self.root / name if self.root is not None else None
-        if folder is None or not folder.is_dir():
+        if folder is None or folder.parent != self.root or not folder.is_dir():
             raise KeyError(f"no model {name!r} in this repository; it has {self.known()}")
-        return load_folder(folder)
+        try:
+            return load_folder(folder)
+        except ValueError as exc:  # clients see the folder's name, never the server's paths (the log has them)
+            log.warning("model %s failed to load: %s", name, exc)
+            raise ValueError(self.public(str(exc)))
+
+    def public(self, message: str) -> str:
+        """A message without the repository's location on the server."""
+        if self.root is None:
+            return message
+        for root in {str(self.root.resolve()), str(self.root)}:
+            message = message.replace(root + "/", "").replace(root, "<repository>")
+        return message
 
     def load(self, name: str) -> tuple[ServedModel, ServedModel | None]:
         """(Re)load a model and serve it; returns (new, old). The old one, if any, must be retired by the
-        caller (retire) once nobody can reach it. Raises KeyError (unknown) or ValueError (bad files)."""
+        caller (retire) once nobody can reach it. Raises KeyError (unknown) or ValueError (a bad name or bad
+        files; only a name that can be a folder here is remembered as unavailable)."""
+        check_name(name)
         try:
             served = self.build(name)
         except ValueError as exc:
@@ -120,12 +147,20 @@ class Repository:
         return cls.from_directory(path)
 
     @classmethod
-    def from_directory(cls, root: str | Path) -> "Repository":
+    def from_directory(cls, root: str | Path, only: list[str] | None = None) -> "Repository":
+        """Every model folder of `root`, or only those named (explicit model control: '*' is every one)."""
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"model repository {root} is not a directory")
-        served = [load_folder(folder) for folder in sorted(p for p in root.iterdir() if p.is_dir())]
-        if not served:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        if only is not None and "*" not in only:
+            for name in only:
+                check_name(name)
+                if not (root / name).is_dir():
+                    raise ValueError(f"--load-model {name}: no such model folder in the repository")
+            folders = [root / name for name in only]
+        served = [load_folder(folder) for folder in folders]
+        if not served and only is None:
             raise ValueError(f"model repository {root} has no model folders")
         return cls(served, root)
 
