@@ -1,13 +1,12 @@
 """The `cellserve` command. Usage errors and bad input exit with code 2 and a one-line message.
 
-About 520 lines, on purpose: the parser of every subcommand and a short handler each (argument checks, then
+About 530 lines, on purpose: the parser of every subcommand and a short handler each (argument checks, then
 one call into the room that does the work), so the whole command surface reads in one place."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _ints(text: str) -> list[int]:
@@ -29,35 +28,17 @@ def _words(text: str) -> list[str]:
 
 
 def _serve(args):
-    import uvicorn
+    from cellserve.server import main
 
-    from cellserve.server.app import create_app
-    from cellserve.server.repository import Repository
-
-    explicit = args.model_control_mode == "explicit"
-    if args.load_model and not explicit:
-        raise UsageError("--load-model goes with --model-control-mode explicit")
     try:
-        if args.model_dir and explicit and Path(args.model_dir).is_dir():
-            repository = Repository.from_directory(args.model_dir, only=args.load_model)
-        else:
-            repository = Repository.from_path(args.model_dir) if args.model_dir else Repository.defaults()
-    except (OSError, ValueError) as exc:
+        repository = main.repository_for(args.model_dir, args.model_control_mode, args.load_model)
+        if args.ray:
+            return _serve_on_ray(args, f"http://{args.host}:{args.port}")
+        main.serve(repository, args.host, args.port, args.grpc_port, args.max_body_mb * 2**20,
+                   args.model_control_mode, args.restricted_api, args.ssl_certfile, args.ssl_keyfile,
+                   args.ssl_ca_certfile, args.exit_timeout_s)
+    except ValueError as exc:
         raise UsageError(str(exc))
-    base = f"http://{args.host}:{args.port}"
-    if args.ray:
-        return _serve_on_ray(args, base)
-    if not 0 <= args.grpc_port <= 65535:
-        raise UsageError("--grpc-port must be in [0, 65535] (0 turns gRPC off)")
-    app = create_app(repository, max_body_bytes=args.max_body_mb * 2**20, grpc_port=args.grpc_port or None,
-                     grpc_host=args.host, model_control=args.model_control_mode)
-    grpc = f"; gRPC (KServe v2 / Triton) on {args.host}:{args.grpc_port}" if args.grpc_port else ""
-    print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
-          f"metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
-    from cellserve.server.background import DrainingServer
-
-    DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                  timeout_graceful_shutdown=args.exit_timeout_s), app.state.backend).run()
 
 
 def _serve_on_ray(args, base: str):
@@ -370,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="explicit mode: a model folder to load at start (repeatable; '*' for every one)")
     serve.add_argument("--exit-timeout-s", type=float, default=30.0,
                        help="on SIGTERM/SIGINT: seconds accepted requests have to finish; the process then exits 0")
+    serve.add_argument("--restricted-api", action="append", default=[], metavar="GROUPS:HEADER=VALUE",
+                       help="restrict API groups (inference, model-repository, model-config, metadata, statistics, "
+                       "health) to requests carrying HEADER=VALUE, on HTTP and gRPC alike (repeatable)")
+    serve.add_argument("--ssl-certfile", help="TLS certificate (PEM) for HTTP and gRPC")
+    serve.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    serve.add_argument("--ssl-ca-certfile", help="require client certificates signed by this CA (PEM)")
     serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (joins RAY_ADDRESS if set)")
     serve.add_argument("--replicas", type=int, default=2, help="with --ray: engine shards; sessions stick to one")
     serve.set_defaults(func=_serve)

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cellserve import __version__
 from cellserve.server.protocol import HEADER_LENGTH, InferRequest, build_response, parse_infer_request
 from cellserve.server.repository import Repository
+from cellserve.server.auth import http_group, refusal
 from cellserve.server.backend import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
 
 INFER_DOC = {
@@ -40,11 +41,13 @@ INFER_DOC = {
 
 
 def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_provider=None,
-               grpc_port: int | None = None, grpc_host: str = "127.0.0.1", model_control: str = "none") -> FastAPI:
+               grpc_port: int | None = None, grpc_host: str = "127.0.0.1", model_control: str = "none",
+               restricted: tuple = (), tls: dict | None = None) -> FastAPI:
     """The HTTP API over a backend: a Repository (served here) or any Backend. backend_provider, when given, is called per request instead (the Ray Serve ingress
     binds its router after Ray has copied the app into the replica). With grpc_port, the gRPC service
     runs beside it (0 picks a free port; app.state.grpc_port tells which). model_control: "none" (load and
-    unload refused) or "explicit", as Triton's --model-control-mode."""
+    unload refused) or "explicit", as Triton's --model-control-mode. restricted: auth.Restriction's for both
+    wires. tls: {"certfile", "keyfile"[, "ca_certfile"]} for the gRPC port (uvicorn takes HTTP's)."""
     if isinstance(backend, Repository):
         backend = LocalBackend(backend, max_body_bytes, model_control=model_control)
 
@@ -57,7 +60,8 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
         if grpc_port is not None:
             from cellserve.server.grpc_service import start_grpc
 
-            grpc_server, app.state.grpc_port = await start_grpc(current, grpc_host, grpc_port)
+            grpc_server, app.state.grpc_port = await start_grpc(current, grpc_host, grpc_port, restricted=restricted,
+                                                                tls=tls)
         yield
         if grpc_server is not None:
             await grpc_server.stop(grace=5)
@@ -68,6 +72,14 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
                   description="Open Inference Protocol (KServe v2) server for recurrent models with cellular batching.")
     app.state.backend = backend
     current = backend_provider or (lambda: app.state.backend)
+
+    if restricted:
+        @app.middleware("http")
+        async def _restrict(request: Request, call_next):
+            refused = refusal(list(restricted), http_group(request.method, request.url.path), request.headers)
+            if refused is not None:
+                return JSONResponse({"error": refused[1]}, status_code=refused[0])
+            return await call_next(request)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request, exc: ServiceError):

@@ -40,9 +40,11 @@ class DrainingServer(uvicorn.Server):
 
 
 class BackgroundServer:
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **ssl):
+        """ssl: uvicorn's ssl_certfile, ssl_keyfile, ssl_ca_certs, ssl_cert_reqs."""
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=15))
+                                                    lifespan="on", timeout_graceful_shutdown=15, **ssl))
+        self.scheme = "https" if ssl.get("ssl_certfile") else "http"
         self.thread = threading.Thread(target=self.server.run, name="cellserve-http", daemon=True)
 
     def __enter__(self) -> "BackgroundServer":
@@ -60,7 +62,7 @@ class BackgroundServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True

@@ -24,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
+from cellserve.server.auth import GRPC_GROUPS, refusal
 from cellserve.server.backend import ServiceError
 from cellserve.server.protocol import DTYPES, InferRequest, InferResponse, ProtocolError, datatype_of, from_binary, to_binary
 
@@ -226,13 +227,51 @@ def _failed(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
     return pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
 
 
-async def start_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20):
-    """Start the gRPC service on the running event loop; returns (server, bound port)."""
+class Restricted(grpc.aio.ServerInterceptor):
+    """Restricted API groups on gRPC (auth.py): a call without the group's metadata key, or with a wrong
+    value, ends UNAUTHENTICATED or PERMISSION_DENIED before it reaches the servicer."""
+
+    def __init__(self, restrictions):
+        self.restrictions = list(restrictions)
+
+    async def intercept_service(self, continuation, details):
+        metadata = {k.lower(): v for k, v in (details.invocation_metadata or ())}
+        refused = refusal(self.restrictions, GRPC_GROUPS.get(details.method.rsplit("/", 1)[-1]), metadata)
+        handler = await continuation(details)
+        if refused is None or handler is None:
+            return handler
+        code = grpc.StatusCode.UNAUTHENTICATED if refused[0] == 401 else grpc.StatusCode.PERMISSION_DENIED
+
+        async def deny(request, context):
+            await context.abort(code, refused[1])
+
+        kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler}
+        return kinds[(handler.request_streaming, handler.response_streaming)](
+            deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+async def start_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20, restricted=(),
+                     tls: dict | None = None):
+    """Start the gRPC service on the running event loop; returns (server, bound port). tls: {"certfile",
+    "keyfile"[, "ca_certfile": client certificates required]}."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes)])
+                                      ("grpc.max_send_message_length", max_message_bytes)],
+                             interceptors=[Restricted(restricted)] if restricted else None)
     pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(backend), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if tls:
+        def read(key):
+            with open(tls[key], "rb") as f:
+                return f.read()
+
+        ca = read("ca_certfile") if tls.get("ca_certfile") else None
+        credentials = grpc.ssl_server_credentials([(read("keyfile"), read("certfile"))], root_certificates=ca,
+                                                  require_client_auth=ca is not None)
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+        raise OSError(f"cannot listen for gRPC on {address}")
     await server.start()
     return server, bound

@@ -1,0 +1,48 @@
+"""`cellserve serve` in this process: the repository (all its models, or in explicit model control the ones
+named), HTTP and gRPC over one backend, restricted API groups, TLS on both wires, and a clean exit on
+SIGTERM. Setup problems are ValueErrors the command reports as usage errors."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import uvicorn
+
+from cellserve.server.app import create_app
+from cellserve.server.auth import parse_restriction
+from cellserve.server.background import DrainingServer
+from cellserve.server.repository import Repository
+
+
+def repository_for(model_dir: str | None, model_control: str = "none", load_models=()) -> Repository:
+    if load_models and model_control != "explicit":
+        raise ValueError("--load-model goes with --model-control-mode explicit")
+    try:
+        if model_dir and model_control == "explicit" and Path(model_dir).is_dir():
+            return Repository.from_directory(model_dir, only=list(load_models))
+        return Repository.from_path(model_dir) if model_dir else Repository.defaults()
+    except OSError as exc:
+        raise ValueError(str(exc))
+
+
+def serve(repository: Repository, host: str, port: int, grpc_port: int, max_body_bytes: int,
+          model_control: str = "none", restricted_api=(), ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None, ssl_ca_certfile: str | None = None, exit_timeout_s: float = 30.0) -> None:
+    if not 0 <= grpc_port <= 65535:
+        raise ValueError("--grpc-port must be in [0, 65535] (0 turns gRPC off)")
+    restricted = tuple(parse_restriction(text) for text in restricted_api)
+    if bool(ssl_certfile) != bool(ssl_keyfile) or (ssl_ca_certfile and not ssl_certfile):
+        raise ValueError("TLS needs --ssl-certfile and --ssl-keyfile (and --ssl-ca-certfile only with them)")
+    tls = {"certfile": ssl_certfile, "keyfile": ssl_keyfile, "ca_certfile": ssl_ca_certfile} if ssl_certfile else None
+    app = create_app(repository, max_body_bytes=max_body_bytes, grpc_port=grpc_port or None, grpc_host=host,
+                     model_control=model_control, restricted=restricted, tls=tls)
+    https = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if tls else {}
+    if ssl_ca_certfile:
+        https.update(ssl_ca_certs=ssl_ca_certfile, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    base = f"{'https' if tls else 'http'}://{host}:{port}"
+    grpc = f"; gRPC (KServe v2 / Triton{', TLS' if tls else ''}) on {host}:{grpc_port}" if grpc_port else ""
+    print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
+          f"metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                  timeout_graceful_shutdown=exit_timeout_s, **https), app.state.backend).run()
