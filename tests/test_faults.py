@@ -7,7 +7,6 @@ test_server.py, test_grpc.py and test_overload.py; SIGTERM under load in test_ov
 import os
 import queue
 import socket
-import threading
 import time
 
 import httpx
@@ -101,44 +100,18 @@ def test_clients_that_go_away_mid_request_and_mid_stream(server):
 def test_thirty_two_unpaced_streams_at_the_default_settings(server):
     """32 streams x 300 chunks sent without waiting: no error inside an open session, every session's
     outputs equal its unbatched run, and the server's memory stays bounded."""
-    streams, chunks = 32, 300
-    rng = np.random.default_rng(1)
-    frames = rng.standard_normal((streams, chunks * 4, 8)).astype(np.float32)
-    outputs = [dict() for _ in range(streams)]
-    errors = []
+    from test_overload import unpaced_streams
+
+    frames = np.random.default_rng(1).standard_normal((32, 300 * 4, 8)).astype(np.float32)
 
     def rss() -> int:
         with open(f"/proc/{os.getpid()}/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
     before = rss()
-
-    def stream(s):
-        client = tritonclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-        answers = queue.Queue()
-        client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        for k in range(chunks):
-            chunk = tritonclient.InferInput("frames", [4, 8], "FP32")
-            chunk.set_data_from_numpy(frames[s, 4 * k:4 * k + 4])
-            client.async_stream_infer("stream", [chunk], sequence_id=f"u{s}", sequence_start=k == 0,
-                                      sequence_end=k == chunks - 1, request_id=str(k))
-        for _ in range(chunks):
-            result, error = answers.get(timeout=300)
-            if error is not None:
-                errors.append(str(error))
-            else:
-                outputs[s][int(result.get_response().id)] = result.as_numpy("outputs")
-        client.stop_stream()
-        client.close()
-
-    threads = [threading.Thread(target=stream, args=(s,)) for s in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
+    outputs, errors = unpaced_streams(server.grpc_port, "stream", frames)
     assert errors == []
-    for s in range(streams):
-        got = np.concatenate([outputs[s][k] for k in range(chunks)])
+    for s, got in enumerate(outputs):
         np.testing.assert_allclose(got, MODEL.forward(frames[s][:, None])[0][:, 0], rtol=1e-4, atol=1e-5)
     # server and clients share this process: the growth bound covers both (flow control keeps at most 64
     # chunks per session in the server; the answers all sit in the clients' queues)

@@ -23,43 +23,47 @@ MODEL = RNN.random("sru", 8, 16, num_layers=2, seed=3)
 STREAMS, CHUNKS, FRAMES = 8, 300, 4
 
 
-def test_unpaced_grpc_streams_past_the_queue_lose_no_chunk():
-    repository = Repository([serve_model("stream", MODEL, ModelConfig(block_steps=4, max_queue=32, max_batch=8))])
-    app = create_app(repository, grpc_port=0)
-    rng = np.random.default_rng(0)
-    frames = rng.standard_normal((STREAMS, CHUNKS * FRAMES, 8)).astype(np.float32)
-    outputs = [dict() for _ in range(STREAMS)]
-    errors = []
+def unpaced_streams(grpc_port: int, model: str, frames: np.ndarray, frames_per_chunk: int = FRAMES):
+    """Each of len(frames) sessions sends its chunks on its own gRPC stream without waiting for answers,
+    as a live audio client does; returns (outputs per session in chunk order, errors)."""
+    streams, chunks = len(frames), frames.shape[1] // frames_per_chunk
+    outputs, errors = [dict() for _ in range(streams)], []
 
     def stream(s):
-        client = tritonclient.InferenceServerClient(f"127.0.0.1:{app.state.grpc_port}")
+        client = tritonclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         answers: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        for k in range(CHUNKS):  # without waiting for answers, as a live audio client sends
-            chunk = tritonclient.InferInput("frames", [FRAMES, 8], "FP32")
-            chunk.set_data_from_numpy(frames[s, k * FRAMES:(k + 1) * FRAMES])
-            client.async_stream_infer("stream", [chunk], sequence_id=f"s{s}", sequence_start=k == 0,
-                                      sequence_end=k == CHUNKS - 1, request_id=str(k))
-        for _ in range(CHUNKS):
-            result, error = answers.get(timeout=120)
+        for k in range(chunks):
+            chunk = tritonclient.InferInput("frames", [frames_per_chunk, frames.shape[2]], "FP32")
+            chunk.set_data_from_numpy(frames[s, k * frames_per_chunk:(k + 1) * frames_per_chunk])
+            client.async_stream_infer(model, [chunk], sequence_id=f"s{s}", sequence_start=k == 0,
+                                      sequence_end=k == chunks - 1, request_id=str(k))
+        for _ in range(chunks):
+            result, error = answers.get(timeout=300)
             if error is not None:
                 errors.append(str(error))
-                continue
-            outputs[s][int(result.get_response().id)] = result.as_numpy("outputs")
+            else:
+                outputs[s][int(result.get_response().id)] = result.as_numpy("outputs")
         client.stop_stream()
         client.close()
 
+    threads = [threading.Thread(target=stream, args=(s,)) for s in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return [np.concatenate([o[k] for k in range(chunks)]) if len(o) == chunks else None for o in outputs], errors
+
+
+def test_unpaced_grpc_streams_past_the_queue_lose_no_chunk():
+    repository = Repository([serve_model("stream", MODEL, ModelConfig(block_steps=4, max_queue=32, max_batch=8))])
+    app = create_app(repository, grpc_port=0)
+    frames = np.random.default_rng(0).standard_normal((STREAMS, CHUNKS * FRAMES, 8)).astype(np.float32)
     with BackgroundServer(app):
-        threads = [threading.Thread(target=stream, args=(s,)) for s in range(STREAMS)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+        outputs, errors = unpaced_streams(app.state.grpc_port, "stream", frames)
     assert errors == []
     for s in range(STREAMS):
-        got = np.concatenate([outputs[s][k] for k in range(CHUNKS)])
-        want = MODEL.forward(frames[s][:, None])[0][:, 0]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(outputs[s], MODEL.forward(frames[s][:, None])[0][:, 0], rtol=1e-4, atol=1e-5)
 
 
 def test_the_queue_refuses_new_work_but_takes_chunks_of_open_sessions():
