@@ -40,6 +40,10 @@ class ImportedFamily(Family):
             if name not in names or n < 1:
                 raise ValueError(f"context names input {name!r} with {n} samples; the graph's inputs are {sorted(names)}")
         self.session_hidden = tuple(p["output"] for p in model.state_pairs if p["output"])
+        # sessions of a graph with its own state or a context need the front in order, per session, and
+        # their short chunks gain most from one front call per step; whole sequences run theirs on the
+        # submitting thread, beside the engine (see engine/frames.py front_at_admission)
+        self.front_in_engine = bool(model.state_pairs or self.context)
         self.rnn = model.rnn
         if backend not in ("cellserve", "onnxruntime"):
             raise ValueError(f"backend {backend!r} does not run imported graphs (cellserve or onnxruntime)")
