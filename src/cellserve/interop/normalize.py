@@ -266,30 +266,33 @@ def fuse_cells(model: onnx.ModelProto) -> int:
         _replace_cell(graph, cell, f"cellserve_{cell['kind']}_{count}")
         count += 1
     if count:
-        nodes = sorted(graph.node, key=_topological_key(graph))
+        nodes = _topological_order(graph)
         del graph.node[:]
         graph.node.extend(nodes)
         _drop_unused(graph)
     return count
 
 
-def _topological_key(graph: onnx.GraphProto):
-    """A sort key putting every node after its producers (the new LSTM nodes were appended)."""
-    producer = {o: n for n in graph.node for o in n.output}
-    order, seen = {}, set()
-
-    def visit(node):
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        for name in _reads(node):
-            if name in producer:
-                visit(producer[name])
-        order[id(node)] = len(order)
-
-    for node in graph.node:
-        visit(node)
-    return lambda node: order[id(node)]
+def _topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes with every node after its producers (the new cell operators were appended).
+    Iterative, so a long chain cannot exhaust the stack; nodes are held by position in one list."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    placed, order = [False] * len(nodes), []
+    for root in range(len(nodes)):
+        stack = [(root, False)]
+        while stack:
+            i, expanded = stack.pop()
+            if placed[i]:
+                continue
+            if expanded:
+                placed[i] = True
+                order.append(nodes[i])
+                continue
+            stack.append((i, True))
+            stack.extend((producer[name], False) for name in _reads(nodes[i])
+                         if name in producer and not placed[producer[name]])
+    return order
 
 
 def _op(producer: dict, name: str, *ops: str):
