@@ -199,3 +199,17 @@ def test_sigterm_drains_and_exits_zero():
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_the_stream_waits_at_the_pending_bound_and_nothing_is_refused():
+    """max_pending_chunks 4: a stream of 100 unpaced chunks is read no faster than its session drains."""
+    repository = Repository([serve_model("stream", MODEL, ModelConfig(block_steps=4, max_pending_chunks=4,
+                                                                        max_queue=8))])
+    app = create_app(repository, grpc_port=0)
+    assert app.state.backend.pending_limit("stream") == 4
+    frames = np.random.default_rng(3).standard_normal((2, 100 * FRAMES, 8)).astype(np.float32)
+    with BackgroundServer(app):
+        outputs, errors = unpaced_streams(app.state.grpc_port, "stream", frames)
+    assert errors == []
+    for s in range(2):
+        np.testing.assert_allclose(outputs[s], MODEL.forward(frames[s][:, None])[0][:, 0], rtol=1e-4, atol=1e-5)

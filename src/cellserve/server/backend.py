@@ -29,6 +29,7 @@ EXTENSIONS = ["binary_tensor_data", "sequence", "sequence_snapshot", "model_repo
 GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
               413: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 500: "INTERNAL"}
 MODEL_CONTROL_MODES = ("none", "explicit")
+DEFAULT_PENDING_CHUNKS = 64
 
 
 class ServiceError(Exception):
@@ -59,6 +60,7 @@ class Backend(Protocol):
     async def repository_index(self, ready_only: bool = False) -> list[dict]: ...
     async def load(self, name: str) -> None: ...
     async def unload(self, name: str) -> None: ...
+    def pending_limit(self, name: str) -> int: ...  # a session's unanswered chunks before a stream waits
 
     async def infer(self, name: str, request: Parsed, version: str | None = None) -> InferResponse:
         """Run one inference request: a parsed InferRequest, or a function that parses it (then its parsing
@@ -105,6 +107,10 @@ class LocalBackend:
 
     def begin_drain(self) -> None:
         self.draining = True
+
+    def pending_limit(self, name: str) -> int:
+        served = self.repository.get(name)
+        return served.config.max_pending_chunks if served is not None else DEFAULT_PENDING_CHUNKS
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict:
         return self._model(name, version).metadata()

@@ -28,6 +28,8 @@ class ModelConfig(BaseModel):
     max_sessions: int | None = Field(None, ge=1, description="open streaming sessions at once (default: capacity); "
                                      "past it a new sequence gets 503")
     idle_timeout_s: float = Field(60.0, gt=0, description="streaming sessions expire after this idle time")
+    max_pending_chunks: int = Field(64, ge=1, le=65536, description="chunks of one session a gRPC stream may have "
+                                    "unanswered before the server stops reading it (memory: max_sessions x this)")
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
     threads: int = Field(1, ge=1, le=256, description="cores each batched step's matrix products are split across")
     text_codec: Literal["number-speller"] | None = None

@@ -28,7 +28,6 @@ from cellserve.server.auth import GRPC_GROUPS, refusal
 from cellserve.server.backend import ServiceError
 from cellserve.server.protocol import DTYPES, InferRequest, InferResponse, ProtocolError, datatype_of, from_binary, to_binary
 
-MAX_PENDING = 64  # chunks of one session a stream may have unanswered before the server stops reading it
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
             "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
@@ -173,9 +172,9 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are submitted in arrival order (a session's chunks keep theirs) and answered as they
-        finish. Flow control: while one session has more than MAX_PENDING chunks unanswered, the stream is
-        not read further (the client's sends wait), so load never makes the server refuse a chunk of an
-        open session."""
+        finish. Flow control: while one session has more than its model's max_pending_chunks unanswered,
+        the stream is not read further (the client's sends wait), so load never makes the server refuse a
+        chunk of an open session, and memory stays bounded."""
         answers: asyncio.Queue = asyncio.Queue()
         pending: collections.Counter = collections.Counter()  # sequence id -> chunks unanswered
         drained = asyncio.Condition()
@@ -202,9 +201,11 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                     pending[sid] += 1
                 tasks.append(asyncio.ensure_future(one(request, sid)))
                 await asyncio.sleep(0)  # it submits before the next is read: chunks keep their order
-                if sid is not None and pending[sid] > MAX_PENDING:
-                    async with drained:
-                        await drained.wait_for(lambda: pending[sid] <= MAX_PENDING)
+                if sid is not None:
+                    limit = self.backend().pending_limit(request.model_name)
+                    if pending[sid] > limit:
+                        async with drained:
+                            await drained.wait_for(lambda: pending[sid] <= limit)
             await asyncio.gather(*tasks)
             await answers.put(None)
 

@@ -18,7 +18,7 @@ from ray import serve
 
 from cellserve.server.app import create_app
 from cellserve.server.repository import Repository
-from cellserve.server.backend import LocalBackend, Parsed, ServiceError
+from cellserve.server.backend import DEFAULT_PENDING_CHUNKS, LocalBackend, Parsed, ServiceError
 from cellserve.server.protocol import InferRequest, InferResponse, ProtocolError
 
 
@@ -90,6 +90,9 @@ class ShardRouter:
             result = await self._call(other, "infer", name, req, version)
             self.moved[key] = other
             return result
+
+    def pending_limit(self, name: str) -> int:
+        return DEFAULT_PENDING_CHUNKS  # (the shards' own settings are not known here)
 
     async def server_metadata(self) -> dict:
         return await self._call(0, "server_metadata")
