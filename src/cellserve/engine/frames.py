@@ -67,7 +67,7 @@ class FrameSequenceRunner(SequenceRunner):
 
     @property
     def batched(self) -> bool:
-        """The source runs its head (and front) over many rows at once."""
+        """The source runs its head over the rows a step finishes at once (results_batch)."""
         return hasattr(self.source, "results_batch") and not self.rnn.bidirectional
 
     def length(self, payload):
@@ -125,7 +125,8 @@ class StreamRunner(FrameSequenceRunner):
 
     def check_snapshot(self, snapshot):
         state, pending = snapshot.get("state"), snapshot.get("pending")
-        state = {k: v for k, v in (state or {}).items() if not k.startswith(CONTEXT)}
+        if isinstance(state, dict):  # (the session's input context travels beside its state arrays)
+            state = {k: v for k, v in state.items() if not k.startswith(CONTEXT)}
         if not isinstance(state, dict) or set(state) != set(self.pool.arrays):
             raise ValueError(f"the snapshot's state arrays {sorted(state or {})} are not this model's "
                              f"{sorted(self.pool.arrays)}")
@@ -146,9 +147,9 @@ class StreamRunner(FrameSequenceRunner):
     def admit(self, reqs):
         fresh = [r for r in reqs if r.payload.frames is None]  # (one sent back for room keeps its frames)
         failed = self._front(fresh) if self.front_at_admission and fresh else {}
-        statuses = super().admit([r for r in reqs if r.id not in failed])
-        by_id = {r.id: st for r, st in zip([r for r in reqs if r.id not in failed], statuses)}
-        return [failed.get(r.id, by_id.get(r.id)) for r in reqs]
+        kept = [r for r in reqs if r.id not in failed]
+        statuses = dict(zip((r.id for r in kept), super().admit(kept)))
+        return [failed.get(r.id, statuses.get(r.id)) for r in reqs]
 
     def _front(self, reqs) -> dict:
         """Context, front and client-given initial states for the requests admitted together, batched;
