@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 NATIVE := $(VENV)/.native-built
-NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*)
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*) $(wildcard src/cellserve/engine/native/*)
 
 .PHONY: demo test test-slow bench native clean
 
@@ -35,4 +35,4 @@ bench: $(NATIVE)
 	$(BIN)/cellserve bench cells --json results/cells.json
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info src/cellserve/kernels/_native*.so
+	rm -rf $(VENV) build dist src/*.egg-info src/cellserve/kernels/_native*.so src/cellserve/engine/_steploop*.so

@@ -29,7 +29,7 @@ class BuildNative(build_ext):
         if compiler and shutil.which(compiler) is None:
             sys.exit(MISSING_COMPILER.format(f"'{compiler}' not found"))
         try:
-            for source, flags in ISA_UNITS.items():
+            for source, flags in (ISA_UNITS.items() if ext.name.endswith("_native") else ()):
                 ext.extra_objects += self.compiler.compile([source], output_dir=self.build_temp,
                                                            include_dirs=[NATIVE], extra_postargs=COMMON + flags)
             super().build_extension(ext)
@@ -42,6 +42,13 @@ setup(
         "cellserve.kernels._native",
         sources=[f"{NATIVE}/{name}.cpp" for name in ("bindings", "packing", "drivers", "platform", "pool", "isa_portable")],
         depends=[f"{NATIVE}/native.h", f"{NATIVE}/kernels.inc", *ISA_UNITS],
+        include_dirs=[NATIVE],
+        extra_compile_args=COMMON,
+        language="c++",
+    ), Extension(  # the engine's step loop: calls the kernel core through its C face (kernels/native/api.h)
+        "cellserve.engine._steploop",
+        sources=["src/cellserve/engine/native/steploop.cpp"],
+        depends=[f"{NATIVE}/api.h", f"{NATIVE}/native.h"],
         include_dirs=[NATIVE],
         extra_compile_args=COMMON,
         language="c++",

@@ -40,6 +40,7 @@ class Runner:
 
     cell_types: tuple[str, ...] = ()
     pads = True  # sequence models pad finished requests in the graph baseline; trees do not
+    step_loop = "python"  # who runs the steps: this Python code, or the native loop (engine/steploop.py)
     default_pick = "stage"  # the engine's cellular pick when none is given
 
     def __init__(self, capacity: int):

@@ -80,6 +80,8 @@ class Engine:
         self._running: dict[int, Request] = {}
         self.cancel_flags = np.zeros(self.max_running, bool)
         runner.cancel_flags = self.cancel_flags
+        self.native = runner.step_loop == "native"  # a native loop runs many steps per call (run_steps)
+        self.step_loop = runner.step_loop
         self._tickets = list(range(self.max_running - 1, -1, -1))
         self.last_run = dict.fromkeys(runner.cell_types, 0)  # cell type -> the step it last ran
         self._cv = threading.Condition()
@@ -146,6 +148,7 @@ class Engine:
                 if req.session is not None:
                     req.session.busy = True
                 self._queue.append(req)
+                self._queue_changed()
             self._cv.notify()
         req.future.add_done_callback(lambda future: self._on_cancel(req, future))
         return req
@@ -296,6 +299,7 @@ class Engine:
                 req.started = time.perf_counter()
                 self._running[req.id] = req
                 batch.append(req)
+            self._queue_changed()
         self.retire(cancelled)
         if not batch:
             return 0
@@ -314,8 +318,30 @@ class Engine:
                 self._tickets.append(req.ticket)
                 req.ticket, req.started = -1, None
                 self._queue.appendleft(req)
+            self._queue_changed()
         self.retire(done)
         return len(batch) - len(back)
+
+    def _queue_changed(self) -> None:
+        """Tell a native loop how many requests wait (it returns between steps to admit them)."""
+        if self.native:
+            self.runner.queued[0] = len(self._queue)
+
+    def run_steps(self, max_rows: int, pad_to: int = 0, until_empty: bool = False, admit_batch: int = 1) -> list[Request]:
+        """Many steps in one call of a native loop (run()'s bookkeeping for each); returns the requests that
+        left."""
+        left, steps = self.runner.run_steps(max_rows, pad_to, until_empty, self.pick, self.max_wait_steps,
+                                            self.max_running, admit_batch)
+        stats = self.stats
+        for cell_type, rows, padded, seconds in steps:
+            stats.steps += 1
+            self.last_run[cell_type] = stats.steps
+            stats.batch_sizes[(cell_type, rows + padded)] += 1
+            stats.rows_run += rows + padded
+            stats.rows_padded += padded
+            if self.observer:
+                self.observer.on_batch(cell_type, rows + padded, seconds)
+        return left
 
     def bucket(self, req: Request) -> int:
         length = self.runner.length(req.payload)
@@ -384,6 +410,7 @@ class Engine:
             nxt = session.waiting.popleft()
             self._waiting_chunks -= 1
             self._queue.appendleft(nxt)  # older than anything queued after it
+            self._queue_changed()
             self._cv.notify()
         else:
             session.busy = False

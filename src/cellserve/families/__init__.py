@@ -41,9 +41,9 @@ def family_for(model, **options) -> Family:
     return cls(model, **{k: v for k, v in options.items() if k in cls.options})
 
 
-def make_runner(model, capacity: int, block_steps: int = 1):
+def make_runner(model, capacity: int, block_steps: int = 1, step_loop: str = "native"):
     """The runner of a loaded model with its family's default options (benchmarks, tests)."""
-    return family_for(model).runner(capacity, block_steps)
+    return family_for(model).runner(capacity, block_steps, step_loop)
 
 
 __all__ = ["SNAPSHOT", "Family", "TensorSpec", "FAMILIES", "family_class", "family_for", "make_runner"]

@@ -39,7 +39,9 @@ class Family:
     def __init__(self, model):
         self.model = model
 
-    def runner(self, capacity: int, block_steps: int = 1) -> Runner:
+    def runner(self, capacity: int, block_steps: int = 1, step_loop: str = "native") -> Runner:
+        """The runner for this model. step_loop: native where the family has a native loop for the model
+        (engine/steploop.py), else its Python runner; python always the Python runner (the reference)."""
         raise NotImplementedError
 
     def requests(self, tensors: dict[str, np.ndarray]) -> list[dict]:

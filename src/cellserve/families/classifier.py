@@ -19,7 +19,7 @@ class ClassifierFamily(Family):
         self.inputs = [TensorSpec("tokens", "INT64", [-1, -1])]
         self.outputs = [TensorSpec("logits", "FP32", [-1, model.num_classes])]
 
-    def runner(self, capacity, block_steps=1):
+    def runner(self, capacity, block_steps=1, step_loop="native"):
         return frames_runner(self, capacity, block_steps)
 
     def requests(self, tensors):

@@ -75,7 +75,7 @@ class ImportedFamily(Family):
             self.inputs.append(SNAPSHOT)
             self.outputs.append(SNAPSHOT)
 
-    def runner(self, capacity, block_steps=1):
+    def runner(self, capacity, block_steps=1, step_loop="native"):
         if self.backend == "onnxruntime":
             return WholeGraphRunner(self.model, capacity)
         return frames_runner(self, capacity, block_steps)

@@ -10,6 +10,7 @@ import numpy as np
 from cellserve.engine.batch import Stage, layer_state_names, layer_state_widths, stack_steps
 from cellserve.engine.pool import Arena
 from cellserve.engine.runner import ADMITTED, SequenceRunner, pad_rows, token_array
+from cellserve.engine.steploop import READ, NativeLoopRunner, native_layers
 from cellserve.families.base import Family, TensorSpec, token_rows
 from cellserve.models import LanguageModel
 from cellserve.models.lm import log_softmax
@@ -20,7 +21,10 @@ class LanguageModelFamily(Family):
     inputs = [TensorSpec("tokens", "INT64", [-1, -1])]
     outputs = [TensorSpec("log_likelihood", "FP64", [-1]), TensorSpec("next_token", "INT64", [-1])]
 
-    def runner(self, capacity, block_steps=1):
+    def runner(self, capacity, block_steps=1, step_loop="native"):
+        layers = native_layers(self.model.rnn)
+        if step_loop == "native" and layers:
+            return NativeLanguageModelRunner(self.model, capacity, layers)
         return LanguageModelRunner(self.model, capacity)
 
     def requests(self, tensors):
@@ -83,3 +87,21 @@ class LanguageModelRunner(SequenceRunner):
         self._leave(st, a + done, out)
         self.last_rows = n
         return out
+
+
+class NativeLanguageModelRunner(NativeLoopRunner):
+    """LanguageModelRunner's scoring in the native step loop (engine/steploop.py)."""
+
+    cell_types = LanguageModelRunner.cell_types
+    prepare = LanguageModelRunner.prepare
+
+    def __init__(self, model: LanguageModel, capacity: int, layers: list):
+        super().__init__(capacity)
+        self.model = model
+        self.loop.add_stage(READ, model.embedding.table, layers, model.head.w.packed, model.head.bias, -1, 0, -1)
+
+    def _admit_row(self, req):
+        self.loop.admit(0, req.ticket, req.arrival, req.payload, 0, True)
+
+    def _result(self, score, next_token):
+        return {"log_likelihood": score, "next_token": next_token}

@@ -26,7 +26,7 @@ class OCRFamily(Family):
         self.inputs = [TensorSpec("image", "FP32", [-1, model.rnn.input_size // model.stride, -1])]
         self.outputs = [TensorSpec("text", "BYTES", [-1])]
 
-    def runner(self, capacity, block_steps=1):
+    def runner(self, capacity, block_steps=1, step_loop="native"):
         return frames_runner(self, capacity, block_steps)
 
     def requests(self, tensors):

@@ -11,6 +11,7 @@ import numpy as np
 from cellserve.engine.batch import Stage, layer_state_names, layer_state_widths, stack_steps
 from cellserve.engine.pool import Arena
 from cellserve.engine.runner import ADMITTED, SequenceRunner, pad_rows, token_array
+from cellserve.engine.steploop import GENERATE, READ, NativeLoopRunner, native_layers
 from cellserve.families.base import Family, TensorSpec, token_rows
 from cellserve.models import Seq2Seq
 
@@ -38,8 +39,12 @@ class Seq2SeqFamily(Family):
             self.inputs.append(TensorSpec("text", "BYTES", [-1], optional=True))
             self.outputs.append(TensorSpec("text", "BYTES", [-1]))
 
-    def runner(self, capacity, block_steps=1):
-        return Seq2SeqRunner(self.model, capacity)
+    def runner(self, capacity, block_steps=1, step_loop="native"):
+        model = self.model
+        encoder, decoder = native_layers(model.encoder), native_layers(model.decoder)
+        if step_loop == "native" and encoder and decoder:
+            return NativeSeq2SeqRunner(model, capacity, encoder, decoder)
+        return Seq2SeqRunner(model, capacity)
 
     def requests(self, tensors):
         self.check_names(tensors)
@@ -166,3 +171,24 @@ class Seq2SeqRunner(SequenceRunner):
             o = st["out"][a + i]
             st.reqs[a + i].result = {"tokens": self.out.data[o:o + count[i]].tolist()}
         self._leave(st, a + done, out)
+
+
+class NativeSeq2SeqRunner(NativeLoopRunner):
+    """Seq2SeqRunner's stages and decoding in the native step loop (engine/steploop.py)."""
+
+    cell_types = Seq2SeqRunner.cell_types
+    prepare, length = Seq2SeqRunner.prepare, Seq2SeqRunner.length
+
+    def __init__(self, model: Seq2Seq, capacity: int, encoder: list, decoder: list):
+        super().__init__(capacity)
+        self.model = model
+        self.loop.add_stage(READ, model.src_embedding.table, encoder, None, None, 1, 0, -1)
+        self.loop.add_stage(GENERATE, model.tgt_embedding.table, decoder, model.head.w.packed, model.head.bias, -1,
+                            model.bos_id, model.eos_id)
+
+    def _admit_row(self, req):
+        p = req.payload
+        self.loop.admit(0, req.ticket, req.arrival, p["src"], p["max_len"], p["stop_at_eos"])
+
+    def _result(self, tokens, next_token):
+        return {"tokens": tokens}

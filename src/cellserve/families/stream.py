@@ -21,7 +21,7 @@ class StreamFamily(Family):
         self.inputs = [TensorSpec("frames", "FP32", [-1, model.input_size], optional=True), SNAPSHOT]
         self.outputs = [TensorSpec("outputs", "FP32", [-1, model.hidden_size]), SNAPSHOT]
 
-    def runner(self, capacity, block_steps=1):
+    def runner(self, capacity, block_steps=1, step_loop="native"):
         return frames_runner(self, capacity, block_steps)
 
     def requests(self, tensors):

@@ -21,7 +21,7 @@ class TreeFamily(Family):
     inputs = [TensorSpec("tokens", "INT64", [-1]), TensorSpec("parents", "INT64", [-1])]
     outputs = [TensorSpec("logits", "FP32", [1, -1])]
 
-    def runner(self, capacity, block_steps=1):
+    def runner(self, capacity, block_steps=1, step_loop="native"):
         return TreeRunner(self.model, capacity)
 
     def requests(self, tensors):

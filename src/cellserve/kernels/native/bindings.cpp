@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api.h"
 #include "native.h"
 
 namespace {
@@ -545,6 +546,13 @@ PyMethodDef METHODS[] = {
     {nullptr, nullptr, 0, nullptr}};
 #undef FAST
 
+const packed_t *packed_of(void *obj) {
+    PyObject *o = (PyObject *)obj;
+    return PyObject_TypeCheck(o, &PackedType) ? &((PackedObject *)o)->p : nullptr;
+}
+
+const native_api_t API = {CELLSERVE_API_VERSION, packed_of, linear, lstm_step, gru_step};
+
 PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_native", "cellserve's native kernel core", -1, METHODS};
 
 }  // namespace
@@ -565,6 +573,12 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&MODULE);
     if (!m) return nullptr;
     Py_INCREF(&PackedType);
+    PyObject *api = PyCapsule_New((void *)&API, CELLSERVE_API_CAPSULE, nullptr);
+    if (!api || PyModule_AddObject(m, "_C_API", api) < 0) {
+        Py_XDECREF(api);
+        Py_DECREF(m);
+        return nullptr;
+    }
     if (PyModule_AddObject(m, "Packed", (PyObject *)&PackedType) < 0 || PyModule_AddIntConstant(m, "NR", NR) < 0) {
         Py_DECREF(&PackedType);
         Py_DECREF(m);

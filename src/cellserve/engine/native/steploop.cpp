@@ -1,0 +1,685 @@
+/* cellserve.engine._steploop: the engine's step loop in native code, for token-sequence models (language
+ * models, seq2seq with greedy decoding).
+ *
+ * Why: on small models the Python work around each batched cell step (row windows, decode bookkeeping,
+ * leaving rows) costs more than the step, and it holds the GIL the server's threads need. This loop keeps the
+ * running set's arrays (states, tokens, positions, outputs, scores) and runs many steps per call with the GIL
+ * released: it gathers a step's rows, runs the fused cell steps and the head through the kernel core's C face
+ * (kernels/native/api.h), decodes (argmax, EOS, length limits, log-likelihood) and retires finished rows into
+ * a list. It returns to Python when a request leaves, when queued requests can be admitted, or when a time
+ * slice ends. Python keeps admission, futures and policies; engine/runner.py's Python loop (the families'
+ * own runners) is the reference this loop must equal, step for step: the same stage pick, the same row
+ * windows, the same row order when rows leave.
+ *
+ * A stage is one cell type's persistent batch (engine/batch.py's Stage): row r holds a request's state in
+ * one float block and its bookkeeping in a Row. READ stages feed the request's own tokens (an encoder, or a
+ * language model scoring with its head); GENERATE stages feed back their argmax (a greedy decoder). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <mutex>
+#include <string.h>
+#include <vector>
+
+#include "api.h"
+
+namespace {
+
+const native_api_t *K = nullptr;  // the kernel core
+
+enum { CELL_LSTM = 0, CELL_GRU = 1 };
+enum { READ = 0, GENERATE = 1 };
+enum { PICK_STAGE = 0, PICK_FULLEST = 1, PICK_OLDEST = 2 };
+enum { LEFT_FINISHED = 0, LEFT_CANCELLED = 1 };
+
+double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct Layer {
+    int kind;
+    const packed_t *wi, *wh;
+    std::vector<float> b1, b2;  // LSTM: bias (b_ih + b_hh); GRU: b_ih, b_hh
+    float grid_step, grid_limit;
+    int hidden, offset;         // h at offset, an LSTM's c at offset + hidden, in the row's state
+};
+
+struct Row {
+    long long ticket;
+    double arrival;
+    int pos = 0;                  // READ: the next token to feed
+    std::vector<int64_t> tokens;  // READ: the request's tokens
+    std::vector<int64_t> out;     // GENERATE: tokens produced
+    int max_len = 0;
+    bool stop = true;             // GENERATE: stop at EOS
+    double score = 0.0;           // READ with a head: log-likelihood so far
+    int64_t prev = 0;             // GENERATE: the token fed next
+};
+
+struct Stage {
+    int kind;
+    std::vector<Layer> layers;
+    std::vector<float> embedding;
+    int vocab, dim;
+    const packed_t *head = nullptr;
+    std::vector<float> head_bias;
+    int next = -1;                 // READ without a head: the stage a finished row moves to
+    int64_t start_token = 0, eos = -1;  // GENERATE
+    std::vector<Row> rows;
+    std::vector<float> state;      // capacity x width
+    int cursor = 0;
+    long long last_run = 0;
+};
+
+struct Left {
+    long long ticket;
+    int code;
+    bool has_tokens;
+    std::vector<int64_t> tokens;
+    double score;
+    long long next_token;
+};
+
+struct StepRecord {
+    int stage, rows, padded;
+    double seconds;
+};
+
+/* What one run() call is told (the engine's policy settings). */
+struct Plan {
+    int max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, force_stage, max_steps;
+    double slice_s;
+    const bool *cancel;
+    Py_ssize_t cancel_len;
+    const int64_t *queued;
+};
+
+struct Core {
+    int capacity, width = 0;
+    std::vector<Stage> stages;
+    std::vector<PyObject *> refs;            // the Packed objects whose matrices we use
+    std::vector<std::pair<int, int>> where;  // ticket -> (stage, row); stage -1: not here
+    long long steps = 0;
+    double kernel_seconds = 0.0;
+    int active = 0;                          // rows in all stages (one per request)
+    std::vector<float> x, logits;
+    std::mutex lock;
+
+    void place(long long ticket, int stage, int row) {
+        if ((size_t)ticket >= where.size()) where.resize(ticket + 1, {-1, -1});
+        where[ticket] = {stage, row};
+    }
+
+    /* Take rows out (sorted, unique); the stage's last rows move into the holes, as engine/batch.py does. */
+    void remove(int s, const std::vector<int> &gone) {
+        Stage &st = stages[s];
+        const int n = (int)st.rows.size(), k = (int)gone.size();
+        if (!k) return;
+        for (int r : gone)  // a row that moved on to another stage is placed there already
+            if (where[st.rows[r].ticket].first == s) where[st.rows[r].ticket] = {-1, -1};
+        std::vector<char> leaving(n, 0);
+        for (int r : gone) leaving[r] = 1;
+        int mover = n - k;
+        for (int r : gone) {
+            if (r >= n - k) break;
+            while (leaving[mover]) mover++;
+            memcpy(&st.state[(size_t)r * width], &st.state[(size_t)mover * width], width * sizeof(float));
+            st.rows[r] = std::move(st.rows[mover]);
+            where[st.rows[r].ticket] = {s, r};
+            mover++;
+        }
+        st.rows.resize(n - k);
+        active -= k;
+    }
+
+    int append(int s, Row &&row) {
+        Stage &st = stages[s];
+        const int r = (int)st.rows.size();
+        place(row.ticket, s, r);
+        st.rows.push_back(std::move(row));
+        active++;
+        return r;
+    }
+
+    /* engine/batch.py's Stage.window: all rows, or the next max_rows in turn, every window full. */
+    void window(Stage &st, int max_rows, int *a, int *b) {
+        const int n = (int)st.rows.size();
+        if (n <= max_rows) {
+            st.cursor = 0;
+            *a = 0;
+            *b = n;
+            return;
+        }
+        if (st.cursor >= n) st.cursor = 0;
+        *a = std::min(st.cursor, n - max_rows);
+        st.cursor = *a + max_rows;
+        *b = *a + max_rows;
+    }
+
+    bool flagged(const Plan &p, long long ticket) const {
+        return ticket < p.cancel_len && __atomic_load_n(&p.cancel[ticket], __ATOMIC_RELAXED);
+    }
+
+    /* The window after dropping the cancelled requests in it (runner.py's SequenceRunner._window). */
+    void clean_window(int s, const Plan &p, int *a, int *b, std::vector<Left> &left) {
+        Stage &st = stages[s];
+        while (true) {
+            window(st, p.max_rows, a, b);
+            std::vector<long long> dropped;
+            for (int r = *a; r < *b; r++)
+                if (flagged(p, st.rows[r].ticket)) dropped.push_back(st.rows[r].ticket);
+            if (dropped.empty()) return;
+            for (long long t : dropped) {
+                remove(s, {where[t].second});
+                left.push_back({t, LEFT_CANCELLED, false, {}, 0.0, -1});
+            }
+            st.cursor = *a;
+        }
+    }
+
+    /* policies.py's Cellular.pick, on this loop's own step count. */
+    int pick(const Plan &p) {
+        std::vector<std::pair<int, int>> ready;
+        for (int s = 0; s < (int)stages.size(); s++) {
+            const int n = (int)stages[s].rows.size();
+            if (n) ready.push_back({s, std::min(n, p.max_rows)});
+        }
+        if (ready.empty()) return -1;
+        if (ready.size() == 1) return ready[0].first;
+        int starving = -1;
+        for (auto &r : ready)
+            if (steps - stages[r.first].last_run > p.max_wait_steps &&
+                (starving < 0 || stages[r.first].last_run < stages[starving].last_run))
+                starving = r.first;
+        if (starving >= 0) return starving;
+        if (p.pick == PICK_OLDEST) {
+            int best = -1;
+            double oldest = 0;
+            for (auto &r : ready) {
+                double o = oldest_arrival(r.first);
+                if (best < 0 || o < oldest) best = r.first, oldest = o;
+            }
+            return best;
+        }
+        int fullest = 0;
+        for (auto &r : ready) fullest = std::max(fullest, r.second);
+        const bool queued_full = __atomic_load_n(p.queued, __ATOMIC_RELAXED) > 0 && active >= p.max_running;
+        for (auto it = ready.rbegin(); it != ready.rend(); ++it)
+            if ((p.pick == PICK_FULLEST || queued_full) ? it->second == fullest : 2 * it->second >= fullest)
+                return it->first;
+        return ready.back().first;
+    }
+
+    double oldest_arrival(int s) const {
+        double o = 1e300;
+        for (const Row &r : stages[s].rows) o = std::min(o, r.arrival);
+        return o;
+    }
+
+    /* One step of stage s on rows [a, b) plus `pad` dummy rows; rows that leave go to `left`. */
+    void step(int s, int a, int b, int pad, std::vector<Left> &left) {
+        Stage &st = stages[s];
+        const int n = b - a, m = n + pad;
+        const double t0 = now();
+        x.resize((size_t)m * st.dim);
+        for (int i = 0; i < m; i++) {
+            int64_t tok = 0;
+            if (i < n) {
+                const Row &row = st.rows[a + i];
+                tok = st.kind == READ ? row.tokens[row.pos] : row.prev;
+            }
+            memcpy(&x[(size_t)i * st.dim], &st.embedding[(size_t)tok * st.dim], st.dim * sizeof(float));
+        }
+        const float *in = x.data();
+        ptrdiff_t ldin = st.dim;
+        float *base = &st.state[(size_t)a * width];
+        for (const Layer &l : st.layers) {
+            float *h = base + l.offset;
+            if (l.kind == CELL_LSTM)
+                K->lstm_step(l.wi, l.wh, in, ldin, h, width, h + l.hidden, width, l.b1.data(), h, width, h + l.hidden, m,
+                             l.grid_step, l.grid_limit);
+            else
+                K->gru_step(l.wi, l.wh, in, ldin, h, width, l.b1.data(), l.b2.data(), h, width, m);
+            in = h;
+            ldin = width;
+        }
+        const int classes = st.head ? st.head->n : 0;
+        if (st.head) {
+            logits.resize((size_t)m * classes);
+            K->linear(st.head, in, ldin, m, logits.data(), classes, nullptr, 0, st.head_bias.data());
+        }
+        kernel_seconds += now() - t0;
+
+        std::vector<int> done;
+        if (st.kind == GENERATE) {
+            for (int i = 0; i < n; i++) {
+                Row &row = st.rows[a + i];
+                const int64_t tok = argmax(&logits[(size_t)i * classes], classes);
+                row.out.push_back(tok);
+                row.prev = tok;
+                if ((row.stop && tok == st.eos) || (int)row.out.size() >= row.max_len) {
+                    left.push_back({row.ticket, LEFT_FINISHED, true, std::move(row.out), 0.0, -1});
+                    done.push_back(a + i);
+                }
+            }
+        } else if (st.head) {  // a language model: log-likelihood of each next token, the argmax after the last
+            for (int i = 0; i < n; i++) {
+                Row &row = st.rows[a + i];
+                const float *l = &logits[(size_t)i * classes];
+                const int nxt = row.pos + 1;
+                if (nxt < (int)row.tokens.size()) {
+                    row.score += log_prob(l, classes, row.tokens[nxt]);
+                } else {
+                    left.push_back({row.ticket, LEFT_FINISHED, false, {}, row.score, (long long)argmax(l, classes)});
+                    done.push_back(a + i);
+                }
+                row.pos = nxt;
+            }
+        } else {  // an encoder: rows that read their whole input move to the next stage, states and all
+            for (int i = 0; i < n; i++)
+                if (++st.rows[a + i].pos >= (int)st.rows[a + i].tokens.size()) done.push_back(a + i);
+            Stage &to = stages[st.next];
+            for (int r : done) {
+                Row moved;
+                moved.ticket = st.rows[r].ticket;
+                moved.arrival = st.rows[r].arrival;
+                moved.max_len = st.rows[r].max_len;
+                moved.stop = st.rows[r].stop;
+                moved.prev = to.start_token;
+                moved.out.reserve(moved.max_len);
+                const int row = append(st.next, std::move(moved));
+                memcpy(&to.state[(size_t)row * width], &st.state[(size_t)r * width], width * sizeof(float));
+            }
+        }
+        remove(s, done);
+        st.last_run = ++steps;
+    }
+
+    static int64_t argmax(const float *v, int n) {
+        int best = 0;
+        for (int j = 1; j < n; j++)
+            if (v[j] > v[best]) best = j;
+        return best;
+    }
+
+    /* log_softmax(v)[t] in float32 as models/lm.py computes it (shifted by the maximum). */
+    static double log_prob(const float *v, int n, int64_t t) {
+        float mx = v[0];
+        for (int j = 1; j < n; j++) mx = std::max(mx, v[j]);
+        double sum = 0.0;
+        for (int j = 0; j < n; j++) sum += std::exp((double)(v[j] - mx));
+        return (double)((v[t] - mx) - (float)std::log(sum));
+    }
+
+    /* Runs steps until a request leaves, queued requests can be admitted, the slice ends or nothing is ready
+     * (cellular); or every stage in order to completion, padded to pad_to rows (graph). */
+    void run(const Plan &p, std::vector<Left> &left, std::vector<StepRecord> &records) {
+        const double start = now();
+        for (int s = 0; p.until_empty && s < (int)stages.size(); s++) {
+            while (!stages[s].rows.empty()) {
+                int a, b;
+                clean_window(s, p, &a, &b, left);
+                if (b <= a) break;
+                const int pad = std::max(0, p.pad_to - (b - a));
+                if (b + pad > capacity) {
+                    pad_error = true;
+                    return;
+                }
+                const double t = now();
+                step(s, a, b, pad, left);
+                records.push_back({s, b - a, pad, now() - t});
+            }
+        }
+        if (p.until_empty) return;
+        for (int taken = 0; taken < p.max_steps; taken++) {
+            const int s = p.force_stage >= 0 ? p.force_stage : pick(p);
+            if (s < 0 || stages[s].rows.empty()) return;
+            int a, b;
+            clean_window(s, p, &a, &b, left);
+            if (b > a) {
+                const double t = now();
+                step(s, a, b, 0, left);
+                records.push_back({s, b - a, 0, now() - t});
+            }
+            if (!left.empty()) return;
+            const int64_t queued = __atomic_load_n(p.queued, __ATOMIC_RELAXED);
+            if (queued > 0 && (active == 0 || p.max_running - active >= p.admit_batch)) return;
+            if (now() - start >= p.slice_s) return;
+        }
+    }
+
+    bool pad_error = false;
+};
+
+/* ---------------------------------------------------------------- the Python object */
+
+typedef struct {
+    PyObject_HEAD
+    Core *core;
+} LoopObject;
+
+PyTypeObject LoopType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+void loop_dealloc(LoopObject *self) {
+    if (self->core) {
+        for (PyObject *o : self->core->refs) Py_DECREF(o);
+        delete self->core;
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+PyObject *loop_new(PyTypeObject *type, PyObject *args, PyObject *) {
+    int capacity;
+    if (!PyArg_ParseTuple(args, "i", &capacity)) return nullptr;
+    if (capacity < 1) {
+        PyErr_SetString(PyExc_ValueError, "capacity must be >= 1");
+        return nullptr;
+    }
+    LoopObject *self = (LoopObject *)type->tp_alloc(type, 0);
+    if (!self) return nullptr;
+    self->core = new Core();
+    self->core->capacity = capacity;
+    return (PyObject *)self;
+}
+
+/* A float32 array's values, copied (C-contiguous, the given number of dimensions). */
+bool floats(PyObject *obj, int ndim, std::vector<float> &out, Py_ssize_t *shape, const char *name) {
+    Py_buffer v;
+    if (PyObject_GetBuffer(obj, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return false;
+    const char *f = v.format ? v.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    if (strcmp(f, "f") || v.ndim != ndim) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %d-D float32 array", name, ndim);
+        PyBuffer_Release(&v);
+        return false;
+    }
+    out.assign((const float *)v.buf, (const float *)v.buf + v.len / 4);
+    for (int i = 0; i < ndim && shape; i++) shape[i] = v.shape[i];
+    PyBuffer_Release(&v);
+    return true;
+}
+
+const packed_t *packed(LoopObject *self, PyObject *obj, const char *name) {
+    const packed_t *p = K->packed_of(obj);
+    if (!p) {
+        PyErr_Format(PyExc_TypeError, "%s must be a packed matrix (cellserve.kernels._native.Packed)", name);
+        return nullptr;
+    }
+    Py_INCREF(obj);
+    self->core->refs.push_back(obj);
+    return p;
+}
+
+/* add_stage(kind, embedding (V, E), layers, head or None, head_bias or None, next, start_token, eos) -> index.
+ * layers: [(cell kind, w_ih packed, w_hh packed, b1, b2 or None, cell_step, cell_limit)], bottom first. */
+PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
+    int kind, next;
+    long long start_token, eos;
+    PyObject *emb, *layers, *head, *head_bias;
+    if (!PyArg_ParseTuple(args, "iOO!OOiLL", &kind, &emb, &PyList_Type, &layers, &head, &head_bias, &next,
+                          &start_token, &eos))
+        return nullptr;
+    Core &c = *self->core;
+    if (!c.stages.empty() && !c.stages.back().rows.empty()) {
+        PyErr_SetString(PyExc_RuntimeError, "stages are added before any request");
+        return nullptr;
+    }
+    Stage st;
+    st.kind = kind;
+    Py_ssize_t shape[2];
+    if (!floats(emb, 2, st.embedding, shape, "embedding")) return nullptr;
+    st.vocab = (int)shape[0];
+    st.dim = (int)shape[1];
+    st.next = next;
+    st.start_token = start_token;
+    st.eos = eos;
+    int offset = 0, in = st.dim;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(layers); i++) {
+        Layer l;
+        PyObject *wi, *wh, *b1, *b2;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "iOOOOff", &l.kind, &wi, &wh, &b1, &b2, &l.grid_step,
+                              &l.grid_limit))
+            return nullptr;
+        if (!(l.wi = packed(self, wi, "w_ih")) || !(l.wh = packed(self, wh, "w_hh"))) return nullptr;
+        l.hidden = l.wh->k;
+        const int gates = l.kind == CELL_LSTM ? 4 : 3;
+        if (l.wi->k != in || l.wi->n != gates * l.hidden || l.wh->n != gates * l.hidden) {
+            PyErr_Format(PyExc_ValueError, "layer %zd: weights do not match its input size %d and hidden size %d", i,
+                         in, l.hidden);
+            return nullptr;
+        }
+        if (!floats(b1, 1, l.b1, nullptr, "bias") || (b2 != Py_None && !floats(b2, 1, l.b2, nullptr, "b_hh")))
+            return nullptr;
+        l.offset = offset;
+        offset += l.kind == CELL_LSTM ? 2 * l.hidden : l.hidden;
+        in = l.hidden;
+        st.layers.push_back(std::move(l));
+    }
+    if (c.stages.empty()) c.width = offset;
+    if (offset != c.width) {
+        PyErr_SetString(PyExc_ValueError, "every stage must have the same state layout");
+        return nullptr;
+    }
+    if (head != Py_None) {
+        if (!(st.head = packed(self, head, "head")) || !floats(head_bias, 1, st.head_bias, nullptr, "head bias"))
+            return nullptr;
+        if (st.head->k != in || (int)st.head_bias.size() != st.head->n) {
+            PyErr_SetString(PyExc_ValueError, "the head does not match the top layer");
+            return nullptr;
+        }
+    }
+    st.state.assign((size_t)c.capacity * std::max(1, c.width), 0.0f);
+    c.stages.push_back(std::move(st));
+    return PyLong_FromSsize_t((Py_ssize_t)c.stages.size() - 1);
+}
+
+/* admit(stage, ticket, arrival, tokens (int64 array), max_len, stop): a request's row, its state zeroed. */
+PyObject *loop_admit(LoopObject *self, PyObject *args) {
+    int s, max_len, stop;
+    long long ticket;
+    double arrival;
+    Py_buffer tokens;
+    if (!PyArg_ParseTuple(args, "iLdy*ip", &s, &ticket, &arrival, &tokens, &max_len, &stop)) return nullptr;
+    Core &c = *self->core;
+    Row row;
+    row.ticket = ticket;
+    row.arrival = arrival;
+    row.max_len = max_len;
+    row.stop = stop;
+    row.tokens.assign((const int64_t *)tokens.buf, (const int64_t *)tokens.buf + tokens.len / 8);
+    PyBuffer_Release(&tokens);
+    if (s < 0 || s >= (int)c.stages.size() || ticket < 0) {
+        PyErr_SetString(PyExc_ValueError, "no such stage, or a negative ticket");
+        return nullptr;
+    }
+    Stage &st = c.stages[s];
+    for (int64_t t : row.tokens)
+        if (t < 0 || t >= st.vocab) {
+            PyErr_Format(PyExc_ValueError, "token id %lld outside the vocabulary [0, %d)", (long long)t, st.vocab);
+            return nullptr;
+        }
+    if (st.kind == READ && row.tokens.empty()) {
+        PyErr_SetString(PyExc_ValueError, "a request needs at least one token");
+        return nullptr;
+    }
+    Py_BEGIN_ALLOW_THREADS c.lock.lock();
+    Py_END_ALLOW_THREADS
+    bool full = (int)st.rows.size() >= c.capacity;
+    if (!full) {
+        const int r = c.append(s, std::move(row));
+        memset(&st.state[(size_t)r * c.width], 0, c.width * sizeof(float));
+    }
+    c.lock.unlock();
+    if (full) {
+        PyErr_Format(PyExc_RuntimeError, "stage %d is full (%d rows)", s, c.capacity);
+        return nullptr;
+    }
+    Py_RETURN_NONE;
+}
+
+/* drop(ticket) -> whether it was here: a request that will not finish leaves without a result. */
+PyObject *loop_drop(LoopObject *self, PyObject *arg) {
+    long long ticket = PyLong_AsLongLong(arg);
+    if (ticket == -1 && PyErr_Occurred()) return nullptr;
+    Core &c = *self->core;
+    Py_BEGIN_ALLOW_THREADS c.lock.lock();
+    Py_END_ALLOW_THREADS
+    bool here = ticket >= 0 && (size_t)ticket < c.where.size() && c.where[ticket].first >= 0;
+    if (here) c.remove(c.where[ticket].first, {c.where[ticket].second});
+    c.lock.unlock();
+    return PyBool_FromLong(here);
+}
+
+PyObject *loop_ready(LoopObject *self, PyObject *arg) {
+    long s = PyLong_AsLong(arg);
+    if (s < 0 || s >= (long)self->core->stages.size()) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "no such stage");
+        return nullptr;
+    }
+    return PyLong_FromSize_t(self->core->stages[s].rows.size());
+}
+
+PyObject *loop_oldest(LoopObject *self, PyObject *arg) {
+    long s = PyLong_AsLong(arg);
+    if (s < 0 || s >= (long)self->core->stages.size()) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "no such stage");
+        return nullptr;
+    }
+    return PyFloat_FromDouble(self->core->oldest_arrival(s));
+}
+
+bool buffer_of(PyObject *obj, Py_buffer *v, const char *fmt, const char *name) {
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return false;
+    const char *f = v->format ? v->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    const bool ok = strchr(fmt, *f) && f[1] == 0 && v->itemsize == (*fmt == '?' ? 1 : 8);
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s has the wrong dtype (%s)", name, v->format);
+        PyBuffer_Release(v);
+    }
+    return ok;
+}
+
+/* run(cancel_flags (bool), queued (int64[1]), max_rows, pad_to, until_empty, pick, max_wait_steps, max_running,
+ *     admit_batch, slice_s, force_stage, max_steps) -> (left, steps).
+ * left: [(ticket, code, tokens list | score, next_token)]; steps: [(stage, rows, padded rows, seconds)]. */
+PyObject *loop_run(LoopObject *self, PyObject *args) {
+    PyObject *cancel_obj, *queued_obj;
+    Plan p;
+    if (!PyArg_ParseTuple(args, "OOiiiiiiidii", &cancel_obj, &queued_obj, &p.max_rows, &p.pad_to, &p.until_empty,
+                          &p.pick, &p.max_wait_steps, &p.max_running, &p.admit_batch, &p.slice_s, &p.force_stage,
+                          &p.max_steps))
+        return nullptr;
+    Core &c = *self->core;
+    if (p.max_rows < 1 || p.force_stage >= (int)c.stages.size()) {
+        PyErr_SetString(PyExc_ValueError, "max_rows must be >= 1 and force_stage a stage or -1");
+        return nullptr;
+    }
+    Py_buffer cancel, queued;
+    if (!buffer_of(cancel_obj, &cancel, "?", "cancel_flags")) return nullptr;
+    if (!buffer_of(queued_obj, &queued, "lq", "queued")) {
+        PyBuffer_Release(&cancel);
+        return nullptr;
+    }
+    p.cancel = (const bool *)cancel.buf;
+    p.cancel_len = cancel.len;
+    p.queued = (const int64_t *)queued.buf;
+    std::vector<Left> left;
+    std::vector<StepRecord> records;
+    Py_BEGIN_ALLOW_THREADS c.lock.lock();
+    c.pad_error = false;
+    c.run(p, left, records);
+    c.lock.unlock();
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&cancel);
+    PyBuffer_Release(&queued);
+    if (c.pad_error) {
+        PyErr_Format(PyExc_RuntimeError, "cannot pad a step to %d rows: the stages hold %d", p.pad_to, c.capacity);
+        return nullptr;
+    }
+    PyObject *out = PyList_New((Py_ssize_t)left.size());
+    PyObject *steps = PyList_New((Py_ssize_t)records.size());
+    if (!out || !steps) goto fail;
+    for (size_t i = 0; i < left.size(); i++) {
+        const Left &l = left[i];
+        PyObject *value;
+        if (l.has_tokens) {
+            value = PyList_New((Py_ssize_t)l.tokens.size());
+            for (size_t j = 0; value && j < l.tokens.size(); j++)
+                PyList_SET_ITEM(value, j, PyLong_FromLongLong(l.tokens[j]));
+        } else {
+            value = PyFloat_FromDouble(l.score);
+        }
+        PyObject *item = value ? Py_BuildValue("LiNL", l.ticket, l.code, value, l.next_token) : nullptr;
+        if (!item) goto fail;
+        PyList_SET_ITEM(out, i, item);
+    }
+    for (size_t i = 0; i < records.size(); i++) {
+        const StepRecord &r = records[i];
+        PyObject *item = Py_BuildValue("iiid", r.stage, r.rows, r.padded, r.seconds);
+        if (!item) goto fail;
+        PyList_SET_ITEM(steps, i, item);
+    }
+    return Py_BuildValue("NN", out, steps);
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(steps);
+    return nullptr;
+}
+
+PyObject *loop_get_used(LoopObject *self, void *) { return PyLong_FromLong(__atomic_load_n(&self->core->active, __ATOMIC_RELAXED)); }
+PyObject *loop_get_kernel_seconds(LoopObject *self, void *) { return PyFloat_FromDouble(self->core->kernel_seconds); }
+PyObject *loop_get_steps(LoopObject *self, void *) { return PyLong_FromLongLong(self->core->steps); }
+
+PyMethodDef LOOP_METHODS[] = {
+    {"add_stage", (PyCFunction)loop_add_stage, METH_VARARGS, "add a stage (before any request); returns its index"},
+    {"admit", (PyCFunction)loop_admit, METH_VARARGS, "a request's row in a stage"},
+    {"drop", (PyCFunction)loop_drop, METH_O, "take a request's row out without a result"},
+    {"ready", (PyCFunction)loop_ready, METH_O, "rows in a stage"},
+    {"oldest", (PyCFunction)loop_oldest, METH_O, "the oldest arrival among a stage's rows"},
+    {"run", (PyCFunction)loop_run, METH_VARARGS, "run steps without the GIL; returns (left, steps)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyGetSetDef LOOP_GETSET[] = {
+    {"used", (getter)loop_get_used, nullptr, "rows held (one per running request)", nullptr},
+    {"kernel_seconds", (getter)loop_get_kernel_seconds, nullptr, "time inside the model's compute", nullptr},
+    {"steps", (getter)loop_get_steps, nullptr, "steps run", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_steploop", "the engine's native step loop", -1, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__steploop(void) {
+    PyObject *kernels = PyImport_ImportModule("cellserve.kernels._native");
+    if (!kernels) return nullptr;
+    Py_DECREF(kernels);
+    K = (const native_api_t *)PyCapsule_Import(CELLSERVE_API_CAPSULE, 0);
+    if (!K) return nullptr;
+    if (K->version != CELLSERVE_API_VERSION) {
+        PyErr_Format(PyExc_ImportError, "the kernel core offers API version %d, the step loop needs %d: rebuild",
+                     K->version, CELLSERVE_API_VERSION);
+        return nullptr;
+    }
+    LoopType.tp_name = "cellserve.engine._steploop.Loop";
+    LoopType.tp_basicsize = sizeof(LoopObject);
+    LoopType.tp_dealloc = (destructor)loop_dealloc;
+    LoopType.tp_flags = Py_TPFLAGS_DEFAULT;
+    LoopType.tp_doc = "Stages of persistent rows and the step loop over them.";
+    LoopType.tp_new = loop_new;
+    LoopType.tp_methods = LOOP_METHODS;
+    LoopType.tp_getset = LOOP_GETSET;
+    if (PyType_Ready(&LoopType) < 0) return nullptr;
+    PyObject *m = PyModule_Create(&MODULE);
+    if (!m) return nullptr;
+    Py_INCREF(&LoopType);
+    if (PyModule_AddObject(m, "Loop", (PyObject *)&LoopType) < 0) {
+        Py_DECREF(&LoopType);
+        Py_DECREF(m);
+        return nullptr;
+    }
+    return m;
+}

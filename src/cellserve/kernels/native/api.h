@@ -1,0 +1,25 @@
+/* The C face the kernel core offers other native modules (the engine's step loop): the drivers a cell step
+ * needs, exported once as a capsule (cellserve.kernels._native._C_API), so those modules call the very same
+ * code, dispatch table and per-thread settings (threads, scratch) as Python's calls do. The core knows nothing
+ * of who calls it. Bump CELLSERVE_API_VERSION when this struct changes. */
+#ifndef CELLSERVE_API_H
+#define CELLSERVE_API_H
+
+#include "native.h"
+
+#define CELLSERVE_API_VERSION 1
+#define CELLSERVE_API_CAPSULE "cellserve.kernels._native._C_API"
+
+typedef decltype(&linear) linear_fn;
+typedef decltype(&lstm_step) lstm_step_fn;
+typedef decltype(&gru_step) gru_step_fn;
+
+typedef struct {
+    int version;
+    const packed_t *(*packed_of)(void *obj); /* the matrix in a _native.Packed object, or NULL if it is not one */
+    linear_fn linear;
+    lstm_step_fn lstm_step;
+    gru_step_fn gru_step;
+} native_api_t;
+
+#endif
