@@ -118,8 +118,11 @@ def _bench_serving(args):
         raise UsageError("--duration and --rates must be positive")
     if set(args.backends) - {"cellserve", "onnxruntime"}:
         raise UsageError("--backends takes cellserve and/or onnxruntime")
+    if not args.step_loops or set(args.step_loops) - {"native", "python"}:
+        raise UsageError("--step-loops takes native and/or python")
     serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
-                args.max_delay_ms, args.buckets, args.json, args.plots, args.backends, tune_gc=not args.python_gc)
+                args.max_delay_ms, args.buckets, args.json, args.plots, args.backends, tune_gc=not args.python_gc,
+                step_loops=args.step_loops)
 
 
 def _bench_multistep(args):
@@ -402,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--buckets", type=_ints, default=[], help="graph policy: length bucket bounds, e.g. 10,20,40")
     sv.add_argument("--backends", type=_words, default=["cellserve"],
                     help="who runs the cells: cellserve and/or onnxruntime (LSTM workloads)")
+    sv.add_argument("--step-loops", type=_words, default=["native", "python"],
+                    help="who runs the engine's steps: the first runs every policy, the others cellular only")
     sv.add_argument("--python-gc", action="store_true", help="leave Python's garbage collector at its defaults "
                     "(the engine freezes the loaded objects and collects less often): measures what that buys")
     sv.set_defaults(func=_bench_serving)

@@ -1,6 +1,7 @@
 """`cellserve bench serving`: one seeded open-loop trace per offered rate, run through the cellular,
 graph and none policies of the same engine; latency percentiles, throughput, refusals and losses,
-a summary of the targets, and a latency-vs-throughput plot per workload."""
+a summary of the targets, and a latency-vs-throughput plot per workload. With several step loops, the
+first runs every policy and the others run cellular, for the loop-against-loop ratio."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def refine(rows: list[dict], policy: str, step: float = 1.25) -> list[float]:
 
 def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: float = 8.0, seed: int = 0,
         max_batch: int = 64, max_delay_ms: float = 5.0, buckets=(), json_path=None, plot_dir=None,
-        backends=("cellserve",), tune_gc: bool = True) -> list[dict]:
+        backends=("cellserve",), tune_gc: bool = True, step_loops=("native", "python")) -> list[dict]:
     """backends: who runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers. Without
     explicit rates, a coarse doubling grid runs until every policy saturates, then each of cellular and
     graph is refined near its saturation (steps of at most 1.25x; graph's points run both policies, since
@@ -76,29 +77,34 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
             grid = list(rates) if rates else rate_grid(base)
             console.print(f"[bold]{name}[/]: {workload.description}; unbatched capacity ~{base:.1f} req/s; "
                           f"rates {grid}")
-            runs = [(p, b) for b in models for p in policies]
+            loops = distinct_loops(workload, models["cellserve"], step_loops)
+            runs = [(p, b, loops[0]) for b in models for p in policies]
+            runs += [("cellular", "cellserve", loop) for loop in loops[1:] if "cellular" in policies]
             mine: list[dict] = []
             saturated = {run: 0 for run in runs}
             for rate in grid:
-                for policy, backend in runs:
-                    if saturated[(policy, backend)] >= 2:  # saturated twice already: higher rates tell nothing new
+                for policy, backend, loop in runs:
+                    if saturated[(policy, backend, loop)] >= 2:  # saturated twice already: higher rates tell nothing new
                         continue
                     row = _measure(workload, models[backend], policy, backend, rate, duration, seed, max_batch,
-                                   max_delay_ms, buckets, tune_gc)
-                    saturated[(policy, backend)] += 0 if row["sustained"] else 1
+                                   max_delay_ms, buckets, tune_gc, loop)
+                    saturated[(policy, backend, loop)] += 0 if row["sustained"] else 1
                     mine.append(row)
                 if all(v >= 2 for v in saturated.values()):
                     break
             if not rates:
-                for target in [p for p in ("graph", "cellular") if p in policies]:
-                    extra = refine([r for r in mine if r["backend"] == "cellserve"], target)
+                refined = [(p, loops[0]) for p in ("graph", "cellular") if p in policies]
+                refined += [("cellular", loop) for loop in loops[1:] if "cellular" in policies]
+                for target, loop in refined:
+                    extra = refine([r for r in mine if r["backend"] == "cellserve" and r["asked_loop"] == loop], target)
                     also = [p for p in ("cellular", "graph") if p in policies] if target == "graph" else [target]
                     for rate in extra:
                         for policy in also:
                             mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate, duration,
-                                                 seed, max_batch, max_delay_ms, buckets, tune_gc))
+                                                 seed, max_batch, max_delay_ms, buckets, tune_gc, loop))
             rows += sorted(mine, key=lambda r: (r["backend"], r["rate_rps"], POLICIES.index(r["policy"])))
-    columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("rate_rps", "offered/s"),
+    columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("step_loop", "loop"),
+               ("rate_rps", "offered/s"),
                ("throughput_rps", "done/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
                ("mean_batch", "mean batch"), ("overhead_us", "overhead us/step"),
                ("overhead_share", "overhead share"), ("padding_share", "padded rows"), ("completed", "done"), ("refused", "refused"),
@@ -111,6 +117,8 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
     print_table("targets: cellular vs graph", summary,
                 [("workload", "workload"), ("max_sustained_cellular", "cellular max/s"),
                  ("max_sustained_graph", "graph max/s"), ("max_sustained_none", "none max/s"),
+                 ("max_sustained_cellular_python", "cellular python-loop max/s"),
+                 ("native_over_python", "native/python loop"),
                  ("throughput_ratio", "cellular/graph thr"), ("worst_p90_ratio", "worst p90 cell/graph"),
                  ("p90_ratio_near_saturation", "worst p90 cell/graph >= 0.75 graph max"),
                  ("light_p99_over_p90", "light-load p99/p90 cellular"), ("lost", "lost")],
@@ -122,21 +130,35 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
     return rows
 
 
+def distinct_loops(workload, model, step_loops) -> list[str]:
+    """The step loops to run: those that give this workload a different runner (a family without a native
+    loop runs its Python one whatever is asked)."""
+    seen, out = set(), []
+    for loop in step_loops:
+        actual = workload.runner(model, "cellular", 16, loop).step_loop
+        if actual not in seen:
+            seen.add(actual)
+            out.append(loop)
+    return out
+
+
 def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, max_delay_ms, buckets,
-             tune_gc=True) -> dict:
+             tune_gc=True, step_loop="native") -> dict:
     """One policy at one offered rate: the same seeded trace for every policy."""
     arrivals = poisson_arrivals(rate, duration, seed)
     rng = np.random.default_rng(seed)
     requests = [workload.make_request(rng, int(n)) for n in sentence_lengths(rng, len(arrivals))]
     # graph batches whole requests; a cellular step's rows are nodes (16 per tree)
     step_rows = max_batch * (workload.rows_per_request if policy == "cellular" else 1)
-    engine = Engine(workload.runner(model, policy, 16384 if workload.name == "treelstm" else 4096), policy,
+    runner = workload.runner(model, policy, 16384 if workload.name == "treelstm" else 4096, step_loop)
+    engine = Engine(runner, policy,
                     max_batch=step_rows, max_queue=4 * max_batch + int(rate), max_delay_ms=max_delay_ms,
                     length_buckets=buckets, max_running=workload.running_per_batch * max_batch,
                     tune_gc=tune_gc).start()
     result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
     stats = engine.stats
-    row = {"workload": workload.name, "policy": policy, "backend": backend, "rate_rps": rate,
+    row = {"workload": workload.name, "policy": policy, "backend": backend, "step_loop": engine.step_loop,
+           "asked_loop": step_loop, "rate_rps": rate,
            "throughput_rps": result.throughput_rps, "p50_ms": result.percentile_ms(50),
            "p90_ms": result.percentile_ms(90), "p99_ms": result.percentile_ms(99),
            "completed": result.completed, "refused": result.refused, "failed": result.failed,
@@ -145,7 +167,7 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
            "overhead_share": stats.overhead_s / stats.step_s if stats.step_s else None,
            "padding_share": stats.rows_padded / stats.rows_run if stats.rows_run else None}
     row["sustained"] = sustained(row)
-    console.print(f"  {policy:8s} {backend:11s} {rate:8.1f} req/s -> {row['throughput_rps']:7.1f} done/s, "
+    console.print(f"  {policy:8s} {backend:11s} {engine.step_loop:6s} {rate:8.1f} req/s -> {row['throughput_rps']:7.1f} done/s, "
                   f"p90 {_ms(row['p90_ms'])}, p99 {_ms(row['p99_ms'])}, refused {row['refused']}, "
                   f"failed {row['failed']}, lost {row['lost']}, overhead {_us(row['overhead_us'])}/step")
     return row
@@ -154,16 +176,23 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for name in dict.fromkeys(r["workload"] for r in rows):
-        mine = [r for r in rows if r["workload"] == name and r.get("backend", "cellserve") == "cellserve"]
+        ours = [r for r in rows if r["workload"] == name and r.get("backend", "cellserve") == "cellserve"]
+        first = ours[0].get("asked_loop") if ours else None
+        mine = [r for r in ours if r.get("asked_loop") == first]  # the first step loop: every policy ran on it
         best = {p: max((r["throughput_rps"] for r in mine if r["policy"] == p and r["sustained"]), default=0.0)
                 for p in POLICIES}
+        python = [r["throughput_rps"] for r in ours if r["policy"] == "cellular" and r["sustained"]
+                  and r.get("step_loop") == "python" and r.get("asked_loop") != first]
         graph_ok = {r["rate_rps"]: r for r in mine if r["policy"] == "graph" and r["sustained"]}
         ratios = {r["rate_rps"]: r["p90_ms"] / graph_ok[r["rate_rps"]]["p90_ms"] for r in mine
                   if r["policy"] == "cellular" and r["rate_rps"] in graph_ok and r["p90_ms"]}
         graph_max_rate = max(graph_ok, default=0.0)
         near = [v for rate, v in ratios.items() if rate >= 0.75 * graph_max_rate]
         cellular = sorted((r for r in mine if r["policy"] == "cellular" and r["p90_ms"]), key=lambda r: r["rate_rps"])
-        out.append({"workload": name, **{f"max_sustained_{p}": best[p] for p in POLICIES},
+        out.append({"workload": name, "step_loop": mine[0].get("step_loop") if mine else None,
+                    **{f"max_sustained_{p}": best[p] for p in POLICIES},
+                    "max_sustained_cellular_python": max(python) if python else None,
+                    "native_over_python": best["cellular"] / max(python) if python else None,
                     "throughput_ratio": best["cellular"] / best["graph"] if best["graph"] else None,
                     "worst_p90_ratio": max(ratios.values()) if ratios else None,
                     "p90_ratio_near_saturation": max(near) if near else None,
@@ -181,11 +210,12 @@ def plot(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in dict.fromkeys(r["workload"] for r in rows):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for policy in POLICIES:
-            pts = [(r["throughput_rps"], r["p90_ms"]) for r in rows if r["workload"] == name
-                   and r["policy"] == policy and r.get("backend", "cellserve") == "cellserve" and r["p90_ms"]]
+        lines = dict.fromkeys((r["policy"], r.get("step_loop")) for r in rows if r["workload"] == name)
+        for policy, loop in lines:
+            pts = [(r["throughput_rps"], r["p90_ms"]) for r in rows if r["workload"] == name and r["policy"] == policy
+                   and r.get("step_loop") == loop and r.get("backend", "cellserve") == "cellserve" and r["p90_ms"]]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=policy)
+                ax.plot(*zip(*pts), marker="o", label=f"{policy} ({loop} loop)")
         ax.set_yscale("log")
         ax.set_xlabel("throughput (requests/s)")
         ax.set_ylabel("p90 latency (ms)")

@@ -44,10 +44,12 @@ class Workload:
     make_request: Callable[[np.random.Generator, int], dict]  # (rng, sentence length) -> inputs
     rows_per_request: int = 1  # cell-step rows one request brings at once: cellular's max_batch is in rows
     running_per_batch: int = 2  # cellular's running set, in units of max_batch requests
-    make_runner: Callable | None = None  # (model, policy, capacity) -> runner; default: the model's own
+    make_runner: Callable | None = None  # (model, policy, capacity, step_loop) -> runner; default: the model's own
 
-    def runner(self, model, policy: str, capacity: int):
-        return self.make_runner(model, policy, capacity) if self.make_runner else make_runner(model, capacity)
+    def runner(self, model, policy: str, capacity: int, step_loop: str = "native"):
+        if self.make_runner:
+            return self.make_runner(model, policy, capacity, step_loop)
+        return make_runner(model, capacity, step_loop=step_loop)
 
 
 def _lm_request(rng, n):
@@ -108,13 +110,13 @@ def _acoustic_request(rng, n):
     return {"feats": rng.standard_normal((1, FEATURES, 8 * n)).astype(np.float32)}
 
 
-def _imported_runner(model, policy, capacity):
+def _imported_runner(model, policy, capacity, step_loop):
     """graph: ONNX Runtime on the whole original graph, requests padded to the longest (Triton + ONNX
     Runtime); otherwise our engine on the imported model, GRU steps in blocks of 16 (a whole request is there:
     blocks add no latency, and the input projection reads its weights once per 16 steps)."""
     from cellserve.families.imported import WholeGraphRunner
 
-    return WholeGraphRunner(model, capacity) if policy == "graph" else make_runner(model, capacity, block_steps=16)
+    return WholeGraphRunner(model, capacity) if policy == "graph" else make_runner(model, capacity, 16, step_loop)
 
 
 WORKLOADS = {

@@ -87,6 +87,7 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running_flag = False
+        self._waited = 0.0  # seconds the graph policy waited for a fuller batch (not counted as step time)
 
     # --- caller side (any thread) ----------------------------------------------------------------
     def start(self) -> "Engine":
@@ -150,6 +151,8 @@ class Engine:
                 self._queue.append(req)
                 self._queue_changed()
             self._cv.notify()
+        if self.native:
+            self.runner.wake()  # the worker loop's thread waits there, not on the condition
         req.future.add_done_callback(lambda future: self._on_cancel(req, future))
         return req
 
@@ -218,6 +221,8 @@ class Engine:
         with self._cv:
             self._running_flag = False
             self._cv.notify_all()
+        if self.native:
+            self.runner.wake()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.perf_counter()) + 1.0)
         with self._cv:
@@ -251,6 +256,8 @@ class Engine:
     # --- scheduler thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         kernels.set_threads(self.threads)  # a setting of this thread: every product this engine runs
+        if self.native and self.policy == "cellular":
+            return self._worker_loop()
         while True:
             with self._cv:
                 while self._running_flag and not self._queue and not self._running:
@@ -260,7 +267,7 @@ class Engine:
                 if not self._running_flag:
                     return
             self._expire_idle_sessions()
-            start, kernel = time.perf_counter(), self.runner.kernel_seconds
+            start, kernel, waited = time.perf_counter(), self.runner.kernel_seconds, self._waited
             steps = self.stats.steps
             try:
                 self._policy.round(self)
@@ -269,7 +276,7 @@ class Engine:
                     for req in list(self._running.values()):
                         self._fail(req, exc)
             if self.stats.steps > steps:
-                seconds = time.perf_counter() - start
+                seconds = time.perf_counter() - start - (self._waited - waited)  # a batching window is not work
                 overhead = max(0.0, seconds - (self.runner.kernel_seconds - kernel))
                 self.stats.step_s += seconds
                 self.stats.overhead_s += overhead
@@ -332,8 +339,13 @@ class Engine:
         left."""
         left, steps = self.runner.run_steps(max_rows, pad_to, until_empty, self.pick, self.max_wait_steps,
                                             self.max_running, admit_batch)
+        self._count_steps(steps)
+        return left
+
+    def _count_steps(self, steps: list[tuple]) -> None:
+        """run()'s bookkeeping for steps a native loop ran: (cell type, rows, padded rows, seconds, kernel)."""
         stats = self.stats
-        for cell_type, rows, padded, seconds in steps:
+        for cell_type, rows, padded, seconds, _ in steps:
             stats.steps += 1
             self.last_run[cell_type] = stats.steps
             stats.batch_sizes[(cell_type, rows + padded)] += 1
@@ -341,7 +353,35 @@ class Engine:
             stats.rows_padded += padded
             if self.observer:
                 self.observer.on_batch(cell_type, rows + padded, seconds)
-        return left
+
+    def _worker_loop(self) -> None:
+        """Cellular batching on a native loop's own thread (engine/steploop.py): its steps never wait for this
+        thread or the GIL; this thread admits queued requests (they join at the worker's next step) and
+        resolves the futures of those that left. Overhead here is the worker's own time per step outside the
+        kernels (its bookkeeping and hand-overs); this thread's work runs beside it."""
+        runner = self.runner
+        runner.start_worker(self.max_batch, self.pick, self.max_wait_steps, self.max_running, self.threads)
+        try:
+            while self._running_flag:
+                self._expire_idle_sessions()
+                if self._queue and len(self._running) < self.max_running:
+                    self.admit(self.max_running)
+                left, steps = runner.collect(0.25)
+                if steps:
+                    seconds = sum(s[3] for s in steps)
+                    overhead = max(0.0, seconds - sum(s[4] for s in steps))
+                    self._count_steps(steps)
+                    self.stats.step_s += seconds
+                    self.stats.overhead_s += overhead
+                    if self.observer and hasattr(self.observer, "on_step"):
+                        self.observer.on_step(overhead / len(steps), seconds)
+                self.retire(left)
+        except Exception as exc:  # a bug must not leave callers waiting: fail what runs, stop stepping
+            with self._cv:
+                for req in list(self._running.values()):
+                    self._fail(req, exc)
+        finally:
+            runner.stop_worker()
 
     def bucket(self, req: Request) -> int:
         length = self.runner.length(req.payload)
@@ -354,11 +394,13 @@ class Engine:
     def wait_for(self, bucket, count: int, deadline: float) -> None:
         """Wait until `count` requests of a length bucket (None: any) are queued, the deadline passes or
         the engine stops: the graph policy's batching window."""
+        start = time.perf_counter()
         with self._cv:
             while self._running_flag and time.perf_counter() < deadline:
                 if sum(1 for r in self._queue if bucket is None or self.bucket(r) == bucket) >= count:
-                    return
+                    break
                 self._cv.wait(max(0.0, deadline - time.perf_counter()))
+        self._waited += time.perf_counter() - start
 
     def run(self, cell_type: str, max_rows: int, pad_to: int) -> list[Request]:
         start = time.perf_counter()

@@ -1,13 +1,19 @@
 """The native step loop's Python face (engine/native/steploop.cpp): runners that keep their running set in
-native code and run many steps per call without the GIL.
+native code and step it without the GIL.
 
 A family offers one beside its Python runner when its model fits: token sequences through unidirectional
 LSTM or GRU stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
 model) or greedily decoded. The Python runners stay the reference: `step_loop: python` picks them, and the
-tests check that both loops give the same outputs. Requests map to rows by their engine ticket.
+tests check that both loops give the same outputs.
+
+Two ways to drive it: `run_steps` runs many steps in one call on the engine's thread (graph and none, and
+Runner.step); `start_worker` / `collect` run cellular batching on a native thread that never waits for
+Python, while the engine's thread admits requests and resolves futures beside it.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -16,10 +22,11 @@ from cellserve.engine import _steploop
 from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, Runner
 
-STEP_LOOPS = ("native", "python")
 READ, GENERATE = 0, 1  # a stage feeds its requests' tokens, or its own argmax
 PICKS = {"stage": 0, "fullest": 1, "oldest": 2}
-SLICE_S = 0.001  # the longest a call runs before Python looks at its queue and sessions again
+SLICE_S = 0.001  # run_steps: the longest a call runs before Python looks at its queue again
+MIN_CALL_S = 0.0002  # run_steps: returns for one finished or newly queued request only after this long (each
+# return costs a GIL hand-over, ~50 us measured on a loaded 2-core machine)
 
 
 def native_layers(rnn) -> list[tuple] | None:
@@ -48,7 +55,8 @@ class NativeLoopRunner(Runner):
     def __init__(self, capacity: int):
         super().__init__(capacity)
         self.loop = _steploop.Loop(self.capacity)
-        self._reqs: dict[int, Request] = {}  # ticket -> request
+        self._ids = itertools.count()
+        self._reqs: dict[int, Request] = {}  # the loop's row id -> request
         self.queued = np.zeros(1, np.int64)  # the engine's queue length, read by the loop between steps
 
     def ready(self, cell_type):
@@ -62,47 +70,74 @@ class NativeLoopRunner(Runner):
         return self.loop.used
 
     def admit(self, reqs):
+        rows = []
         for req in reqs:
-            self._admit_row(req)
-            self._reqs[req.ticket] = req
+            req.progress["row"] = row = next(self._ids)
+            self._reqs[row] = req
+            rows.append(self._row(row, req))
+        self.loop.admit(rows)  # together: they join at the same step
         return [ADMITTED] * len(reqs)
 
-    def _admit_row(self, req: Request) -> None:
+    def _row(self, row: int, req: Request) -> tuple:
+        """(stage, row id, ticket, arrival, tokens, max_len, stop at EOS): what the loop takes of a request."""
         raise NotImplementedError
 
     def _result(self, value, next_token) -> dict:
         raise NotImplementedError
 
     def drop(self, req):
-        self.loop.drop(req.ticket)
-        self._reqs.pop(req.ticket, None)
+        row = req.progress.pop("row", None)
+        if row is not None and self._reqs.pop(row, None) is not None:
+            self.loop.drop(row)
 
     def step(self, cell_type, max_rows, pad_to=0):
         """One step of one stage (the Runner interface; the engine's policies call run_steps)."""
-        left, steps = self._run(max_rows, pad_to, False, "stage", 1 << 30, self.capacity, 1, 0.0,
+        left, steps = self._run(max_rows, pad_to, False, "stage", 1 << 30, self.capacity, 1, 0.0, 0.0,
                                 self.cell_types.index(cell_type), 1)
         self.last_rows = steps[0][1] if steps else 0
         return left
 
     def run_steps(self, max_rows: int, pad_to: int = 0, until_empty: bool = False, pick: str = "stage",
                   max_wait_steps: int = 8, max_running: int = 1, admit_batch: int = 1,
-                  slice_s: float = SLICE_S) -> tuple[list[Request], list[tuple[str, int, int, float]]]:
-        """Steps until a request leaves, queued requests can join, or the slice ends (cellular, stages picked
-        as policies.py's Cellular does); with until_empty, every stage in turn to completion, each step padded
-        to pad_to rows (graph). Returns (requests that left, [(cell type, rows, padded rows, seconds)])."""
+                  slice_s: float = SLICE_S, min_s: float = MIN_CALL_S) -> tuple[list[Request], list[tuple]]:
+        """Steps on this thread until a request leaves, queued requests can join, or the slice ends (cellular,
+        stages picked as policies.py's Cellular does); with until_empty, every stage in turn to completion,
+        each step padded to pad_to rows (graph). Returns (requests that left, steps), a step being (cell type,
+        rows, padded rows, seconds, kernel seconds)."""
         return self._run(max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, slice_s,
-                         -1, 1 << 30)
+                         min_s, -1, 1 << 30)
 
-    def _run(self, max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, slice_s, force,
-             max_steps):
-        before = self.loop.kernel_seconds
+    def _run(self, max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, slice_s, min_s,
+             force, max_steps):
         left, steps = self.loop.run(self.cancel_flags, self.queued, max_rows, pad_to, until_empty, PICKS[pick],
-                                    max_wait_steps, max_running, admit_batch, slice_s, force, max_steps)
-        self.kernel_seconds += self.loop.kernel_seconds - before
+                                    max_wait_steps, max_running, admit_batch, slice_s, min_s, force, max_steps)
+        return self._finish(left, steps)
+
+    def start_worker(self, max_rows: int, pick: str, max_wait_steps: int, max_running: int, threads: int) -> None:
+        """Cellular batching on the loop's own thread until stop_worker(); collect() hands back its results."""
+        self.loop.start(self.cancel_flags, self.queued, max_rows, PICKS[pick], max_wait_steps, max_running, threads)
+
+    def stop_worker(self) -> None:
+        self.loop.stop()
+
+    def collect(self, timeout_s: float) -> tuple[list[Request], list[tuple]]:
+        """The worker's finished requests and steps since the last call, waiting up to timeout_s for one to
+        leave or for wake()."""
+        return self._finish(*self.loop.collect(timeout_s))
+
+    def wake(self) -> None:
+        self.loop.wake()
+
+    def _finish(self, left, steps):
         out = []
-        for ticket, code, value, next_token in left:
-            req = self._reqs.pop(ticket)
+        for row, code, value, next_token in left:
+            req = self._reqs.pop(row, None)
+            if req is None:  # dropped while it ran
+                continue
+            req.progress.pop("row", None)
             if code == 0:
                 req.result = self._result(value, next_token)
             out.append(req)
-        return out, [(self.cell_types[s], rows, padded, seconds) for s, rows, padded, seconds in steps]
+        steps = [(self.cell_types[s], rows, padded, seconds, kernel) for s, rows, padded, seconds, kernel in steps]
+        self.kernel_seconds += sum(step[4] for step in steps)
+        return out, steps

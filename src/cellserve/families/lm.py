@@ -100,8 +100,8 @@ class NativeLanguageModelRunner(NativeLoopRunner):
         self.model = model
         self.loop.add_stage(READ, model.embedding.table, layers, model.head.w.packed, model.head.bias, -1, 0, -1)
 
-    def _admit_row(self, req):
-        self.loop.admit(0, req.ticket, req.arrival, req.payload, 0, True)
+    def _row(self, row, req):
+        return 0, row, req.ticket, req.arrival, req.payload, 0, True
 
     def _result(self, score, next_token):
         return {"log_likelihood": score, "next_token": next_token}

@@ -186,9 +186,9 @@ class NativeSeq2SeqRunner(NativeLoopRunner):
         self.loop.add_stage(GENERATE, model.tgt_embedding.table, decoder, model.head.w.packed, model.head.bias, -1,
                             model.bos_id, model.eos_id)
 
-    def _admit_row(self, req):
+    def _row(self, row, req):
         p = req.payload
-        self.loop.admit(0, req.ticket, req.arrival, p["src"], p["max_len"], p["stop_at_eos"])
+        return 0, row, req.ticket, req.arrival, p["src"], p["max_len"], p["stop_at_eos"]
 
     def _result(self, tokens, next_token):
         return {"tokens": tokens}

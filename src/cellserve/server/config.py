@@ -32,6 +32,9 @@ class ModelConfig(BaseModel):
                                     "unanswered before the server stops reading it (memory: max_sessions x this)")
     block_steps: int = Field(1, ge=1, le=1024, description="streaming: frames per block (multi-time-step)")
     threads: int = Field(1, ge=1, le=256, description="cores each batched step's matrix products are split across")
+    step_loop: Literal["native", "python"] = Field(
+        "native", description="who runs the engine's steps: the native loop, where the model's family has one "
+        "(language models and seq2seq over LSTM/GRU), or the Python loop (the reference)")
     text_codec: Literal["number-speller"] | None = None
     sequence_batching: bool | None = Field(None, description="imported graphs: serve sessions (default: when the "
                                            "graph streams: unidirectional core, per-step front and head)")

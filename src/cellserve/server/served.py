@@ -25,7 +25,7 @@ class ServedModel:
         self.family = family_for(model, **config.family_options())
         self.architecture = architecture_hash(model)
         self.stats = InferenceStats()
-        self.engine = Engine(self.family.runner(config.capacity, config.block_steps), config=config.engine_config())
+        self.engine = Engine(self.family.runner(config.capacity, config.block_steps, config.step_loop), config=config.engine_config())
 
     @property
     def stateful(self) -> bool:

@@ -3,25 +3,37 @@
  *
  * Why: on small models the Python work around each batched cell step (row windows, decode bookkeeping,
  * leaving rows) costs more than the step, and it holds the GIL the server's threads need. This loop keeps the
- * running set's arrays (states, tokens, positions, outputs, scores) and runs many steps per call with the GIL
- * released: it gathers a step's rows, runs the fused cell steps and the head through the kernel core's C face
- * (kernels/native/api.h), decodes (argmax, EOS, length limits, log-likelihood) and retires finished rows into
- * a list. It returns to Python when a request leaves, when queued requests can be admitted, or when a time
- * slice ends. Python keeps admission, futures and policies; engine/runner.py's Python loop (the families'
- * own runners) is the reference this loop must equal, step for step: the same stage pick, the same row
- * windows, the same row order when rows leave.
+ * running set's arrays (states, tokens, positions, outputs, scores), gathers a step's rows, runs the fused cell
+ * steps and the head through the kernel core's C face (kernels/native/api.h), decodes (argmax, EOS, length
+ * limits, log-likelihood) and retires finished rows into a list, with the GIL released throughout.
  *
- * A stage is one cell type's persistent batch (engine/batch.py's Stage): row r holds a request's state in
- * one float block and its bookkeeping in a Row. READ stages feed the request's own tokens (an encoder, or a
- * language model scoring with its head); GENERATE stages feed back their argmax (a greedy decoder). */
+ * Two ways to drive it:
+ *   run()     many steps per call on the caller's thread (graph and none policies, Runner.step): every stage
+ *             to completion, padded; or cellular steps until a request leaves or can join, or a slice ends.
+ *   start()   cellular batching on a native worker thread that never waits for Python: requests join through
+ *             an inbox between steps, finished ones leave through an outbox that collect() hands to Python,
+ *             which meanwhile resolves futures and admits (BatchMaker's C++ scheduler thread). Each return
+ *             to Python costs a GIL hand-over, measured at ~50 us on a loaded 2-core machine, more than a
+ *             small model's step; the worker pays none of them.
+ * Either way the stage pick, row windows and row order on leaving are engine/batch.py's and policies.py's, so
+ * the Python loop (the families' Python runners) is the reference this loop must equal.
+ *
+ * A stage is one cell type's persistent batch: row r holds a request's state in one float block and its
+ * bookkeeping in a Row. READ stages feed the request's own tokens (an encoder, or a language model scoring
+ * with its head); GENERATE stages feed back their argmax (a greedy decoder). Rows are named by the runner's
+ * ids, which are never reused; a row also carries the engine's ticket, the index of its cancel flag. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <mutex>
 #include <string.h>
+#include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "api.h"
@@ -48,7 +60,7 @@ struct Layer {
 };
 
 struct Row {
-    long long ticket;
+    long long id, ticket;
     double arrival;
     int pos = 0;                  // READ: the next token to feed
     std::vector<int64_t> tokens;  // READ: the request's tokens
@@ -66,16 +78,16 @@ struct Stage {
     int vocab, dim;
     const packed_t *head = nullptr;
     std::vector<float> head_bias;
-    int next = -1;                 // READ without a head: the stage a finished row moves to
+    int next = -1;                      // READ without a head: the stage a finished row moves to
     int64_t start_token = 0, eos = -1;  // GENERATE
     std::vector<Row> rows;
-    std::vector<float> state;      // capacity x width
+    std::vector<float> state;           // capacity x width
     int cursor = 0;
     long long last_run = 0;
 };
 
 struct Left {
-    long long ticket;
+    long long id;
     int code;
     bool has_tokens;
     std::vector<int64_t> tokens;
@@ -83,43 +95,55 @@ struct Left {
     long long next_token;
 };
 
+/* One step: its stage, rows, padding rows, the loop's busy time for it (bookkeeping since the previous step
+ * included) and the part inside the model's compute. */
 struct StepRecord {
     int stage, rows, padded;
-    double seconds;
+    double seconds, kernel;
 };
 
-/* What one run() call is told (the engine's policy settings). */
+/* The engine's policy settings for a run() call or the worker. */
 struct Plan {
-    int max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, force_stage, max_steps;
-    double slice_s;
-    const bool *cancel;
-    Py_ssize_t cancel_len;
-    const int64_t *queued;
+    int max_rows = 1, pad_to = 0, until_empty = 0, pick = PICK_STAGE, max_wait_steps = 8, max_running = 1,
+        admit_batch = 1, force_stage = -1, max_steps = 1, threads = 1;
+    double slice_s = 0.001, min_s = 0.0;  // run(): return after slice_s at the latest, not before min_s for one request
+    const bool *cancel = nullptr;
+    Py_ssize_t cancel_len = 0;
+    const int64_t *queued = nullptr;      // the engine's queue length
 };
 
 struct Core {
     int capacity, width = 0;
     std::vector<Stage> stages;
-    std::vector<PyObject *> refs;            // the Packed objects whose matrices we use
-    std::vector<std::pair<int, int>> where;  // ticket -> (stage, row); stage -1: not here
+    std::vector<PyObject *> refs;                            // the Packed objects whose matrices we use
+    std::unordered_map<long long, std::pair<int, int>> where;  // id -> (stage, row)
     long long steps = 0;
     double kernel_seconds = 0.0;
-    int active = 0;                          // rows in all stages (one per request)
+    std::atomic<int> active{0};                              // requests held: stage rows and inbox
     std::vector<float> x, logits;
-    std::mutex lock;
 
-    void place(long long ticket, int stage, int row) {
-        if ((size_t)ticket >= where.size()) where.resize(ticket + 1, {-1, -1});
-        where[ticket] = {stage, row};
-    }
+    /* Between Python and whoever steps (run()'s caller or the worker), under io. */
+    std::mutex io;
+    std::condition_variable wake_worker, wake_collector;
+    std::vector<std::pair<int, Row>> inbox;                  // (stage, row) admitted, not yet in a stage
+    std::vector<long long> drops;                            // ids to take out without a result
+    std::vector<Left> outbox;
+    std::vector<StepRecord> out_records;
+    bool stopping = false, kicked = false;
+    std::thread worker;
+    Plan worker_plan;
+    Py_buffer worker_cancel, worker_queued;
+    bool worker_running = false;
 
     /* Take rows out (sorted, unique); the stage's last rows move into the holes, as engine/batch.py does. */
     void remove(int s, const std::vector<int> &gone) {
         Stage &st = stages[s];
         const int n = (int)st.rows.size(), k = (int)gone.size();
         if (!k) return;
-        for (int r : gone)  // a row that moved on to another stage is placed there already
-            if (where[st.rows[r].ticket].first == s) where[st.rows[r].ticket] = {-1, -1};
+        for (int r : gone) {  // a row that moved on to another stage is placed there already
+            auto it = where.find(st.rows[r].id);
+            if (it != where.end() && it->second.first == s) where.erase(it);
+        }
         std::vector<char> leaving(n, 0);
         for (int r : gone) leaving[r] = 1;
         int mover = n - k;
@@ -128,20 +152,69 @@ struct Core {
             while (leaving[mover]) mover++;
             memcpy(&st.state[(size_t)r * width], &st.state[(size_t)mover * width], width * sizeof(float));
             st.rows[r] = std::move(st.rows[mover]);
-            where[st.rows[r].ticket] = {s, r};
+            where[st.rows[r].id] = {s, r};
             mover++;
         }
         st.rows.resize(n - k);
-        active -= k;
     }
 
     int append(int s, Row &&row) {
         Stage &st = stages[s];
         const int r = (int)st.rows.size();
-        place(row.ticket, s, r);
+        where[row.id] = {s, r};
         st.rows.push_back(std::move(row));
-        active++;
         return r;
+    }
+
+    /* Admitted rows join their stages (state zeroed) and dropped ones leave; a stage never holds more than
+     * capacity rows (Python admits at most that many: the engine's running bound is within it). */
+    void apply(std::vector<std::pair<int, Row>> &in, std::vector<long long> &gone) {
+        for (long long id : gone) {
+            auto it = where.find(id);
+            if (it != where.end()) {
+                remove(it->second.first, {it->second.second});
+                active--;
+            } else {
+                for (auto &p : in)
+                    if (p.second.id == id) p.second.id = -1, active--;  // dropped before it joined
+            }
+        }
+        size_t held = 0;
+        for (const Stage &st : stages) held += st.rows.size();
+        std::vector<std::pair<int, Row>> later;
+        for (auto &p : in) {
+            if (p.second.id < 0) continue;
+            if (held >= (size_t)capacity) {  // only while drops of the rows before it are on their way
+                later.push_back(std::move(p));
+                continue;
+            }
+            const int r = append(p.first, std::move(p.second));
+            memset(&stages[p.first].state[(size_t)r * width], 0, width * sizeof(float));
+            held++;
+        }
+        in.clear();
+        gone.clear();
+        if (!later.empty()) {
+            std::lock_guard<std::mutex> g(io);
+            for (auto &p : later) inbox.push_back(std::move(p));
+        }
+    }
+
+    void exchange() {
+        std::vector<std::pair<int, Row>> in;
+        std::vector<long long> gone;
+        {
+            std::lock_guard<std::mutex> g(io);
+            in.swap(inbox);
+            gone.swap(drops);
+        }
+        apply(in, gone);
+    }
+
+    bool has_rows() const {
+        for (const Stage &st : stages)
+            if (!st.rows.empty()) return true;
+        return false;
     }
 
     /* engine/batch.py's Stage.window: all rows, or the next max_rows in turn, every window full. */
@@ -160,7 +233,7 @@ struct Core {
     }
 
     bool flagged(const Plan &p, long long ticket) const {
-        return ticket < p.cancel_len && __atomic_load_n(&p.cancel[ticket], __ATOMIC_RELAXED);
+        return ticket >= 0 && ticket < p.cancel_len && __atomic_load_n(&p.cancel[ticket], __ATOMIC_RELAXED);
     }
 
     /* The window after dropping the cancelled requests in it (runner.py's SequenceRunner._window). */
@@ -170,11 +243,12 @@ struct Core {
             window(st, p.max_rows, a, b);
             std::vector<long long> dropped;
             for (int r = *a; r < *b; r++)
-                if (flagged(p, st.rows[r].ticket)) dropped.push_back(st.rows[r].ticket);
+                if (flagged(p, st.rows[r].ticket)) dropped.push_back(st.rows[r].id);
             if (dropped.empty()) return;
-            for (long long t : dropped) {
-                remove(s, {where[t].second});
-                left.push_back({t, LEFT_CANCELLED, false, {}, 0.0, -1});
+            for (long long id : dropped) {
+                remove(s, {where[id].second});
+                active--;
+                left.push_back({id, LEFT_CANCELLED, false, {}, 0.0, -1});
             }
             st.cursor = *a;
         }
@@ -261,10 +335,11 @@ struct Core {
                 row.out.push_back(tok);
                 row.prev = tok;
                 if ((row.stop && tok == st.eos) || (int)row.out.size() >= row.max_len) {
-                    left.push_back({row.ticket, LEFT_FINISHED, true, std::move(row.out), 0.0, -1});
+                    left.push_back({row.id, LEFT_FINISHED, true, std::move(row.out), 0.0, -1});
                     done.push_back(a + i);
                 }
             }
+            active -= (int)done.size();
         } else if (st.head) {  // a language model: log-likelihood of each next token, the argmax after the last
             for (int i = 0; i < n; i++) {
                 Row &row = st.rows[a + i];
@@ -273,21 +348,24 @@ struct Core {
                 if (nxt < (int)row.tokens.size()) {
                     row.score += log_prob(l, classes, row.tokens[nxt]);
                 } else {
-                    left.push_back({row.ticket, LEFT_FINISHED, false, {}, row.score, (long long)argmax(l, classes)});
+                    left.push_back({row.id, LEFT_FINISHED, false, {}, row.score, (long long)argmax(l, classes)});
                     done.push_back(a + i);
                 }
                 row.pos = nxt;
             }
+            active -= (int)done.size();
         } else {  // an encoder: rows that read their whole input move to the next stage, states and all
             for (int i = 0; i < n; i++)
                 if (++st.rows[a + i].pos >= (int)st.rows[a + i].tokens.size()) done.push_back(a + i);
             Stage &to = stages[st.next];
             for (int r : done) {
+                const Row &from = st.rows[r];
                 Row moved;
-                moved.ticket = st.rows[r].ticket;
-                moved.arrival = st.rows[r].arrival;
-                moved.max_len = st.rows[r].max_len;
-                moved.stop = st.rows[r].stop;
+                moved.id = from.id;
+                moved.ticket = from.ticket;
+                moved.arrival = from.arrival;
+                moved.max_len = from.max_len;
+                moved.stop = from.stop;
                 moved.prev = to.start_token;
                 moved.out.reserve(moved.max_len);
                 const int row = append(st.next, std::move(moved));
@@ -314,40 +392,81 @@ struct Core {
         return (double)((v[t] - mx) - (float)std::log(sum));
     }
 
-    /* Runs steps until a request leaves, queued requests can be admitted, the slice ends or nothing is ready
-     * (cellular); or every stage in order to completion, padded to pad_to rows (graph). */
-    void run(const Plan &p, std::vector<Left> &left, std::vector<StepRecord> &records) {
-        const double start = now();
-        for (int s = 0; p.until_empty && s < (int)stages.size(); s++) {
-            while (!stages[s].rows.empty()) {
-                int a, b;
-                clean_window(s, p, &a, &b, left);
-                if (b <= a) break;
-                const int pad = std::max(0, p.pad_to - (b - a));
-                if (b + pad > capacity) {
-                    pad_error = true;
-                    return;
-                }
-                const double t = now();
-                step(s, a, b, pad, left);
-                records.push_back({s, b - a, pad, now() - t});
-            }
+    /* One step of stage s, recorded; false when it had no rows left after cancellations. */
+    bool step_recorded(int s, const Plan &p, int pad_to, double *mark, std::vector<Left> &left,
+                       std::vector<StepRecord> &records) {
+        int a, b;
+        clean_window(s, p, &a, &b, left);
+        if (b <= a) return false;
+        const int pad = std::max(0, pad_to - (b - a));
+        if (b + pad > capacity) {
+            pad_error = true;
+            return false;
         }
-        if (p.until_empty) return;
+        const double k0 = kernel_seconds;
+        step(s, a, b, pad, left);
+        const double t = now();
+        records.push_back({s, b - a, pad, t - *mark, kernel_seconds - k0});
+        *mark = t;
+        return true;
+    }
+
+    /* run(): every stage in order to completion, padded to pad_to rows (graph); or cellular steps until a
+     * request leaves or can join, or the slice ends. */
+    void run(const Plan &p, std::vector<Left> &left, std::vector<StepRecord> &records) {
+        exchange();
+        const double start = now();
+        double mark = start;
+        for (int s = 0; p.until_empty && s < (int)stages.size(); s++)
+            while (!stages[s].rows.empty())
+                if (!step_recorded(s, p, p.pad_to, &mark, left, records)) break;
+        if (p.until_empty || pad_error) return;
         for (int taken = 0; taken < p.max_steps; taken++) {
             const int s = p.force_stage >= 0 ? p.force_stage : pick(p);
             if (s < 0 || stages[s].rows.empty()) return;
-            int a, b;
-            clean_window(s, p, &a, &b, left);
-            if (b > a) {
-                const double t = now();
-                step(s, a, b, 0, left);
-                records.push_back({s, b - a, 0, now() - t});
-            }
-            if (!left.empty()) return;
+            step_recorded(s, p, 0, &mark, left, records);
             const int64_t queued = __atomic_load_n(p.queued, __ATOMIC_RELAXED);
-            if (queued > 0 && (active == 0 || p.max_running - active >= p.admit_batch)) return;
-            if (now() - start >= p.slice_s) return;
+            const bool room = active == 0 || p.max_running - active >= p.admit_batch;
+            if (queued >= p.admit_batch && room) return;  // a batch of requests can join now
+            const double elapsed = now() - start;
+            if (elapsed >= p.min_s && (!left.empty() || (queued > 0 && room))) return;
+            if (elapsed >= p.slice_s) return;
+        }
+    }
+
+    /* The worker: cellular steps for as long as there are rows, waiting (not spinning) when there are none.
+     * Finished requests go to the outbox at once and wake the collector; step records go with them. */
+    void work() {
+        K->set_threads(worker_plan.threads);
+        const Plan &p = worker_plan;
+        std::vector<std::pair<int, Row>> in;
+        std::vector<long long> gone;
+        std::vector<Left> left;
+        std::vector<StepRecord> records;
+        double mark = now();
+        while (true) {
+            {
+                std::unique_lock<std::mutex> g(io);
+                if (!records.empty()) {
+                    out_records.insert(out_records.end(), records.begin(), records.end());
+                    records.clear();
+                }
+                if (!left.empty()) {
+                    for (Left &l : left) outbox.push_back(std::move(l));
+                    left.clear();
+                    wake_collector.notify_all();
+                }
+                while (!stopping && inbox.empty() && drops.empty() && !has_rows()) {
+                    wake_worker.wait(g);
+                    mark = now();  // idle time is nobody's overhead
+                }
+                if (stopping) return;
+                in.swap(inbox);
+                gone.swap(drops);
+            }
+            apply(in, gone);
+            const int s = pick(p);
+            if (s >= 0) step_recorded(s, p, 0, &mark, left, records);
         }
     }
 
@@ -364,6 +483,18 @@ typedef struct {
 PyTypeObject LoopType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
 void loop_dealloc(LoopObject *self) {
+    if (self->core && self->core->worker_running) {
+        Core &c = *self->core;
+        Py_BEGIN_ALLOW_THREADS {
+            std::lock_guard<std::mutex> g(c.io);
+            c.stopping = true;
+        }
+        c.wake_worker.notify_all();
+        c.worker.join();
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&c.worker_cancel);
+        PyBuffer_Release(&c.worker_queued);
+    }
     if (self->core) {
         for (PyObject *o : self->core->refs) Py_DECREF(o);
         delete self->core;
@@ -423,7 +554,7 @@ PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
                           &start_token, &eos))
         return nullptr;
     Core &c = *self->core;
-    if (!c.stages.empty() && !c.stages.back().rows.empty()) {
+    if (c.active > 0 || c.worker_running) {
         PyErr_SetString(PyExc_RuntimeError, "stages are added before any request");
         return nullptr;
     }
@@ -476,79 +607,95 @@ PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
     return PyLong_FromSsize_t((Py_ssize_t)c.stages.size() - 1);
 }
 
-/* admit(stage, ticket, arrival, tokens (int64 array), max_len, stop): a request's row, its state zeroed. */
-PyObject *loop_admit(LoopObject *self, PyObject *args) {
-    int s, max_len, stop;
-    long long ticket;
-    double arrival;
-    Py_buffer tokens;
-    if (!PyArg_ParseTuple(args, "iLdy*ip", &s, &ticket, &arrival, &tokens, &max_len, &stop)) return nullptr;
+/* admit([(stage, id, ticket, arrival, tokens (int64 array), max_len, stop), ...]): requests join their stages
+ * together at the next step, their states zeroed (or later, if the stages hold `capacity` rows). */
+PyObject *loop_admit(LoopObject *self, PyObject *arg) {
     Core &c = *self->core;
-    Row row;
-    row.ticket = ticket;
-    row.arrival = arrival;
-    row.max_len = max_len;
-    row.stop = stop;
-    row.tokens.assign((const int64_t *)tokens.buf, (const int64_t *)tokens.buf + tokens.len / 8);
-    PyBuffer_Release(&tokens);
-    if (s < 0 || s >= (int)c.stages.size() || ticket < 0) {
-        PyErr_SetString(PyExc_ValueError, "no such stage, or a negative ticket");
-        return nullptr;
-    }
-    Stage &st = c.stages[s];
-    for (int64_t t : row.tokens)
-        if (t < 0 || t >= st.vocab) {
-            PyErr_Format(PyExc_ValueError, "token id %lld outside the vocabulary [0, %d)", (long long)t, st.vocab);
+    PyObject *seq = PySequence_Fast(arg, "admit takes a list of rows");
+    if (!seq) return nullptr;
+    std::vector<std::pair<int, Row>> rows;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int s, max_len, stop;
+        Row row;
+        Py_buffer tokens;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iLLdy*ip", &s, &row.id, &row.ticket, &row.arrival,
+                              &tokens, &max_len, &stop)) {
+            Py_DECREF(seq);
             return nullptr;
         }
-    if (st.kind == READ && row.tokens.empty()) {
-        PyErr_SetString(PyExc_ValueError, "a request needs at least one token");
-        return nullptr;
+        row.max_len = max_len;
+        row.stop = stop;
+        row.tokens.assign((const int64_t *)tokens.buf, (const int64_t *)tokens.buf + tokens.len / 8);
+        PyBuffer_Release(&tokens);
+        const char *error = nullptr;
+        if (s < 0 || s >= (int)c.stages.size() || row.id < 0)
+            error = "no such stage, or a negative id";
+        else if (c.stages[s].kind == READ && row.tokens.empty())
+            error = "a request needs at least one token";
+        for (int64_t t : row.tokens)
+            if (!error && (t < 0 || t >= c.stages[s].vocab)) error = "a token id is outside the vocabulary";
+        if (error) {
+            PyErr_SetString(PyExc_ValueError, error);
+            Py_DECREF(seq);
+            return nullptr;
+        }
+        rows.push_back({s, std::move(row)});
     }
-    Py_BEGIN_ALLOW_THREADS c.lock.lock();
+    Py_DECREF(seq);
+    c.active += (int)rows.size();
+    Py_BEGIN_ALLOW_THREADS {
+        std::lock_guard<std::mutex> g(c.io);
+        for (auto &r : rows) c.inbox.push_back(std::move(r));
+    }
+    c.wake_worker.notify_one();
     Py_END_ALLOW_THREADS
-    bool full = (int)st.rows.size() >= c.capacity;
-    if (!full) {
-        const int r = c.append(s, std::move(row));
-        memset(&st.state[(size_t)r * c.width], 0, c.width * sizeof(float));
-    }
-    c.lock.unlock();
-    if (full) {
-        PyErr_Format(PyExc_RuntimeError, "stage %d is full (%d rows)", s, c.capacity);
-        return nullptr;
-    }
     Py_RETURN_NONE;
 }
 
-/* drop(ticket) -> whether it was here: a request that will not finish leaves without a result. */
+/* drop(id): a request that will not finish leaves, without a result, before the next step. */
 PyObject *loop_drop(LoopObject *self, PyObject *arg) {
-    long long ticket = PyLong_AsLongLong(arg);
-    if (ticket == -1 && PyErr_Occurred()) return nullptr;
+    long long id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred()) return nullptr;
     Core &c = *self->core;
-    Py_BEGIN_ALLOW_THREADS c.lock.lock();
+    Py_BEGIN_ALLOW_THREADS {
+        std::lock_guard<std::mutex> g(c.io);
+        c.drops.push_back(id);
+    }
+    c.wake_worker.notify_one();
     Py_END_ALLOW_THREADS
-    bool here = ticket >= 0 && (size_t)ticket < c.where.size() && c.where[ticket].first >= 0;
-    if (here) c.remove(c.where[ticket].first, {c.where[ticket].second});
-    c.lock.unlock();
-    return PyBool_FromLong(here);
+    Py_RETURN_NONE;
 }
 
-PyObject *loop_ready(LoopObject *self, PyObject *arg) {
-    long s = PyLong_AsLong(arg);
-    if (s < 0 || s >= (long)self->core->stages.size()) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "no such stage");
-        return nullptr;
+bool stage_arg(Core &c, PyObject *arg, long *s) {
+    *s = PyLong_AsLong(arg);
+    if (PyErr_Occurred()) return false;
+    if (*s < 0 || *s >= (long)c.stages.size()) {
+        PyErr_SetString(PyExc_ValueError, "no such stage");
+        return false;
     }
-    return PyLong_FromSize_t(self->core->stages[s].rows.size());
+    if (c.worker_running) {
+        PyErr_SetString(PyExc_RuntimeError, "the worker owns the stages while it runs");
+        return false;
+    }
+    return true;
+}
+
+/* ready(stage): its rows, those admitted for the next step included (not while the worker runs). */
+PyObject *loop_ready(LoopObject *self, PyObject *arg) {
+    Core &c = *self->core;
+    long s;
+    if (!stage_arg(c, arg, &s)) return nullptr;
+    c.exchange();
+    return PyLong_FromSize_t(c.stages[s].rows.size());
 }
 
 PyObject *loop_oldest(LoopObject *self, PyObject *arg) {
-    long s = PyLong_AsLong(arg);
-    if (s < 0 || s >= (long)self->core->stages.size()) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "no such stage");
-        return nullptr;
-    }
-    return PyFloat_FromDouble(self->core->oldest_arrival(s));
+    Core &c = *self->core;
+    long s;
+    if (!stage_arg(c, arg, &s)) return nullptr;
+    c.exchange();
+    return PyFloat_FromDouble(c.oldest_arrival(s));
 }
 
 bool buffer_of(PyObject *obj, Py_buffer *v, const char *fmt, const char *name) {
@@ -563,47 +710,28 @@ bool buffer_of(PyObject *obj, Py_buffer *v, const char *fmt, const char *name) {
     return ok;
 }
 
-/* run(cancel_flags (bool), queued (int64[1]), max_rows, pad_to, until_empty, pick, max_wait_steps, max_running,
- *     admit_batch, slice_s, force_stage, max_steps) -> (left, steps).
- * left: [(ticket, code, tokens list | score, next_token)]; steps: [(stage, rows, padded rows, seconds)]. */
-PyObject *loop_run(LoopObject *self, PyObject *args) {
-    PyObject *cancel_obj, *queued_obj;
-    Plan p;
-    if (!PyArg_ParseTuple(args, "OOiiiiiiidii", &cancel_obj, &queued_obj, &p.max_rows, &p.pad_to, &p.until_empty,
-                          &p.pick, &p.max_wait_steps, &p.max_running, &p.admit_batch, &p.slice_s, &p.force_stage,
-                          &p.max_steps))
-        return nullptr;
-    Core &c = *self->core;
-    if (p.max_rows < 1 || p.force_stage >= (int)c.stages.size()) {
-        PyErr_SetString(PyExc_ValueError, "max_rows must be >= 1 and force_stage a stage or -1");
-        return nullptr;
+/* The engine's cancel flags (bool) and queue length (int64[1]), held while they are read without the GIL. */
+bool signals(PyObject *cancel_obj, PyObject *queued_obj, Py_buffer *cancel, Py_buffer *queued, Plan &p) {
+    if (!buffer_of(cancel_obj, cancel, "?", "cancel_flags")) return false;
+    if (!buffer_of(queued_obj, queued, "lq", "queued")) {
+        PyBuffer_Release(cancel);
+        return false;
     }
-    Py_buffer cancel, queued;
-    if (!buffer_of(cancel_obj, &cancel, "?", "cancel_flags")) return nullptr;
-    if (!buffer_of(queued_obj, &queued, "lq", "queued")) {
-        PyBuffer_Release(&cancel);
-        return nullptr;
+    if (queued->len < 8) {
+        PyErr_SetString(PyExc_ValueError, "queued must hold one int64");
+        PyBuffer_Release(cancel);
+        PyBuffer_Release(queued);
+        return false;
     }
-    p.cancel = (const bool *)cancel.buf;
-    p.cancel_len = cancel.len;
-    p.queued = (const int64_t *)queued.buf;
-    std::vector<Left> left;
-    std::vector<StepRecord> records;
-    Py_BEGIN_ALLOW_THREADS c.lock.lock();
-    c.pad_error = false;
-    c.run(p, left, records);
-    c.lock.unlock();
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&cancel);
-    PyBuffer_Release(&queued);
-    if (c.pad_error) {
-        PyErr_Format(PyExc_RuntimeError, "cannot pad a step to %d rows: the stages hold %d", p.pad_to, c.capacity);
-        return nullptr;
-    }
+    p.cancel = (const bool *)cancel->buf;
+    p.cancel_len = cancel->len;
+    p.queued = (const int64_t *)queued->buf;
+    return true;
+}
+
+PyObject *left_list(std::vector<Left> &left) {
     PyObject *out = PyList_New((Py_ssize_t)left.size());
-    PyObject *steps = PyList_New((Py_ssize_t)records.size());
-    if (!out || !steps) goto fail;
-    for (size_t i = 0; i < left.size(); i++) {
+    for (size_t i = 0; out && i < left.size(); i++) {
         const Left &l = left[i];
         PyObject *value;
         if (l.has_tokens) {
@@ -613,40 +741,160 @@ PyObject *loop_run(LoopObject *self, PyObject *args) {
         } else {
             value = PyFloat_FromDouble(l.score);
         }
-        PyObject *item = value ? Py_BuildValue("LiNL", l.ticket, l.code, value, l.next_token) : nullptr;
-        if (!item) goto fail;
+        PyObject *item = value ? Py_BuildValue("LiNL", l.id, l.code, value, l.next_token) : nullptr;
+        if (!item) {
+            Py_CLEAR(out);
+            break;
+        }
         PyList_SET_ITEM(out, i, item);
     }
-    for (size_t i = 0; i < records.size(); i++) {
-        const StepRecord &r = records[i];
-        PyObject *item = Py_BuildValue("iiid", r.stage, r.rows, r.padded, r.seconds);
-        if (!item) goto fail;
-        PyList_SET_ITEM(steps, i, item);
-    }
-    return Py_BuildValue("NN", out, steps);
-fail:
-    Py_XDECREF(out);
-    Py_XDECREF(steps);
-    return nullptr;
+    return out;
 }
 
-PyObject *loop_get_used(LoopObject *self, void *) { return PyLong_FromLong(__atomic_load_n(&self->core->active, __ATOMIC_RELAXED)); }
+PyObject *record_list(const std::vector<StepRecord> &records) {
+    PyObject *out = PyList_New((Py_ssize_t)records.size());
+    for (size_t i = 0; out && i < records.size(); i++) {
+        const StepRecord &r = records[i];
+        PyObject *item = Py_BuildValue("iiidd", r.stage, r.rows, r.padded, r.seconds, r.kernel);
+        if (!item) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+/* run(cancel_flags, queued, max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, slice_s,
+ *     min_s, force_stage, max_steps) -> (left, steps) on the calling thread, without the GIL.
+ * left: [(id, code, tokens list | score, next_token)]; steps: [(stage, rows, padded, seconds, kernel seconds)]. */
+PyObject *loop_run(LoopObject *self, PyObject *args) {
+    PyObject *cancel_obj, *queued_obj;
+    Plan p;
+    if (!PyArg_ParseTuple(args, "OOiiiiiiiddii", &cancel_obj, &queued_obj, &p.max_rows, &p.pad_to, &p.until_empty,
+                          &p.pick, &p.max_wait_steps, &p.max_running, &p.admit_batch, &p.slice_s, &p.min_s,
+                          &p.force_stage, &p.max_steps))
+        return nullptr;
+    Core &c = *self->core;
+    if (c.worker_running) {
+        PyErr_SetString(PyExc_RuntimeError, "the worker is running: collect() its steps instead");
+        return nullptr;
+    }
+    if (p.max_rows < 1 || p.force_stage >= (int)c.stages.size()) {
+        PyErr_SetString(PyExc_ValueError, "max_rows must be >= 1 and force_stage a stage or -1");
+        return nullptr;
+    }
+    Py_buffer cancel, queued;
+    if (!signals(cancel_obj, queued_obj, &cancel, &queued, p)) return nullptr;
+    std::vector<Left> left;
+    std::vector<StepRecord> records;
+    c.pad_error = false;
+    Py_BEGIN_ALLOW_THREADS c.run(p, left, records);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&cancel);
+    PyBuffer_Release(&queued);
+    if (c.pad_error) {
+        PyErr_Format(PyExc_RuntimeError, "cannot pad a step to %d rows: the stages hold %d", p.pad_to, c.capacity);
+        return nullptr;
+    }
+    return Py_BuildValue("NN", left_list(left), record_list(records));
+}
+
+/* start(cancel_flags, queued, max_rows, pick, max_wait_steps, max_running, threads): the worker thread. */
+PyObject *loop_start(LoopObject *self, PyObject *args) {
+    PyObject *cancel_obj, *queued_obj;
+    Core &c = *self->core;
+    Plan p;
+    if (!PyArg_ParseTuple(args, "OOiiiii", &cancel_obj, &queued_obj, &p.max_rows, &p.pick, &p.max_wait_steps,
+                          &p.max_running, &p.threads))
+        return nullptr;
+    if (c.worker_running) {
+        PyErr_SetString(PyExc_RuntimeError, "the worker is already running");
+        return nullptr;
+    }
+    if (p.max_rows < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_rows must be >= 1");
+        return nullptr;
+    }
+    if (!signals(cancel_obj, queued_obj, &c.worker_cancel, &c.worker_queued, p)) return nullptr;
+    c.worker_plan = p;
+    c.stopping = false;
+    c.worker_running = true;
+    c.worker = std::thread([&c] { c.work(); });
+    Py_RETURN_NONE;
+}
+
+/* stop(): the worker finishes its step and exits; rows stay where they are. */
+PyObject *loop_stop(LoopObject *self, PyObject *) {
+    Core &c = *self->core;
+    if (!c.worker_running) Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS {
+        std::lock_guard<std::mutex> g(c.io);
+        c.stopping = true;
+    }
+    c.wake_worker.notify_all();
+    c.worker.join();
+    Py_END_ALLOW_THREADS
+    c.worker_running = false;
+    PyBuffer_Release(&c.worker_cancel);
+    PyBuffer_Release(&c.worker_queued);
+    Py_RETURN_NONE;
+}
+
+/* collect(timeout_s) -> (left, steps): what the worker finished, waiting (without the GIL) up to timeout_s
+ * for a request to leave or for wake(). */
+PyObject *loop_collect(LoopObject *self, PyObject *arg) {
+    const double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) return nullptr;
+    Core &c = *self->core;
+    std::vector<Left> left;
+    std::vector<StepRecord> records;
+    Py_BEGIN_ALLOW_THREADS {
+        std::unique_lock<std::mutex> g(c.io);
+        if (c.outbox.empty() && !c.kicked && timeout > 0)
+            c.wake_collector.wait_for(g, std::chrono::duration<double>(timeout),
+                                      [&c] { return !c.outbox.empty() || c.kicked; });
+        c.kicked = false;
+        left.swap(c.outbox);
+        records.swap(c.out_records);
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("NN", left_list(left), record_list(records));
+}
+
+/* wake(): collect() returns now (a request was queued for admission, or the engine is stopping). */
+PyObject *loop_wake(LoopObject *self, PyObject *) {
+    Core &c = *self->core;
+    Py_BEGIN_ALLOW_THREADS {
+        std::lock_guard<std::mutex> g(c.io);
+        c.kicked = true;
+    }
+    c.wake_collector.notify_all();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject *loop_get_used(LoopObject *self, void *) { return PyLong_FromLong(self->core->active.load()); }
 PyObject *loop_get_kernel_seconds(LoopObject *self, void *) { return PyFloat_FromDouble(self->core->kernel_seconds); }
-PyObject *loop_get_steps(LoopObject *self, void *) { return PyLong_FromLongLong(self->core->steps); }
+PyObject *loop_get_running(LoopObject *self, void *) { return PyBool_FromLong(self->core->worker_running); }
 
 PyMethodDef LOOP_METHODS[] = {
     {"add_stage", (PyCFunction)loop_add_stage, METH_VARARGS, "add a stage (before any request); returns its index"},
-    {"admit", (PyCFunction)loop_admit, METH_VARARGS, "a request's row in a stage"},
-    {"drop", (PyCFunction)loop_drop, METH_O, "take a request's row out without a result"},
+    {"admit", (PyCFunction)loop_admit, METH_O, "requests join their stages together at the next step"},
+    {"drop", (PyCFunction)loop_drop, METH_O, "take a request's row out, without a result, before the next step"},
     {"ready", (PyCFunction)loop_ready, METH_O, "rows in a stage"},
     {"oldest", (PyCFunction)loop_oldest, METH_O, "the oldest arrival among a stage's rows"},
     {"run", (PyCFunction)loop_run, METH_VARARGS, "run steps without the GIL; returns (left, steps)"},
+    {"start", (PyCFunction)loop_start, METH_VARARGS, "start the worker thread (cellular)"},
+    {"stop", (PyCFunction)loop_stop, METH_NOARGS, "stop the worker thread"},
+    {"collect", (PyCFunction)loop_collect, METH_O, "the worker's finished requests and steps, waiting up to a timeout"},
+    {"wake", (PyCFunction)loop_wake, METH_NOARGS, "make collect() return now"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef LOOP_GETSET[] = {
     {"used", (getter)loop_get_used, nullptr, "rows held (one per running request)", nullptr},
     {"kernel_seconds", (getter)loop_get_kernel_seconds, nullptr, "time inside the model's compute", nullptr},
-    {"steps", (getter)loop_get_steps, nullptr, "steps run", nullptr},
+    {"running", (getter)loop_get_running, nullptr, "whether the worker thread runs", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_steploop", "the engine's native step loop", -1, nullptr};

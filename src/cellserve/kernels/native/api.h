@@ -20,6 +20,7 @@ typedef struct {
     linear_fn linear;
     lstm_step_fn lstm_step;
     gru_step_fn gru_step;
+    void (*set_threads)(int n); /* the calling thread's thread count for products (a native thread's own) */
 } native_api_t;
 
 #endif

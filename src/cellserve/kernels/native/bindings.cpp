@@ -551,7 +551,9 @@ const packed_t *packed_of(void *obj) {
     return PyObject_TypeCheck(o, &PackedType) ? &((PackedObject *)o)->p : nullptr;
 }
 
-const native_api_t API = {CELLSERVE_API_VERSION, packed_of, linear, lstm_step, gru_step};
+void set_threads_of_caller(int n) { native_threads = n < 1 ? 1 : n; }
+
+const native_api_t API = {CELLSERVE_API_VERSION, packed_of, linear, lstm_step, gru_step, set_threads_of_caller};
 
 PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_native", "cellserve's native kernel core", -1, METHODS};
 
