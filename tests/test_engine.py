@@ -119,9 +119,10 @@ def test_requests_join_a_running_batch_and_leave_when_done(lm):
     """A short request submitted while a long one runs finishes first (no waiting for the batch)."""
     engine = Engine(make_runner(lm, 16), "cellular", max_batch=8).start()
     done_order = []
-    long = engine.submit({"tokens": list(range(VOCAB)) * 300})  # ~100 ms of steps even in the native loop
+    long = engine.submit({"tokens": list(range(VOCAB)) * 3000})  # 120k steps: ~0.3 s even in the native loop
     long.add_done_callback(lambda f: done_order.append("long"))
-    time.sleep(0.01)
+    while not engine.active:
+        time.sleep(0.001)
     short = engine.submit({"tokens": [1, 2, 3]})
     short.add_done_callback(lambda f: done_order.append("short"))
     long.result(timeout=60)
@@ -297,8 +298,9 @@ def test_engine_threads_split_products_and_change_no_result(monkeypatch):
     assert results[1] == results[2]
 
 
+@pytest.mark.parametrize("step_loop", ["native", "python"])
 @pytest.mark.parametrize("kind", ["lm", "s2s", "tree"])
-def test_running_set_stays_within_its_bound(kind, lm, s2s, tree):
+def test_running_set_stays_within_its_bound(kind, lm, s2s, tree, step_loop):
     """However long the queue, at most max_running requests are in flight; the rest wait in the queue."""
     model = {"lm": lm, "s2s": s2s, "tree": tree}[kind]
     inputs = make_requests(kind, np.random.default_rng(5), 120)
@@ -311,7 +313,8 @@ def test_running_set_stays_within_its_bound(kind, lm, s2s, tree):
         def on_done(self, req):
             pass
 
-    engine = Engine(make_runner(model, 4096), "cellular", max_batch=4, max_running=6, observer=Observer()).start()
+    engine = Engine(make_runner(model, 4096, step_loop=step_loop), "cellular", max_batch=4, max_running=6,
+                    observer=Observer()).start()
     with engine._cv:  # (a reentrant lock) the scheduler waits until the whole burst is queued
         futures = [engine.submit(inp) for inp in inputs]
     results = [f.result(timeout=60) for f in futures]
@@ -356,15 +359,16 @@ def test_per_step_python_work_does_not_grow_with_the_queue(lm, step_loop):
     assert long < 1.2 * short, (short, long)
 
 
+@pytest.mark.parametrize("step_loop", ["native", "python"])
 @pytest.mark.parametrize("kind", ["lm", "s2s", "tree"])
-def test_cancelling_queued_and_running_requests_frees_their_slots(kind, lm, s2s, tree):
+def test_cancelling_queued_and_running_requests_frees_their_slots(kind, lm, s2s, tree, step_loop):
     model = {"lm": lm, "s2s": s2s, "tree": tree}[kind]
     inputs = make_requests(kind, np.random.default_rng(9), 30)
     chain = list(range(1, 400)) + [-1]  # a 400-level tree: one node per step
     long = {"lm": {"tokens": list(range(VOCAB)) * 30},
             "s2s": {"tokens": list(range(VOCAB)), "max_output_tokens": 4000, "stop_at_eos": False},
             "tree": {"parents": chain, "tokens": [1] * len(chain)}}[kind]
-    engine = Engine(make_runner(model, 4096), "cellular", max_batch=2, max_running=2).start()
+    engine = Engine(make_runner(model, 4096, step_loop=step_loop), "cellular", max_batch=2, max_running=2).start()
     running = [engine.submit(long) for _ in range(2)]
     queued = [engine.submit(inp) for inp in inputs]
     deadline = time.perf_counter() + 10

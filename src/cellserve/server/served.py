@@ -25,7 +25,8 @@ class ServedModel:
         self.family = family_for(model, **config.family_options())
         self.architecture = architecture_hash(model)
         self.stats = InferenceStats()
-        self.engine = Engine(self.family.runner(config.capacity, config.block_steps, config.step_loop), config=config.engine_config())
+        runner = self.family.runner(config.capacity, config.block_steps, config.step_loop)
+        self.engine = Engine(runner, config=config.engine_config())
 
     @property
     def stateful(self) -> bool:
@@ -65,9 +66,12 @@ class ServedModel:
     def requests(self, tensors: dict[str, np.ndarray]) -> list[dict]:
         """A request's tensors as engine requests; ProtocolError names what does not fit the model."""
         try:
-            return self.family.requests(tensors)
+            requests = self.family.requests(tensors)
         except ValueError as exc:
             raise ProtocolError(str(exc))
+        if not requests:
+            raise ProtocolError("the request has no rows (its batch dimension is 0)")
+        return requests
 
     def restore_of(self, tensors) -> dict:
         """The session state in the request's sequence_snapshot tensor (sequence_restore)."""
