@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from cellserve import kernels
 from cellserve.compress.quantize import quantize_cells, quantize_dynamic
 from cellserve.engine import Engine
 from cellserve.families import make_runner
@@ -190,3 +191,20 @@ def test_step_loop_is_a_model_config_key():
     assert ModelConfig(step_loop="python").step_loop == "python"
     with pytest.raises(ValueError):
         ModelConfig(step_loop="fast")
+
+
+@pytest.mark.parametrize("isa", kernels.isas())
+def test_decoding_math_agrees_on_every_isa_path(isa):
+    """The loop's argmax and log-softmax read the core's per-row max / sum-of-exponentials kernel (vector
+    exp, tails): a 1001-class language model scores as the Python loop's numpy log_softmax does."""
+    model = LanguageModel.random(1001, 8, 16, num_layers=1, seed=6)
+    rng = np.random.default_rng(10)
+    inputs = [{"tokens": rng.integers(0, 1001, int(rng.integers(1, 30))).tolist()} for _ in range(30)]
+    before = kernels.isa()
+    kernels.set_isa(isa)
+    try:
+        native, _ = serve(model, "native", "cellular", inputs, stagger=False)
+        python, _ = serve(model, "python", "cellular", inputs, stagger=False)
+    finally:
+        kernels.set_isa(before)
+    assert_equal("lm", native, python)

@@ -120,7 +120,7 @@ struct Core {
     long long steps = 0;
     double kernel_seconds = 0.0;
     std::atomic<int> active{0};                              // requests held: stage rows and inbox
-    std::vector<float> x, logits;
+    std::vector<float> x, logits, row_max, row_sum;
 
     /* Between Python and whoever steps (run()'s caller or the worker), under io. */
     std::mutex io;
@@ -321,9 +321,13 @@ struct Core {
             ldin = width;
         }
         const int classes = st.head ? st.head->n : 0;
-        if (st.head) {
+        if (st.head) {  // the head and what decoding needs of it: each row's maximum (and sum of exponentials)
             logits.resize((size_t)m * classes);
             K->linear(st.head, in, ldin, m, logits.data(), classes, nullptr, 0, st.head_bias.data());
+            row_max.resize(n);
+            row_sum.resize(n);
+            K->rows_max_sumexp(logits.data(), classes, n, classes, row_max.data(),
+                               st.kind == READ ? row_sum.data() : nullptr);
         }
         kernel_seconds += now() - t0;
 
@@ -331,7 +335,7 @@ struct Core {
         if (st.kind == GENERATE) {
             for (int i = 0; i < n; i++) {
                 Row &row = st.rows[a + i];
-                const int64_t tok = argmax(&logits[(size_t)i * classes], classes);
+                const int64_t tok = first_index(&logits[(size_t)i * classes], classes, row_max[i]);
                 row.out.push_back(tok);
                 row.prev = tok;
                 if ((row.stop && tok == st.eos) || (int)row.out.size() >= row.max_len) {
@@ -345,10 +349,11 @@ struct Core {
                 Row &row = st.rows[a + i];
                 const float *l = &logits[(size_t)i * classes];
                 const int nxt = row.pos + 1;
-                if (nxt < (int)row.tokens.size()) {
-                    row.score += log_prob(l, classes, row.tokens[nxt]);
+                if (nxt < (int)row.tokens.size()) {  // log_softmax as models/lm.py computes it, in float32
+                    row.score += (double)((l[row.tokens[nxt]] - row_max[i]) - logf(row_sum[i]));
                 } else {
-                    left.push_back({row.id, LEFT_FINISHED, false, {}, row.score, (long long)argmax(l, classes)});
+                    left.push_back({row.id, LEFT_FINISHED, false, {}, row.score,
+                                    (long long)first_index(l, classes, row_max[i])});
                     done.push_back(a + i);
                 }
                 row.pos = nxt;
@@ -376,20 +381,11 @@ struct Core {
         st.last_run = ++steps;
     }
 
-    static int64_t argmax(const float *v, int n) {
-        int best = 0;
-        for (int j = 1; j < n; j++)
-            if (v[j] > v[best]) best = j;
-        return best;
-    }
-
-    /* log_softmax(v)[t] in float32 as models/lm.py computes it (shifted by the maximum). */
-    static double log_prob(const float *v, int n, int64_t t) {
-        float mx = v[0];
-        for (int j = 1; j < n; j++) mx = std::max(mx, v[j]);
-        double sum = 0.0;
-        for (int j = 0; j < n; j++) sum += std::exp((double)(v[j] - mx));
-        return (double)((v[t] - mx) - (float)std::log(sum));
+    /* numpy's argmax: the first index holding the maximum */
+    static int64_t first_index(const float *v, int n, float max) {
+        for (int j = 0; j < n; j++)
+            if (v[j] == max) return j;
+        return 0;
     }
 
     /* One step of stage s, recorded; false when it had no rows left after cancellations. */

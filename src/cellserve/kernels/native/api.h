@@ -13,6 +13,7 @@
 typedef decltype(&linear) linear_fn;
 typedef decltype(&lstm_step) lstm_step_fn;
 typedef decltype(&gru_step) gru_step_fn;
+typedef decltype(&rows_max_sumexp) rows_max_sumexp_fn;
 
 typedef struct {
     int version;
@@ -21,6 +22,7 @@ typedef struct {
     lstm_step_fn lstm_step;
     gru_step_fn gru_step;
     void (*set_threads)(int n); /* the calling thread's thread count for products (a native thread's own) */
+    rows_max_sumexp_fn rows_max_sumexp;
 } native_api_t;
 
 #endif
