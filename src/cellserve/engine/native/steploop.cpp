@@ -121,6 +121,7 @@ struct Core {
     double kernel_seconds = 0.0;
     std::atomic<int> active{0};                              // requests held: stage rows and inbox
     std::vector<float> x, logits, row_max, row_sum;
+    std::vector<int32_t> row_best;
 
     /* Between Python and whoever steps (run()'s caller or the worker), under io. */
     std::mutex io;
@@ -321,12 +322,13 @@ struct Core {
             ldin = width;
         }
         const int classes = st.head ? st.head->n : 0;
-        if (st.head) {  // the head and what decoding needs of it: each row's maximum (and sum of exponentials)
+        if (st.head) {  // the head and what decoding needs of it: each row's argmax (and sum of exponentials)
             logits.resize((size_t)m * classes);
             K->linear(st.head, in, ldin, m, logits.data(), classes, nullptr, 0, st.head_bias.data());
             row_max.resize(n);
+            row_best.resize(n);
             row_sum.resize(n);
-            K->rows_max_sumexp(logits.data(), classes, n, classes, row_max.data(),
+            K->rows_max_sumexp(logits.data(), classes, n, classes, row_max.data(), row_best.data(),
                                st.kind == READ ? row_sum.data() : nullptr);
         }
         kernel_seconds += now() - t0;
@@ -335,7 +337,7 @@ struct Core {
         if (st.kind == GENERATE) {
             for (int i = 0; i < n; i++) {
                 Row &row = st.rows[a + i];
-                const int64_t tok = first_index(&logits[(size_t)i * classes], classes, row_max[i]);
+                const int64_t tok = row_best[i];
                 row.out.push_back(tok);
                 row.prev = tok;
                 if ((row.stop && tok == st.eos) || (int)row.out.size() >= row.max_len) {
@@ -352,8 +354,7 @@ struct Core {
                 if (nxt < (int)row.tokens.size()) {  // log_softmax as models/lm.py computes it, in float32
                     row.score += (double)((l[row.tokens[nxt]] - row_max[i]) - logf(row_sum[i]));
                 } else {
-                    left.push_back({row.id, LEFT_FINISHED, false, {}, row.score,
-                                    (long long)first_index(l, classes, row_max[i])});
+                    left.push_back({row.id, LEFT_FINISHED, false, {}, row.score, (long long)row_best[i]});
                     done.push_back(a + i);
                 }
                 row.pos = nxt;
@@ -379,13 +380,6 @@ struct Core {
         }
         remove(s, done);
         st.last_run = ++steps;
-    }
-
-    /* numpy's argmax: the first index holding the maximum */
-    static int64_t first_index(const float *v, int n, float max) {
-        for (int j = 0; j < n; j++)
-            if (v[j] == max) return j;
-        return 0;
     }
 
     /* One step of stage s, recorded; false when it had no rows left after cancellations. */
@@ -441,16 +435,21 @@ struct Core {
         std::vector<StepRecord> records;
         double mark = now();
         while (true) {
+            if (!left.empty()) {  // hand over, then wake the collector with the lock released
+                {
+                    std::lock_guard<std::mutex> g(io);
+                    for (Left &l : left) outbox.push_back(std::move(l));
+                    out_records.insert(out_records.end(), records.begin(), records.end());
+                }
+                left.clear();
+                records.clear();
+                wake_collector.notify_one();
+            }
             {
                 std::unique_lock<std::mutex> g(io);
                 if (!records.empty()) {
                     out_records.insert(out_records.end(), records.begin(), records.end());
                     records.clear();
-                }
-                if (!left.empty()) {
-                    for (Left &l : left) outbox.push_back(std::move(l));
-                    left.clear();
-                    wake_collector.notify_all();
                 }
                 while (!stopping && inbox.empty() && drops.empty() && !has_rows()) {
                     wake_worker.wait(g);

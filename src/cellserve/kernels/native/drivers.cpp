@@ -156,7 +156,7 @@ void qrnn_steps(const packed_t *w, const float *xs, const float *bias, float *c,
     platform()->qrnn_scan(u, steps, batch, hidden, bias, c, hs);
 }
 
-/* Per row of scores: the maximum and (sumexp not NULL) the sum of exp(x - max). */
-void rows_max_sumexp(const float *x, ptrdiff_t ld, int m, int n, float *max, float *sumexp) {
-    platform()->rows_max_sumexp(x, ld, m, n, max, sumexp);
+/* Per row of scores: the maximum, its first index and (sumexp not NULL) the sum of exp(x - max). */
+void rows_max_sumexp(const float *x, ptrdiff_t ld, int m, int n, float *max, int32_t *argmax, float *sumexp) {
+    platform()->rows_max_sumexp(x, ld, m, n, max, argmax, sumexp);
 }

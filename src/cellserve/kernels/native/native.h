@@ -106,8 +106,8 @@ typedef struct {
     void (*sru_scan)(const float *u, int width, const float *x, int steps, int batch, int hidden, const float *v_f,
                      const float *v_r, const float *b_f, const float *b_r, int use_tanh, float *c, float *h_out);
     void (*qrnn_scan)(const float *u, int steps, int batch, int hidden, const float *bias, float *c, float *h_out);
-    /* per row: max, and the sum of exp(x - max) (decoding: argmax, log-softmax) */
-    void (*rows_max_sumexp)(const float *x, ptrdiff_t ld, int m, int n, float *max, float *sumexp);
+    /* per row: max, its first index, and the sum of exp(x - max) (decoding: argmax, log-softmax) */
+    void (*rows_max_sumexp)(const float *x, ptrdiff_t ld, int m, int n, float *max, int32_t *argmax, float *sumexp);
 } isa_t;
 
 /* The ISA paths (isa_*.cpp), each a full table of its kernels. */
@@ -169,7 +169,7 @@ void sru_steps(const packed_t *w, const float *xs, const float *v_f, const float
                const float *b_r, float *c, float *hs, int steps, int batch, int hidden, int use_tanh);
 void qrnn_steps(const packed_t *w, const float *xs, const float *bias, float *c, float *hs, int steps, int batch,
                 int hidden);
-void rows_max_sumexp(const float *x, ptrdiff_t ld, int m, int n, float *max, float *sumexp);
+void rows_max_sumexp(const float *x, ptrdiff_t ld, int m, int n, float *max, int32_t *argmax, float *sumexp);
 
 
 #endif
