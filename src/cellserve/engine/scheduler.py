@@ -151,9 +151,14 @@ class Engine:
                 self._queue.append(req)
                 self._queue_changed()
             self._cv.notify()
-        if self.native:
-            self.runner.wake()  # the worker loop's thread waits there, not on the condition
         req.future.add_done_callback(lambda future: self._on_cancel(req, future))
+        if self.native and self.policy == "cellular":
+            # the submitting thread admits it into the worker's next step when the running set has room (one
+            # thread hand-over fewer on every request's path); otherwise the engine's thread does, later
+            if len(self._running) < self.max_running and self._running_flag:
+                self.admit(self.max_running)
+            else:
+                self.runner.wake()
         return req
 
     def _on_cancel(self, req: Request, future) -> None:
