@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -40,6 +41,21 @@ def _run(call, items, clients: int) -> np.ndarray:
 
     with ThreadPoolExecutor(clients) as pool:
         return np.array(list(pool.map(timed, items)))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(call, items, clients: int, server_pid: int) -> tuple[np.ndarray, float, float]:
+    """Latencies (ms) of the calls, and the CPU each call cost the client process and the server process (ms)."""
+    client0, server0 = time.process_time(), _cpu_seconds(server_pid)
+    latencies = _run(call, items, clients)
+    client, server = time.process_time() - client0, _cpu_seconds(server_pid) - server0
+    return latencies, client / len(items) * 1000, server / len(items) * 1000
 
 
 def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None) -> list[dict]:
@@ -102,9 +118,11 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                 for call in (in_process, over_http, over_grpc):  # warm-up
                     _run(call, numbers[:20], clients)
                 local = _run(in_process, numbers, clients)
-                remote = _run(over_http, numbers, clients)
-                remote_grpc = _run(over_grpc, numbers, clients)
-                row = {"clients": clients, "requests": requests}
+                remote, http_client_cpu, http_server_cpu = _measured(over_http, numbers, clients, server.pid)
+                remote_grpc, grpc_client_cpu, grpc_server_cpu = _measured(over_grpc, numbers, clients, server.pid)
+                row = {"clients": clients, "requests": requests, "http_client_cpu_ms": http_client_cpu,
+                       "http_server_cpu_ms": http_server_cpu, "grpc_client_cpu_ms": grpc_client_cpu,
+                       "grpc_server_cpu_ms": grpc_server_cpu}
                 for q in (50, 99):
                     row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
                     row[f"http_p{q}_ms"] = float(np.percentile(remote, q))
@@ -121,8 +139,11 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                  ("overhead_p50_ms", "HTTP +p50 ms"), ("grpc_p50_ms", "gRPC p50"),
                  ("grpc_overhead_p50_ms", "gRPC +p50 ms"), ("engine_p99_ms", "engine p99"),
                  ("http_p99_ms", "HTTP p99"), ("overhead_p99_ms", "HTTP +p99 ms"), ("grpc_p99_ms", "gRPC p99"),
-                 ("grpc_overhead_p99_ms", "gRPC +p99 ms")],
-                caption="server in its own process; clients are threads here, one per concurrent client")
+                 ("grpc_overhead_p99_ms", "gRPC +p99 ms"), ("http_client_cpu_ms", "HTTP client CPU ms/req"),
+                 ("http_server_cpu_ms", "HTTP server CPU ms/req"), ("grpc_client_cpu_ms", "gRPC client CPU ms/req"),
+                 ("grpc_server_cpu_ms", "gRPC server CPU ms/req")],
+                caption="server in its own process; clients are threads here, one per concurrent client; CPU per "
+                        "request: each process's user + system time over the phase / requests (both share 2 cores)")
     write_json(json_path, {"rows": rows})
     console.print("done")
     return rows

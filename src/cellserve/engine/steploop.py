@@ -23,7 +23,7 @@ from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, Runner
 
 READ, GENERATE = 0, 1  # a stage feeds its requests' tokens, or its own argmax
-PICKS = {"stage": 0, "fullest": 1, "oldest": 2}
+PICKS = {"stage": 0, "fullest": 1, "oldest": 2, "earliest": 3}
 SLICE_S = 0.001  # run_steps: the longest a call runs before Python looks at its queue again
 MIN_CALL_S = 0.0002  # run_steps: returns for one finished or newly queued request only after this long (each
 # return costs a GIL hand-over, ~50 us measured on a loaded 2-core machine)

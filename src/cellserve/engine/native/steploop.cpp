@@ -44,7 +44,7 @@ const native_api_t *K = nullptr;  // the kernel core
 
 enum { CELL_LSTM = 0, CELL_GRU = 1 };
 enum { READ = 0, GENERATE = 1 };
-enum { PICK_STAGE = 0, PICK_FULLEST = 1, PICK_OLDEST = 2 };
+enum { PICK_STAGE = 0, PICK_FULLEST = 1, PICK_OLDEST = 2, PICK_EARLIEST = 3 };
 enum { LEFT_FINISHED = 0, LEFT_CANCELLED = 1 };
 
 double now() {
@@ -270,6 +270,7 @@ struct Core {
                 (starving < 0 || stages[r.first].last_run < stages[starving].last_run))
                 starving = r.first;
         if (starving >= 0) return starving;
+        if (p.pick == PICK_EARLIEST) return ready[0].first;
         if (p.pick == PICK_OLDEST) {
             int best = -1;
             double oldest = 0;
@@ -296,6 +297,15 @@ struct Core {
 
     /* One step of stage s on rows [a, b) plus `pad` dummy rows; rows that leave go to `left`. */
     void step(int s, int a, int b, int pad, std::vector<Left> &left) {
+        Stage &st = stages[s];
+        const int n = b - a;
+        step_compute(s, a, b, pad);
+        bookkeeping(st, s, a, n, left);
+    }
+
+    /* The model's compute for rows [a, b) plus `pad` dummy rows: embedding rows, the cells in place, the head
+     * and what decoding needs of it (row_max, row_best, row_sum). */
+    void step_compute(int s, int a, int b, int pad) {
         Stage &st = stages[s];
         const int n = b - a, m = n + pad;
         const double t0 = now();
@@ -325,14 +335,18 @@ struct Core {
         if (st.head) {  // the head and what decoding needs of it: each row's argmax (and sum of exponentials)
             logits.resize((size_t)m * classes);
             K->linear(st.head, in, ldin, m, logits.data(), classes, nullptr, 0, st.head_bias.data());
-            row_max.resize(n);
-            row_best.resize(n);
-            row_sum.resize(n);
-            K->rows_max_sumexp(logits.data(), classes, n, classes, row_max.data(), row_best.data(),
+            row_max.resize(m);  // padded rows too, as a padded graph computes them
+            row_best.resize(m);
+            row_sum.resize(m);
+            K->rows_max_sumexp(logits.data(), classes, m, classes, row_max.data(), row_best.data(),
                                st.kind == READ ? row_sum.data() : nullptr);
         }
         kernel_seconds += now() - t0;
+    }
 
+    /* Decoding and leaving for the n rows from a that just stepped. */
+    void bookkeeping(Stage &st, int s, int a, int n, std::vector<Left> &left) {
+        const int classes = st.head ? st.head->n : 0;
         std::vector<int> done;
         if (st.kind == GENERATE) {
             for (int i = 0; i < n; i++) {
