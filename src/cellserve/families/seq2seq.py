@@ -30,11 +30,11 @@ BATCH_INSENSITIVE = 8  # a full decoder batch costing less than this many one-ro
 
 
 def stage_pick(model: Seq2Seq, rows: int = 64) -> str:
-    """Cellular's default pick for this model on this machine: 'earliest' (encoders first, so requests join
-    the decoder's batch soonest) where a decoder step of `rows` rows costs less than BATCH_INSENSITIVE steps
-    of one row, else 'stage' (decoders first, finishing requests sooner). Measured: seq2seq 2x512 with a 10k
-    vocabulary (ratio ~3) lowers light-load p90 below request-level batching's with 'earliest'; the
-    speller (2x128, ratio ~20) is better with 'stage' (README, Serving)."""
+    """Cellular's default pick for this model on this machine: 'earliest' (of equally full stages, the
+    encoder first, so requests join the decoder's batch soonest) where a decoder step of `rows` rows costs
+    less than BATCH_INSENSITIVE steps of one row, else 'stage' (decoders first, finishing requests sooner).
+    Measured on seq2seq 2x512 with a 10k vocabulary (ratio ~3) and the speller (2x128, ratio ~20): README,
+    Serving."""
 
     def seconds(batch: int) -> float:
         x = model.tgt_embedding.table[np.full(batch, model.bos_id)]

@@ -270,7 +270,6 @@ struct Core {
                 (starving < 0 || stages[r.first].last_run < stages[starving].last_run))
                 starving = r.first;
         if (starving >= 0) return starving;
-        if (p.pick == PICK_EARLIEST) return ready[0].first;
         if (p.pick == PICK_OLDEST) {
             int best = -1;
             double oldest = 0;
@@ -283,6 +282,9 @@ struct Core {
         int fullest = 0;
         for (auto &r : ready) fullest = std::max(fullest, r.second);
         const bool queued_full = __atomic_load_n(p.queued, __ATOMIC_RELAXED) > 0 && active >= p.max_running;
+        if (p.pick == PICK_EARLIEST && !queued_full)  // the earliest stage as full as any later one
+            for (auto &r : ready)
+                if (r.second == fullest) return r.first;
         for (auto it = ready.rbegin(); it != ready.rend(); ++it)
             if ((p.pick == PICK_FULLEST || queued_full) ? it->second == fullest : 2 * it->second >= fullest)
                 return it->first;
