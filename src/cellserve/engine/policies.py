@@ -10,11 +10,11 @@
                        a full running set, the fullest stage;
               fullest  the stage with the most ready rows; oldest: the stage of the oldest request
                        (trees' default);
-              earliest the fullest stage, ties going to the earliest (encoder before decoder), so a new
-                       request joins the later stage's batch soonest when that costs no batch size: the
-                       default where a later stage's step costs nearly the same for 1 row as for a full
-                       batch (a wide decoder reading its weights from memory), measured when the runner
-                       is built (families/seq2seq.py).
+              earliest while the running requests fit one step's batch, the fullest stage, ties going
+                       to the earliest (encoder before decoder), so a new request joins the later stage's
+                       batch soonest; beyond that, as stage. The default where a later stage's step costs
+                       nearly the same for 1 row as for a full batch (a wide decoder reading its weights
+                       from memory), measured when the runner is built (families/seq2seq.py).
             Whatever the pick, a stage with ready rows that has not run for max_wait_steps steps runs
             next, and a stage's rows take turns in windows of max_batch, so no request starves.
   graph     request-level dynamic batching: wait up to max_delay_ms or max_batch requests (optionally
@@ -96,7 +96,7 @@ class Cellular:
             return min((t for t, _ in ready), key=runner.oldest)
         fullest = max(n for _, n in ready)
         queued_full = engine.queued and engine.active >= engine.max_running
-        if engine.pick == "earliest" and not queued_full:
+        if engine.pick == "earliest" and not queued_full and engine.active <= self.max_batch:
             return next(t for t, n in ready if n == fullest)
         if engine.pick == "fullest" or queued_full:
             return next(t for t, n in reversed(ready) if n == fullest)

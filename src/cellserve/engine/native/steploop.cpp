@@ -282,7 +282,8 @@ struct Core {
         int fullest = 0;
         for (auto &r : ready) fullest = std::max(fullest, r.second);
         const bool queued_full = __atomic_load_n(p.queued, __ATOMIC_RELAXED) > 0 && active >= p.max_running;
-        if (p.pick == PICK_EARLIEST && !queued_full)  // the earliest stage as full as any later one
+        if (p.pick == PICK_EARLIEST && !queued_full && active <= p.max_rows)  // while all fit one batch: the
+            // earliest stage as full as any later one
             for (auto &r : ready)
                 if (r.second == fullest) return r.first;
         for (auto it = ready.rbegin(); it != ready.rend(); ++it)
