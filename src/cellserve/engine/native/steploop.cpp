@@ -494,19 +494,23 @@ typedef struct {
 
 PyTypeObject LoopType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-void loop_dealloc(LoopObject *self) {
-    if (self->core && self->core->worker_running) {
-        Core &c = *self->core;
-        Py_BEGIN_ALLOW_THREADS {
-            std::lock_guard<std::mutex> g(c.io);
-            c.stopping = true;
-        }
-        c.wake_worker.notify_all();
-        c.worker.join();
-        Py_END_ALLOW_THREADS
-        PyBuffer_Release(&c.worker_cancel);
-        PyBuffer_Release(&c.worker_queued);
+/* The worker finishes its step and exits (called with the GIL, which it releases while it waits). */
+void stop_worker(Core &c) {
+    if (!c.worker_running) return;
+    Py_BEGIN_ALLOW_THREADS {
+        std::lock_guard<std::mutex> g(c.io);
+        c.stopping = true;
     }
+    c.wake_worker.notify_all();
+    c.worker.join();
+    Py_END_ALLOW_THREADS
+    c.worker_running = false;
+    PyBuffer_Release(&c.worker_cancel);
+    PyBuffer_Release(&c.worker_queued);
+}
+
+void loop_dealloc(LoopObject *self) {
+    if (self->core) stop_worker(*self->core);
     if (self->core) {
         for (PyObject *o : self->core->refs) Py_DECREF(o);
         delete self->core;
@@ -838,18 +842,7 @@ PyObject *loop_start(LoopObject *self, PyObject *args) {
 
 /* stop(): the worker finishes its step and exits; rows stay where they are. */
 PyObject *loop_stop(LoopObject *self, PyObject *) {
-    Core &c = *self->core;
-    if (!c.worker_running) Py_RETURN_NONE;
-    Py_BEGIN_ALLOW_THREADS {
-        std::lock_guard<std::mutex> g(c.io);
-        c.stopping = true;
-    }
-    c.wake_worker.notify_all();
-    c.worker.join();
-    Py_END_ALLOW_THREADS
-    c.worker_running = false;
-    PyBuffer_Release(&c.worker_cancel);
-    PyBuffer_Release(&c.worker_queued);
+    stop_worker(*self->core);
     Py_RETURN_NONE;
 }
 
