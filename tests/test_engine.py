@@ -234,7 +234,7 @@ def test_cell_types_are_fair_under_a_flood_of_the_other_type(s2s, step_loop):
     """New arrivals keep the encoder busiest, yet a decoding request progresses at least once every
     max_wait_steps + 1 steps, and finishes."""
     progress = []
-    out_len = 300
+    out_len = 4000  # long enough that the flood arrives while it decodes, however fast the steps
 
     class Observer:
         def on_batch(self, cell_type, size, seconds):
@@ -246,7 +246,7 @@ def test_cell_types_are_fair_under_a_flood_of_the_other_type(s2s, step_loop):
     engine = Engine(make_runner(s2s, 256, step_loop=step_loop), "cellular", max_batch=64, max_wait_steps=4,
                     observer=Observer()).start()
     rng = np.random.default_rng(11)
-    with engine._cv:  # (a reentrant lock) the scheduler admits them together
+    with engine._cv:  # (a reentrant lock) the Python loop admits them together; the native one as submitted
         decoding = engine.submit({"tokens": [1, 2], "max_output_tokens": out_len, "stop_at_eos": False})
         flood = [engine.submit({"tokens": rng.integers(0, VOCAB, 20).tolist(), "max_output_tokens": 1})
                  for _ in range(200)]
