@@ -62,7 +62,8 @@ class EngineConfig:
 
 
 class Cellular:
-    """Cell-level batching over a bounded running set (see the module doc)."""
+    """Cell-level batching over a bounded running set (see the module doc). With a native step loop the
+    engine's worker (engine/steploop.py) makes the same picks on its own thread, and round() is not used."""
 
     name = "cellular"
 
@@ -75,9 +76,6 @@ class Cellular:
         room = engine.max_running - engine.active
         if room >= self.admit_batch or not engine.active:
             engine.admit(engine.max_running)
-        if engine.native:  # the same picks, made by the native loop over many steps per call
-            engine.retire(engine.run_steps(self.max_batch, admit_batch=self.admit_batch))
-            return
         cell_type = self.pick(engine)
         if cell_type is None:  # e.g. only chunks whose frames all wait for a full block: done at admission
             return
@@ -126,8 +124,8 @@ class Graph:
         runner = engine.runner
         pad_to = engine.active if runner.pads else 0
         done = []
-        if engine.native:
-            done = engine.run_steps(1 << 30, pad_to, until_empty=True)
+        if engine.native:  # the same steps, in one call of the native loop
+            done = engine.run_steps(1 << 30, pad_to)
         for cell_type in runner.cell_types:
             while runner.ready(cell_type):
                 done += engine.run(cell_type, 1 << 30, pad_to)

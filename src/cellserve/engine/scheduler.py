@@ -80,7 +80,7 @@ class Engine:
         self._running: dict[int, Request] = {}
         self.cancel_flags = np.zeros(self.max_running, bool)
         runner.cancel_flags = self.cancel_flags
-        self.native = runner.step_loop == "native"  # a native loop runs many steps per call (run_steps)
+        self.native = runner.step_loop == "native"  # a native loop: its worker (cellular) or run_steps (graph)
         self.step_loop = runner.step_loop
         self._tickets = list(range(self.max_running - 1, -1, -1))
         self.last_run = dict.fromkeys(runner.cell_types, 0)  # cell type -> the step it last ran
@@ -282,11 +282,7 @@ class Engine:
                         self._fail(req, exc)
             if self.stats.steps > steps:
                 seconds = time.perf_counter() - start - (self._waited - waited)  # a batching window is not work
-                overhead = max(0.0, seconds - (self.runner.kernel_seconds - kernel))
-                self.stats.step_s += seconds
-                self.stats.overhead_s += overhead
-                if self.observer and hasattr(self.observer, "on_step"):
-                    self.observer.on_step(overhead / (self.stats.steps - steps), seconds)
+                self._account(seconds, self.runner.kernel_seconds - kernel, self.stats.steps - steps)
 
     def admit(self, limit: int, bucket=None) -> int:
         """Move queued requests into the running set, oldest first, up to `limit` running (and while the
@@ -335,15 +331,15 @@ class Engine:
         return len(batch) - len(back)
 
     def _queue_changed(self) -> None:
-        """Tell a native loop how many requests wait (it returns between steps to admit them)."""
+        """Tell a native worker how many requests wait (its pick favours the fullest stage while they cannot
+        join)."""
         if self.native:
             self.runner.queued[0] = len(self._queue)
 
-    def run_steps(self, max_rows: int, pad_to: int = 0, until_empty: bool = False, admit_batch: int = 1) -> list[Request]:
-        """Many steps in one call of a native loop (run()'s bookkeeping for each); returns the requests that
-        left."""
-        left, steps = self.runner.run_steps(max_rows, pad_to, until_empty, self.pick, self.max_wait_steps,
-                                            self.max_running, admit_batch)
+    def run_steps(self, max_rows: int, pad_to: int = 0) -> list[Request]:
+        """Every stage to completion in one call of a native loop (run()'s bookkeeping for each step); returns
+        the requests that left."""
+        left, steps = self.runner.run_steps(max_rows, pad_to)
         self._count_steps(steps)
         return left
 
@@ -359,6 +355,14 @@ class Engine:
             if self.observer:
                 self.observer.on_batch(cell_type, rows + padded, seconds)
 
+    def _account(self, seconds: float, kernel: float, steps: int) -> None:
+        """Wall time of `steps` steps and the part of it outside the model's kernels (the overhead metric)."""
+        overhead = max(0.0, seconds - kernel)
+        self.stats.step_s += seconds
+        self.stats.overhead_s += overhead
+        if self.observer and hasattr(self.observer, "on_step"):
+            self.observer.on_step(overhead / steps, seconds)
+
     def _worker_loop(self) -> None:
         """Cellular batching on a native loop's own thread (engine/steploop.py): its steps never wait for this
         thread or the GIL; this thread admits queued requests (they join at the worker's next step) and
@@ -373,13 +377,8 @@ class Engine:
                     self.admit(self.max_running)
                 left, steps = runner.collect(0.25)
                 if steps:
-                    seconds = sum(s[3] for s in steps)
-                    overhead = max(0.0, seconds - sum(s[4] for s in steps))
                     self._count_steps(steps)
-                    self.stats.step_s += seconds
-                    self.stats.overhead_s += overhead
-                    if self.observer and hasattr(self.observer, "on_step"):
-                        self.observer.on_step(overhead / len(steps), seconds)
+                    self._account(sum(s[3] for s in steps), sum(s[4] for s in steps), len(steps))
                 self.retire(left)
         except Exception as exc:  # a bug must not leave callers waiting: fail what runs, stop stepping
             with self._cv:

@@ -6,9 +6,10 @@ LSTM or GRU stacks (any weight storage the kernel core packs), read token by tok
 model) or greedily decoded. The Python runners stay the reference: `step_loop: python` picks them, and the
 tests check that both loops give the same outputs.
 
-Two ways to drive it: `run_steps` runs many steps in one call on the engine's thread (graph and none, and
-Runner.step); `start_worker` / `collect` run cellular batching on a native thread that never waits for
-Python, while the engine's thread admits requests and resolves futures beside it.
+Two ways to drive it: `run_steps` runs every stage to completion in one call on the engine's thread (graph and
+none; `step` runs one step, the Runner interface); `start_worker` / `collect` run cellular batching on a
+native thread that never waits for Python, while the engine's thread admits requests and resolves futures
+beside it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ from cellserve.engine.runner import ADMITTED, Runner
 
 READ, GENERATE = 0, 1  # a stage feeds its requests' tokens, or its own argmax
 PICKS = {"stage": 0, "fullest": 1, "oldest": 2, "earliest": 3}
-SLICE_S = 0.001  # run_steps: the longest a call runs before Python looks at its queue again
-MIN_CALL_S = 0.0002  # run_steps: returns for one finished or newly queued request only after this long (each
-# return costs a GIL hand-over, ~50 us measured on a loaded 2-core machine)
 
 
 def native_layers(rnn) -> list[tuple] | None:
@@ -48,7 +46,7 @@ def native_layers(rnn) -> list[tuple] | None:
 
 class NativeLoopRunner(Runner):
     """A runner whose stages live in a native Loop. Subclasses add the stages (`cell_types` order) and say
-    what a request's row holds (`_admit_row`) and what a finished row's values mean (`_result`)."""
+    what a request's row holds (`_row`) and what a finished row's values mean (`_result`)."""
 
     step_loop = "native"
 
@@ -91,27 +89,15 @@ class NativeLoopRunner(Runner):
             self.loop.drop(row)
 
     def step(self, cell_type, max_rows, pad_to=0):
-        """One step of one stage (the Runner interface; the engine's policies call run_steps)."""
-        left, steps = self._run(max_rows, pad_to, False, "stage", 1 << 30, self.capacity, 1, 0.0, 0.0,
-                                self.cell_types.index(cell_type), 1)
+        """One step of one stage (the Runner interface; the engine's policies call run_steps or the worker)."""
+        left, steps = self._finish(*self.loop.run(self.cancel_flags, max_rows, pad_to, self.cell_types.index(cell_type)))
         self.last_rows = steps[0][1] if steps else 0
         return left
 
-    def run_steps(self, max_rows: int, pad_to: int = 0, until_empty: bool = False, pick: str = "stage",
-                  max_wait_steps: int = 8, max_running: int = 1, admit_batch: int = 1,
-                  slice_s: float = SLICE_S, min_s: float = MIN_CALL_S) -> tuple[list[Request], list[tuple]]:
-        """Steps on this thread until a request leaves, queued requests can join, or the slice ends (cellular,
-        stages picked as policies.py's Cellular does); with until_empty, every stage in turn to completion,
-        each step padded to pad_to rows (graph). Returns (requests that left, steps), a step being (cell type,
-        rows, padded rows, seconds, kernel seconds)."""
-        return self._run(max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, slice_s,
-                         min_s, -1, 1 << 30)
-
-    def _run(self, max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, slice_s, min_s,
-             force, max_steps):
-        left, steps = self.loop.run(self.cancel_flags, self.queued, max_rows, pad_to, until_empty, PICKS[pick],
-                                    max_wait_steps, max_running, admit_batch, slice_s, min_s, force, max_steps)
-        return self._finish(left, steps)
+    def run_steps(self, max_rows: int, pad_to: int = 0) -> tuple[list[Request], list[tuple]]:
+        """Every stage in turn to completion on this thread, each step padded to pad_to rows (graph). Returns
+        (requests that left, steps), a step being (cell type, rows, padded rows, seconds, kernel seconds)."""
+        return self._finish(*self.loop.run(self.cancel_flags, max_rows, pad_to, -1))
 
     def start_worker(self, max_rows: int, pick: str, max_wait_steps: int, max_running: int, threads: int) -> None:
         """Cellular batching on the loop's own thread until stop_worker(); collect() hands back its results."""

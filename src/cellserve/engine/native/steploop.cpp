@@ -8,8 +8,8 @@
  * limits, log-likelihood) and retires finished rows into a list, with the GIL released throughout.
  *
  * Two ways to drive it:
- *   run()     many steps per call on the caller's thread (graph and none policies, Runner.step): every stage
- *             to completion, padded; or cellular steps until a request leaves or can join, or a slice ends.
+ *   run()     on the caller's thread (graph and none policies, Runner.step): every stage to completion in
+ *             one call, padded; or one step of one stage.
  *   start()   cellular batching on a native worker thread that never waits for Python: requests join through
  *             an inbox between steps, finished ones leave through an outbox that collect() hands to Python,
  *             which meanwhile resolves futures and admits (BatchMaker's C++ scheduler thread). Each return
@@ -102,14 +102,12 @@ struct StepRecord {
     double seconds, kernel;
 };
 
-/* The engine's policy settings for a run() call or the worker. */
+/* The engine's policy settings for a run() call (max_rows, pad_to) or the worker (the rest too). */
 struct Plan {
-    int max_rows = 1, pad_to = 0, until_empty = 0, pick = PICK_STAGE, max_wait_steps = 8, max_running = 1,
-        admit_batch = 1, force_stage = -1, max_steps = 1, threads = 1;
-    double slice_s = 0.001, min_s = 0.0;  // run(): return after slice_s at the latest, not before min_s for one request
+    int max_rows = 1, pad_to = 0, pick = PICK_STAGE, max_wait_steps = 8, max_running = 1, threads = 1;
     const bool *cancel = nullptr;
     Py_ssize_t cancel_len = 0;
-    const int64_t *queued = nullptr;      // the engine's queue length
+    const int64_t *queued = nullptr;  // the engine's queue length (the worker's pick)
 };
 
 struct Core {
@@ -418,27 +416,18 @@ struct Core {
         return true;
     }
 
-    /* run(): every stage in order to completion, padded to pad_to rows (graph); or cellular steps until a
-     * request leaves or can join, or the slice ends. */
-    void run(const Plan &p, std::vector<Left> &left, std::vector<StepRecord> &records) {
+    /* run(): one step of `stage`; or (stage -1) every stage in order to completion (graph). Steps are padded
+     * to pad_to rows. */
+    void run(const Plan &p, int stage, std::vector<Left> &left, std::vector<StepRecord> &records) {
         exchange();
-        const double start = now();
-        double mark = start;
-        for (int s = 0; p.until_empty && s < (int)stages.size(); s++)
+        double mark = now();
+        if (stage >= 0) {
+            if (!stages[stage].rows.empty()) step_recorded(stage, p, p.pad_to, &mark, left, records);
+            return;
+        }
+        for (int s = 0; s < (int)stages.size() && !pad_error; s++)
             while (!stages[s].rows.empty())
                 if (!step_recorded(s, p, p.pad_to, &mark, left, records)) break;
-        if (p.until_empty || pad_error) return;
-        for (int taken = 0; taken < p.max_steps; taken++) {
-            const int s = p.force_stage >= 0 ? p.force_stage : pick(p);
-            if (s < 0 || stages[s].rows.empty()) return;
-            step_recorded(s, p, 0, &mark, left, records);
-            const int64_t queued = __atomic_load_n(p.queued, __ATOMIC_RELAXED);
-            const bool room = active == 0 || p.max_running - active >= p.admit_batch;
-            if (queued >= p.admit_batch && room) return;  // a batch of requests can join now
-            const double elapsed = now() - start;
-            if (elapsed >= p.min_s && (!left.empty() || (queued > 0 && room))) return;
-            if (elapsed >= p.slice_s) return;
-        }
     }
 
     /* The worker: cellular steps for as long as there are rows, waiting (not spinning) when there are none.
@@ -781,34 +770,33 @@ PyObject *record_list(const std::vector<StepRecord> &records) {
     return out;
 }
 
-/* run(cancel_flags, queued, max_rows, pad_to, until_empty, pick, max_wait_steps, max_running, admit_batch, slice_s,
- *     min_s, force_stage, max_steps) -> (left, steps) on the calling thread, without the GIL.
+/* run(cancel_flags, max_rows, pad_to, stage) -> (left, steps) on the calling thread, without the GIL: one step
+ * of `stage`, or (stage -1) every stage in order to completion, each step padded to pad_to rows.
  * left: [(id, code, tokens list | score, next_token)]; steps: [(stage, rows, padded, seconds, kernel seconds)]. */
 PyObject *loop_run(LoopObject *self, PyObject *args) {
-    PyObject *cancel_obj, *queued_obj;
+    PyObject *cancel_obj;
     Plan p;
-    if (!PyArg_ParseTuple(args, "OOiiiiiiiddii", &cancel_obj, &queued_obj, &p.max_rows, &p.pad_to, &p.until_empty,
-                          &p.pick, &p.max_wait_steps, &p.max_running, &p.admit_batch, &p.slice_s, &p.min_s,
-                          &p.force_stage, &p.max_steps))
-        return nullptr;
+    int stage;
+    if (!PyArg_ParseTuple(args, "Oiii", &cancel_obj, &p.max_rows, &p.pad_to, &stage)) return nullptr;
     Core &c = *self->core;
     if (c.worker_running) {
         PyErr_SetString(PyExc_RuntimeError, "the worker is running: collect() its steps instead");
         return nullptr;
     }
-    if (p.max_rows < 1 || p.force_stage >= (int)c.stages.size()) {
-        PyErr_SetString(PyExc_ValueError, "max_rows must be >= 1 and force_stage a stage or -1");
+    if (p.max_rows < 1 || stage < -1 || stage >= (int)c.stages.size()) {
+        PyErr_SetString(PyExc_ValueError, "max_rows must be >= 1 and stage a stage or -1");
         return nullptr;
     }
-    Py_buffer cancel, queued;
-    if (!signals(cancel_obj, queued_obj, &cancel, &queued, p)) return nullptr;
+    Py_buffer cancel;
+    if (!buffer_of(cancel_obj, &cancel, "?", "cancel_flags")) return nullptr;
+    p.cancel = (const bool *)cancel.buf;
+    p.cancel_len = cancel.len;
     std::vector<Left> left;
     std::vector<StepRecord> records;
     c.pad_error = false;
-    Py_BEGIN_ALLOW_THREADS c.run(p, left, records);
+    Py_BEGIN_ALLOW_THREADS c.run(p, stage, left, records);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&cancel);
-    PyBuffer_Release(&queued);
     if (c.pad_error) {
         PyErr_Format(PyExc_RuntimeError, "cannot pad a step to %d rows: the stages hold %d", p.pad_to, c.capacity);
         return nullptr;
