@@ -358,7 +358,9 @@ def test_per_step_python_work_does_not_grow_with_the_queue(lm, step_loop):
     """A step's bookkeeping is O(batch): 2000 queued requests cost no more calls per step (per request on
     the native loop, whose steps make no Python calls) than 100."""
     short, long = python_calls_per_step(lm, 100, step_loop), python_calls_per_step(lm, 2000, step_loop)
-    assert long < 1.2 * short, (short, long)
+    # Per request on the native loop the count varies with how many finish per collect (measured 25-35 at
+    # either queue length); work that scanned the queue would grow 20x.
+    assert long < (1.2 if step_loop == "python" else 2.0) * short, (short, long)
 
 
 @pytest.mark.parametrize("step_loop", ["native", "python"])

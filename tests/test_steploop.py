@@ -178,12 +178,16 @@ def test_stopping_mid_run_fails_what_is_left_and_keeps_nothing_running():
 
 
 def test_the_worker_overhead_per_step_is_small():
-    """What the issue measures (bench serving's overhead): the worker's time per step outside the kernels.
-    A loose bound (the bench gives the figures): under 50 us on a shared machine."""
-    _, engine = serve(MODELS["s2s-lstm"], "native", "cellular", requests("s2s-lstm", np.random.default_rng(3), 200),
-                      stagger=False)
-    assert engine.stats.steps > 0
-    assert engine.stats.overhead_s / engine.stats.steps < 50e-6
+    """What the issue measures (bench serving's overhead): the engine's time per step outside the kernels.
+    A ratio within one run, so a shared machine's stalls hit both: the native worker's is under a third of
+    the Python loop's (measured 5-30 us against 95-320 us by the bench)."""
+    per_step = {}
+    for loop in ("native", "python"):
+        _, engine = serve(MODELS["s2s-lstm"], loop, "cellular", requests("s2s-lstm", np.random.default_rng(3), 200),
+                          stagger=False)
+        assert engine.stats.steps > 0
+        per_step[loop] = engine.stats.overhead_s / engine.stats.steps
+    assert per_step["native"] < per_step["python"] / 3, per_step
 
 
 def test_step_loop_is_a_model_config_key():
