@@ -6,6 +6,7 @@ names the problem; the app turns it into HTTP 400."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -108,7 +109,7 @@ def _parse_tensor(spec, binary: memoryview, offset: int) -> tuple[str, np.ndarra
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
     if datatype not in DTYPES:
         raise ProtocolError(f"input {name!r}: unknown datatype {datatype!r}; use one of {sorted(DTYPES)}")
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     params = spec.get("parameters") or {}
     if "binary_data_size" in params:
         size = params["binary_data_size"]
@@ -140,6 +141,8 @@ def _from_json(name: str, data, datatype: str) -> np.ndarray:
         raise ProtocolError(f"input {name!r}: data is not a (nested) list of numbers")
     if datatype != "BOOL" and not datatype.startswith("FP") and array.size and not np.issubdtype(array.dtype, np.integer):
         raise ProtocolError(f"input {name!r}: {datatype} data must be integers")
+    if array.dtype == DTYPES[datatype]:  # JSON integers arrive as int64: nothing to convert or range-check
+        return array.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         converted = array.astype(DTYPES[datatype]).reshape(-1)
     if datatype not in ("BOOL",) and not datatype.startswith("FP") and array.size and (

@@ -649,12 +649,12 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
     }
     Py_DECREF(seq);
     c.active += (int)rows.size();
-    Py_BEGIN_ALLOW_THREADS {
+    {  // io is only ever held briefly and never by a thread waiting for the GIL: keep the GIL (releasing it
+       // hands it to another Python thread for up to a switch interval, which the event loop then waits out)
         std::lock_guard<std::mutex> g(c.io);
         for (auto &r : rows) c.inbox.push_back(std::move(r));
     }
     c.wake_worker.notify_one();
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -663,12 +663,11 @@ PyObject *loop_drop(LoopObject *self, PyObject *arg) {
     long long id = PyLong_AsLongLong(arg);
     if (id == -1 && PyErr_Occurred()) return nullptr;
     Core &c = *self->core;
-    Py_BEGIN_ALLOW_THREADS {
+    {  // with the GIL, as admit
         std::lock_guard<std::mutex> g(c.io);
         c.drops.push_back(id);
     }
     c.wake_worker.notify_one();
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -858,12 +857,11 @@ PyObject *loop_collect(LoopObject *self, PyObject *arg) {
 /* wake(): collect() returns now (a request was queued for admission, or the engine is stopping). */
 PyObject *loop_wake(LoopObject *self, PyObject *) {
     Core &c = *self->core;
-    Py_BEGIN_ALLOW_THREADS {
+    {  // with the GIL, as admit
         std::lock_guard<std::mutex> g(c.io);
         c.kicked = true;
     }
     c.wake_collector.notify_all();
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
