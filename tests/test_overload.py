@@ -157,7 +157,8 @@ def test_sigterm_drains_and_exits_zero():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port), "--grpc-port", "0"],
+    server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port), "--grpc-port", "0",
+                               "--log-level", "warning"],  # its output is read only at the end
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -29,14 +29,16 @@ def _words(text: str) -> list[str]:
 
 def _serve(args):
     from cellserve.server import main
+    from cellserve.server.telemetry import configure_logs
 
     try:
+        configure_logs(args.log_level, args.log_format)
         repository = main.repository_for(args.model_dir, args.model_control_mode, args.load_model)
         if args.ray:
             return _serve_on_ray(args, f"http://{args.host}:{args.port}")
         main.serve(repository, args.host, args.port, args.grpc_port, args.max_body_mb * 2**20,
                    args.model_control_mode, args.restricted_api, args.ssl_certfile, args.ssl_keyfile,
-                   args.ssl_ca_certfile, args.exit_timeout_s)
+                   args.ssl_ca_certfile, args.exit_timeout_s, args.log_level)
     except ValueError as exc:
         raise UsageError(str(exc))
 
@@ -360,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM) for HTTP and gRPC")
     serve.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     serve.add_argument("--ssl-ca-certfile", help="require client certificates signed by this CA (PEM)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                       help="info: one access line per request, model loads and unloads; warning: problems only")
+    serve.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
     serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (joins RAY_ADDRESS if set)")
     serve.add_argument("--replicas", type=int, default=2, help="with --ray: engine shards; sessions stick to one")
     serve.set_defaults(func=_serve)

@@ -63,7 +63,7 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
     numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
     port, grpc_port = _free_port(), _free_port()
     server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port),
-                               "--grpc-port", str(grpc_port)],
+                               "--grpc-port", str(grpc_port), "--log-level", "warning"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rows = []
     try:

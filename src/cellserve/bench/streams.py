@@ -233,7 +233,7 @@ class Server:
     def __init__(self, root: Path):
         self.port, self.grpc_port = _free_port(), _free_port()
         self.process = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", str(root), "--port",
-                                         str(self.port), "--grpc-port", str(self.grpc_port)],
+                                         str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning"],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def __enter__(self) -> "Server":

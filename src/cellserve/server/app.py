@@ -25,6 +25,7 @@ from cellserve.server.protocol import HEADER_LENGTH, InferRequest, build_respons
 from cellserve.server.repository import Repository
 from cellserve.server.auth import http_group, refusal
 from cellserve.server.backend import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
+from cellserve.server.telemetry import log, observed_infer
 
 INFER_DOC = {
     "requestBody": {"content": {"application/json": {"schema": {
@@ -134,18 +135,21 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
         return await current().statistics(name, version)
 
     async def answer_infer(name: str, version: str | None, headers, body: bytes) -> tuple[int, bytes, dict]:
-        """One inference request over HTTP: (status, body, headers); errors answer {"error": message}."""
+        """One inference request over HTTP: (status, body, headers); errors answer {"error": message}. The
+        X-Request-ID header, when sent, names the request in the server's log; it is echoed back."""
         parsed: list[InferRequest] = []
 
         def parse() -> InferRequest:
             parsed.append(parse_infer_request(body, headers.get(HEADER_LENGTH)))
             return parsed[0]
 
+        request_id = headers.get("x-request-id")
         try:
-            response = await current().infer(name, parse, version)
+            response, request_id = await observed_infer(current(), name, parse, version, "http", request_id)
         except ServiceError as exc:
             return exc.status, json.dumps({"error": str(exc)}).encode(), {"Content-Type": "application/json"}
         content, response_headers = build_response(response, parsed[0])
+        response_headers["X-Request-ID"] = request_id
         return 200, content, response_headers
 
     @app.post("/v2/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOC)
@@ -209,6 +213,10 @@ async def _direct_infer(direct, match, scope, receive, send) -> None:
             status, content, out = await answer(match[1], match[2], headers, body)
         except ServiceError as exc:
             status, content, out = exc.status, json.dumps({"error": str(exc)}).encode(), {"Content-Type": "application/json"}
+        except Exception:  # past the backend (building the reply): logged, and a clean 500
+            log.exception("inference request on %s failed", scope["path"])
+            status, content, out = 500, b'{"error": "internal error; the server log has the details"}', {
+                "Content-Type": "application/json"}
     raw = [(k.lower().encode(), v.encode()) for k, v in out.items()]
     raw.append((b"content-length", str(len(content)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})

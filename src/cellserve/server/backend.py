@@ -225,7 +225,8 @@ class LocalBackend:
         served.stats.record(True, now - start, parse=parsed - start, queue=queue, infer=done - parsed - queue,
                             output=now - done, rows=len(inputs))
         self.metrics.requests.labels(served.name, "success").inc()
-        return InferResponse(served.name, served.version, req.id, {k: outputs[k] for k in wanted}, parameters)
+        timing = {"rows": len(inputs), "parse_s": parsed - start, "queue_s": queue, "compute_s": done - parsed - queue}
+        return InferResponse(served.name, served.version, req.id, {k: outputs[k] for k in wanted}, parameters, timing)
 
     def _record_failure(self, name: str, start: float, status: int) -> None:
         served = self.repository.get(name)

@@ -26,6 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 
 from cellserve.server.auth import GRPC_GROUPS, refusal
 from cellserve.server.backend import ServiceError
+from cellserve.server.telemetry import observed_infer
 from cellserve.server.protocol import DTYPES, InferRequest, InferResponse, ProtocolError, datatype_of, from_binary, to_binary
 
 CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
@@ -91,6 +92,10 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     for key, value in response.parameters.items():
         set_parameter(message.parameters[key], value)
     return message
+
+
+def _metadata(context, key: str) -> str | None:
+    return next((value for k, value in context.invocation_metadata() or () if k == key), None)
 
 
 class InferenceServicer(pbg.GRPCInferenceServiceServicer):
@@ -162,13 +167,13 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         await self.backend().unload(name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request) -> pb.ModelInferResponse:
-        response = await self.backend().infer(request.model_name, lambda: decode_request(request),
-                                              request.model_version or None)
+    async def _infer(self, request, request_id: str | None = None) -> pb.ModelInferResponse:
+        response, _ = await observed_infer(self.backend(), request.model_name, lambda: decode_request(request),
+                                           request.model_version or None, "grpc", request_id)
         return encode_response(response)
 
     async def ModelInfer(self, request, context):
-        return await self._guard(context, lambda: self._infer(request))
+        return await self._guard(context, lambda: self._infer(request, _metadata(context, "x-request-id")))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are submitted in arrival order (a session's chunks keep theirs) and answered as they

@@ -28,7 +28,9 @@ def repository_for(model_dir: str | None, model_control: str = "none", load_mode
 
 def serve(repository: Repository, host: str, port: int, grpc_port: int, max_body_bytes: int,
           model_control: str = "none", restricted_api=(), ssl_certfile: str | None = None,
-          ssl_keyfile: str | None = None, ssl_ca_certfile: str | None = None, exit_timeout_s: float = 30.0) -> None:
+          ssl_keyfile: str | None = None, ssl_ca_certfile: str | None = None, exit_timeout_s: float = 30.0,
+          log_level: str = "info") -> None:
+    """Logging is configured by the caller (cli: configure_logs); log_level only sets uvicorn's."""
     if not 0 <= grpc_port <= 65535:
         raise ValueError("--grpc-port must be in [0, 65535] (0 turns gRPC off)")
     restricted = tuple(parse_restriction(text) for text in restricted_api)
@@ -44,5 +46,5 @@ def serve(repository: Repository, host: str, port: int, grpc_port: int, max_body
     grpc = f"; gRPC (KServe v2 / Triton{', TLS' if tls else ''}) on {host}:{grpc_port}" if grpc_port else ""
     print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
           f"metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
-    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
                                   timeout_graceful_shutdown=exit_timeout_s, **https), app.state.backend).run()

@@ -40,6 +40,7 @@ class InferResponse:
     id: str | None
     outputs: dict[str, np.ndarray]
     parameters: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # rows, parse_s, queue_s, compute_s: for logs and traces
 
 
 def datatype_of(array: np.ndarray) -> str:

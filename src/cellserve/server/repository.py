@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -87,12 +88,12 @@ class Repository:
     def build(self, name: str) -> ServedModel:
         check_name(name)
         if name in self.factories:
-            return self.factories[name]()
+            return timed_load(name, self.factories[name])
         folder = self.root / name if self.root is not None else None
         if folder is None or folder.parent != self.root or not folder.is_dir():
             raise KeyError(f"no model {name!r} in this repository; it has {self.known()}")
         try:
-            return load_folder(folder)
+            return timed_load(name, lambda: load_folder(folder))
         except ValueError as exc:  # clients see the folder's name, never the server's paths (the log has them)
             log.warning("model %s failed to load: %s", name, exc)
             raise ValueError(self.public(str(exc)))
@@ -130,13 +131,19 @@ class Repository:
             if served is None:
                 raise KeyError(f"model {name!r} is not loaded")
             self.unavailable[name] = "unloaded"
+        log.info("model %s version %s unloaded; its engine stops once its requests are done", name, served.version)
         return served
 
     @staticmethod
     def retire(served: ServedModel, timeout: float = 60.0) -> None:
         """Stop a replaced or unloaded model's engine once its queued and running requests are done."""
-        threading.Thread(target=served.engine.stop, kwargs={"drain": True, "timeout": timeout},
-                         name=f"retire-{served.name}", daemon=True).start()
+        def stop():
+            start = time.perf_counter()
+            served.engine.stop(drain=True, timeout=timeout)
+            log.info("model %s version %s retired: its engine stopped after %.0f ms of draining", served.name,
+                     served.version, (time.perf_counter() - start) * 1e3)
+
+        threading.Thread(target=stop, name=f"retire-{served.name}", daemon=True).start()
 
     @classmethod
     def from_path(cls, path: str | Path) -> "Repository":
@@ -159,7 +166,7 @@ class Repository:
                 if not (root / name).is_dir():
                     raise ValueError(f"--load-model {name}: no such model folder in the repository")
             folders = [root / name for name in only]
-        served = [load_folder(folder) for folder in folders]
+        served = [timed_load(folder.name, lambda folder=folder: load_folder(folder)) for folder in folders]
         if not served and only is None:
             raise ValueError(f"model repository {root} has no model folders")
         return cls(served, root)
@@ -174,7 +181,16 @@ class Repository:
             "speller": lambda: serve_model("speller", load_default(), ModelConfig(text_codec="number-speller")),
             "sru-stream": lambda: serve_model("sru-stream", RNN.random("sru", 40, 256, num_layers=2, seed=0),
                                               ModelConfig(block_steps=4, capacity=1024))}
-        return cls([make() for make in factories.values()], factories=factories)
+        return cls([timed_load(name, make) for name, make in factories.items()], factories=factories)
+
+
+def timed_load(name: str, make) -> ServedModel:
+    """make(), logged with the time it took (a failure is logged by the caller, which knows what to hide)."""
+    start = time.perf_counter()
+    served = make()
+    log.info("model %s version %s loaded in %.0f ms (%s)", name, served.version, (time.perf_counter() - start) * 1e3,
+             f"{type(served.model).__name__}, {served.engine.policy} batching, {served.engine.runner.step_loop} step loop")
+    return served
 
 
 def load_folder(folder: Path) -> ServedModel:
