@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 NATIVE := $(VENV)/.native-built
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*) $(wildcard src/cellserve/engine/native/*)
 
-.PHONY: demo test test-slow bench native clean
+.PHONY: demo test test-slow test-browser bench native clean
 
 $(DEPS): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(NATIVE)
 
 test-slow: $(NATIVE)
 	$(BIN)/python -m pytest -m slow
+
+# The live page in headless Chromium (Debian's package; installed here when missing, which needs root).
+test-browser: $(NATIVE)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	$(BIN)/python -m pytest -m browser
 
 bench: $(NATIVE)
 	$(BIN)/cellserve bench gemm --json results/gemm.json

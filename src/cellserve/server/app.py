@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from importlib import resources
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +28,7 @@ from cellserve.server.auth import http_group, refusal
 from cellserve.server.backend import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
 from cellserve.server.telemetry import log, observed_infer
 
+LIVE_PAGE = (resources.files("cellserve.assets") / "live.html").read_text()
 INFER_DOC = {
     "requestBody": {"content": {"application/json": {"schema": {
         "type": "object", "required": ["inputs"],
@@ -176,6 +178,17 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
     async def unload(name: str):
         await current().unload(name)
         return Response(status_code=200)
+
+    @app.get("/", summary="Live page: each model's batching, queue, sessions and latency", include_in_schema=False)
+    async def live_page():
+        return HTMLResponse(LIVE_PAGE)
+
+    @app.get("/api/live", summary="The live page's figures: per model, the last minutes of batching, latency and "
+                                  "throughput, sampled each second from the engine's counters")
+    async def live(window: float | None = None):
+        if window is not None and not window > 0:
+            raise ServiceError(400, "window must be a positive number of seconds")
+        return await current().live(window)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus():

@@ -42,7 +42,7 @@ def parse_restriction(text: str) -> Restriction:
 
 
 def http_group(method: str, path: str) -> str | None:
-    """The API group of an HTTP route (None: the docs pages, open to all)."""
+    """The API group of an HTTP route (None: the docs pages and the live page's HTML, open to all)."""
     if path.startswith("/v2/repository"):
         return "model-repository"
     if path.startswith("/v2/health") or (path.startswith("/v2/models/") and path.endswith("/ready")):
@@ -51,7 +51,7 @@ def http_group(method: str, path: str) -> str | None:
         return "inference"
     if path.endswith("/config"):
         return "model-config"
-    if path.endswith("/stats") or path == "/metrics":
+    if path.endswith("/stats") or path in ("/metrics", "/api/live"):
         return "statistics"
     if path == "/v2" or path.startswith("/v2/models"):
         return "metadata"

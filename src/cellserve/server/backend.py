@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from cellserve import __version__
 from cellserve.engine import EngineFull, EngineStopped
+from cellserve.server.live import LiveView
 from cellserve.server.metrics import Metrics
 from cellserve.server.protocol import InferRequest, InferResponse, ProtocolError
 from cellserve.server.repository import Repository
@@ -57,6 +58,7 @@ class Backend(Protocol):
     async def model_config(self, name: str, version: str | None = None) -> dict: ...
     async def statistics(self, name: str | None = None, version: str | None = None) -> dict: ...
     async def metrics_text(self) -> bytes: ...
+    async def live(self, window_s: float | None = None) -> dict: ...  # the live page's figures (live.py)
     async def repository_index(self, ready_only: bool = False) -> list[dict]: ...
     async def load(self, name: str) -> None: ...
     async def unload(self, name: str) -> None: ...
@@ -81,13 +83,16 @@ class LocalBackend:
         self.model_control = model_control
         self.draining = False  # shutting down: not ready, new work refused, accepted work finishes
         self.metrics = Metrics()
+        self.live_view = LiveView()
         for served in repository.models.values():
-            self.metrics.watch(served)
+            self.metrics.watch(served, self.live_view.watch(served))
 
     def start(self) -> None:
         self.repository.start()
+        self.live_view.start()
 
     def stop(self) -> None:
+        self.live_view.stop()
         self.repository.stop()
 
     def _model(self, name: str, version: str | None = None):
@@ -128,6 +133,9 @@ class LocalBackend:
     async def metrics_text(self) -> bytes:
         return generate_latest(self.metrics.registry)
 
+    async def live(self, window_s: float | None = None) -> dict:
+        return self.live_view.snapshot(window_s)
+
     # --- repository -----------------------------------------------------------------------------------
     async def repository_index(self, ready_only: bool = False) -> list[dict]:
         return self.repository.index(ready_only)
@@ -147,7 +155,7 @@ class LocalBackend:
             raise ServiceError(404, str(exc.args[0]))
         except ValueError as exc:
             raise ServiceError(400, f"model {name!r} failed to load: {exc}")
-        self.metrics.watch(served)
+        self.metrics.watch(served, self.live_view.watch(served))
         if old is not None:
             self.repository.retire(old)
 
@@ -155,6 +163,7 @@ class LocalBackend:
         self._control()
         try:
             self.repository.retire(self.repository.unload(name))
+            self.live_view.forget(name)
         except KeyError as exc:
             raise ServiceError(400, str(exc.args[0]))
 

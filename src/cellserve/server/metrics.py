@@ -34,19 +34,20 @@ class Metrics:
                                    ["model"], registry=r)
         self.queue_depth = Gauge("cellserve_queue_depth", "Requests waiting for admission", ["model"], registry=r)
 
-    def watch(self, served) -> None:
-        """Sample a model's engine at scrape time, and observe its batches and finished requests."""
+    def watch(self, served, live=None) -> None:
+        """Sample a model's engine at scrape time, and observe its batches and finished requests (their
+        latencies also go to `live`, a live.ModelSeries, when given)."""
         name, engine = served.name, served.engine
         self.sessions.labels(name).set_function(lambda: engine.sessions)
         self.pool_used.labels(name).set_function(lambda: engine.runner.used)
         self.pool_capacity.labels(name).set(engine.runner.capacity)
         self.queue_depth.labels(name).set_function(lambda: engine.queue_depth)
-        engine.observer = EngineObserver(self, name)
+        engine.observer = EngineObserver(self, name, live)
 
 
 class EngineObserver:
-    def __init__(self, metrics: Metrics, model: str):
-        self.metrics, self.model = metrics, model
+    def __init__(self, metrics: Metrics, model: str, live=None):
+        self.metrics, self.model, self.live = metrics, model, live
 
     def on_batch(self, cell_type: str, size: int, seconds: float) -> None:
         self.metrics.batch_size.labels(self.model, cell_type).observe(size)
@@ -58,5 +59,7 @@ class EngineObserver:
     def on_done(self, req) -> None:
         now = time.perf_counter()
         self.metrics.latency.labels(self.model).observe(now - req.arrival)
+        if self.live is not None:
+            self.live.latencies.append(now - req.arrival)
         if req.started is not None:
             self.metrics.queue_time.labels(self.model).observe(req.started - req.arrival)

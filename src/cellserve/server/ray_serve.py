@@ -128,6 +128,12 @@ class ShardRouter:
         texts = [(await self._call(i, "metrics_text")).decode() for i in range(len(self.shards))]
         return merge_metrics(texts).encode()
 
+    async def live(self, window_s: float | None = None) -> dict:
+        """Each shard's models, named with their replica."""
+        views = [await self._call(i, "live", window_s) for i in range(len(self.shards))]
+        return {**views[0], "models": {f"{name} (replica {i})": model for i, view in enumerate(views)
+                                       for name, model in view["models"].items()}}
+
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?( .*)$")
 
