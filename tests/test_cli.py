@@ -123,3 +123,36 @@ def test_bench_compress_writes_the_rows_and_plot(tmp_path):
     assert sizes == sorted(sizes) and len(set(sizes)) == 3
     assert out.with_suffix(".png").stat().st_size > 0
     assert (tmp_path / "work" / "ocr_qat-w4a4.safetensors").exists()
+
+
+def test_progress_bars_show_on_a_terminal_only_and_quiet_turns_them_off(monkeypatch, tmp_path):
+    import io
+    import sys
+
+    from cellserve import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert not progress.enabled()  # pytest's stderr is no terminal: bars stay silent
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress, "QUIET", False)
+    with progress.bar("sweep", 4) as outer:
+        outer.advance(note="first")
+        with progress.bar("training", 10) as inner:  # joins the open display
+            inner.update(10, "epoch 3")
+            assert len(outer.progress.tasks) == 2 and inner.progress is outer.progress
+        outer.grow(2)
+        outer.advance(3)
+        task = outer.progress.tasks[0]
+        assert (task.completed, task.total, task.description) == (4, 6, "sweep: first")
+    assert "sweep" in terminal.getvalue()
+    # --quiet: the same commands, silent
+    assert main(["bench", "serving", "--workloads", "treelstm", "--policies", "cellular", "--rates", "30",
+                 "--duration", "0.2", "--quiet", "--json", str(tmp_path / "s.json")]) == 0
+    assert progress.QUIET and not progress.enabled()
+    with progress.bar("sweep", 4) as silent:
+        silent.advance()
+        assert silent.progress is None

@@ -414,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="who runs the engine's steps: the first runs every policy, the others cellular only")
     sv.add_argument("--python-gc", action="store_true", help="leave Python's garbage collector at its defaults "
                     "(the engine freezes the loaded objects and collects less often): measures what that buys")
+    sv.add_argument("--quiet", action="store_true", help="no progress bar (bars show only on a terminal)")
     sv.set_defaults(func=_bench_serving)
 
     ms = bench_sub.add_parser("multistep", help="single-stream SRU/QRNN run k time steps per call")
@@ -444,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--deployments", type=_words, default=["per-stream-ort", "graph", "cellular"])
     st.add_argument("--seconds", type=float, default=5.0, help="seconds of load per point")
     st.add_argument("--idle-sessions", type=int, default=10_000, help="idle sessions for the memory figure (0: skip)")
+    st.add_argument("--quiet", action="store_true", help="no progress bar (bars show only on a terminal)")
     st.set_defaults(func=_bench_streams)
 
     rb = bench_sub.add_parser("ray", help="throughput through Ray Serve with 1 vs N engine shards")
@@ -469,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block pruning (16 x 1 blocks, run by the block-sparse kernel)")
     cb.add_argument("--student-hidden", type=int, default=48)
     cb.add_argument("--student-epochs", type=int, default=20, help="epochs for the student, with and without KD")
+    cb.add_argument("--quiet", action="store_true", help="no progress bar (bars show only on a terminal)")
     cb.set_defaults(func=_bench_compress)
 
     ocr = sub.add_parser("ocr", help="the OCR proof task: train, quantize, evaluate and read text lines")
@@ -479,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     ot.add_argument("--hidden", type=int, default=128)
     ot.add_argument("--seconds", type=float, default=300, help="training time budget")
     ot.add_argument("--seed", type=int, default=0)
+    ot.add_argument("--quiet", action="store_true", help="no progress bar (bars show only on a terminal)")
     ot.set_defaults(func=_ocr_train)
     oq = ocr_sub.add_parser("quantize", help="post-training int8 (or 4/2/1-bit) weights, dynamic int8 activations")
     oq.add_argument("model")
@@ -525,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from cellserve import progress
+
+        progress.QUIET = True
     try:
         args.func(args)
     except UsageError as exc:

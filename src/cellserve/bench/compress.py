@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cellserve import models
+from cellserve.progress import bar
 from cellserve.bench.common import console, limit_threads, print_table, write_json
 from cellserve.families.ocr import recognize
 from cellserve.models.ocr import OCRModel
@@ -61,90 +62,95 @@ def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int =
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: console.log(msg)  # noqa: E731
-    log(f"rendering {train_lines} training and {test_lines} held-out lines")
-    train_set, test_set = make_datasets(train_lines, test_lines, seed)
-    timing_images = test_set.images[:timing_lines]
-    rows: list[dict] = []
-    runtime_models: list = []
+    # models added (fp32, int8, 2 ONNX Runtime, fine-tuned fp32, QAT, pruned, 3 unit-pruned, 2 students), then timing
+    planned = 10 + len(qat) + len(sparsities) + len(block_sparsities) + 1
+    with bar("compress", planned) as shown:
+        log(f"rendering {train_lines} training and {test_lines} held-out lines")
+        train_set, test_set = make_datasets(train_lines, test_lines, seed)
+        timing_images = test_set.images[:timing_lines]
+        rows: list[dict] = []
+        runtime_models: list = []
 
-    def add(scheme, module_or_model, weight_bits=32, act_bits=32, sparsity=0.0, save=True, **extra):
-        model = module_or_model if isinstance(module_or_model, OCRModel) else ot.to_runtime(module_or_model)
-        if save:
-            models.save(model, workdir / f"ocr_{scheme}.safetensors")
-        row = {"scheme": scheme, "backend": "cellserve", "weight_bits": weight_bits, "act_bits": act_bits,
-               "sparsity": sparsity, "cer": ot.evaluate(model, test_set), "weight_bytes": model.weight_bytes, **extra}
-        rows.append(row)
-        runtime_models.append(model)
-        log(f"{scheme}: CER {row['cer']:.4f}")
-        return model
+        def add(scheme, module_or_model, weight_bits=32, act_bits=32, sparsity=0.0, save=True, **extra):
+            model = module_or_model if isinstance(module_or_model, OCRModel) else ot.to_runtime(module_or_model)
+            if save:
+                models.save(model, workdir / f"ocr_{scheme}.safetensors")
+            row = {"scheme": scheme, "backend": "cellserve", "weight_bits": weight_bits, "act_bits": act_bits,
+                   "sparsity": sparsity, "cer": ot.evaluate(model, test_set), "weight_bytes": model.weight_bytes, **extra}
+            rows.append(row)
+            runtime_models.append(model)
+            log(f"{scheme}: CER {row['cer']:.4f}")
+            shown.advance(note=f"{scheme} done")
+            return model
 
-    checkpoint = workdir / f"fp32_h{hidden}_n{train_lines}_s{seed}.pt"
-    teacher = ot.build(hidden, seed)
-    if checkpoint.exists():
-        teacher.load_state_dict(torch.load(checkpoint))
-        log(f"fp32 model from {checkpoint}")
-    else:
-        log(f"training the fp32 BiLSTM({hidden}) for up to {train_seconds:.0f} s")
-        ot.train(teacher, train_set, epochs=100, seconds=train_seconds, log=log)
-        torch.save(teacher.state_dict(), checkpoint)
-    teacher.eval()
-    fp32 = add("fp32", teacher, hidden=hidden)
-    add("int8-ptq", quantize_dynamic(fp32), 8, 8, hidden=hidden)
-    # the peer: the same model in ONNX Runtime, fp32 and with its dynamic int8 LSTM operator
-    add("fp32-onnxruntime", use_onnxruntime(copy.deepcopy(fp32)), save=False, hidden=hidden, backend="onnxruntime")
-    add("int8-ptq-onnxruntime", use_onnxruntime(copy.deepcopy(fp32), int8=True), 8, 8, save=False, hidden=hidden,
-        backend="onnxruntime")
+        checkpoint = workdir / f"fp32_h{hidden}_n{train_lines}_s{seed}.pt"
+        teacher = ot.build(hidden, seed)
+        if checkpoint.exists():
+            teacher.load_state_dict(torch.load(checkpoint))
+            log(f"fp32 model from {checkpoint}")
+        else:
+            log(f"training the fp32 BiLSTM({hidden}) for up to {train_seconds:.0f} s")
+            ot.train(teacher, train_set, epochs=100, seconds=train_seconds, log=log)
+            torch.save(teacher.state_dict(), checkpoint)
+        teacher.eval()
+        fp32 = add("fp32", teacher, hidden=hidden)
+        add("int8-ptq", quantize_dynamic(fp32), 8, 8, hidden=hidden)
+        # the peer: the same model in ONNX Runtime, fp32 and with its dynamic int8 LSTM operator
+        add("fp32-onnxruntime", use_onnxruntime(copy.deepcopy(fp32)), save=False, hidden=hidden, backend="onnxruntime")
+        add("int8-ptq-onnxruntime", use_onnxruntime(copy.deepcopy(fp32), int8=True), 8, 8, save=False, hidden=hidden,
+            backend="onnxruntime")
 
-    # h sees c only through tanh, which is within 3e-4 of +-1 beyond |c| = 4.5: clipping c there costs the
-    # output little, while a range set by the few integrating units (|c| ~ 70 here) would waste the grid.
-    peak = ot.cell_peak(teacher, train_set)
-    cell_limit = min(peak, 8.0)
-    # every fine-tuned row trains finetune_seconds more: this row is the fp32 accuracy to compare them with
-    add("fp32-finetuned", ot.train(copy.deepcopy(teacher), train_set, epochs=100, seconds=finetune_seconds,
-                                   lr=1e-3, log=log), hidden=hidden, extra_train_s=finetune_seconds)
-    log(f"cell-state clip for QAT: +-{cell_limit:.2f} (99.9th percentile of |c|: {peak:.1f})")
-    for weight_bits, act_bits in qat:
-        spec = QuantSpec(weight_bits, act_bits, cell_bits=8, cell_limit=cell_limit)
-        module = ot.train(ot.with_spec(teacher, spec), train_set, epochs=100, seconds=finetune_seconds, lr=1e-3,
-                          log=log)
-        add(f"qat-w{weight_bits}a{act_bits}", module, weight_bits, act_bits, cell_bits=8, hidden=hidden,
-            extra_train_s=finetune_seconds)
+        # h sees c only through tanh, which is within 3e-4 of +-1 beyond |c| = 4.5: clipping c there costs the
+        # output little, while a range set by the few integrating units (|c| ~ 70 here) would waste the grid.
+        peak = ot.cell_peak(teacher, train_set)
+        cell_limit = min(peak, 8.0)
+        # every fine-tuned row trains finetune_seconds more: this row is the fp32 accuracy to compare them with
+        add("fp32-finetuned", ot.train(copy.deepcopy(teacher), train_set, epochs=100, seconds=finetune_seconds,
+                                       lr=1e-3, log=log), hidden=hidden, extra_train_s=finetune_seconds)
+        log(f"cell-state clip for QAT: +-{cell_limit:.2f} (99.9th percentile of |c|: {peak:.1f})")
+        for weight_bits, act_bits in qat:
+            spec = QuantSpec(weight_bits, act_bits, cell_bits=8, cell_limit=cell_limit)
+            module = ot.train(ot.with_spec(teacher, spec), train_set, epochs=100, seconds=finetune_seconds, lr=1e-3,
+                              log=log)
+            add(f"qat-w{weight_bits}a{act_bits}", module, weight_bits, act_bits, cell_bits=8, hidden=hidden,
+                extra_train_s=finetune_seconds)
 
-    for sparsity in sparsities:
-        module = copy.deepcopy(teacher)
-        masks = ot.magnitude_masks(module, sparsity)
-        ot.apply_masks(module, masks)
-        ot.train(module, train_set, epochs=100, seconds=finetune_seconds, lr=1e-3, log=log,
-                 after_step=lambda m, masks=masks: ot.apply_masks(m, masks))
-        add(f"prune-magnitude-{int(sparsity * 100)}", module, sparsity=sparsity, hidden=hidden,
-            extra_train_s=finetune_seconds)
+        for sparsity in sparsities:
+            module = copy.deepcopy(teacher)
+            masks = ot.magnitude_masks(module, sparsity)
+            ot.apply_masks(module, masks)
+            ot.train(module, train_set, epochs=100, seconds=finetune_seconds, lr=1e-3, log=log,
+                     after_step=lambda m, masks=masks: ot.apply_masks(m, masks))
+            add(f"prune-magnitude-{int(sparsity * 100)}", module, sparsity=sparsity, hidden=hidden,
+                extra_train_s=finetune_seconds)
 
-    for sparsity in block_sparsities:  # blocks of 16 output rows x 1 input, run by the block-sparse kernel
-        module = copy.deepcopy(teacher)
-        masks = ot.block_masks(module, sparsity)
-        ot.apply_masks(module, masks)
-        ot.train(module, train_set, epochs=100, seconds=finetune_seconds, lr=1e-3, log=log,
-                 after_step=lambda m, masks=masks: ot.apply_masks(m, masks))
-        add(f"prune-blocks-{int(sparsity * 100)}", ot.to_runtime(module, block_sparse=True), sparsity=sparsity,
-            hidden=hidden, extra_train_s=finetune_seconds)
+        for sparsity in block_sparsities:  # blocks of 16 output rows x 1 input, run by the block-sparse kernel
+            module = copy.deepcopy(teacher)
+            masks = ot.block_masks(module, sparsity)
+            ot.apply_masks(module, masks)
+            ot.train(module, train_set, epochs=100, seconds=finetune_seconds, lr=1e-3, log=log,
+                     after_step=lambda m, masks=masks: ot.apply_masks(m, masks))
+            add(f"prune-blocks-{int(sparsity * 100)}", ot.to_runtime(module, block_sparse=True), sparsity=sparsity,
+                hidden=hidden, extra_train_s=finetune_seconds)
 
-    half = ot.prune_hidden_units(teacher, hidden // 2)
-    add("prune-units-half-no-finetune", half, sparsity=0.5, hidden=hidden // 2)
-    ot.train(half, train_set, epochs=100, seconds=2 * finetune_seconds, lr=1e-3, log=log)  # it has more to relearn
-    half = add("prune-units-half", half, sparsity=0.5, hidden=hidden // 2, extra_train_s=2 * finetune_seconds)
-    add("prune-units-half-int8-onnxruntime", use_onnxruntime(copy.deepcopy(half), int8=True), 8, 8, sparsity=0.5,
-        save=False, hidden=hidden // 2, backend="onnxruntime", extra_train_s=2 * finetune_seconds)
+        half = ot.prune_hidden_units(teacher, hidden // 2)
+        add("prune-units-half-no-finetune", half, sparsity=0.5, hidden=hidden // 2)
+        ot.train(half, train_set, epochs=100, seconds=2 * finetune_seconds, lr=1e-3, log=log)  # it has more to relearn
+        half = add("prune-units-half", half, sparsity=0.5, hidden=hidden // 2, extra_train_s=2 * finetune_seconds)
+        add("prune-units-half-int8-onnxruntime", use_onnxruntime(copy.deepcopy(half), int8=True), 8, 8, sparsity=0.5,
+            save=False, hidden=hidden // 2, backend="onnxruntime", extra_train_s=2 * finetune_seconds)
 
-    for name, extra_loss in (("student", None), ("distilled", ot.distillation_loss(teacher))):
-        student = ot.build(student_hidden, seed + 1)  # same start and same epochs, with and without teacher
-        start = time.perf_counter()
-        ot.train(student, train_set, epochs=student_epochs, log=log, extra_loss=extra_loss)
-        add(f"{name}-bilstm{student_hidden}", student, hidden=student_hidden, train_s=time.perf_counter() - start)
+        for name, extra_loss in (("student", None), ("distilled", ot.distillation_loss(teacher))):
+            student = ot.build(student_hidden, seed + 1)  # same start and same epochs, with and without teacher
+            start = time.perf_counter()
+            ot.train(student, train_set, epochs=student_epochs, log=log, extra_loss=extra_loss)
+            add(f"{name}-bilstm{student_hidden}", student, hidden=student_hidden, train_s=time.perf_counter() - start)
 
-    log(f"timing {len(runtime_models)} models on {len(timing_images)} lines, interleaved rounds")
-    timings = time_models(runtime_models, timing_images)
-    for row, us in zip(rows, timings):
-        row["us_per_line"], row["speedup"] = us, timings[0] / us  # against fp32 in our runtime
+        log(f"timing {len(runtime_models)} models on {len(timing_images)} lines, interleaved rounds")
+        timings = time_models(runtime_models, timing_images)
+        shown.advance(note="timed")
+        for row, us in zip(rows, timings):
+            row["us_per_line"], row["speedup"] = us, timings[0] / us  # against fp32 in our runtime
     print_table("OCR BiLSTM-CTC: accuracy vs speed (held-out lines, 1 thread, median)", rows,
                 [("scheme", "scheme"), ("weight_bits", "W bits"), ("act_bits", "A bits"), ("sparsity", "sparsity"),
                  ("hidden", "hidden"), ("cer", "CER"), ("weight_bytes", "weight bytes"),

@@ -5,11 +5,13 @@ first runs every policy and the others run cellular, for the loop-against-loop r
 
 from __future__ import annotations
 
+
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cellserve.progress import bar
 from cellserve.bench.common import console, limit_threads, print_table, write_json
 from cellserve.bench.loadgen import poisson_arrivals, run_load
 from cellserve.bench.workloads import WORKLOADS, sentence_lengths
@@ -82,26 +84,31 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
             runs += [("cellular", "cellserve", loop) for loop in loops[1:] if "cellular" in policies]
             mine: list[dict] = []
             saturated = {run: 0 for run in runs}
-            for rate in grid:
-                for policy, backend, loop in runs:
-                    if saturated[(policy, backend, loop)] >= 2:  # saturated twice already: higher rates tell nothing new
-                        continue
-                    row = _measure(workload, models[backend], policy, backend, rate, duration, seed, max_batch,
-                                   max_delay_ms, buckets, tune_gc, loop)
-                    saturated[(policy, backend, loop)] += 0 if row["sustained"] else 1
-                    mine.append(row)
-                if all(v >= 2 for v in saturated.values()):
-                    break
-            if not rates:
-                refined = [(p, loops[0]) for p in ("graph", "cellular") if p in policies]
-                refined += [("cellular", loop) for loop in loops[1:] if "cellular" in policies]
-                for target, loop in refined:
-                    extra = refine([r for r in mine if r["backend"] == "cellserve" and r["asked_loop"] == loop], target)
-                    also = [p for p in ("cellular", "graph") if p in policies] if target == "graph" else [target]
-                    for rate in extra:
-                        for policy in also:
-                            mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate, duration,
-                                                 seed, max_batch, max_delay_ms, buckets, tune_gc, loop))
+            with bar(f"{name} sweep", len(grid) * len(runs)) as shown:
+                for rate in grid:
+                    for policy, backend, loop in runs:
+                        shown.advance(note=f"{rate:g} req/s {policy} {loop}")
+                        if saturated[(policy, backend, loop)] >= 2:  # saturated twice already: higher rates tell nothing new
+                            continue
+                        row = _measure(workload, models[backend], policy, backend, rate, duration, seed, max_batch,
+                                       max_delay_ms, buckets, tune_gc, loop)
+                        saturated[(policy, backend, loop)] += 0 if row["sustained"] else 1
+                        mine.append(row)
+                    if all(v >= 2 for v in saturated.values()):
+                        shown.advance((len(grid) - grid.index(rate) - 1) * len(runs))
+                        break
+                if not rates:
+                    refined = [(p, loops[0]) for p in ("graph", "cellular") if p in policies]
+                    refined += [("cellular", loop) for loop in loops[1:] if "cellular" in policies]
+                    for target, loop in refined:
+                        extra = refine([r for r in mine if r["backend"] == "cellserve" and r["asked_loop"] == loop], target)
+                        also = [p for p in ("cellular", "graph") if p in policies] if target == "graph" else [target]
+                        shown.grow(len(extra) * len(also))
+                        for rate in extra:
+                            for policy in also:
+                                shown.advance(note=f"refining {rate:g} req/s {policy} {loop}")
+                                mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate, duration,
+                                                     seed, max_batch, max_delay_ms, buckets, tune_gc, loop))
             rows += sorted(mine, key=lambda r: (r["backend"], r["rate_rps"], POLICIES.index(r["policy"])))
     columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("step_loop", "loop"),
                ("rate_rps", "offered/s"),

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellserve.progress import bar
 from cellserve.bench.common import console, print_table, write_json
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
@@ -309,10 +310,11 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         _repository(Path(tmp), path)
-        with Server(Path(tmp)) as server:
+        with Server(Path(tmp)) as server, bar("streams sweep", len(deployments) * len(message_ms) * len(streams)) as shown:
             for deployment in deployments:
                 for ms in message_ms:
-                    for s in streams:
+                    for i, s in enumerate(streams):
+                        shown.advance(note=f"{deployment} M={ms} ms S={s}")
                         cpu = server.cpu_seconds()
                         if deployment == "per-stream-ort":
                             row = run_per_stream_ort(path, s, ms, seconds, seed)
@@ -327,6 +329,7 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
                                       + (f", server CPU {row['server_cpu_us_per_message']:.0f} us/message"
                                          if "server_cpu_us_per_message" in row else ""))
                         if not row["sustained"]:
+                            shown.advance(len(streams) - i - 1)  # larger S are skipped
                             break
             per_session = bytes_per_session(server, idle_sessions) if idle_sessions else None
     best = {(d, ms): max([r["streams"] for r in rows if r["deployment"] == d and r["message_ms"] == ms

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellserve.progress import bar
 from cellserve.tasks.ocr_data import ALPHABET, HEIGHT, OCRDataset, character_error_rate, encode
 from cellserve.families.ocr import recognize
 from cellserve.compress.qat import QuantSpec, int8_linear, quantized_lstm
@@ -75,26 +76,33 @@ def train(model: Recognizer, train_set: OCRDataset, epochs: int = 12, seconds: f
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     out_of_time = lambda: seconds is not None and time.perf_counter() - start > seconds  # noqa: E731
-    model.train()
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        for frames, lengths, targets, target_lengths in batches(train_set, model.stride, batch_size, rng):
-            logits = model(frames, lengths)
-            loss = ctc(logits.log_softmax(-1), targets, lengths, target_lengths)
-            if extra_loss is not None:
-                loss = loss + extra_loss(frames, lengths, logits)
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            if after_step is not None:
-                after_step(model)
-            total, count = total + loss.item(), count + 1
+    timed = seconds is not None  # the bar counts seconds; else batches
+    with bar("training", round(seconds) if timed else epochs * -(-len(train_set.texts) // batch_size)) as shown:
+        model.train()
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for frames, lengths, targets, target_lengths in batches(train_set, model.stride, batch_size, rng):
+                logits = model(frames, lengths)
+                loss = ctc(logits.log_softmax(-1), targets, lengths, target_lengths)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(frames, lengths, logits)
+                opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                if after_step is not None:
+                    after_step(model)
+                total, count = total + loss.item(), count + 1
+                note = f"epoch {epoch}, loss {total / count:.3f}"
+                if timed:
+                    shown.update(min(time.perf_counter() - start, seconds), note)
+                else:
+                    shown.advance(note=note)
+                if out_of_time():
+                    break
+            log(f"epoch {epoch}: loss {total / max(count, 1):.3f} ({time.perf_counter() - start:.0f} s)")
             if out_of_time():
                 break
-        log(f"epoch {epoch}: loss {total / max(count, 1):.3f} ({time.perf_counter() - start:.0f} s)")
-        if out_of_time():
-            break
     model.eval()
     return model
 
