@@ -80,3 +80,32 @@ def test_the_page_links_metrics_and_docs_and_its_figures_are_restricted_as_stati
         assert 'href="/metrics"' in page.text and 'href="/docs"' in page.text and "/api/live" in page.text
         assert client.get("/api/live").status_code == 401
         assert client.get("/api/live", headers={"admin-key": "s3"}).status_code == 200
+
+
+def test_the_grafana_dashboard_queries_only_metrics_and_labels_we_export():
+    """docs/grafana-dashboard.json: every series it asks for is one /metrics serves, with those labels."""
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    with TestClient(create_app(repository())) as client:
+        assert client.post("/v2/models/lm/infer", json=lm_body(2)).status_code == 200
+        assert client.post("/v2/models/lm/infer", json={"inputs": []}).status_code == 400
+        text = client.get("/metrics").text
+    labels: dict[str, set] = {}
+    for name, label_text in re.findall(r"^([a-z_]+)\{([^}]*)\}", text, re.M):
+        labels.setdefault(name, set()).update(re.findall(r'([a-z_]+)="', label_text))
+    for line in re.findall(r"^([a-z_]+) ", text, re.M):
+        labels.setdefault(line, set())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 10 and {p["type"] for p in dashboard["panels"]} == {"timeseries", "heatmap"}
+    for expr in exprs:
+        assert expr.count("(") == expr.count(")"), expr
+        for metric in re.findall(r"cellserve_[a-z_]+", expr):
+            assert metric in labels, f"{metric} is not on /metrics"
+            used = set(re.findall(r'([a-z_]+)(?:=~|!=|=)"', expr)) | {
+                label.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
+            assert used <= labels[metric] | {"le"} or not used, (metric, used - labels[metric])
+    model_query = dashboard["templating"]["list"][1]["query"]["query"]
+    assert re.search(r"label_values\((cellserve_[a-z_]+), model\)", model_query)[1] in labels
