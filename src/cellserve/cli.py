@@ -33,6 +33,10 @@ def _serve(args):
 
     try:
         configure_logs(args.log_level, args.log_format)
+        if args.trace:
+            from cellserve.server import tracing
+
+            tracing.configure(args.trace, ratio=args.trace_ratio)
         repository = main.repository_for(args.model_dir, args.model_control_mode, args.load_model)
         if args.ray:
             return _serve_on_ray(args, f"http://{args.host}:{args.port}")
@@ -365,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                        help="info: one access line per request, model loads and unloads; warning: problems only")
     serve.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one object per line")
+    serve.add_argument("--trace", metavar="otlp=URL|console|file=PATH",
+                       help="OpenTelemetry spans per inference request (parse, queue, engine steps, respond), "
+                       "children of the client's W3C traceparent; OTLP over HTTP, e.g. "
+                       "otlp=http://localhost:4318/v1/traces (off by default)")
+    serve.add_argument("--trace-ratio", type=float, default=1.0,
+                       help="with --trace: the share of requests traced when the client sent no sampled "
+                       "traceparent (a traced request costs the server ~5 ms of CPU in the OpenTelemetry SDK)")
     serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (joins RAY_ADDRESS if set)")
     serve.add_argument("--replicas", type=int, default=2, help="with --ray: engine shards; sessions stick to one")
     serve.set_defaults(func=_serve)

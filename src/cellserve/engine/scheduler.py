@@ -41,6 +41,9 @@ class EngineStats:
     # policy), or time steps of padding in a whole-graph call counted as rows
 
 
+STEP_LOG = 2048  # a traced request longer than this many steps keeps its last ones
+
+
 def calm_gc(threshold: int = 50_000) -> None:
     """Keep the cyclic garbage collector from stalling steps: objects alive now (models, the server)
     move to the permanent generation (gc.freeze), and young collections run every `threshold`
@@ -66,6 +69,8 @@ class Engine:
         self.max_queue = int(config.max_queue)
         self.length_buckets = tuple(sorted(config.length_buckets))
         self.observer = observer
+        # the last steps (end, seconds, cell type, rows), on time.perf_counter's clock: a traced request's steps
+        self.step_log: collections.deque = collections.deque(maxlen=STEP_LOG)
         self.idle_timeout = float(config.idle_timeout_s)
         self.max_wait_steps = int(config.max_wait_steps)
         self.pick = config.pick or runner.default_pick
@@ -344,9 +349,10 @@ class Engine:
         return left
 
     def _count_steps(self, steps: list[tuple]) -> None:
-        """run()'s bookkeeping for steps a native loop ran: (cell type, rows, padded rows, seconds, kernel)."""
+        """run()'s bookkeeping for steps a native loop ran: (cell type, rows, padded rows, seconds, kernel, end)."""
         stats = self.stats
-        for cell_type, rows, padded, seconds, _ in steps:
+        for cell_type, rows, padded, seconds, _, end in steps:
+            self.step_log.append((end, seconds, cell_type, rows + padded))
             stats.steps += 1
             self.last_run[cell_type] = stats.steps
             stats.batch_sizes[(cell_type, rows + padded)] += 1
@@ -412,11 +418,13 @@ class Engine:
         self.stats.steps += 1
         self.last_run[cell_type] = self.stats.steps
         size = max(self.runner.last_rows, pad_to)
+        end = time.perf_counter()
+        self.step_log.append((end, end - start, cell_type, size))
         self.stats.batch_sizes[(cell_type, size)] += 1
         self.stats.rows_run += size
         self.stats.rows_padded += size - self.runner.last_rows + self.runner.last_padding
         if self.observer:
-            self.observer.on_batch(cell_type, size, time.perf_counter() - start)
+            self.observer.on_batch(cell_type, size, end - start)
         return left
 
     def retire(self, reqs: list[Request]) -> None:

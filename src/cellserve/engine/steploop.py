@@ -96,7 +96,8 @@ class NativeLoopRunner(Runner):
 
     def run_steps(self, max_rows: int, pad_to: int = 0) -> tuple[list[Request], list[tuple]]:
         """Every stage in turn to completion on this thread, each step padded to pad_to rows (graph). Returns
-        (requests that left, steps), a step being (cell type, rows, padded rows, seconds, kernel seconds)."""
+        (requests that left, steps), a step being (cell type, rows, padded rows, seconds, kernel seconds, end
+        time on time.perf_counter's clock)."""
         return self._finish(*self.loop.run(self.cancel_flags, max_rows, pad_to, -1))
 
     def start_worker(self, max_rows: int, pick: str, max_wait_steps: int, max_running: int, threads: int) -> None:
@@ -124,6 +125,6 @@ class NativeLoopRunner(Runner):
             if code == 0:
                 req.result = self._result(value, next_token)
             out.append(req)
-        steps = [(self.cell_types[s], rows, padded, seconds, kernel) for s, rows, padded, seconds, kernel in steps]
+        steps = [(self.cell_types[s], *rest) for s, *rest in steps]
         self.kernel_seconds += sum(step[4] for step in steps)
         return out, steps

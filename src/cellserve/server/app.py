@@ -145,12 +145,12 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
             parsed.append(parse_infer_request(body, headers.get(HEADER_LENGTH)))
             return parsed[0]
 
-        request_id = headers.get("x-request-id")
         try:
-            response, request_id = await observed_infer(current(), name, parse, version, "http", request_id)
+            (content, response_headers), request_id = await observed_infer(
+                current(), name, parse, version, "http", lambda response: build_response(response, parsed[0]),
+                headers.get("x-request-id"), headers)
         except ServiceError as exc:
             return exc.status, json.dumps({"error": str(exc)}).encode(), {"Content-Type": "application/json"}
-        content, response_headers = build_response(response, parsed[0])
         response_headers["X-Request-ID"] = request_id
         return 200, content, response_headers
 

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from cellserve import __version__
 from cellserve.engine import EngineFull, EngineStopped
+from cellserve.server import tracing
 from cellserve.server.live import LiveView
 from cellserve.server.metrics import Metrics
 from cellserve.server.protocol import InferRequest, InferResponse, ProtocolError
@@ -235,6 +236,10 @@ class LocalBackend:
                             output=now - done, rows=len(inputs))
         self.metrics.requests.labels(served.name, "success").inc()
         timing = {"rows": len(inputs), "parse_s": parsed - start, "queue_s": queue, "compute_s": done - parsed - queue}
+        if tracing.traced():  # marks for the request's spans, and the steps of its time
+            first = min((r.started for r in submitted if r.started is not None), default=parsed)
+            timing.update(clock_offset=time.time() - time.perf_counter(), parsed_at=parsed, started_at=parsed + queue,
+                          done_at=done, steps=tracing.steps_between(served.engine.step_log, first, done))
         return InferResponse(served.name, served.version, req.id, {k: outputs[k] for k in wanted}, parameters, timing)
 
     def _record_failure(self, name: str, start: float, status: int) -> None:

@@ -94,8 +94,9 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     return message
 
 
-def _metadata(context, key: str) -> str | None:
-    return next((value for k, value in context.invocation_metadata() or () if k == key), None)
+def _metadata(context) -> dict:
+    """The call's metadata (keys are lower case): x-request-id, and traceparent for traces."""
+    return dict(context.invocation_metadata() or ())
 
 
 class InferenceServicer(pbg.GRPCInferenceServiceServicer):
@@ -167,13 +168,15 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         await self.backend().unload(name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request, request_id: str | None = None) -> pb.ModelInferResponse:
-        response, _ = await observed_infer(self.backend(), request.model_name, lambda: decode_request(request),
-                                           request.model_version or None, "grpc", request_id)
-        return encode_response(response)
+    async def _infer(self, request, metadata: dict | None = None) -> pb.ModelInferResponse:
+        metadata = metadata or {}
+        message, _ = await observed_infer(self.backend(), request.model_name, lambda: decode_request(request),
+                                          request.model_version or None, "grpc", encode_response,
+                                          metadata.get("x-request-id"), metadata)
+        return message
 
     async def ModelInfer(self, request, context):
-        return await self._guard(context, lambda: self._infer(request, _metadata(context, "x-request-id")))
+        return await self._guard(context, lambda: self._infer(request, _metadata(context)))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are submitted in arrival order (a session's chunks keep theirs) and answered as they
@@ -184,9 +187,11 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         pending: collections.Counter = collections.Counter()  # sequence id -> chunks unanswered
         drained = asyncio.Condition()
 
+        traced = {k: v for k, v in _metadata(context).items() if k != "x-request-id"}  # each message has its id
+
         async def one(request, sid):
             try:
-                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request, traced))
             except ServiceError as exc:
                 answer = pb.ModelStreamInferResponse(error_message=str(exc), infer_response=_failed(request))
             except Exception as exc:  # never take the stream (or the server) down

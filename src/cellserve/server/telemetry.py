@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 
+from cellserve.server import tracing
 from cellserve.server.backend import ServiceError
 from cellserve.server.protocol import InferResponse
 
@@ -58,12 +59,14 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def observed_infer(backend, name: str, parse, version: str | None, protocol: str,
-                         request_id: str | None = None) -> tuple[InferResponse, str]:
-    """backend.infer, logged: returns (response, request id). The id is the client's (the request's `id`, or
-    the wire's request-id header) or a new one. An unexpected failure is logged with its traceback and
-    answered as a clean 500 that names the id."""
+async def observed_infer(backend, name: str, parse, version: str | None, protocol: str, encode,
+                         request_id: str | None = None, carrier=None) -> tuple[object, str]:
+    """backend.infer, then encode(response) for the wire, logged and (when on) traced: returns (encoded,
+    request id). The id is the client's (the request's `id`, or the wire's request-id header) or a new one.
+    An unexpected failure is logged with its traceback and answered as a clean 500 that names the id.
+    carrier: the HTTP headers or gRPC metadata, for a W3C traceparent."""
     start = time.perf_counter()
+    span = tracing.start(f"infer {name}", carrier, time.time_ns()) if tracing.TRACER is not None else None
     parsed = []
 
     def parse_and_keep():
@@ -74,7 +77,8 @@ async def observed_infer(backend, name: str, parse, version: str | None, protoco
     status, response = 200, None
     try:
         response = await backend.infer(name, parse_and_keep, version)
-        return response, request_id or response.id or _fallback_id(parsed)
+        request_id = request_id or response.id or _fallback_id(parsed)
+        return encode(response), request_id
     except ServiceError as exc:
         status = exc.status
         raise
@@ -88,10 +92,15 @@ async def observed_infer(backend, name: str, parse, version: str | None, protoco
         raise ServiceError(500, f"internal error in request {request_id} ({type(exc).__name__}); the server log "
                                 "has the details")
     finally:
-        if ACCESS.isEnabledFor(logging.INFO):
+        timing = response.timing if response is not None else {}
+        if ACCESS.isEnabledFor(logging.INFO) or span is not None:
             request_id = request_id or (response.id if response is not None else None) or _fallback_id(parsed)
-            _access(request_id, name, protocol, status, time.perf_counter() - start,
-                    response.timing if response is not None else {})
+        if ACCESS.isEnabledFor(logging.INFO):
+            _access(request_id, name, protocol, status, time.perf_counter() - start, timing)
+        if span is not None:
+            tracing.finish(span, time.time_ns(), timing, {
+                "cellserve.request_id": request_id, "cellserve.model": name, "cellserve.protocol": protocol,
+                "cellserve.rows": timing.get("rows", 0), "http.response.status_code": status})
 
 
 def _fallback_id(parsed: list) -> str:

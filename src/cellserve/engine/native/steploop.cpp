@@ -96,10 +96,11 @@ struct Left {
 };
 
 /* One step: its stage, rows, padding rows, the loop's busy time for it (bookkeeping since the previous step
- * included) and the part inside the model's compute. */
+ * included), the part inside the model's compute, and when it ended (CLOCK_MONOTONIC seconds, Python's
+ * time.perf_counter). */
 struct StepRecord {
     int stage, rows, padded;
-    double seconds, kernel;
+    double seconds, kernel, end;
 };
 
 /* The engine's policy settings for a run() call (max_rows, pad_to) or the worker (the rest too). */
@@ -411,7 +412,7 @@ struct Core {
         const double k0 = kernel_seconds;
         step(s, a, b, pad, left);
         const double t = now();
-        records.push_back({s, b - a, pad, t - *mark, kernel_seconds - k0});
+        records.push_back({s, b - a, pad, t - *mark, kernel_seconds - k0, t});
         *mark = t;
         return true;
     }
@@ -759,7 +760,7 @@ PyObject *record_list(const std::vector<StepRecord> &records) {
     PyObject *out = PyList_New((Py_ssize_t)records.size());
     for (size_t i = 0; out && i < records.size(); i++) {
         const StepRecord &r = records[i];
-        PyObject *item = Py_BuildValue("iiidd", r.stage, r.rows, r.padded, r.seconds, r.kernel);
+        PyObject *item = Py_BuildValue("iiiddd", r.stage, r.rows, r.padded, r.seconds, r.kernel, r.end);
         if (!item) {
             Py_CLEAR(out);
             break;
