@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "otlp=http://localhost:4318/v1/traces (off by default)")
     serve.add_argument("--trace-ratio", type=float, default=1.0,
                        help="with --trace: the share of requests traced when the client sent no sampled "
-                       "traceparent (a traced request costs the server ~5 ms of CPU in the OpenTelemetry SDK)")
+                       "traceparent (a traced speller request costs the server ~1 ms of CPU in the OpenTelemetry SDK)")
     serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (joins RAY_ADDRESS if set)")
     serve.add_argument("--replicas", type=int, default=2, help="with --ray: engine shards; sessions stick to one")
     serve.set_defaults(func=_serve)

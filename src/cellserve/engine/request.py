@@ -67,6 +67,8 @@ class Request:
     end: bool = False  # the last chunk of its session
     snapshot: bool = False  # return the session's state after this chunk (result["snapshot"])
     chunk: int = 0  # its number in its session
+    traced: bool = False  # keep the numbers of the steps it takes part in (where the step loop can)
+    step_numbers: list | None = None  # those numbers, as in the engine's step log
 
     @property
     def queue_seconds(self) -> float:

@@ -69,7 +69,7 @@ class Engine:
         self.max_queue = int(config.max_queue)
         self.length_buckets = tuple(sorted(config.length_buckets))
         self.observer = observer
-        # the last steps (end, seconds, cell type, rows), on time.perf_counter's clock: a traced request's steps
+        # the last steps (end, seconds, cell type, rows, number), on time.perf_counter's clock: a traced request's
         self.step_log: collections.deque = collections.deque(maxlen=STEP_LOG)
         self.idle_timeout = float(config.idle_timeout_s)
         self.max_wait_steps = int(config.max_wait_steps)
@@ -111,7 +111,7 @@ class Engine:
 
     def enqueue(self, inputs: dict, sequence_id: str | None = None, sequence_start: bool = False,
                 sequence_end: bool = False, sequence_snapshot: bool = False,
-                sequence_restore: dict | None = None) -> Request:
+                sequence_restore: dict | None = None, traced: bool = False) -> Request:
         """Queue a request; returns it (its `future` has the result, `queue_seconds` its wait for the running
         set). Raises ValueError on bad input and EngineFull when the queue is at capacity (nothing is
         dropped silently).
@@ -129,7 +129,7 @@ class Engine:
             raise ValueError("snapshot and restore need a sequence_id")
         if sequence_restore is not None:
             self.runner.check_snapshot(sequence_restore)
-        req = Request(payload, slots_needed, end=bool(sequence_end), snapshot=bool(sequence_snapshot))
+        req = Request(payload, slots_needed, end=bool(sequence_end), snapshot=bool(sequence_snapshot), traced=traced)
         with self._cv:
             if not self._running_flag:
                 raise EngineStopped("engine is not running")
@@ -349,10 +349,11 @@ class Engine:
         return left
 
     def _count_steps(self, steps: list[tuple]) -> None:
-        """run()'s bookkeeping for steps a native loop ran: (cell type, rows, padded rows, seconds, kernel, end)."""
+        """run()'s bookkeeping for steps a native loop ran: (cell type, rows, padded rows, seconds, kernel, end,
+        number)."""
         stats = self.stats
-        for cell_type, rows, padded, seconds, _, end in steps:
-            self.step_log.append((end, seconds, cell_type, rows + padded))
+        for cell_type, rows, padded, seconds, _, end, number in steps:
+            self.step_log.append((end, seconds, cell_type, rows + padded, number))
             stats.steps += 1
             self.last_run[cell_type] = stats.steps
             stats.batch_sizes[(cell_type, rows + padded)] += 1
@@ -419,7 +420,7 @@ class Engine:
         self.last_run[cell_type] = self.stats.steps
         size = max(self.runner.last_rows, pad_to)
         end = time.perf_counter()
-        self.step_log.append((end, end - start, cell_type, size))
+        self.step_log.append((end, end - start, cell_type, size, self.stats.steps))
         self.stats.batch_sizes[(cell_type, size)] += 1
         self.stats.rows_run += size
         self.stats.rows_padded += size - self.runner.last_rows + self.runner.last_padding

@@ -72,7 +72,7 @@ class NativeLoopRunner(Runner):
         for req in reqs:
             req.progress["row"] = row = next(self._ids)
             self._reqs[row] = req
-            rows.append(self._row(row, req))
+            rows.append((*self._row(row, req), req.traced))
         self.loop.admit(rows)  # together: they join at the same step
         return [ADMITTED] * len(reqs)
 
@@ -97,7 +97,7 @@ class NativeLoopRunner(Runner):
     def run_steps(self, max_rows: int, pad_to: int = 0) -> tuple[list[Request], list[tuple]]:
         """Every stage in turn to completion on this thread, each step padded to pad_to rows (graph). Returns
         (requests that left, steps), a step being (cell type, rows, padded rows, seconds, kernel seconds, end
-        time on time.perf_counter's clock)."""
+        time on time.perf_counter's clock, its number)."""
         return self._finish(*self.loop.run(self.cancel_flags, max_rows, pad_to, -1))
 
     def start_worker(self, max_rows: int, pick: str, max_wait_steps: int, max_running: int, threads: int) -> None:
@@ -117,11 +117,12 @@ class NativeLoopRunner(Runner):
 
     def _finish(self, left, steps):
         out = []
-        for row, code, value, next_token in left:
+        for row, code, value, next_token, numbers in left:
             req = self._reqs.pop(row, None)
             if req is None:  # dropped while it ran
                 continue
             req.progress.pop("row", None)
+            req.step_numbers = numbers  # a traced request's steps (the numbers in the step records)
             if code == 0:
                 req.result = self._result(value, next_token)
             out.append(req)

@@ -195,11 +195,13 @@ class LocalBackend:
         except ValueError as exc:  # ProtocolError, or a snapshot that is not this model's
             raise ServiceError(400, str(exc))
         parsed = time.perf_counter()
+        traced = tracing.traced()
         for attempt in (0, 1):
             submitted = []
             try:
                 for i, item in enumerate(inputs):
-                    submitted.append(served.engine.enqueue(item, **_chunk_parameters(sequence, i, len(inputs))))
+                    submitted.append(served.engine.enqueue(item, **_chunk_parameters(sequence, i, len(inputs)),
+                                                           traced=traced))
                 if len(submitted) == 1:  # gather's task and callbacks cost a small model's request 10%
                     results = [await asyncio.wrap_future(submitted[0].future)]
                 else:
@@ -236,10 +238,10 @@ class LocalBackend:
                             output=now - done, rows=len(inputs))
         self.metrics.requests.labels(served.name, "success").inc()
         timing = {"rows": len(inputs), "parse_s": parsed - start, "queue_s": queue, "compute_s": done - parsed - queue}
-        if tracing.traced():  # marks for the request's spans, and the steps of its time
+        if traced:  # marks for the request's spans, and its steps
             first = min((r.started for r in submitted if r.started is not None), default=parsed)
             timing.update(clock_offset=time.time() - time.perf_counter(), parsed_at=parsed, started_at=parsed + queue,
-                          done_at=done, steps=tracing.steps_between(served.engine.step_log, first, done))
+                          done_at=done, steps=tracing.request_steps(served.engine.step_log, submitted, first, done))
         return InferResponse(served.name, served.version, req.id, {k: outputs[k] for k in wanted}, parameters, timing)
 
     def _record_failure(self, name: str, start: float, status: int) -> None:

@@ -69,6 +69,8 @@ struct Row {
     bool stop = true;             // GENERATE: stop at EOS
     double score = 0.0;           // READ with a head: log-likelihood so far
     int64_t prev = 0;             // GENERATE: the token fed next
+    bool trace = false;           // keep the numbers of the steps it takes part in (a traced request)
+    std::vector<uint32_t> steps;
 };
 
 struct Stage {
@@ -93,6 +95,7 @@ struct Left {
     std::vector<int64_t> tokens;
     double score;
     long long next_token;
+    std::vector<uint32_t> steps;  // a traced request's steps
 };
 
 /* One step: its stage, rows, padding rows, the loop's busy time for it (bookkeeping since the previous step
@@ -101,6 +104,7 @@ struct Left {
 struct StepRecord {
     int stage, rows, padded;
     double seconds, kernel, end;
+    long long number;  // the loop's count of steps: what a traced row's `steps` name
 };
 
 /* The engine's policy settings for a run() call (max_rows, pad_to) or the worker (the rest too). */
@@ -350,6 +354,8 @@ struct Core {
     void bookkeeping(Stage &st, int s, int a, int n, std::vector<Left> &left) {
         const int classes = st.head ? st.head->n : 0;
         std::vector<int> done;
+        for (int i = 0; i < n; i++)  // this step is number steps + 1 (counted at the end)
+            if (st.rows[a + i].trace) st.rows[a + i].steps.push_back((uint32_t)(steps + 1));
         if (st.kind == GENERATE) {
             for (int i = 0; i < n; i++) {
                 Row &row = st.rows[a + i];
@@ -357,7 +363,7 @@ struct Core {
                 row.out.push_back(tok);
                 row.prev = tok;
                 if ((row.stop && tok == st.eos) || (int)row.out.size() >= row.max_len) {
-                    left.push_back({row.id, LEFT_FINISHED, true, std::move(row.out), 0.0, -1});
+                    left.push_back({row.id, LEFT_FINISHED, true, std::move(row.out), 0.0, -1, std::move(row.steps)});
                     done.push_back(a + i);
                 }
             }
@@ -370,7 +376,8 @@ struct Core {
                 if (nxt < (int)row.tokens.size()) {  // log_softmax as models/lm.py computes it, in float32
                     row.score += (double)((l[row.tokens[nxt]] - row_max[i]) - logf(row_sum[i]));
                 } else {
-                    left.push_back({row.id, LEFT_FINISHED, false, {}, row.score, (long long)row_best[i]});
+                    left.push_back({row.id, LEFT_FINISHED, false, {}, row.score, (long long)row_best[i],
+                                    std::move(row.steps)});
                     done.push_back(a + i);
                 }
                 row.pos = nxt;
@@ -389,6 +396,8 @@ struct Core {
                 moved.max_len = from.max_len;
                 moved.stop = from.stop;
                 moved.prev = to.start_token;
+                moved.trace = from.trace;
+                moved.steps = std::move(st.rows[r].steps);
                 moved.out.reserve(moved.max_len);
                 const int row = append(st.next, std::move(moved));
                 memcpy(&to.state[(size_t)row * width], &st.state[(size_t)r * width], width * sizeof(float));
@@ -412,7 +421,7 @@ struct Core {
         const double k0 = kernel_seconds;
         step(s, a, b, pad, left);
         const double t = now();
-        records.push_back({s, b - a, pad, t - *mark, kernel_seconds - k0, t});
+        records.push_back({s, b - a, pad, t - *mark, kernel_seconds - k0, t, steps});
         *mark = t;
         return true;
     }
@@ -613,7 +622,7 @@ PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
     return PyLong_FromSsize_t((Py_ssize_t)c.stages.size() - 1);
 }
 
-/* admit([(stage, id, ticket, arrival, tokens (int64 array), max_len, stop), ...]): requests join their stages
+/* admit([(stage, id, ticket, arrival, tokens (int64 array), max_len, stop, trace), ...]): requests join their stages
  * together at the next step, their states zeroed (or later, if the stages hold `capacity` rows). */
 PyObject *loop_admit(LoopObject *self, PyObject *arg) {
     Core &c = *self->core;
@@ -622,16 +631,17 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
     std::vector<std::pair<int, Row>> rows;
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
-        int s, max_len, stop;
+        int s, max_len, stop, trace;
         Row row;
         Py_buffer tokens;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iLLdy*ip", &s, &row.id, &row.ticket, &row.arrival,
-                              &tokens, &max_len, &stop)) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iLLdy*ipp", &s, &row.id, &row.ticket, &row.arrival,
+                              &tokens, &max_len, &stop, &trace)) {
             Py_DECREF(seq);
             return nullptr;
         }
         row.max_len = max_len;
         row.stop = stop;
+        row.trace = trace;
         row.tokens.assign((const int64_t *)tokens.buf, (const int64_t *)tokens.buf + tokens.len / 8);
         PyBuffer_Release(&tokens);
         const char *error = nullptr;
@@ -746,7 +756,15 @@ PyObject *left_list(std::vector<Left> &left) {
         } else {
             value = PyFloat_FromDouble(l.score);
         }
-        PyObject *item = value ? Py_BuildValue("LiNL", l.id, l.code, value, l.next_token) : nullptr;
+        PyObject *steps = Py_None;
+        if (value && !l.steps.empty()) {
+            steps = PyList_New((Py_ssize_t)l.steps.size());
+            for (size_t j = 0; steps && j < l.steps.size(); j++)
+                PyList_SET_ITEM(steps, j, PyLong_FromUnsignedLong(l.steps[j]));
+        } else {
+            Py_INCREF(steps);
+        }
+        PyObject *item = value && steps ? Py_BuildValue("LiNLN", l.id, l.code, value, l.next_token, steps) : nullptr;
         if (!item) {
             Py_CLEAR(out);
             break;
@@ -760,7 +778,7 @@ PyObject *record_list(const std::vector<StepRecord> &records) {
     PyObject *out = PyList_New((Py_ssize_t)records.size());
     for (size_t i = 0; out && i < records.size(); i++) {
         const StepRecord &r = records[i];
-        PyObject *item = Py_BuildValue("iiiddd", r.stage, r.rows, r.padded, r.seconds, r.kernel, r.end);
+        PyObject *item = Py_BuildValue("iiidddL", r.stage, r.rows, r.padded, r.seconds, r.kernel, r.end, r.number);
         if (!item) {
             Py_CLEAR(out);
             break;
