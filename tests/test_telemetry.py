@@ -106,7 +106,9 @@ def test_model_loads_and_unloads_are_logged_with_their_time(caplog, tmp_path):
 
 def test_json_lines_carry_the_fields_and_the_traceback():
     stream = io.StringIO()
-    handler = configure_logs("info", "json", stream)
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)  # configure_logs replaces the root's handlers (pytest's too)
+    configure_logs("info", "json", stream)
     try:
         logging.getLogger("cellserve.access").info("line", extra={"fields": {"request_id": "r1", "status": 200}})
         try:
@@ -115,7 +117,8 @@ def test_json_lines_carry_the_fields_and_the_traceback():
             logging.getLogger("cellserve.server").exception("failed")
         logging.getLogger("cellserve.server").debug("not at info")
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
     first, second, *rest = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert not rest
     assert first["message"] == "line" and first["request_id"] == "r1" and first["level"] == "info"
