@@ -71,6 +71,8 @@ def test_two_shards_serve_sessions_that_stick():
             assert bad.status_code == 400 and "JSON" in bad.json()["error"]
             metrics = client.get("/metrics").text
             assert 'replica="0"' in metrics and 'replica="1"' in metrics
+            live = client.get("/api/live").json()["models"]  # the live page's figures, per replica
+            assert {"sru-stream (replica 0)", "sru-stream (replica 1)"} <= set(live)
     finally:
         serve.shutdown()
         ray.shutdown()
