@@ -400,3 +400,44 @@ def test_a_classifier_of_our_own_is_served(tmp_path):
         reply = client.post("/v2/models/sentiment/infer", json={"inputs": [as_json("tokens", tokens)]}).json()
         got = np.array(reply["outputs"][0]["data"]).reshape(2, 4)
     np.testing.assert_allclose(got, classifier.forward(tokens.T), rtol=1e-5, atol=1e-6)
+
+
+def test_the_graphs_front_and_head_count_as_the_models_compute_not_engine_overhead(graphs):
+    """bench serving's overhead is the engine's own work per step: the time an imported graph's front and
+    head spend in ONNX Runtime on the engine's thread is the model's, counted with the cells' as kernel
+    time. (Fronts run on the submitting thread count for neither.)"""
+    import threading
+    import time
+
+    from cellserve.engine import Engine
+    from cellserve.families import make_runner
+
+    model = import_onnx(graphs["acoustic"])
+    on_engine = []
+
+    class Slow:  # each ONNX Runtime call 5 ms longer, so its share outweighs the cells'
+        def __init__(self, session):
+            self.session = session
+
+        def __getattr__(self, name):  # get_inputs and the rest
+            return getattr(self.session, name)
+
+        def run(self, names, feeds):
+            start = time.perf_counter()
+            time.sleep(0.005)
+            try:
+                return self.session.run(names, feeds)
+            finally:
+                if threading.current_thread() is not threading.main_thread():
+                    on_engine.append(time.perf_counter() - start)
+
+    for name in ("_front", "_head", "_lengths", "_states"):
+        if getattr(model, name) is not None:
+            setattr(model, name, Slow(getattr(model, name)))
+    runner = make_runner(model, 256)
+    engine = Engine(runner, "cellular", max_batch=8).start()
+    rng = np.random.default_rng(5)
+    [f.result(timeout=60) for f in [engine.submit(acoustic_request(rng, 12)) for _ in range(20)]]
+    engine.stop()
+    assert on_engine and runner.kernel_seconds > sum(on_engine)  # the cells' time on top of ONNX Runtime's
+    assert engine.stats.overhead_s < engine.stats.step_s - sum(on_engine)

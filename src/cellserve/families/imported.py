@@ -90,6 +90,11 @@ class ImportedFamily(Family):
     def requests(self, tensors):
         return self.model.rows({k: v for k, v in tensors.items() if k != SNAPSHOT.name}, self.context)
 
+    @property
+    def compute_seconds(self) -> float:
+        """Time the graph's front and head have spent in ONNX Runtime (the engine's kernel time, not overhead)."""
+        return self.model.compute_seconds
+
     def frames_batch(self, rows: list[dict]) -> list[np.ndarray]:
         return self.model.frames_batch(rows)
 

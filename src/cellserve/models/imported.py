@@ -12,6 +12,8 @@ time axes."""
 
 from __future__ import annotations
 
+import time
+
 import json
 
 import numpy as np
@@ -48,6 +50,14 @@ class ImportedModel:
         self._lengths = ort_session(onnx.load_from_string(lengths)) if lengths else None
         self._states = ort_session(onnx.load_from_string(states)) if states else None
         self._head_feeds = [i.name for i in self._head.get_inputs()] if self._head else []
+        self.compute_seconds = 0.0  # inside ONNX Runtime (front, head, lengths, states): the model's compute
+
+    def _run(self, session, names, feeds) -> list:
+        start = time.perf_counter()
+        try:
+            return session.run(names, feeds)
+        finally:
+            self.compute_seconds += time.perf_counter() - start
 
     @property
     def streamable(self) -> bool:
@@ -103,13 +113,13 @@ class ImportedModel:
         out: list[np.ndarray] = [None] * len(rows)
         for group in self._groups(rows, names):
             feeds = self._stack(rows, names, group)
-            x = feeds[core_input] if self._front is None else self._front.run([core_input], self._feeds(self._front, feeds))[0]
+            x = feeds[core_input] if self._front is None else self._run(self._front, [core_input], self._feeds(self._front, feeds))[0]
             if x.ndim != 3 or x.shape[1] != len(group) or x.shape[2] != self.rnn.input_size:
                 raise ValueError(f"the front produced shape {list(x.shape)} for the core, which takes "
                                  f"[T, {len(group)}, {self.rnn.input_size}]")
             steps = None
             if self._lengths is not None:  # run only a row's own steps; results_batch pads the core's outputs back
-                steps = np.asarray(self._lengths.run(None, self._feeds(self._lengths, feeds))[0]).reshape(-1)
+                steps = np.asarray(self._run(self._lengths, None, self._feeds(self._lengths, feeds))[0]).reshape(-1)
             for k, i in enumerate(group):
                 frames = x[:, k]
                 if steps is not None:
@@ -132,7 +142,7 @@ class ImportedModel:
         dirs = self.rnn.num_directions
         for group in self._groups([rows[i] for i in given], names):
             members = [given[k] for k in group]
-            values = self._states.run(None, self._stack(rows, names, members))
+            values = self._run(self._states, None, self._stack(rows, names, members))
             for k, i in enumerate(members):
                 state = [[np.zeros(w, np.float32) for w in cell.state_widths()] for cell in self.rnn.cells]
                 for source, value in zip(self.spec["state_sources"], values):
@@ -152,7 +162,7 @@ class ImportedModel:
             names = [o.name for o in self._head.get_outputs()]
             axes = self._axis
             for group in self._groups(joined, self._head_feeds):
-                values = self._head.run(names, self._stack(joined, self._head_feeds, group))
+                values = self._run(self._head, names, self._stack(joined, self._head_feeds, group))
                 for name, value in zip(names, values):
                     axis = axes.get(name)
                     for k, i in enumerate(group):
