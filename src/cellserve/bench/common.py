@@ -1,9 +1,11 @@
-"""Shared measurement helpers: thread pinning, median timing, memory bandwidth, tables and JSON."""
+"""Shared measurement helpers: thread pinning, median timing, memory bandwidth, a process's CPU time, tables
+and JSON."""
 
 from __future__ import annotations
 
 import json
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -80,6 +82,12 @@ def memory_bandwidth_gbs(megabytes: int = 256) -> float:
         np.copyto(dst, src)
         samples.append(2 * src.nbytes / (time.perf_counter() - start))
     return float(np.median(samples)) / 1e9
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write_json(path: str | Path | None, payload: dict) -> None:

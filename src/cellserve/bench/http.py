@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from cellserve.bench.common import console, limit_threads, print_table, write_json
+from cellserve.bench.common import console, limit_threads, print_table, process_cpu_seconds, write_json
 from cellserve.engine import Engine
 from cellserve.families import make_runner
 from cellserve.tasks.speller import MAX_NUMBER, encode_number, load_default
@@ -43,18 +42,11 @@ def _run(call, items, clients: int) -> np.ndarray:
         return np.array(list(pool.map(timed, items)))
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _measured(call, items, clients: int, server_pid: int) -> tuple[np.ndarray, float, float]:
     """Latencies (ms) of the calls, and the CPU each call cost the client process and the server process (ms)."""
-    client0, server0 = time.process_time(), _cpu_seconds(server_pid)
+    client0, server0 = time.process_time(), process_cpu_seconds(server_pid)
     latencies = _run(call, items, clients)
-    client, server = time.process_time() - client0, _cpu_seconds(server_pid) - server0
+    client, server = time.process_time() - client0, process_cpu_seconds(server_pid) - server0
     return latencies, client / len(items) * 1000, server / len(items) * 1000
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cellserve.progress import bar
-from cellserve.bench.common import console, print_table, write_json
+from cellserve.bench.common import console, print_table, process_cpu_seconds, write_json
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
 SLO_MS = 100.0
@@ -253,8 +253,7 @@ class Server:
         raise RuntimeError("the server did not become ready")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

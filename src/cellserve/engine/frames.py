@@ -17,6 +17,7 @@ subgraph with shared weights is a cell), and keeps each session's input `context
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -51,10 +52,15 @@ class FrameSequenceRunner(SequenceRunner):
         self.source, self.rnn, self.block_steps = source, source.rnn, int(block_steps)
         super().__init__(capacity, stages)
 
-    def _source_compute(self, since: float) -> None:
-        """Count what the source computed since `since` (an imported graph's front and head in ONNX Runtime)
+    @contextmanager
+    def _source_compute(self):
+        """What the source computes in the block (an imported graph's front and head in ONNX Runtime) counts
         as the model's kernel time, so the engine's overhead metric is its own work alone."""
-        self.kernel_seconds += getattr(self.source, "compute_seconds", 0.0) - since
+        since = getattr(self.source, "compute_seconds", 0.0)
+        try:
+            yield
+        finally:
+            self.kernel_seconds += getattr(self.source, "compute_seconds", 0.0) - since
 
     def prepare(self, inputs):
         if self.front_at_admission:  # the front runs at admission, over every request admitted with this one
@@ -151,9 +157,8 @@ class StreamRunner(FrameSequenceRunner):
 
     def admit(self, reqs):
         fresh = [r for r in reqs if r.payload.frames is None]  # (one sent back for room keeps its frames)
-        computed = getattr(self.source, "compute_seconds", 0.0)
-        failed = self._front(fresh) if self.front_at_admission and fresh else {}
-        self._source_compute(computed)
+        with self._source_compute():
+            failed = self._front(fresh) if self.front_at_admission and fresh else {}
         kept = [r for r in reqs if r.id not in failed]
         statuses = dict(zip((r.id for r in kept), super().admit(kept)))
         return [failed.get(r.id, statuses.get(r.id)) for r in reqs]
@@ -265,10 +270,10 @@ class StreamRunner(FrameSequenceRunner):
             ys.append(self.outputs.data[o:o + n].copy())
             states.append({name: np.array(value) for name, value in state.items()})
         if finished:
-            computed = getattr(self.source, "compute_seconds", 0.0)
-            for req, result in zip(finished, self._results(finished, ys, states)):
+            with self._source_compute():
+                results = self._results(finished, ys, states)
+            for req, result in zip(finished, results):
                 req.result = result
-            self._source_compute(computed)
         self._leave(st, a + done, out)
         self.last_rows = b - a
         return out
@@ -392,9 +397,8 @@ class BidirectionalRunner(FrameSequenceRunner):
                 continue
             top = req.progress["blocks"][-1][1]
             ys = self.seq[-1].data[top:top + len(req.payload)].copy()
-            computed = getattr(self.source, "compute_seconds", 0.0)
-            req.result = self.source.result_of(req.payload.inputs, ys, req.progress["finals"])
-            self._source_compute(computed)
+            with self._source_compute():
+                req.result = self.source.result_of(req.payload.inputs, ys, req.progress["finals"])
             self._free(req)
             out.append(req)
         self.last_rows = b - a

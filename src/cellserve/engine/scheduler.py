@@ -69,7 +69,8 @@ class Engine:
         self.max_queue = int(config.max_queue)
         self.length_buckets = tuple(sorted(config.length_buckets))
         self.observer = observer
-        # the last steps (end, seconds, cell type, rows, number), on time.perf_counter's clock: a traced request's
+        # the last steps (end, seconds, cell type, rows, number), on time.perf_counter's clock: a traced
+        # request's spans are read from it (server/tracing.py)
         self.step_log: collections.deque = collections.deque(maxlen=STEP_LOG)
         self.idle_timeout = float(config.idle_timeout_s)
         self.max_wait_steps = int(config.max_wait_steps)

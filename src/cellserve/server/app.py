@@ -26,7 +26,7 @@ from cellserve.server.protocol import HEADER_LENGTH, InferRequest, build_respons
 from cellserve.server.repository import Repository
 from cellserve.server.auth import http_group, refusal
 from cellserve.server.backend import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
-from cellserve.server.telemetry import log, observed_infer
+from cellserve.server.telemetry import observed_infer
 
 LIVE_PAGE = (resources.files("cellserve.assets") / "live.html").read_text()
 INFER_DOC = {
@@ -150,7 +150,7 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
                 current(), name, parse, version, "http", lambda response: build_response(response, parsed[0]),
                 headers.get("x-request-id"), headers)
         except ServiceError as exc:
-            return exc.status, json.dumps({"error": str(exc)}).encode(), {"Content-Type": "application/json"}
+            return _error(exc.status, str(exc))
         response_headers["X-Request-ID"] = request_id
         return 200, content, response_headers
 
@@ -219,24 +219,26 @@ async def _direct_infer(direct, match, scope, receive, send) -> None:
     headers = Headers(scope=scope)
     refused = refusal(restricted, "inference", headers) if restricted else None
     if refused is not None:
-        status, content, out = refused[0], json.dumps({"error": refused[1]}).encode(), {"Content-Type": "application/json"}
+        status, content, out = _error(*refused)
     else:
-        try:
+        try:  # (answer turns the backend's failures, unexpected ones included, into statuses)
             body = await _receive_body(receive, headers.get("content-length"), limit)
             status, content, out = await answer(match[1], match[2], headers, body)
         except ServiceError as exc:
-            status, content, out = exc.status, json.dumps({"error": str(exc)}).encode(), {"Content-Type": "application/json"}
-        except Exception:  # past the backend (building the reply): logged, and a clean 500
-            log.exception("inference request on %s failed", scope["path"])
-            status, content, out = 500, b'{"error": "internal error; the server log has the details"}', {
-                "Content-Type": "application/json"}
+            status, content, out = _error(exc.status, str(exc))
     raw = [(k.lower().encode(), v.encode()) for k, v in out.items()]
     raw.append((b"content-length", str(len(content)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": content})
 
 
+def _error(status: int, message: str) -> tuple[int, bytes, dict]:
+    """A refusal as the direct path answers it: {"error": message}, as the exception handlers do."""
+    return status, json.dumps({"error": message}).encode(), {"Content-Type": "application/json"}
+
+
 async def _receive_body(receive, declared: str | None, limit: int) -> bytes:
+    """The request body from ASGI messages, refused (413) past `limit` bytes, declared or sent."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
@@ -254,16 +256,7 @@ async def _receive_body(receive, declared: str | None, limit: int) -> bytes:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await _receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
 async def _json_body(request: Request) -> dict:

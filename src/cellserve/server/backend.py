@@ -202,7 +202,7 @@ class LocalBackend:
                 for i, item in enumerate(inputs):
                     submitted.append(served.engine.enqueue(item, **_chunk_parameters(sequence, i, len(inputs)),
                                                            traced=traced))
-                if len(submitted) == 1:  # gather's task and callbacks cost a small model's request 10%
+                if len(submitted) == 1:  # one row needs none of gather's task and callbacks
                     results = [await asyncio.wrap_future(submitted[0].future)]
                 else:
                     results = await asyncio.gather(*(asyncio.wrap_future(r.future) for r in submitted))
