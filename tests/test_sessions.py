@@ -17,11 +17,13 @@ def full_run(rnn, frames):
     return ys[:, 0]
 
 
-@pytest.mark.parametrize("kind,block", [("sru", 4), ("qrnn", 3), ("lstm", 1), ("gru", 2)])
-def test_chunked_session_equals_one_pass(kind, block):
+@pytest.mark.parametrize("kind,block,step_loop", [("sru", 4, "python"), ("qrnn", 3, "python"), ("lstm", 1, "native"),
+                                                  ("gru", 2, "native"), ("lstm", 3, "python"), ("gru", 2, "python")])
+def test_chunked_session_equals_one_pass(kind, block, step_loop):
     options = {"window": 2} if kind == "qrnn" else {}
     rnn = RNN.random(kind, 6, 10, num_layers=2, seed=1, **options)
-    engine = Engine(make_runner(rnn, 16, block_steps=block), "cellular", max_batch=8).start()
+    engine = Engine(make_runner(rnn, 16, block_steps=block, step_loop=step_loop), "cellular", max_batch=8).start()
+    assert engine.step_loop == step_loop
     rng = np.random.default_rng(0)
     frames = rng.standard_normal((37, 6)).astype(np.float32)
     cuts = [0, 5, 6, 13, 14, 30, 37]

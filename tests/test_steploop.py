@@ -11,7 +11,7 @@ from cellserve import kernels
 from cellserve.compress.quantize import quantize_cells, quantize_dynamic
 from cellserve.engine import Engine
 from cellserve.families import make_runner
-from cellserve.models import LanguageModel, Seq2Seq
+from cellserve.models import RNN, LanguageModel, Seq2Seq
 from cellserve.server.config import ModelConfig
 
 VOCAB = 40
@@ -212,3 +212,135 @@ def test_decoding_math_agrees_on_every_isa_path(isa):
     finally:
         kernels.set_isa(before)
     assert_equal("lm", native, python)
+
+
+# --- frame sequences (engine/frames.py's NativeStreamRunner against StreamRunner) -------------------------------
+
+FEATURES = 6
+
+
+def stream_models():
+    """Stream stacks the native loop runs: LSTM and GRU, int8 weights, an LSTM with its cell state on a grid."""
+    lstm = RNN.random("lstm", FEATURES, 10, num_layers=2, seed=1)
+    grid = RNN.random("lstm", FEATURES, 10, num_layers=2, seed=4)
+    quantize_cells(grid.cells, 4, cell_quant=(1 / 64, 4.0))
+    int8 = RNN.random("lstm", FEATURES, 10, num_layers=2, seed=1)
+    quantize_cells(int8.cells, 8)
+    return {"lstm": lstm, "gru": RNN.random("gru", FEATURES, 10, num_layers=3, seed=2), "int8": int8,
+            "4bit-grid": grid}
+
+
+STREAMS = stream_models()
+
+
+def frame_requests(rng, n, longest=40):
+    return [{"frames": rng.standard_normal((int(rng.integers(1, longest)), FEATURES)).astype(np.float32)}
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("policy", ["cellular", "graph", "none"])
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_native_frame_loop_outputs_equal_the_python_loop_and_the_unbatched_run(name, policy, block):
+    """Rows join and leave between blocks, short last blocks run apart, graph pads: every request's outputs are
+    the Python loop's (the same kernels in the same order) and its own unbatched pass's."""
+    model, inputs = STREAMS[name], frame_requests(np.random.default_rng(11), 40)
+    runs = {}
+    for loop in ("native", "python"):
+        engine = Engine(make_runner(model, 256, block_steps=block, step_loop=loop), policy, max_batch=8,
+                        max_delay_ms=2).start()
+        assert engine.step_loop == loop
+        futures = []
+        for i, inp in enumerate(inputs):
+            futures.append(engine.submit(inp))
+            if i % 5 == 0:
+                time.sleep(0.002)
+        runs[loop] = [f.result(timeout=60)["outputs"] for f in futures]
+        engine.stop()
+        assert engine.runner.used == 0 and engine.stats.completed == len(inputs)
+    for inp, native, python in zip(inputs, runs["native"], runs["python"]):
+        np.testing.assert_allclose(native, python, rtol=1e-5, atol=1e-6)
+        alone, _ = model.forward(inp["frames"][:, None, :])
+        np.testing.assert_allclose(native, alone[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_deterministic_frame_schedule_runs_the_same_steps_in_both_loops():
+    """All requests queued before the first step (graph): the same blocks, padding and steps in both loops, and
+    bit-identical outputs."""
+    inputs = frame_requests(np.random.default_rng(12), 24, longest=30)
+    runs = {}
+    for loop in ("native", "python"):
+        engine = Engine(make_runner(STREAMS["lstm"], 256, block_steps=4, step_loop=loop), "graph", max_batch=8,
+                        max_delay_ms=50).start()
+        with engine._cv:  # nothing is admitted until all are queued
+            futures = [engine.submit(inp) for inp in inputs]
+        runs[loop] = [f.result(timeout=60)["outputs"] for f in futures], engine.stats
+        engine.stop()
+    (native, a), (python, b) = runs["native"], runs["python"]
+    for x, y in zip(native, python):
+        np.testing.assert_array_equal(x, y)
+    assert (a.steps, a.rows_run, a.rows_padded, a.batch_sizes) == (b.steps, b.rows_run, b.rows_padded, b.batch_sizes)
+    assert a.rows_padded > 0
+
+
+def test_native_frame_sessions_carry_their_state_and_snapshots_restore_on_either_loop():
+    """A session's chunks on the native loop equal one pass; its snapshot restores on the Python loop and the
+    other way round (the state layout is the same)."""
+    model = STREAMS["gru"]
+    frames = np.random.default_rng(13).standard_normal((29, FEATURES)).astype(np.float32)
+    want, _ = model.forward(frames[:, None, :])
+    engines = {loop: Engine(make_runner(model, 16, block_steps=3, step_loop=loop), "cellular").start()
+               for loop in ("native", "python")}
+    for first, second in (("native", "python"), ("python", "native")):
+        a = engines[first].submit({"frames": frames[:10]}, sequence_id="s", sequence_start=True,
+                                  sequence_snapshot=True).result(timeout=30)
+        b = engines[second].submit({"frames": frames[10:]}, sequence_id="r", sequence_restore=a["snapshot"],
+                                   sequence_end=True).result(timeout=30)
+        assert a["frames_pending"] == 1  # 10 frames: 3 blocks of 3, one waits
+        np.testing.assert_allclose(np.concatenate([a["outputs"], b["outputs"]]), want[:, 0], rtol=1e-5, atol=1e-6)
+    for engine in engines.values():
+        engine.stop()
+        assert engine.runner.used == engine.sessions == 1  # "s" stays open (it was snapshotted, not ended)
+
+
+def test_a_request_whose_head_fails_fails_alone_on_the_native_frame_loop():
+    """The head runs in Python over the requests that finish together: one that raises fails that request
+    only; the others finish and the worker keeps serving."""
+    model = STREAMS["lstm"]
+    runner = make_runner(model, 64)
+    assert runner.step_loop == "native"
+    head = runner.source.result_of
+
+    def picky(inputs, ys, finals):
+        if len(ys) == 13:
+            raise RuntimeError("the head cannot take 13 frames")
+        return head(inputs, ys, finals)
+
+    runner.source.result_of = picky
+    engine = Engine(runner, "cellular", max_batch=8).start()
+    lengths = [5, 13, 7, 13, 9]
+    with engine._cv:  # admitted together, finishing in the same steps as others
+        futures = [engine.submit({"frames": np.ones((n, FEATURES), np.float32)}) for n in lengths]
+    for n, f in zip(lengths, futures):
+        if n == 13:
+            with pytest.raises(RuntimeError, match="13 frames"):
+                f.result(timeout=30)
+        else:
+            assert f.result(timeout=30)["outputs"].shape == (n, 10)
+    assert engine.submit({"frames": np.ones((13, FEATURES), np.float32) * 0}).exception(timeout=30) is not None
+    assert engine.submit({"frames": np.ones((4, FEATURES), np.float32)}).result(timeout=30)["outputs"].shape == (4, 10)
+    engine.stop()
+    assert engine.stats.failed == 3 and engine.runner.used == 0
+
+
+def test_bad_frame_rows_are_refused_by_the_native_loop():
+    runner = make_runner(STREAMS["lstm"], 16)
+    with pytest.raises(ValueError, match="no such token stage"):
+        runner.loop.admit([(0, 1, 0, 0.0, np.zeros(3, np.int64), 1, True, False)])
+    with pytest.raises(ValueError, match="input size"):
+        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros(FEATURES + 1, np.float32), None, False)])
+    with pytest.raises(TypeError, match="float32"):
+        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros(FEATURES), None, False)])
+    with pytest.raises(ValueError, match="state width"):
+        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros(FEATURES, np.float32), np.zeros(3, np.float32), False)])
+    assert runner.used == 0 and runner.loop.used == 0

@@ -12,10 +12,15 @@ rows at once instead: `frames_batch(rows)`, `results_batch(rows, ys, finals)`, a
 the requests an engine step admits and the head once over the requests a step finishes (BatchMaker: every
 subgraph with shared weights is a cell), and keeps each session's input `context` (the source's
 {input: samples}: the last samples of the previous chunk, put before the next one).
+
+A unidirectional LSTM or GRU core also runs on the native step loop (NativeStreamRunner, the default): its
+rows, frames and block steps live in engine/native/steploop.cpp, and Python keeps the front, the head and the
+sessions (StreamChunks, which both stream runners share).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 
@@ -25,6 +30,7 @@ from cellserve.engine.batch import Stage, layer_state_names, layer_state_widths,
 from cellserve.engine.pool import Arena, StatePool
 from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, DONE, NO_ROOM, SequenceRunner, pad_rows
+from cellserve.engine.steploop import NativeLoopRunner, native_layers
 
 CONTEXT = "context:"  # snapshot state entries that hold a session's input context
 
@@ -43,14 +49,13 @@ class Frames:
         return len(self.frames)
 
 
-class FrameSequenceRunner(SequenceRunner):
-    """What stream and bidirectional runners share: the source, blocks of `block_steps` frames."""
+class FrameSource:
+    """What every frame runner shares: the source (front, core, head) and blocks of `block_steps` frames."""
 
-    def __init__(self, source, capacity: int, stages: list[Stage], block_steps: int):
+    def _use_source(self, source, block_steps: int) -> None:
         if block_steps < 1:
             raise ValueError("block_steps must be >= 1")
         self.source, self.rnn, self.block_steps = source, source.rnn, int(block_steps)
-        super().__init__(capacity, stages)
 
     @contextmanager
     def _source_compute(self):
@@ -84,6 +89,14 @@ class FrameSequenceRunner(SequenceRunner):
     def length(self, payload):
         return 1 if payload.frames is None else len(payload.frames)
 
+
+class FrameSequenceRunner(FrameSource, SequenceRunner):
+    """The Python loop's frame runners: stages of engine/batch.py, stepped in blocks."""
+
+    def __init__(self, source, capacity: int, stages: list[Stage], block_steps: int):
+        self._use_source(source, block_steps)
+        SequenceRunner.__init__(self, capacity, stages)
+
     def _blocks(self, st: Stage, a: int, b: int, pad_to: int, run) -> None:
         """Advance rows [a, b) by up to block_steps frames: run(rows, t, pad) for the rows with t frames
         left in this block; rows ending in a short block run apart, grouped (rare: the end of a sequence)."""
@@ -103,31 +116,19 @@ class FrameSequenceRunner(SequenceRunner):
         return slice(rows.start, rows.stop + pad), pad_rows(xs, pad, axis=1)
 
 
-class StreamRunner(FrameSequenceRunner):
-    """A unidirectional stack: all its layers advance together, in blocks of `block_steps` frames, one
-    cell call per layer per block (SRU/QRNN read their weights once per block). In a session, frames short
-    of a full block wait for the next chunk or the session's end, and the state waits in a pool slot
-    between chunks."""
+class StreamChunks(FrameSource):
+    """What both stream runners do around the recurrent core: a unidirectional stack whose sessions hold their
+    state in a pool slot between chunks; frames short of a full block wait for the next chunk or the
+    session's end; the source's front runs over the requests admitted together and its head over those that
+    finish together."""
 
-    cell_types = ("block",)
-
-    def __init__(self, source, capacity: int, block_steps: int = 1):
+    def _use_stream(self, source, capacity: int, block_steps: int) -> None:
         if source.rnn.bidirectional:
             raise ValueError("streaming needs a unidirectional RNN")
-        rnn = source.rnn
-        self.names = layer_state_names(rnn)
-        widths = layer_state_widths(rnn)
-        self.pool = StatePool(capacity, widths)  # sessions' states between chunks
-        self.frames = Arena(rnn.input_size, np.float32)
-        self.outputs = Arena(rnn.output_size, np.float32)
-        self.stage = Stage("block", capacity, widths, {"offset": np.int64, "length": np.int64, "pos": np.int64,
-                                                       "out": np.int64, "arrival": np.float64})
-        super().__init__(source, capacity, [self.stage], block_steps)
-
-    @property
-    def used(self):
-        """Sessions' slots (held between chunks) and the rows of requests without a session."""
-        return self.pool.used + sum(1 for r in self.stage.reqs if r.session is None)
+        self._use_source(source, block_steps)
+        self.names = layer_state_names(self.rnn)
+        self.widths = layer_state_widths(self.rnn)
+        self.pool = StatePool(capacity, self.widths)  # sessions' states between chunks
 
     def close_session(self, session):
         if session.slots is not None:
@@ -155,13 +156,13 @@ class StreamRunner(FrameSequenceRunner):
         return {"state": {**{name: np.array(values, np.float32) for name, values in state.items()}, **context},
                 "pending": np.array(req.session.buffer, np.float32)}
 
-    def admit(self, reqs):
+    def _with_fronts(self, reqs) -> tuple[list, dict]:
+        """The requests whose front ran (batched, for those admitted together when the source wants it at
+        admission) and {request id: exception} for those whose front failed."""
         fresh = [r for r in reqs if r.payload.frames is None]  # (one sent back for room keeps its frames)
         with self._source_compute():
             failed = self._front(fresh) if self.front_at_admission and fresh else {}
-        kept = [r for r in reqs if r.id not in failed]
-        statuses = dict(zip((r.id for r in kept), super().admit(kept)))
-        return [failed.get(r.id, statuses.get(r.id)) for r in reqs]
+        return [r for r in reqs if r.id not in failed], failed
 
     def _front(self, reqs) -> dict:
         """Context, front and client-given initial states for the requests admitted together, batched;
@@ -201,7 +202,10 @@ class StreamRunner(FrameSequenceRunner):
                 failed[req.id] = exc
         return failed
 
-    def _admit(self, req):
+    def _chunk(self, req):
+        """The frames a request runs now (its session's held-back frames first, whole blocks only until the
+        session ends), or NO_ROOM (no slot for a new session's state), or DONE (nothing to run: its result is
+        set)."""
         session = req.session
         if session is not None and req.payload.initial is not None:
             raise ValueError("in a session the server holds the state: send only the chunk's input")
@@ -223,27 +227,91 @@ class StreamRunner(FrameSequenceRunner):
         if session is not None:
             session.buffer = frames[usable:]
         if not usable:
-            state = self._held(session)
-            req.result = self._result(req, np.empty((0, self.rnn.output_size), np.float32), state)
+            req.result = self._results([req], [np.empty((0, self.rnn.output_size), np.float32)], [self._held(session)])[0]
             return DONE
-        req.progress["frames"] = (self.frames.put(frames[:usable]), usable)
-        req.progress["out"] = self.outputs.alloc(usable)
-        rows = self.stage.add([req], offset=req.progress["frames"][0], length=usable, pos=0, out=req.progress["out"],
-                              arrival=req.arrival)
-        if session is not None:
-            for name, arr in self.stage.states.items():
-                arr[rows] = self.pool[name][session.slots[0]]
-        elif req.payload.initial is not None:  # the client's own state, from its state inputs
-            for layer, cell_state in zip(self.names, req.payload.initial):
-                for name, value in zip(layer, cell_state):
-                    self.stage.states[name][rows] = value
-        return ADMITTED
+        return frames[:usable]
+
+    def _start_state(self, req) -> dict | None:
+        """The state a request's rows start from: its session's, the client's own (its state inputs), or
+        None (zeros)."""
+        if req.session is not None:
+            return self._held(req.session)
+        if req.payload.initial is not None:
+            return {name: value for layer, cell_state in zip(self.names, req.payload.initial)
+                    for name, value in zip(layer, cell_state)}
+        return None
 
     def _held(self, session) -> dict:
         """A session's state as it waits between chunks (zeros without a session)."""
         if session is None:
             return {name: np.zeros(arr.shape[1], np.float32) for name, arr in self.pool.arrays.items()}
         return {name: arr[session.slots[0]] for name, arr in self.pool.arrays.items()}
+
+    def _keep(self, req, state: dict) -> None:
+        """A chunk's final state waits in its session's slot for the next chunk."""
+        if req.session is not None and not req.end:
+            for name, value in state.items():
+                self.pool[name][req.session.slots[0]] = value
+
+    def _results(self, reqs, ys: list[np.ndarray], states: list[dict]) -> list[dict]:
+        """Finished requests' results (the head batched when the source batches), with what a session's
+        chunk adds: its frames held back for a full block, its snapshot when asked, and none of the
+        outputs that only carry the state the server holds (the source's session_hidden)."""
+        finals = [[tuple(np.array(state[name]) for name in layer) for layer in self.names] for state in states]
+        inputs = [req.payload.inputs for req in reqs]
+        if self.batched:
+            results = self.source.results_batch(inputs, ys, finals)
+        else:
+            results = [self.source.result_of(i, y, f) for i, y, f in zip(inputs, ys, finals)]
+        hidden = getattr(self.source, "session_hidden", ())
+        for req, result, state in zip(reqs, results, states):
+            session = req.session
+            result["frames_pending"] = 0 if session is None else len(session.buffer)
+            if session is not None:
+                for name in hidden:
+                    result.pop(name, None)
+            if req.snapshot:
+                result["snapshot"] = self._snapshot(req, state)
+        return results
+
+
+class StreamRunner(StreamChunks, FrameSequenceRunner):
+    """A unidirectional stack on the Python loop: all its layers advance together, in blocks of `block_steps`
+    frames, one cell call per layer per block (SRU/QRNN read their weights once per block)."""
+
+    cell_types = ("block",)
+
+    def __init__(self, source, capacity: int, block_steps: int = 1):
+        self._use_stream(source, capacity, block_steps)
+        self.frames = Arena(self.rnn.input_size, np.float32)
+        self.outputs = Arena(self.rnn.output_size, np.float32)
+        self.stage = Stage("block", capacity, self.widths, {"offset": np.int64, "length": np.int64, "pos": np.int64,
+                                                            "out": np.int64, "arrival": np.float64})
+        FrameSequenceRunner.__init__(self, source, capacity, [self.stage], block_steps)
+
+    @property
+    def used(self):
+        """Sessions' slots (held between chunks) and the rows of requests without a session."""
+        return self.pool.used + sum(1 for r in self.stage.reqs if r.session is None)
+
+    def admit(self, reqs):
+        kept, failed = self._with_fronts(reqs)
+        statuses = dict(zip((r.id for r in kept), super().admit(kept)))
+        return [failed.get(r.id, statuses.get(r.id)) for r in reqs]
+
+    def _admit(self, req):
+        frames = self._chunk(req)
+        if frames is DONE or frames is NO_ROOM:
+            return frames
+        usable = len(frames)
+        req.progress["frames"] = (self.frames.put(frames), usable)
+        req.progress["out"] = self.outputs.alloc(usable)
+        rows = self.stage.add([req], offset=req.progress["frames"][0], length=usable, pos=0, out=req.progress["out"],
+                              arrival=req.arrival)
+        state = self._start_state(req)
+        for name, value in (state or {}).items():
+            self.stage.states[name][rows] = value
+        return ADMITTED
 
     def _free(self, req):
         offset, usable = req.progress.pop("frames")
@@ -262,13 +330,11 @@ class StreamRunner(FrameSequenceRunner):
         for i in done:
             req = st.reqs[a + i]
             o, n = st["out"][a + i], length[i]
-            state = {name: arr[a + i] for name, arr in st.states.items()}
-            if req.session is not None and not req.end:  # the state waits for the next chunk
-                for name, value in state.items():
-                    self.pool[name][req.session.slots[0]] = value
+            state = {name: np.array(arr[a + i]) for name, arr in st.states.items()}
+            self._keep(req, state)
             finished.append(req)
             ys.append(self.outputs.data[o:o + n].copy())
-            states.append({name: np.array(value) for name, value in state.items()})
+            states.append(state)
         if finished:
             with self._source_compute():
                 results = self._results(finished, ys, states)
@@ -291,29 +357,91 @@ class StreamRunner(FrameSequenceRunner):
         self.outputs.data[out] = ys.transpose(1, 0, 2)
         st["pos"][rows] += t
 
-    def _result(self, req, ys: np.ndarray, state: dict) -> dict:
-        return self._results([req], [ys], [state])[0]
 
-    def _results(self, reqs, ys: list[np.ndarray], states: list[dict]) -> list[dict]:
-        """Finished requests' results (the head batched when the source batches), with what a session's
-        chunk adds: its frames held back for a full block, its snapshot when asked, and none of the
-        outputs that only carry the state the server holds (the source's session_hidden)."""
-        finals = [[tuple(np.array(state[name]) for name in layer) for layer in self.names] for state in states]
-        inputs = [req.payload.inputs for req in reqs]
-        if self.batched:
-            results = self.source.results_batch(inputs, ys, finals)
-        else:
-            results = [self.source.result_of(i, y, f) for i, y, f in zip(inputs, ys, finals)]
-        hidden = getattr(self.source, "session_hidden", ())
-        for req, result, state in zip(reqs, results, states):
-            session = req.session
-            result["frames_pending"] = 0 if session is None else len(session.buffer)
-            if session is not None:
-                for name in hidden:
-                    result.pop(name, None)
-            if req.snapshot:
-                result["snapshot"] = self._snapshot(req, state)
-        return results
+class NativeStreamRunner(StreamChunks, NativeLoopRunner):
+    """StreamRunner's core on the native step loop (engine/steploop.py): its rows, frames, blocks and
+    outputs live in native code and step without the GIL; the front, the head and the sessions stay here.
+    Runs unidirectional LSTM and GRU stacks (native_layers)."""
+
+    cell_types = ("block",)
+
+    def __init__(self, source, capacity: int, block_steps: int, layers: list):
+        self._use_stream(source, capacity, block_steps)
+        NativeLoopRunner.__init__(self, capacity)
+        self.loop.add_frame_stage(self.rnn.input_size, layers, self.block_steps)
+        self._split = np.cumsum([self.widths[name] for layer in self.names for name in layer])[:-1]
+        self._lock = threading.Lock()  # admission runs on the submitting thread too: one at a time
+        self._sessionless = 0  # running requests without a session (sessions count by their slots)
+        # a front batched at admission runs on the engine's thread, over every request admitted together
+        self.admit_on_submit = not self.front_at_admission
+
+    @property
+    def used(self):
+        return self.pool.used + self._sessionless
+
+    def admit(self, reqs):
+        with self._lock:
+            kept, failed = self._with_fronts(reqs)
+            statuses, rows = {}, []
+            for req in kept:
+                if NO_ROOM in statuses.values():  # none after the first without room: arrival order
+                    statuses[req.id] = NO_ROOM
+                    continue
+                try:
+                    frames = self._chunk(req)
+                except Exception as exc:  # noqa: BLE001 (it fails alone)
+                    statuses[req.id] = exc
+                    continue
+                if frames is DONE or frames is NO_ROOM:
+                    statuses[req.id] = frames
+                    continue
+                state = self._start_state(req)
+                initial = None if state is None else np.concatenate(
+                    [np.asarray(state[name], np.float32).reshape(-1) for layer in self.names for name in layer])
+                req.progress["row"] = row = next(self._ids)
+                self._reqs[row] = req
+                self._sessionless += req.session is None
+                rows.append((0, row, req.ticket, req.arrival, np.ascontiguousarray(frames, np.float32), initial,
+                             req.traced))
+                statuses[req.id] = ADMITTED
+            self.loop.admit_frames(rows)  # together: they join at the same step
+        return [failed.get(r.id, statuses.get(r.id)) for r in reqs]
+
+    def close_session(self, session):
+        with self._lock:
+            super().close_session(session)
+
+    def drop(self, req):
+        with self._lock:
+            if req.progress.get("row") in self._reqs and req.session is None:
+                self._sessionless -= 1
+            super().drop(req)
+
+    def _set_results(self, finished):
+        """The head over every request that finished together; a request whose head fails fails alone."""
+        reqs, ys, states = [], [], []
+        with self._lock:
+            for req, (outputs, final), _ in finished:
+                state = dict(zip((name for layer in self.names for name in layer),
+                                 np.split(np.frombuffer(final, np.float32).copy(), self._split)))
+                self._keep(req, state)
+                self._sessionless -= req.session is None
+                reqs.append(req)
+                ys.append(np.frombuffer(outputs, np.float32).reshape(-1, self.rnn.output_size).copy())
+                states.append(state)
+        with self._source_compute():
+            try:
+                results = self._results(reqs, ys, states)
+            except Exception:  # noqa: BLE001 (find the one that fails)
+                results = []
+                for req, y, state in zip(reqs, ys, states):
+                    try:
+                        results.append(self._results([req], [y], [state])[0])
+                    except Exception as exc:  # noqa: BLE001
+                        req.error = exc
+                        results.append(None)
+        for req, result in zip(reqs, results):
+            req.result = result
 
 
 class BidirectionalRunner(FrameSequenceRunner):
@@ -405,7 +533,12 @@ class BidirectionalRunner(FrameSequenceRunner):
         return out
 
 
-def frames_runner(source, capacity: int, block_steps: int = 1) -> FrameSequenceRunner:
-    """The runner for a frame-sequence source: bidirectional stacks read whole sequences, others stream."""
-    runner = BidirectionalRunner if source.rnn.bidirectional else StreamRunner
-    return runner(source, capacity, block_steps)
+def frames_runner(source, capacity: int, block_steps: int = 1, step_loop: str = "native"):
+    """The runner for a frame-sequence source: bidirectional stacks read whole sequences, others stream, on
+    the native loop where it runs the core (step_loop native: unidirectional LSTM/GRU stacks)."""
+    if source.rnn.bidirectional:
+        return BidirectionalRunner(source, capacity, block_steps)
+    layers = native_layers(source.rnn) if step_loop == "native" else None
+    if layers:
+        return NativeStreamRunner(source, capacity, block_steps, layers)
+    return StreamRunner(source, capacity, block_steps)

@@ -69,6 +69,7 @@ class Request:
     chunk: int = 0  # its number in its session
     traced: bool = False  # keep the numbers of the steps it takes part in (where the step loop can)
     step_numbers: list | None = None  # those numbers, as in the engine's step log
+    error: Exception | None = None  # it left the runner failed (its result could not be made): fails alone
 
     @property
     def queue_seconds(self) -> float:

@@ -161,7 +161,7 @@ class Engine:
         if self.native and self.policy == "cellular":
             # the submitting thread admits it into the worker's next step when the running set has room (one
             # thread hand-over fewer on every request's path); otherwise the engine's thread does, later
-            if len(self._running) < self.max_running and self._running_flag:
+            if self.runner.admit_on_submit and len(self._running) < self.max_running and self._running_flag:
                 self.admit(self.max_running)
             else:
                 self.runner.wake()
@@ -438,10 +438,13 @@ class Engine:
         with self._cv:
             for req in reqs:
                 self._running.pop(req.id, None)
-                self._release(req)
+                self._release(req, failed=req.error is not None)
         for req in reqs:
             if req.cancelled or not req.future.set_running_or_notify_cancel():
                 self.stats.cancelled += 1
+            elif req.error is not None:
+                req.future.set_exception(req.error)
+                self.stats.failed += 1
             else:
                 req.future.set_result(req.result)
                 self.stats.completed += 1

@@ -3,7 +3,7 @@ native code and step it without the GIL.
 
 A family offers one beside its Python runner when its model fits: token sequences through unidirectional
 LSTM or GRU stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
-model) or greedily decoded. The Python runners stay the reference: `step_loop: python` picks them, and the
+model) or greedily decoded, and frame sequences through such stacks (engine/frames.py's NativeStreamRunner). The Python runners stay the reference: `step_loop: python` picks them, and the
 tests check that both loops give the same outputs.
 
 Two ways to drive it: `run_steps` runs every stage to completion in one call on the engine's thread (graph and
@@ -49,6 +49,7 @@ class NativeLoopRunner(Runner):
     what a request's row holds (`_row`) and what a finished row's values mean (`_result`)."""
 
     step_loop = "native"
+    admit_on_submit = True  # the submitting thread may admit (cheap admission: no model compute in it)
 
     def __init__(self, capacity: int):
         super().__init__(capacity)
@@ -83,6 +84,11 @@ class NativeLoopRunner(Runner):
     def _result(self, value, next_token) -> dict:
         raise NotImplementedError
 
+    def _set_results(self, finished: list[tuple]) -> None:
+        """Results of the requests that finished ((request, value, next token) each), together."""
+        for req, value, next_token in finished:
+            req.result = self._result(value, next_token)
+
     def drop(self, req):
         row = req.progress.pop("row", None)
         if row is not None and self._reqs.pop(row, None) is not None:
@@ -116,7 +122,7 @@ class NativeLoopRunner(Runner):
         self.loop.wake()
 
     def _finish(self, left, steps):
-        out = []
+        out, finished = [], []
         for row, code, value, next_token, numbers in left:
             req = self._reqs.pop(row, None)
             if req is None:  # dropped while it ran
@@ -124,8 +130,9 @@ class NativeLoopRunner(Runner):
             req.progress.pop("row", None)
             req.step_numbers = numbers  # a traced request's steps (the numbers in the step records)
             if code == 0:
-                req.result = self._result(value, next_token)
+                finished.append((req, value, next_token))
             out.append(req)
+        self._set_results(finished)
         steps = [(self.cell_types[s], *rest) for s, *rest in steps]
         self.kernel_seconds += sum(step[4] for step in steps)
         return out, steps

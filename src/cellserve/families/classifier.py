@@ -20,7 +20,7 @@ class ClassifierFamily(Family):
         self.outputs = [TensorSpec("logits", "FP32", [-1, model.num_classes])]
 
     def runner(self, capacity, block_steps=1, step_loop="native"):
-        return frames_runner(self, capacity, block_steps)
+        return frames_runner(self, capacity, block_steps, step_loop)
 
     def requests(self, tensors):
         self.check_names(tensors)

@@ -78,7 +78,7 @@ class ImportedFamily(Family):
     def runner(self, capacity, block_steps=1, step_loop="native"):
         if self.backend == "onnxruntime":
             return WholeGraphRunner(self.model, capacity)
-        return frames_runner(self, capacity, block_steps)
+        return frames_runner(self, capacity, block_steps, step_loop)
 
     def _client_shape(self, spec: dict) -> list[int]:
         """An input's shape as clients send it: its context comes from the server."""

@@ -27,7 +27,7 @@ class OCRFamily(Family):
         self.outputs = [TensorSpec("text", "BYTES", [-1])]
 
     def runner(self, capacity, block_steps=1, step_loop="native"):
-        return frames_runner(self, capacity, block_steps)
+        return frames_runner(self, capacity, block_steps, step_loop)
 
     def requests(self, tensors):
         self.check_names(tensors)

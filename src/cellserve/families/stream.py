@@ -22,7 +22,7 @@ class StreamFamily(Family):
         self.outputs = [TensorSpec("outputs", "FP32", [-1, model.hidden_size]), SNAPSHOT]
 
     def runner(self, capacity, block_steps=1, step_loop="native"):
-        return frames_runner(self, capacity, block_steps)
+        return frames_runner(self, capacity, block_steps, step_loop)
 
     def requests(self, tensors):
         self.check_names(tensors)

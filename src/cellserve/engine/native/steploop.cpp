@@ -1,5 +1,6 @@
 /* cellserve.engine._steploop: the engine's step loop in native code, for token-sequence models (language
- * models, seq2seq with greedy decoding).
+ * models, seq2seq with greedy decoding) and frame-sequence streams (a recurrent core over feature frames: an
+ * imported graph's, a stream model's).
  *
  * Why: on small models the Python work around each batched cell step (row windows, decode bookkeeping,
  * leaving rows) costs more than the step, and it holds the GIL the server's threads need. This loop keeps the
@@ -20,7 +21,10 @@
  *
  * A stage is one cell type's persistent batch: row r holds a request's state in one float block and its
  * bookkeeping in a Row. READ stages feed the request's own tokens (an encoder, or a language model scoring
- * with its head); GENERATE stages feed back their argmax (a greedy decoder). Rows are named by the runner's
+ * with its head); GENERATE stages feed back their argmax (a greedy decoder); FRAMES stages feed the request's
+ * float frames in blocks of up to `block` steps (engine/frames.py's StreamRunner: one input projection per
+ * block) and hand back the top layer's outputs and the final state, for the front and head around the core
+ * that stay in Python. Rows are named by the runner's
  * ids, which are never reused; a row also carries the engine's ticket, the index of its cancel flag. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -43,7 +47,7 @@ namespace {
 const native_api_t *K = nullptr;  // the kernel core
 
 enum { CELL_LSTM = 0, CELL_GRU = 1 };
-enum { READ = 0, GENERATE = 1 };
+enum { READ = 0, GENERATE = 1, FRAMES = 2 };
 enum { PICK_STAGE = 0, PICK_FULLEST = 1, PICK_OLDEST = 2, PICK_EARLIEST = 3 };
 enum { LEFT_FINISHED = 0, LEFT_CANCELLED = 1 };
 
@@ -71,6 +75,10 @@ struct Row {
     int64_t prev = 0;             // GENERATE: the token fed next
     bool trace = false;           // keep the numbers of the steps it takes part in (a traced request)
     std::vector<uint32_t> steps;
+    int length = 0;               // FRAMES: frames to run
+    std::vector<float> frames;    // FRAMES: length x dim
+    std::vector<float> ys;        // FRAMES: the top layer's outputs, length x out_dim
+    std::vector<float> initial;   // FRAMES: the state it starts from (empty: zeros), until it joins
 };
 
 struct Stage {
@@ -82,6 +90,7 @@ struct Stage {
     std::vector<float> head_bias;
     int next = -1;                      // READ without a head: the stage a finished row moves to
     int64_t start_token = 0, eos = -1;  // GENERATE
+    int block = 1, out_dim = 0;         // FRAMES: most steps per cell call, the top layer's width
     std::vector<Row> rows;
     std::vector<float> state;           // capacity x width
     int cursor = 0;
@@ -96,6 +105,8 @@ struct Left {
     double score;
     long long next_token;
     std::vector<uint32_t> steps;  // a traced request's steps
+    bool has_frames = false;      // FRAMES: the outputs and the final state
+    std::vector<float> ys, state;
 };
 
 /* One step: its stage, rows, padding rows, the loop's busy time for it (bookkeeping since the previous step
@@ -124,6 +135,7 @@ struct Core {
     double kernel_seconds = 0.0;
     std::atomic<int> active{0};                              // requests held: stage rows and inbox
     std::vector<float> x, logits, row_max, row_sum;
+    std::vector<float> xs, gi, hs[2], gathered;  // a FRAMES block's frames, projections, outputs, states
     std::vector<int32_t> row_best;
 
     /* Between Python and whoever steps (run()'s caller or the worker), under io. */
@@ -193,7 +205,13 @@ struct Core {
                 continue;
             }
             const int r = append(p.first, std::move(p.second));
-            memset(&stages[p.first].state[(size_t)r * width], 0, width * sizeof(float));
+            Row &row = stages[p.first].rows[r];
+            float *state = &stages[p.first].state[(size_t)r * width];
+            if (row.initial.empty())
+                memset(state, 0, width * sizeof(float));
+            else
+                memcpy(state, row.initial.data(), width * sizeof(float));
+            std::vector<float>().swap(row.initial);
             held++;
         }
         in.clear();
@@ -315,6 +333,11 @@ struct Core {
         Stage &st = stages[s];
         const int n = b - a, m = n + pad;
         const double t0 = now();
+        if (st.kind == FRAMES) {
+            frames_compute(st, a, b, pad);
+            kernel_seconds += now() - t0;
+            return;
+        }
         x.resize((size_t)m * st.dim);
         for (int i = 0; i < m; i++) {
             int64_t tok = 0;
@@ -350,13 +373,109 @@ struct Core {
         kernel_seconds += now() - t0;
     }
 
+    /* A FRAMES step: rows [a, b) advance by up to `block` frames. When all have a whole block left they run in
+     * place, padded; otherwise rows run apart by how many frames they have left, fewest first, their states
+     * gathered (the end of a sequence): engine/frames.py's _blocks. */
+    void frames_compute(Stage &st, int a, int b, int pad) {
+        const int n = b - a, k = st.block;
+        std::vector<int> rows(n), left(n);
+        bool whole = true;
+        for (int i = 0; i < n; i++) {
+            const Row &row = st.rows[a + i];
+            rows[i] = a + i;
+            left[i] = std::min(row.length - row.pos, k);
+            whole = whole && left[i] == k;
+        }
+        if (whole) {
+            frames_block(st, rows, k, pad, &st.state[(size_t)a * width]);
+            return;
+        }
+        for (int t = 1; t <= k; t++) {
+            std::vector<int> some;
+            for (int i = 0; i < n; i++)
+                if (left[i] == t) some.push_back(a + i);
+            if (some.empty()) continue;
+            gathered.resize(some.size() * (size_t)width);
+            for (size_t i = 0; i < some.size(); i++)
+                memcpy(&gathered[i * width], &st.state[(size_t)some[i] * width], width * sizeof(float));
+            frames_block(st, some, t, 0, gathered.data());
+            for (size_t i = 0; i < some.size(); i++)
+                memcpy(&st.state[(size_t)some[i] * width], &gathered[i * width], width * sizeof(float));
+        }
+    }
+
+    /* t frames of every layer for the stage rows `rows` (plus `pad` dummy rows), whose states are the
+     * consecutive rows of `state`: one step is the fused cell step, more are one input projection for the block
+     * and the recurrence (the cells' `steps`: the same kernels, in the same order, as the Python loop). */
+    void frames_block(Stage &st, const std::vector<int> &rows, int t, int pad, float *state) {
+        const int n = (int)rows.size(), m = n + pad;
+        xs.assign((size_t)t * m * st.dim, 0.0f);
+        for (int j = 0; j < t; j++)
+            for (int i = 0; i < n; i++) {
+                const Row &row = st.rows[rows[i]];
+                memcpy(&xs[((size_t)j * m + i) * st.dim], &row.frames[(size_t)(row.pos + j) * st.dim],
+                       st.dim * sizeof(float));
+            }
+        const float *in = xs.data();
+        ptrdiff_t ldin = st.dim;
+        int which = 0;
+        for (const Layer &l : st.layers) {
+            float *h = state + l.offset;
+            if (t == 1) {
+                if (l.kind == CELL_LSTM)
+                    K->lstm_step(l.wi, l.wh, in, ldin, h, width, h + l.hidden, width, l.b1.data(), h, width,
+                                 h + l.hidden, m, l.grid_step, l.grid_limit);
+                else
+                    K->gru_step(l.wi, l.wh, in, ldin, h, width, l.b1.data(), l.b2.data(), h, width, m);
+                in = h;
+                ldin = width;
+                continue;
+            }
+            const int gates = l.wi->n;
+            gi.resize((size_t)t * m * gates);
+            K->linear(l.wi, in, ldin, t * m, gi.data(), gates, nullptr, 0, nullptr);
+            std::vector<float> &out = hs[which];
+            which ^= 1;
+            out.resize((size_t)t * m * l.hidden);
+            if (l.kind == CELL_LSTM)
+                K->lstm_sequence(l.wh, gi.data(), l.b1.data(), h, width, h + l.hidden, width, out.data(), t, m,
+                                 l.grid_step, l.grid_limit);
+            else
+                K->gru_sequence(l.wh, gi.data(), l.b1.data(), l.b2.data(), h, width, out.data(), t, m);
+            for (int i = 0; i < m; i++)
+                memcpy(h + (size_t)i * width, &out[((size_t)(t - 1) * m + i) * l.hidden], l.hidden * sizeof(float));
+            in = out.data();
+            ldin = l.hidden;
+        }
+        for (int i = 0; i < n; i++) {  // the top layer's outputs (step j of row i at in + (j * m + i) * ldin)
+            Row &row = st.rows[rows[i]];
+            for (int j = 0; j < t; j++)
+                memcpy(&row.ys[(size_t)(row.pos + j) * st.out_dim], in + ((size_t)j * m + i) * ldin,
+                       st.out_dim * sizeof(float));
+            row.pos += t;
+        }
+    }
+
     /* Decoding and leaving for the n rows from a that just stepped. */
     void bookkeeping(Stage &st, int s, int a, int n, std::vector<Left> &left) {
         const int classes = st.head ? st.head->n : 0;
         std::vector<int> done;
         for (int i = 0; i < n; i++)  // this step is number steps + 1 (counted at the end)
             if (st.rows[a + i].trace) st.rows[a + i].steps.push_back((uint32_t)(steps + 1));
-        if (st.kind == GENERATE) {
+        if (st.kind == FRAMES) {  // rows that ran all their frames leave with their outputs and final state
+            for (int i = 0; i < n; i++) {
+                Row &row = st.rows[a + i];
+                if (row.pos < row.length) continue;
+                Left l{row.id, LEFT_FINISHED, false, {}, 0.0, -1, std::move(row.steps)};
+                l.has_frames = true;
+                l.ys = std::move(row.ys);
+                const float *state = &st.state[(size_t)(a + i) * width];
+                l.state.assign(state, state + width);
+                left.push_back(std::move(l));
+                done.push_back(a + i);
+            }
+            active -= (int)done.size();
+        } else if (st.kind == GENERATE) {
             for (int i = 0; i < n; i++) {
                 Row &row = st.rows[a + i];
                 const int64_t tok = row_best[i];
@@ -559,6 +678,9 @@ const packed_t *packed(LoopObject *self, PyObject *obj, const char *name) {
     return p;
 }
 
+bool stage_layers(LoopObject *self, Stage &st, PyObject *layers, int *top);
+PyObject *stage_added(Core &c, Stage &&st);
+
 /* add_stage(kind, embedding (V, E), layers, head or None, head_bias or None, next, start_token, eos) -> index.
  * layers: [(cell kind, w_ih packed, w_hh packed, b1, b2 or None, cell_step, cell_limit)], bottom first. */
 PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
@@ -582,33 +704,8 @@ PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
     st.next = next;
     st.start_token = start_token;
     st.eos = eos;
-    int offset = 0, in = st.dim;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(layers); i++) {
-        Layer l;
-        PyObject *wi, *wh, *b1, *b2;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "iOOOOff", &l.kind, &wi, &wh, &b1, &b2, &l.grid_step,
-                              &l.grid_limit))
-            return nullptr;
-        if (!(l.wi = packed(self, wi, "w_ih")) || !(l.wh = packed(self, wh, "w_hh"))) return nullptr;
-        l.hidden = l.wh->k;
-        const int gates = l.kind == CELL_LSTM ? 4 : 3;
-        if (l.wi->k != in || l.wi->n != gates * l.hidden || l.wh->n != gates * l.hidden) {
-            PyErr_Format(PyExc_ValueError, "layer %zd: weights do not match its input size %d and hidden size %d", i,
-                         in, l.hidden);
-            return nullptr;
-        }
-        if (!floats(b1, 1, l.b1, nullptr, "bias") || (b2 != Py_None && !floats(b2, 1, l.b2, nullptr, "b_hh")))
-            return nullptr;
-        l.offset = offset;
-        offset += l.kind == CELL_LSTM ? 2 * l.hidden : l.hidden;
-        in = l.hidden;
-        st.layers.push_back(std::move(l));
-    }
-    if (c.stages.empty()) c.width = offset;
-    if (offset != c.width) {
-        PyErr_SetString(PyExc_ValueError, "every stage must have the same state layout");
-        return nullptr;
-    }
+    int in;
+    if (!stage_layers(self, st, layers, &in)) return nullptr;
     if (head != Py_None) {
         if (!(st.head = packed(self, head, "head")) || !floats(head_bias, 1, st.head_bias, nullptr, "head bias"))
             return nullptr;
@@ -617,6 +714,67 @@ PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
             return nullptr;
         }
     }
+    return stage_added(c, std::move(st));
+}
+
+/* add_frame_stage(input size, layers, block) -> index: a FRAMES stage over float frames of `input size`. */
+PyObject *loop_add_frame_stage(LoopObject *self, PyObject *args) {
+    int dim, block;
+    PyObject *layers;
+    if (!PyArg_ParseTuple(args, "iO!i", &dim, &PyList_Type, &layers, &block)) return nullptr;
+    Core &c = *self->core;
+    if (c.active > 0 || c.worker_running) {
+        PyErr_SetString(PyExc_RuntimeError, "stages are added before any request");
+        return nullptr;
+    }
+    if (dim < 1 || block < 1 || PyList_GET_SIZE(layers) < 1) {
+        PyErr_SetString(PyExc_ValueError, "a frame stage needs an input size, a block of >= 1 steps and a layer");
+        return nullptr;
+    }
+    Stage st;
+    st.kind = FRAMES;
+    st.dim = dim;
+    st.block = block;
+    if (!stage_layers(self, st, layers, &st.out_dim)) return nullptr;
+    return stage_added(c, std::move(st));
+}
+
+/* A stage's layers from [(cell kind, w_ih packed, w_hh packed, b1, b2 or None, cell_step, cell_limit)], bottom
+ * first, over inputs of st.dim; *top is the top layer's width. Every stage shares one state layout. */
+bool stage_layers(LoopObject *self, Stage &st, PyObject *layers, int *top) {
+    Core &c = *self->core;
+    int offset = 0, in = st.dim;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(layers); i++) {
+        Layer l;
+        PyObject *wi, *wh, *b1, *b2;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "iOOOOff", &l.kind, &wi, &wh, &b1, &b2, &l.grid_step,
+                              &l.grid_limit))
+            return false;
+        if (!(l.wi = packed(self, wi, "w_ih")) || !(l.wh = packed(self, wh, "w_hh"))) return false;
+        l.hidden = l.wh->k;
+        const int gates = l.kind == CELL_LSTM ? 4 : 3;
+        if (l.wi->k != in || l.wi->n != gates * l.hidden || l.wh->n != gates * l.hidden) {
+            PyErr_Format(PyExc_ValueError, "layer %zd: weights do not match its input size %d and hidden size %d", i,
+                         in, l.hidden);
+            return false;
+        }
+        if (!floats(b1, 1, l.b1, nullptr, "bias") || (b2 != Py_None && !floats(b2, 1, l.b2, nullptr, "b_hh")))
+            return false;
+        l.offset = offset;
+        offset += l.kind == CELL_LSTM ? 2 * l.hidden : l.hidden;
+        in = l.hidden;
+        st.layers.push_back(std::move(l));
+    }
+    if (c.stages.empty()) c.width = offset;
+    if (offset != c.width) {
+        PyErr_SetString(PyExc_ValueError, "every stage must have the same state layout");
+        return false;
+    }
+    *top = in;
+    return true;
+}
+
+PyObject *stage_added(Core &c, Stage &&st) {
     st.state.assign((size_t)c.capacity * std::max(1, c.width), 0.0f);
     c.stages.push_back(std::move(st));
     return PyLong_FromSsize_t((Py_ssize_t)c.stages.size() - 1);
@@ -645,8 +803,8 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
         row.tokens.assign((const int64_t *)tokens.buf, (const int64_t *)tokens.buf + tokens.len / 8);
         PyBuffer_Release(&tokens);
         const char *error = nullptr;
-        if (s < 0 || s >= (int)c.stages.size() || row.id < 0)
-            error = "no such stage, or a negative id";
+        if (s < 0 || s >= (int)c.stages.size() || row.id < 0 || c.stages[s].kind == FRAMES)
+            error = "no such token stage, or a negative id";
         else if (c.stages[s].kind == READ && row.tokens.empty())
             error = "a request needs at least one token";
         for (int64_t t : row.tokens)
@@ -662,6 +820,64 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
     c.active += (int)rows.size();
     {  // io is only ever held briefly and never by a thread waiting for the GIL: keep the GIL (releasing it
        // hands it to another Python thread for up to a switch interval, which the event loop then waits out)
+        std::lock_guard<std::mutex> g(c.io);
+        for (auto &r : rows) c.inbox.push_back(std::move(r));
+    }
+    c.wake_worker.notify_one();
+    Py_RETURN_NONE;
+}
+
+/* A C-contiguous float32 buffer's values, appended to out; false (an exception set) otherwise. */
+bool float_values(PyObject *obj, std::vector<float> &out, const char *name) {
+    Py_buffer v;
+    if (PyObject_GetBuffer(obj, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return false;
+    const char *f = v.format ? v.format : "B";
+    if (*f == '<' || *f == '=' || *f == '@') f++;
+    const bool ok = !strcmp(f, "f");
+    if (ok)
+        out.assign((const float *)v.buf, (const float *)v.buf + v.len / 4);
+    else
+        PyErr_Format(PyExc_TypeError, "%s must be float32", name);
+    PyBuffer_Release(&v);
+    return ok;
+}
+
+/* admit_frames([(stage, id, ticket, arrival, frames (T, dim) float32, initial state (width,) float32 or None,
+ * trace), ...]): requests join a FRAMES stage together at the next step, from their own state or zeros. */
+PyObject *loop_admit_frames(LoopObject *self, PyObject *arg) {
+    Core &c = *self->core;
+    PyObject *seq = PySequence_Fast(arg, "admit_frames takes a list of rows");
+    if (!seq) return nullptr;
+    std::vector<std::pair<int, Row>> rows;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int s, trace;
+        Row row;
+        PyObject *frames, *initial;
+        bool ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iLLdOOp", &s, &row.id, &row.ticket,
+                                   &row.arrival, &frames, &initial, &trace);
+        ok = ok && float_values(frames, row.frames, "frames") &&
+             (initial == Py_None || float_values(initial, row.initial, "the initial state"));
+        const char *error = nullptr;
+        if (ok && (s < 0 || s >= (int)c.stages.size() || c.stages[s].kind != FRAMES || row.id < 0))
+            error = "no such frame stage, or a negative id";
+        else if (ok && (row.frames.empty() || row.frames.size() % c.stages[s].dim))
+            error = "a request needs at least one frame, each of the stage's input size";
+        else if (ok && initial != Py_None && (int)row.initial.size() != c.width)
+            error = "the initial state does not match the stage's state width";
+        if (error) PyErr_SetString(PyExc_ValueError, error);
+        if (!ok || error) {
+            Py_DECREF(seq);
+            return nullptr;
+        }
+        row.trace = trace;
+        row.length = (int)(row.frames.size() / c.stages[s].dim);
+        row.ys.resize((size_t)row.length * c.stages[s].out_dim);
+        rows.push_back({s, std::move(row)});
+    }
+    Py_DECREF(seq);
+    c.active += (int)rows.size();
+    {  // with the GIL, as admit
         std::lock_guard<std::mutex> g(c.io);
         for (auto &r : rows) c.inbox.push_back(std::move(r));
     }
@@ -749,7 +965,10 @@ PyObject *left_list(std::vector<Left> &left) {
     for (size_t i = 0; out && i < left.size(); i++) {
         const Left &l = left[i];
         PyObject *value;
-        if (l.has_tokens) {
+        if (l.has_frames) {  // (outputs, final state) as bytes of float32
+            value = Py_BuildValue("(y#y#)", (const char *)l.ys.data(), (Py_ssize_t)(l.ys.size() * sizeof(float)),
+                                  (const char *)l.state.data(), (Py_ssize_t)(l.state.size() * sizeof(float)));
+        } else if (l.has_tokens) {
             value = PyList_New((Py_ssize_t)l.tokens.size());
             for (size_t j = 0; value && j < l.tokens.size(); j++)
                 PyList_SET_ITEM(value, j, PyLong_FromLongLong(l.tokens[j]));
@@ -890,7 +1109,10 @@ PyObject *loop_get_running(LoopObject *self, void *) { return PyBool_FromLong(se
 
 PyMethodDef LOOP_METHODS[] = {
     {"add_stage", (PyCFunction)loop_add_stage, METH_VARARGS, "add a stage (before any request); returns its index"},
+    {"add_frame_stage", (PyCFunction)loop_add_frame_stage, METH_VARARGS,
+     "add a stage over float frames (before any request); returns its index"},
     {"admit", (PyCFunction)loop_admit, METH_O, "requests join their stages together at the next step"},
+    {"admit_frames", (PyCFunction)loop_admit_frames, METH_O, "requests join a frame stage together at the next step"},
     {"drop", (PyCFunction)loop_drop, METH_O, "take a request's row out, without a result, before the next step"},
     {"ready", (PyCFunction)loop_ready, METH_O, "rows in a stage"},
     {"oldest", (PyCFunction)loop_oldest, METH_O, "the oldest arrival among a stage's rows"},

@@ -7,13 +7,15 @@
 
 #include "native.h"
 
-#define CELLSERVE_API_VERSION 1
+#define CELLSERVE_API_VERSION 2
 #define CELLSERVE_API_CAPSULE "cellserve.kernels._native._C_API"
 
 typedef decltype(&linear) linear_fn;
 typedef decltype(&lstm_step) lstm_step_fn;
 typedef decltype(&gru_step) gru_step_fn;
 typedef decltype(&rows_max_sumexp) rows_max_sumexp_fn;
+typedef decltype(&lstm_sequence) lstm_sequence_fn;
+typedef decltype(&gru_sequence) gru_sequence_fn;
 
 typedef struct {
     int version;
@@ -23,6 +25,8 @@ typedef struct {
     gru_step_fn gru_step;
     void (*set_threads)(int n); /* the calling thread's thread count for products (a native thread's own) */
     rows_max_sumexp_fn rows_max_sumexp;
+    lstm_sequence_fn lstm_sequence; /* (version 2) k steps after one input projection: a block of frames */
+    gru_sequence_fn gru_sequence;
 } native_api_t;
 
 #endif
