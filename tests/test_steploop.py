@@ -11,7 +11,8 @@ from cellserve import kernels
 from cellserve.compress.quantize import quantize_cells, quantize_dynamic
 from cellserve.engine import Engine
 from cellserve.families import make_runner
-from cellserve.models import RNN, LanguageModel, Seq2Seq
+from cellserve.bench.workloads import binary_tree
+from cellserve.models import RNN, LanguageModel, Seq2Seq, TreeLSTM
 from cellserve.server.config import ModelConfig
 
 VOCAB = 40
@@ -344,3 +345,81 @@ def test_bad_frame_rows_are_refused_by_the_native_loop():
     with pytest.raises(ValueError, match="state width"):
         runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros(FEATURES, np.float32), np.zeros(3, np.float32), False)])
     assert runner.used == 0 and runner.loop.used == 0
+
+
+# --- trees (families/tree.py's NativeTreeRunner against TreeRunner) ----------------------------------------------
+
+TREE = TreeLSTM.random(VOCAB, 8, 16, num_classes=5, seed=3)
+
+
+def tree_requests(rng, n, most=25):
+    out = []
+    for _ in range(n):
+        leaves = int(rng.integers(1, most))
+        parents = binary_tree(rng, leaves)
+        out.append({"tokens": rng.integers(0, VOCAB, len(parents)).tolist(), "parents": parents})
+    return out
+
+
+@pytest.mark.parametrize("policy", ["cellular", "graph", "none"])
+def test_native_tree_loop_outputs_equal_the_python_loop_and_the_unbatched_run(policy):
+    """Trees of every size (one node included) join and leave between steps: each one's logits are the Python
+    loop's and its own forward pass's."""
+    inputs = tree_requests(np.random.default_rng(14), 40)
+    runs = {}
+    for loop in ("native", "python"):
+        results, engine = serve(TREE, loop, policy, inputs)
+        runs[loop] = [r["logits"] for r in results]
+        assert engine.stats.steps > 0
+    for inp, native, python in zip(inputs, runs["native"], runs["python"]):
+        np.testing.assert_allclose(native, python, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(native, TREE.forward(inp["tokens"], inp["parents"]), rtol=1e-4, atol=1e-5)
+
+
+def test_native_trees_wait_for_room_and_cancelled_ones_free_their_nodes():
+    """Capacity counts nodes: trees beyond it wait in the queue (none lost, in order); cancelled trees leave
+    the worker and give their nodes back."""
+    rng = np.random.default_rng(15)
+    inputs = tree_requests(rng, 30, most=20)
+    engine = Engine(make_runner(TREE, 64), "cellular", max_batch=8).start()
+    assert engine.step_loop == "native"
+    futures = [engine.submit(inp) for inp in inputs]
+    for f, inp in zip(futures, inputs):
+        np.testing.assert_allclose(f.result(timeout=60)["logits"], TREE.forward(inp["tokens"], inp["parents"]),
+                                   rtol=1e-4, atol=1e-5)
+    big = {"tokens": [1] * 63, "parents": binary_tree(rng, 32)}
+    many = [engine.submit(big) for _ in range(40)]
+    for f in many[::2]:
+        f.cancel()
+    done = [f.result(timeout=60) for f in many[1::2]]
+    deadline = time.time() + 5
+    while engine.runner.used and time.time() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    assert len(done) == 20 and engine.runner.used == 0
+    assert engine.stats.cancelled + engine.stats.completed == 70
+
+
+def test_bad_trees_are_refused_by_the_native_loop():
+    loop = make_runner(TREE, 64).loop
+    for tokens, parents, match in (([1, 2], [-1], "a token per node"), ([1, 2], [1, 5], "not a node"),
+                                   ([1, 2], [-1, -1], "one root"), ([1, VOCAB], [-1, 0], "vocabulary")):
+        with pytest.raises(ValueError, match=match):
+            loop.admit_trees([(1, 0, 0.0, np.array(tokens, np.int64), np.array(parents, np.int64), False)])
+    assert loop.used == 0
+
+
+@pytest.mark.parametrize("isa", kernels.isas())
+def test_tree_gates_agree_on_every_isa_path(isa):
+    """The kernel core's child-sum gate kernel (vector and tail code, hidden 20 = vectors + a tail) against the
+    Python loop's Numba kernel."""
+    model = TreeLSTM.random(VOCAB, 8, 20, num_classes=3, seed=4)
+    inputs = tree_requests(np.random.default_rng(16), 20)
+    before = kernels.isa()
+    kernels.set_isa(isa)
+    try:
+        native, _ = serve(model, "native", "cellular", inputs, stagger=False)
+    finally:
+        kernels.set_isa(before)
+    for inp, got in zip(inputs, native):
+        np.testing.assert_allclose(got["logits"], model.forward(inp["tokens"], inp["parents"]), rtol=1e-4, atol=1e-5)

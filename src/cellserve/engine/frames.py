@@ -411,11 +411,9 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
         with self._lock:
             super().close_session(session)
 
-    def drop(self, req):
+    def _left(self, req):
         with self._lock:
-            if req.progress.get("row") in self._reqs and req.session is None:
-                self._sessionless -= 1
-            super().drop(req)
+            self._sessionless -= req.session is None
 
     def _set_results(self, finished):
         """The head over every request that finished together; a request whose head fails fails alone."""
@@ -425,7 +423,6 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
                 state = dict(zip((name for layer in self.names for name in layer),
                                  np.split(np.frombuffer(final, np.float32).copy(), self._split)))
                 self._keep(req, state)
-                self._sessionless -= req.session is None
                 reqs.append(req)
                 ys.append(np.frombuffer(outputs, np.float32).reshape(-1, self.rnn.output_size).copy())
                 states.append(state)

@@ -3,7 +3,8 @@ native code and step it without the GIL.
 
 A family offers one beside its Python runner when its model fits: token sequences through unidirectional
 LSTM or GRU stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
-model) or greedily decoded, and frame sequences through such stacks (engine/frames.py's NativeStreamRunner). The Python runners stay the reference: `step_loop: python` picks them, and the
+model) or greedily decoded; frame sequences through such stacks (engine/frames.py's NativeStreamRunner); and
+child-sum TreeLSTM trees (families/tree.py's NativeTreeRunner). The Python runners stay the reference: `step_loop: python` picks them, and the
 tests check that both loops give the same outputs.
 
 Two ways to drive it: `run_steps` runs every stage to completion in one call on the engine's thread (graph and
@@ -93,6 +94,10 @@ class NativeLoopRunner(Runner):
         row = req.progress.pop("row", None)
         if row is not None and self._reqs.pop(row, None) is not None:
             self.loop.drop(row)
+            self._left(req)
+
+    def _left(self, req: Request) -> None:
+        """A request left the loop (finished, cancelled or dropped): give back what the runner counted for it."""
 
     def step(self, cell_type, max_rows, pad_to=0):
         """One step of one stage (the Runner interface; the engine's policies call run_steps or the worker)."""
@@ -128,6 +133,7 @@ class NativeLoopRunner(Runner):
             if req is None:  # dropped while it ran
                 continue
             req.progress.pop("row", None)
+            self._left(req)
             req.step_numbers = numbers  # a traced request's steps (the numbers in the step records)
             if code == 0:
                 finished.append((req, value, next_token))

@@ -1,10 +1,12 @@
 """The tree family: a tree (a token per node, parents[i] the parent of node i, -1 at the root) in, the
 root's class logits out. Leaves and internal nodes are two cell types; a node is ready once its
-children are done, so trees of any shape batch level by level across requests."""
+children are done, so trees of any shape batch level by level across requests. The native step loop runs
+them by default (NativeTreeRunner); TreeRunner, the Python loop, is its reference."""
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 import numpy as np
@@ -12,6 +14,7 @@ import numpy as np
 from cellserve.engine.pool import StatePool
 from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, NO_ROOM, Runner, token_array
+from cellserve.engine.steploop import NativeLoopRunner
 from cellserve.families.base import Family, TensorSpec, token_rows
 from cellserve.models import TreeLSTM, tree_levels
 
@@ -22,6 +25,8 @@ class TreeFamily(Family):
     outputs = [TensorSpec("logits", "FP32", [1, -1])]
 
     def runner(self, capacity, block_steps=1, step_loop="native"):
+        if step_loop == "native" and hasattr(self.model.cell.wx, "packed"):
+            return NativeTreeRunner(self.model, capacity)
         return TreeRunner(self.model, capacity)
 
     def requests(self, tensors):
@@ -178,3 +183,51 @@ class TreeRunner(Runner):
     def drop(self, req):
         if self.live.pop(req.id, None) is not None:
             self._release(req)
+
+
+class NativeTreeRunner(NativeLoopRunner):
+    """TreeRunner's ready queues, cell steps and head in the native step loop (engine/steploop.py): trees
+    keep their node states there and leave with their root's logits. Capacity counts nodes, as TreeRunner's
+    pool does."""
+
+    cell_types = TreeRunner.cell_types
+    pads = False
+    default_pick = TreeRunner.default_pick
+    prepare = TreeRunner.prepare
+    length = TreeRunner.length
+
+    def __init__(self, model: TreeLSTM, capacity: int):
+        super().__init__(capacity)
+        self.model = model
+        cell = model.cell
+        self.loop.add_tree_stages(model.embedding.table, cell.wx.packed, cell.u_iou.packed, cell.u_f.packed,
+                                  cell.bias, model.head.w.packed, model.head.bias)
+        self._nodes = 0  # nodes of the trees held
+        self._lock = threading.Lock()  # admission runs on the submitting thread too
+
+    @property
+    def used(self) -> int:
+        return self._nodes
+
+    def admit(self, reqs):
+        statuses, trees = [], []
+        with self._lock:
+            for req in reqs:
+                nodes = len(req.payload["parents"])
+                if (statuses and statuses[-1] is NO_ROOM) or self._nodes + nodes > self.capacity:
+                    statuses.append(NO_ROOM)  # (and every later one: arrival order)
+                    continue
+                self._nodes += nodes
+                req.progress["row"] = row = next(self._ids)
+                self._reqs[row] = req
+                trees.append((row, req.ticket, req.arrival, req.payload["tokens"], req.payload["parents"], req.traced))
+                statuses.append(ADMITTED)
+            self.loop.admit_trees(trees)  # together: they join at the same step
+        return statuses
+
+    def _left(self, req):
+        with self._lock:
+            self._nodes -= len(req.payload["parents"])
+
+    def _result(self, logits, next_token):
+        return {"logits": logits}

@@ -24,7 +24,11 @@
  * with its head); GENERATE stages feed back their argmax (a greedy decoder); FRAMES stages feed the request's
  * float frames in blocks of up to `block` steps (engine/frames.py's StreamRunner: one input projection per
  * block) and hand back the top layer's outputs and the final state, for the front and head around the core
- * that stay in Python. Rows are named by the runner's
+ * that stay in Python.
+ *
+ * A loop of trees (child-sum TreeLSTM, families/tree.py's TreeRunner) has two stages, LEAF and INTERNAL, whose
+ * batches are queues of ready nodes rather than persistent rows: a tree's nodes keep their states in the tree,
+ * a node is ready once its children are done, and a tree leaves with its root's logits. Rows are named by the runner's
  * ids, which are never reused; a row also carries the engine's ticket, the index of its cancel flag. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,6 +38,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <string.h>
 #include <thread>
@@ -47,7 +52,7 @@ namespace {
 const native_api_t *K = nullptr;  // the kernel core
 
 enum { CELL_LSTM = 0, CELL_GRU = 1 };
-enum { READ = 0, GENERATE = 1, FRAMES = 2 };
+enum { READ = 0, GENERATE = 1, FRAMES = 2, LEAF = 3, INTERNAL = 4 };
 enum { PICK_STAGE = 0, PICK_FULLEST = 1, PICK_OLDEST = 2, PICK_EARLIEST = 3 };
 enum { LEFT_FINISHED = 0, LEFT_CANCELLED = 1 };
 
@@ -79,6 +84,31 @@ struct Row {
     std::vector<float> frames;    // FRAMES: length x dim
     std::vector<float> ys;        // FRAMES: the top layer's outputs, length x out_dim
     std::vector<float> initial;   // FRAMES: the state it starts from (empty: zeros), until it joins
+    std::vector<int64_t> parents; // a tree's (with its tokens, one per node), until it joins
+};
+
+/* A tree in a tree loop: its nodes' parents, children (CSR, in node order), children still to run and states. */
+struct Tree {
+    long long ticket;
+    double arrival;
+    bool trace = false;
+    std::vector<uint32_t> steps;
+    std::vector<int64_t> tokens;
+    std::vector<int> parent, kid_start, kids, waiting;
+    std::vector<float> h, c;  // nodes x hidden
+};
+
+struct Ready {  // a node whose children are done
+    long long tree;
+    int node;
+    double arrival;  // its tree's arrival for a leaf, when it became ready for an internal node
+};
+
+/* The child-sum TreeLSTM cell (cells/treelstm.py): W_x rows [i, o, u, f], U_iou, U_f, bias (4H). */
+struct TreeCell {
+    const packed_t *wx = nullptr, *u_iou = nullptr, *u_f = nullptr;
+    std::vector<float> bias;
+    int hidden = 0;
 };
 
 struct Stage {
@@ -92,6 +122,7 @@ struct Stage {
     int64_t start_token = 0, eos = -1;  // GENERATE
     int block = 1, out_dim = 0;         // FRAMES: most steps per cell call, the top layer's width
     std::vector<Row> rows;
+    std::deque<Ready> ready;            // LEAF, INTERNAL: nodes in the order they became ready
     std::vector<float> state;           // capacity x width
     int cursor = 0;
     long long last_run = 0;
@@ -107,6 +138,7 @@ struct Left {
     std::vector<uint32_t> steps;  // a traced request's steps
     bool has_frames = false;      // FRAMES: the outputs and the final state
     std::vector<float> ys, state;
+    bool has_logits = false;      // a tree: its root's logits, in ys
 };
 
 /* One step: its stage, rows, padding rows, the loop's busy time for it (bookkeeping since the previous step
@@ -136,6 +168,17 @@ struct Core {
     std::atomic<int> active{0};                              // requests held: stage rows and inbox
     std::vector<float> x, logits, row_max, row_sum;
     std::vector<float> xs, gi, hs[2], gathered;  // a FRAMES block's frames, projections, outputs, states
+
+    /* A tree loop (stages LEAF, INTERNAL): its cell, head and trees. */
+    bool trees = false;
+    TreeCell tree_cell;
+    std::unordered_map<long long, Tree> forest;
+    std::vector<Ready> taken;
+    std::vector<float> gx, gh, hsum, child_h, child_c, fh, roots_h;
+    std::vector<int> child_row;
+
+    /* Rows (or ready nodes, for trees) waiting in stage s. */
+    size_t count(int s) const { return trees ? stages[s].ready.size() : stages[s].rows.size(); }
     std::vector<int32_t> row_best;
 
     /* Between Python and whoever steps (run()'s caller or the worker), under io. */
@@ -185,6 +228,7 @@ struct Core {
     /* Admitted rows join their stages (state zeroed) and dropped ones leave; a stage never holds more than
      * capacity rows (Python admits at most that many: the engine's running bound is within it). */
     void apply(std::vector<std::pair<int, Row>> &in, std::vector<long long> &gone) {
+        if (trees) return apply_trees(in, gone);
         for (long long id : gone) {
             auto it = where.find(id);
             if (it != where.end()) {
@@ -233,9 +277,50 @@ struct Core {
         apply(in, gone);
     }
 
+    /* A tree loop's admissions and drops: a dropped tree is forgotten (its queued nodes are skipped when taken);
+     * an admitted one's leaves are ready, in node order. Python bounds the nodes held (capacity). */
+    void apply_trees(std::vector<std::pair<int, Row>> &in, std::vector<long long> &gone) {
+        for (long long id : gone) {
+            if (forest.erase(id)) {
+                active--;
+                continue;
+            }
+            for (auto &p : in)
+                if (p.second.id == id) p.second.id = -1, active--;  // dropped before it joined
+        }
+        const int hidden = tree_cell.hidden;
+        for (auto &p : in) {
+            Row &row = p.second;
+            if (row.id < 0) continue;
+            const int n = (int)row.parents.size();
+            Tree t;
+            t.ticket = row.ticket;
+            t.arrival = row.arrival;
+            t.trace = row.trace;
+            t.tokens = std::move(row.tokens);
+            t.parent.assign(row.parents.begin(), row.parents.end());
+            t.waiting.assign(n, 0);
+            for (int v : t.parent)
+                if (v >= 0) t.waiting[v]++;
+            t.kid_start.assign(n + 1, 0);
+            for (int i = 0; i < n; i++) t.kid_start[i + 1] = t.kid_start[i] + t.waiting[i];
+            t.kids.assign(std::max(0, n - 1), 0);
+            std::vector<int> fill(t.kid_start.begin(), t.kid_start.end() - 1);
+            for (int i = 0; i < n; i++)
+                if (t.parent[i] >= 0) t.kids[fill[t.parent[i]]++] = i;
+            t.h.assign((size_t)n * hidden, 0.0f);
+            t.c.assign((size_t)n * hidden, 0.0f);
+            for (int i = 0; i < n; i++)
+                if (!t.waiting[i]) stages[0].ready.push_back({row.id, i, t.arrival});
+            forest.emplace(row.id, std::move(t));
+        }
+        in.clear();
+        gone.clear();
+    }
+
     bool has_rows() const {
-        for (const Stage &st : stages)
-            if (!st.rows.empty()) return true;
+        for (int s = 0; s < (int)stages.size(); s++)
+            if (count(s)) return true;
         return false;
     }
 
@@ -280,7 +365,7 @@ struct Core {
     int pick(const Plan &p) {
         std::vector<std::pair<int, int>> ready;
         for (int s = 0; s < (int)stages.size(); s++) {
-            const int n = (int)stages[s].rows.size();
+            const int n = (int)count(s);
             if (n) ready.push_back({s, std::min(n, p.max_rows)});
         }
         if (ready.empty()) return -1;
@@ -314,6 +399,7 @@ struct Core {
     }
 
     double oldest_arrival(int s) const {
+        if (trees) return stages[s].ready.empty() ? 1e300 : stages[s].ready.front().arrival;
         double o = 1e300;
         for (const Row &r : stages[s].rows) o = std::min(o, r.arrival);
         return o;
@@ -456,6 +542,121 @@ struct Core {
         }
     }
 
+    /* One step of a tree stage: up to max_rows ready nodes from the front of its queue (those of cancelled
+     * trees leave, with their trees); their cell step; parents whose children are all done become ready, and
+     * trees whose root ran leave with its logits. Returns the nodes run (0: none were left). */
+    int tree_step(int s, const Plan &p, std::vector<Left> &left) {
+        Stage &st = stages[s];
+        taken.clear();
+        while (!st.ready.empty() && (int)taken.size() < p.max_rows) {
+            const Ready r = st.ready.front();
+            st.ready.pop_front();
+            auto it = forest.find(r.tree);
+            if (it == forest.end()) continue;  // dropped
+            if (flagged(p, it->second.ticket)) {
+                forest.erase(it);
+                active--;
+                left.push_back({r.tree, LEFT_CANCELLED, false, {}, 0.0, -1});
+                continue;
+            }
+            taken.push_back(r);
+        }
+        const int m = (int)taken.size();
+        if (!m) return 0;
+        const double t0 = now();
+        tree_compute(st.kind == INTERNAL);
+        kernel_seconds += now() - t0;
+        const double at = now();
+        std::vector<int> roots;
+        for (int i = 0; i < m; i++) {
+            Tree &t = forest.find(taken[i].tree)->second;
+            if (t.trace && (t.steps.empty() || t.steps.back() != (uint32_t)(steps + 1)))
+                t.steps.push_back((uint32_t)(steps + 1));
+            const int up = t.parent[taken[i].node];
+            if (up < 0)
+                roots.push_back(i);
+            else if (!--t.waiting[up])
+                stages[1].ready.push_back({taken[i].tree, up, at});
+        }
+        if (!roots.empty()) {  // the head over every root this step finished
+            const double t1 = now();
+            const int hidden = tree_cell.hidden, classes = st.head->n;
+            roots_h.resize(roots.size() * (size_t)hidden);
+            for (size_t r = 0; r < roots.size(); r++) {
+                const Tree &t = forest.find(taken[roots[r]].tree)->second;
+                memcpy(&roots_h[r * hidden], &t.h[(size_t)taken[roots[r]].node * hidden], hidden * sizeof(float));
+            }
+            logits.resize(roots.size() * (size_t)classes);
+            K->linear(st.head, roots_h.data(), hidden, (int)roots.size(), logits.data(), classes, nullptr, 0,
+                      st.head_bias.data());
+            kernel_seconds += now() - t1;
+            for (size_t r = 0; r < roots.size(); r++) {
+                auto it = forest.find(taken[roots[r]].tree);
+                Left l{it->first, LEFT_FINISHED, false, {}, 0.0, -1, std::move(it->second.steps)};
+                l.has_logits = true;
+                l.ys.assign(&logits[r * classes], &logits[(r + 1) * classes]);
+                left.push_back(std::move(l));
+                forest.erase(it);
+                active--;
+            }
+        }
+        st.last_run = ++steps;
+        return m;
+    }
+
+    /* The child-sum TreeLSTM step for the taken nodes (cells/treelstm.py's nodes and the kernel of
+     * kernels/treelstm.py, same products and gate formulas): x W_x^T; for internal nodes also (sum of children's
+     * h) U_iou^T and every child's h U_f^T with its own forget gate. States go into each node's tree. */
+    void tree_compute(bool internal) {
+        const TreeCell &cell = tree_cell;
+        const Stage &st = stages[0];  // (both stages share the embedding)
+        const int m = (int)taken.size(), hidden = cell.hidden, dim = st.dim;
+        x.resize((size_t)m * dim);
+        for (int i = 0; i < m; i++) {
+            const Tree &t = forest.find(taken[i].tree)->second;
+            memcpy(&x[(size_t)i * dim], &st.embedding[(size_t)t.tokens[taken[i].node] * dim], dim * sizeof(float));
+        }
+        gx.resize((size_t)m * 4 * hidden);
+        K->linear(cell.wx, x.data(), dim, m, gx.data(), 4 * hidden, nullptr, 0, nullptr);
+        int kids = 0;
+        if (internal) {
+            child_row.clear();
+            child_h.clear();
+            child_c.clear();
+            for (int i = 0; i < m; i++) {
+                const Tree &t = forest.find(taken[i].tree)->second;
+                const int v = taken[i].node;
+                for (int k = t.kid_start[v]; k < t.kid_start[v + 1]; k++) {
+                    const size_t kid = (size_t)t.kids[k] * hidden;
+                    child_row.push_back(i);
+                    child_h.insert(child_h.end(), &t.h[kid], &t.h[kid] + hidden);
+                    child_c.insert(child_c.end(), &t.c[kid], &t.c[kid] + hidden);
+                }
+            }
+            kids = (int)child_row.size();
+            hsum.assign((size_t)m * hidden, 0.0f);  // the children's h summed per node, in child order
+            for (int k = 0; k < kids; k++) {
+                float *to = &hsum[(size_t)child_row[k] * hidden];
+                const float *from = &child_h[(size_t)k * hidden];
+                for (int j = 0; j < hidden; j++) to[j] += from[j];
+            }
+            gh.resize((size_t)m * 3 * hidden);
+            K->linear(cell.u_iou, hsum.data(), hidden, m, gh.data(), 3 * hidden, nullptr, 0, nullptr);
+            fh.resize((size_t)kids * hidden);
+            if (kids) K->linear(cell.u_f, child_h.data(), hidden, kids, fh.data(), hidden, nullptr, 0, nullptr);
+        }
+        hs[0].resize((size_t)m * hidden);
+        hs[1].resize((size_t)m * hidden);
+        K->tree_gates(gx.data(), cell.bias.data(), internal ? gh.data() : nullptr, fh.data(), child_c.data(),
+                      child_row.data(), kids, m, hidden, hs[0].data(), hs[1].data());
+        for (int i = 0; i < m; i++) {
+            Tree &t = forest.find(taken[i].tree)->second;
+            const size_t at = (size_t)taken[i].node * hidden;
+            memcpy(&t.h[at], &hs[0][(size_t)i * hidden], hidden * sizeof(float));
+            memcpy(&t.c[at], &hs[1][(size_t)i * hidden], hidden * sizeof(float));
+        }
+    }
+
     /* Decoding and leaving for the n rows from a that just stepped. */
     void bookkeeping(Stage &st, int s, int a, int n, std::vector<Left> &left) {
         const int classes = st.head ? st.head->n : 0;
@@ -529,6 +730,15 @@ struct Core {
     /* One step of stage s, recorded; false when it had no rows left after cancellations. */
     bool step_recorded(int s, const Plan &p, int pad_to, double *mark, std::vector<Left> &left,
                        std::vector<StepRecord> &records) {
+        if (trees) {
+            const double k0 = kernel_seconds;
+            const int rows = tree_step(s, p, left);
+            if (!rows) return false;
+            const double t = now();
+            records.push_back({s, rows, 0, t - *mark, kernel_seconds - k0, t, steps});
+            *mark = t;
+            return true;
+        }
         int a, b;
         clean_window(s, p, &a, &b, left);
         if (b <= a) return false;
@@ -551,11 +761,11 @@ struct Core {
         exchange();
         double mark = now();
         if (stage >= 0) {
-            if (!stages[stage].rows.empty()) step_recorded(stage, p, p.pad_to, &mark, left, records);
+            if (count(stage)) step_recorded(stage, p, p.pad_to, &mark, left, records);
             return;
         }
         for (int s = 0; s < (int)stages.size() && !pad_error; s++)
-            while (!stages[s].rows.empty())
+            while (count(s))
                 if (!step_recorded(s, p, p.pad_to, &mark, left, records)) break;
     }
 
@@ -691,8 +901,8 @@ PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
                           &start_token, &eos))
         return nullptr;
     Core &c = *self->core;
-    if (c.active > 0 || c.worker_running) {
-        PyErr_SetString(PyExc_RuntimeError, "stages are added before any request");
+    if (c.active > 0 || c.worker_running || c.trees) {
+        PyErr_SetString(PyExc_RuntimeError, "stages are added before any request (and not to a tree loop)");
         return nullptr;
     }
     Stage st;
@@ -723,8 +933,8 @@ PyObject *loop_add_frame_stage(LoopObject *self, PyObject *args) {
     PyObject *layers;
     if (!PyArg_ParseTuple(args, "iO!i", &dim, &PyList_Type, &layers, &block)) return nullptr;
     Core &c = *self->core;
-    if (c.active > 0 || c.worker_running) {
-        PyErr_SetString(PyExc_RuntimeError, "stages are added before any request");
+    if (c.active > 0 || c.worker_running || c.trees) {
+        PyErr_SetString(PyExc_RuntimeError, "stages are added before any request (and not to a tree loop)");
         return nullptr;
     }
     if (dim < 1 || block < 1 || PyList_GET_SIZE(layers) < 1) {
@@ -803,7 +1013,7 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
         row.tokens.assign((const int64_t *)tokens.buf, (const int64_t *)tokens.buf + tokens.len / 8);
         PyBuffer_Release(&tokens);
         const char *error = nullptr;
-        if (s < 0 || s >= (int)c.stages.size() || row.id < 0 || c.stages[s].kind == FRAMES)
+        if (s < 0 || s >= (int)c.stages.size() || row.id < 0 || c.stages[s].kind > GENERATE)
             error = "no such token stage, or a negative id";
         else if (c.stages[s].kind == READ && row.tokens.empty())
             error = "a request needs at least one token";
@@ -820,6 +1030,99 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
     c.active += (int)rows.size();
     {  // io is only ever held briefly and never by a thread waiting for the GIL: keep the GIL (releasing it
        // hands it to another Python thread for up to a switch interval, which the event loop then waits out)
+        std::lock_guard<std::mutex> g(c.io);
+        for (auto &r : rows) c.inbox.push_back(std::move(r));
+    }
+    c.wake_worker.notify_one();
+    Py_RETURN_NONE;
+}
+
+/* add_tree_stages(embedding (V, E), w_x, u_iou, u_f (packed), bias (4H), head (packed), head bias): a tree loop's
+ * stages LEAF (0) and INTERNAL (1), on a loop with no other stages. */
+PyObject *loop_add_tree_stages(LoopObject *self, PyObject *args) {
+    PyObject *emb, *wx, *u_iou, *u_f, *bias, *head, *head_bias;
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &emb, &wx, &u_iou, &u_f, &bias, &head, &head_bias)) return nullptr;
+    Core &c = *self->core;
+    if (!c.stages.empty() || c.worker_running) {
+        PyErr_SetString(PyExc_RuntimeError, "a tree loop's stages are its only ones, added before any request");
+        return nullptr;
+    }
+    Stage leaf;
+    leaf.kind = LEAF;
+    Py_ssize_t shape[2];
+    TreeCell &cell = c.tree_cell;
+    if (!floats(emb, 2, leaf.embedding, shape, "embedding") || !(cell.wx = packed(self, wx, "w_x")) ||
+        !(cell.u_iou = packed(self, u_iou, "u_iou")) || !(cell.u_f = packed(self, u_f, "u_f")) ||
+        !floats(bias, 1, cell.bias, nullptr, "bias") || !(leaf.head = packed(self, head, "head")) ||
+        !floats(head_bias, 1, leaf.head_bias, nullptr, "head bias"))
+        return nullptr;
+    leaf.vocab = (int)shape[0];
+    leaf.dim = (int)shape[1];
+    cell.hidden = cell.u_f->k;
+    const int hidden = cell.hidden;
+    if (cell.wx->k != leaf.dim || cell.wx->n != 4 * hidden || cell.u_iou->k != hidden || cell.u_iou->n != 3 * hidden ||
+        cell.u_f->n != hidden || (int)cell.bias.size() != 4 * hidden || leaf.head->k != hidden ||
+        (int)leaf.head_bias.size() != leaf.head->n) {
+        PyErr_SetString(PyExc_ValueError, "the tree cell's matrices, bias and head do not fit together");
+        return nullptr;
+    }
+    Stage internal;
+    internal.kind = INTERNAL;
+    internal.dim = leaf.dim;
+    internal.head = leaf.head;
+    internal.head_bias = leaf.head_bias;
+    c.trees = true;
+    c.stages.push_back(std::move(leaf));
+    c.stages.push_back(std::move(internal));
+    Py_RETURN_NONE;
+}
+
+/* admit_trees([(id, ticket, arrival, tokens int64, parents int64, trace), ...]): trees join together at the next
+ * step, their leaves ready. parents[i] is node i's parent, -1 at the one root (Python checked the shape). */
+PyObject *loop_admit_trees(LoopObject *self, PyObject *arg) {
+    Core &c = *self->core;
+    if (!c.trees) {
+        PyErr_SetString(PyExc_RuntimeError, "this loop has no tree stages");
+        return nullptr;
+    }
+    PyObject *seq = PySequence_Fast(arg, "admit_trees takes a list of trees");
+    if (!seq) return nullptr;
+    std::vector<std::pair<int, Row>> rows;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int trace;
+        Row row;
+        Py_buffer tokens, parents;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "LLdy*y*p", &row.id, &row.ticket, &row.arrival, &tokens,
+                              &parents, &trace)) {
+            Py_DECREF(seq);
+            return nullptr;
+        }
+        row.trace = trace;
+        row.tokens.assign((const int64_t *)tokens.buf, (const int64_t *)tokens.buf + tokens.len / 8);
+        row.parents.assign((const int64_t *)parents.buf, (const int64_t *)parents.buf + parents.len / 8);
+        PyBuffer_Release(&tokens);
+        PyBuffer_Release(&parents);
+        const int nodes = (int)row.parents.size();
+        const char *error = row.id < 0 ? "a negative id" : nullptr;
+        if (!error && (nodes < 1 || (int)row.tokens.size() != nodes)) error = "a tree needs a token per node";
+        int roots = 0;
+        for (int j = 0; j < nodes && !error; j++) {
+            if (row.tokens[j] < 0 || row.tokens[j] >= c.stages[0].vocab) error = "a token id is outside the vocabulary";
+            if (row.parents[j] < -1 || row.parents[j] >= nodes || row.parents[j] == j) error = "a parent is not a node";
+            roots += row.parents[j] == -1;
+        }
+        if (!error && roots != 1) error = "a tree has one root";
+        if (error) {
+            PyErr_SetString(PyExc_ValueError, error);
+            Py_DECREF(seq);
+            return nullptr;
+        }
+        rows.push_back({0, std::move(row)});
+    }
+    Py_DECREF(seq);
+    c.active += (int)rows.size();
+    {  // with the GIL, as admit
         std::lock_guard<std::mutex> g(c.io);
         for (auto &r : rows) c.inbox.push_back(std::move(r));
     }
@@ -918,7 +1221,7 @@ PyObject *loop_ready(LoopObject *self, PyObject *arg) {
     long s;
     if (!stage_arg(c, arg, &s)) return nullptr;
     c.exchange();
-    return PyLong_FromSize_t(c.stages[s].rows.size());
+    return PyLong_FromSize_t(c.count((int)s));
 }
 
 PyObject *loop_oldest(LoopObject *self, PyObject *arg) {
@@ -965,7 +1268,10 @@ PyObject *left_list(std::vector<Left> &left) {
     for (size_t i = 0; out && i < left.size(); i++) {
         const Left &l = left[i];
         PyObject *value;
-        if (l.has_frames) {  // (outputs, final state) as bytes of float32
+        if (l.has_logits) {
+            value = PyList_New((Py_ssize_t)l.ys.size());
+            for (size_t j = 0; value && j < l.ys.size(); j++) PyList_SET_ITEM(value, j, PyFloat_FromDouble(l.ys[j]));
+        } else if (l.has_frames) {  // (outputs, final state) as bytes of float32
             value = Py_BuildValue("(y#y#)", (const char *)l.ys.data(), (Py_ssize_t)(l.ys.size() * sizeof(float)),
                                   (const char *)l.state.data(), (Py_ssize_t)(l.state.size() * sizeof(float)));
         } else if (l.has_tokens) {
@@ -1111,6 +1417,9 @@ PyMethodDef LOOP_METHODS[] = {
     {"add_stage", (PyCFunction)loop_add_stage, METH_VARARGS, "add a stage (before any request); returns its index"},
     {"add_frame_stage", (PyCFunction)loop_add_frame_stage, METH_VARARGS,
      "add a stage over float frames (before any request); returns its index"},
+    {"add_tree_stages", (PyCFunction)loop_add_tree_stages, METH_VARARGS,
+     "make this a loop of child-sum TreeLSTM trees: stages leaf and internal"},
+    {"admit_trees", (PyCFunction)loop_admit_trees, METH_O, "trees join together at the next step"},
     {"admit", (PyCFunction)loop_admit, METH_O, "requests join their stages together at the next step"},
     {"admit_frames", (PyCFunction)loop_admit_frames, METH_O, "requests join a frame stage together at the next step"},
     {"drop", (PyCFunction)loop_drop, METH_O, "take a request's row out, without a result, before the next step"},

@@ -7,7 +7,7 @@
 
 #include "native.h"
 
-#define CELLSERVE_API_VERSION 2
+#define CELLSERVE_API_VERSION 3
 #define CELLSERVE_API_CAPSULE "cellserve.kernels._native._C_API"
 
 typedef decltype(&linear) linear_fn;
@@ -16,6 +16,7 @@ typedef decltype(&gru_step) gru_step_fn;
 typedef decltype(&rows_max_sumexp) rows_max_sumexp_fn;
 typedef decltype(&lstm_sequence) lstm_sequence_fn;
 typedef decltype(&gru_sequence) gru_sequence_fn;
+typedef decltype(&tree_gates) tree_gates_fn;
 
 typedef struct {
     int version;
@@ -25,8 +26,9 @@ typedef struct {
     gru_step_fn gru_step;
     void (*set_threads)(int n); /* the calling thread's thread count for products (a native thread's own) */
     rows_max_sumexp_fn rows_max_sumexp;
-    lstm_sequence_fn lstm_sequence; /* (version 2) k steps after one input projection: a block of frames */
+    lstm_sequence_fn lstm_sequence; /* k steps after one input projection: a block of frames */
     gru_sequence_fn gru_sequence;
+    tree_gates_fn tree_gates; /* (version 3) a child-sum TreeLSTM's gates over a batch of nodes */
 } native_api_t;
 
 #endif

@@ -160,3 +160,9 @@ void qrnn_steps(const packed_t *w, const float *xs, const float *bias, float *c,
 void rows_max_sumexp(const float *x, ptrdiff_t ld, int m, int n, float *max, int32_t *argmax, float *sumexp) {
     platform()->rows_max_sumexp(x, ld, m, n, max, argmax, sumexp);
 }
+
+/* The child-sum TreeLSTM's gate math for a batch of nodes (kernels.inc). */
+void tree_gates(const float *gx, const float *bias, const float *gh, const float *fh, const float *c_kids,
+                const int *kid_row, int kids, int nodes, int hidden, float *h_out, float *c_out) {
+    platform()->tree_gates(gx, bias, gh, fh, c_kids, kid_row, kids, nodes, hidden, h_out, c_out);
+}

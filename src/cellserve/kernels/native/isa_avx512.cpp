@@ -280,4 +280,5 @@ void avx512_vbmi_gemm_s8(const qgemm_t *g, int threads) {
 }
 
 extern const isa_t ISA_AVX512 = {"avx512", supported, gemm_f32, gemm_bsr, gemm_s8, 1, quantize_rows,
-                                 lstm_gates, gru_gates, sru_scan, qrnn_scan, max_sumexp_rows};
+                                 lstm_gates, gru_gates, sru_scan, qrnn_scan, max_sumexp_rows,
+                               child_sum_gates};

@@ -27,4 +27,5 @@ int supported() { return 1; }
 }  // namespace
 
 extern const isa_t ISA_PORTABLE = {"portable", supported, gemm_f32, gemm_bsr, gemm_s8, 0, quantize_rows,
-                                   lstm_gates, gru_gates, sru_scan, qrnn_scan, max_sumexp_rows};
+                                   lstm_gates, gru_gates, sru_scan, qrnn_scan, max_sumexp_rows,
+                               child_sum_gates};

@@ -108,6 +108,9 @@ typedef struct {
     void (*qrnn_scan)(const float *u, int steps, int batch, int hidden, const float *bias, float *c, float *h_out);
     /* per row: max, its first index, and the sum of exp(x - max) (decoding: argmax, log-softmax) */
     void (*rows_max_sumexp)(const float *x, ptrdiff_t ld, int m, int n, float *max, int32_t *argmax, float *sumexp);
+    /* a child-sum TreeLSTM's gates over a batch of nodes */
+    void (*tree_gates)(const float *gx, const float *bias, const float *gh, const float *fh, const float *c_kids,
+                       const int *kid_row, int kids, int nodes, int hidden, float *h_out, float *c_out);
 } isa_t;
 
 /* The ISA paths (isa_*.cpp), each a full table of its kernels. */
@@ -170,6 +173,8 @@ void sru_steps(const packed_t *w, const float *xs, const float *v_f, const float
 void qrnn_steps(const packed_t *w, const float *xs, const float *bias, float *c, float *hs, int steps, int batch,
                 int hidden);
 void rows_max_sumexp(const float *x, ptrdiff_t ld, int m, int n, float *max, int32_t *argmax, float *sumexp);
+void tree_gates(const float *gx, const float *bias, const float *gh, const float *fh, const float *c_kids,
+                const int *kid_row, int kids, int nodes, int hidden, float *h_out, float *c_out);
 
 
 #endif
