@@ -87,15 +87,15 @@ struct Row {
     std::vector<int64_t> parents; // a tree's (with its tokens, one per node), until it joins
 };
 
-/* A tree in a tree loop: its nodes' parents, children (CSR, in node order), children still to run and states. */
+/* A tree in a tree loop: its nodes' parents, children (CSR, in node order), children still to run, and the
+ * slots of the loop's node pool that hold their states. */
 struct Tree {
     long long ticket;
     double arrival;
     bool trace = false;
     std::vector<uint32_t> steps;
     std::vector<int64_t> tokens;
-    std::vector<int> parent, kid_start, kids, waiting;
-    std::vector<float> h, c;  // nodes x hidden
+    std::vector<int> parent, kid_start, kids, waiting, slot;
 };
 
 struct Ready {  // a node whose children are done
@@ -173,6 +173,16 @@ struct Core {
     bool trees = false;
     TreeCell tree_cell;
     std::unordered_map<long long, Tree> forest;
+    std::vector<float> node_h, node_c;  // capacity node slots x hidden: no allocation per tree
+    std::vector<int> free_slots;
+    float *h_of(const Tree &t, int node) { return &node_h[(size_t)t.slot[node] * tree_cell.hidden]; }
+    float *c_of(const Tree &t, int node) { return &node_c[(size_t)t.slot[node] * tree_cell.hidden]; }
+
+    /* A tree leaves: its slots go back to the pool. */
+    void forget(std::unordered_map<long long, Tree>::iterator it) {
+        free_slots.insert(free_slots.end(), it->second.slot.begin(), it->second.slot.end());
+        forest.erase(it);
+    }
     std::vector<Ready> taken;
     std::vector<float> gx, gh, hsum, child_h, child_c, fh, roots_h;
     std::vector<int> child_row;
@@ -281,18 +291,24 @@ struct Core {
      * an admitted one's leaves are ready, in node order. Python bounds the nodes held (capacity). */
     void apply_trees(std::vector<std::pair<int, Row>> &in, std::vector<long long> &gone) {
         for (long long id : gone) {
-            if (forest.erase(id)) {
+            auto it = forest.find(id);
+            if (it != forest.end()) {
+                forget(it);
                 active--;
                 continue;
             }
             for (auto &p : in)
                 if (p.second.id == id) p.second.id = -1, active--;  // dropped before it joined
         }
-        const int hidden = tree_cell.hidden;
+        std::vector<std::pair<int, Row>> later;
         for (auto &p : in) {
             Row &row = p.second;
             if (row.id < 0) continue;
             const int n = (int)row.parents.size();
+            if ((int)free_slots.size() < n) {  // only while drops of the trees before it are on their way
+                later.push_back(std::move(p));
+                continue;
+            }
             Tree t;
             t.ticket = row.ticket;
             t.arrival = row.arrival;
@@ -308,14 +324,18 @@ struct Core {
             std::vector<int> fill(t.kid_start.begin(), t.kid_start.end() - 1);
             for (int i = 0; i < n; i++)
                 if (t.parent[i] >= 0) t.kids[fill[t.parent[i]]++] = i;
-            t.h.assign((size_t)n * hidden, 0.0f);
-            t.c.assign((size_t)n * hidden, 0.0f);
+            t.slot.assign(free_slots.end() - n, free_slots.end());
+            free_slots.resize(free_slots.size() - n);
             for (int i = 0; i < n; i++)
                 if (!t.waiting[i]) stages[0].ready.push_back({row.id, i, t.arrival});
             forest.emplace(row.id, std::move(t));
         }
         in.clear();
         gone.clear();
+        if (!later.empty()) {
+            std::lock_guard<std::mutex> g(io);
+            for (auto &p : later) inbox.push_back(std::move(p));
+        }
     }
 
     bool has_rows() const {
@@ -554,7 +574,7 @@ struct Core {
             auto it = forest.find(r.tree);
             if (it == forest.end()) continue;  // dropped
             if (flagged(p, it->second.ticket)) {
-                forest.erase(it);
+                forget(it);
                 active--;
                 left.push_back({r.tree, LEFT_CANCELLED, false, {}, 0.0, -1});
                 continue;
@@ -584,7 +604,7 @@ struct Core {
             roots_h.resize(roots.size() * (size_t)hidden);
             for (size_t r = 0; r < roots.size(); r++) {
                 const Tree &t = forest.find(taken[roots[r]].tree)->second;
-                memcpy(&roots_h[r * hidden], &t.h[(size_t)taken[roots[r]].node * hidden], hidden * sizeof(float));
+                memcpy(&roots_h[r * hidden], h_of(t, taken[roots[r]].node), hidden * sizeof(float));
             }
             logits.resize(roots.size() * (size_t)classes);
             K->linear(st.head, roots_h.data(), hidden, (int)roots.size(), logits.data(), classes, nullptr, 0,
@@ -596,7 +616,7 @@ struct Core {
                 l.has_logits = true;
                 l.ys.assign(&logits[r * classes], &logits[(r + 1) * classes]);
                 left.push_back(std::move(l));
-                forest.erase(it);
+                forget(it);
                 active--;
             }
         }
@@ -627,10 +647,10 @@ struct Core {
                 const Tree &t = forest.find(taken[i].tree)->second;
                 const int v = taken[i].node;
                 for (int k = t.kid_start[v]; k < t.kid_start[v + 1]; k++) {
-                    const size_t kid = (size_t)t.kids[k] * hidden;
+                    const float *h = h_of(t, t.kids[k]), *c = c_of(t, t.kids[k]);
                     child_row.push_back(i);
-                    child_h.insert(child_h.end(), &t.h[kid], &t.h[kid] + hidden);
-                    child_c.insert(child_c.end(), &t.c[kid], &t.c[kid] + hidden);
+                    child_h.insert(child_h.end(), h, h + hidden);
+                    child_c.insert(child_c.end(), c, c + hidden);
                 }
             }
             kids = (int)child_row.size();
@@ -650,10 +670,9 @@ struct Core {
         K->tree_gates(gx.data(), cell.bias.data(), internal ? gh.data() : nullptr, fh.data(), child_c.data(),
                       child_row.data(), kids, m, hidden, hs[0].data(), hs[1].data());
         for (int i = 0; i < m; i++) {
-            Tree &t = forest.find(taken[i].tree)->second;
-            const size_t at = (size_t)taken[i].node * hidden;
-            memcpy(&t.h[at], &hs[0][(size_t)i * hidden], hidden * sizeof(float));
-            memcpy(&t.c[at], &hs[1][(size_t)i * hidden], hidden * sizeof(float));
+            const Tree &t = forest.find(taken[i].tree)->second;
+            memcpy(h_of(t, taken[i].node), &hs[0][(size_t)i * hidden], hidden * sizeof(float));
+            memcpy(c_of(t, taken[i].node), &hs[1][(size_t)i * hidden], hidden * sizeof(float));
         }
     }
 
@@ -1038,7 +1057,7 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
 }
 
 /* add_tree_stages(embedding (V, E), w_x, u_iou, u_f (packed), bias (4H), head (packed), head bias): a tree loop's
- * stages LEAF (0) and INTERNAL (1), on a loop with no other stages. */
+ * stages LEAF (0) and INTERNAL (1), on a loop with no other stages; its capacity counts nodes. */
 PyObject *loop_add_tree_stages(LoopObject *self, PyObject *args) {
     PyObject *emb, *wx, *u_iou, *u_f, *bias, *head, *head_bias;
     if (!PyArg_ParseTuple(args, "OOOOOOO", &emb, &wx, &u_iou, &u_f, &bias, &head, &head_bias)) return nullptr;
@@ -1071,6 +1090,10 @@ PyObject *loop_add_tree_stages(LoopObject *self, PyObject *args) {
     internal.dim = leaf.dim;
     internal.head = leaf.head;
     internal.head_bias = leaf.head_bias;
+    c.node_h.assign((size_t)c.capacity * hidden, 0.0f);
+    c.node_c.assign((size_t)c.capacity * hidden, 0.0f);
+    c.free_slots.resize(c.capacity);
+    for (int i = 0; i < c.capacity; i++) c.free_slots[i] = c.capacity - 1 - i;
     c.trees = true;
     c.stages.push_back(std::move(leaf));
     c.stages.push_back(std::move(internal));
