@@ -339,11 +339,11 @@ def test_bad_frame_rows_are_refused_by_the_native_loop():
     with pytest.raises(ValueError, match="no such token stage"):
         runner.loop.admit([(0, 1, 0, 0.0, np.zeros(3, np.int64), 1, True, False)])
     with pytest.raises(ValueError, match="input size"):
-        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros(FEATURES + 1, np.float32), None, False)])
+        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros((2, FEATURES + 1), np.float32), None, False)])
     with pytest.raises(TypeError, match="float32"):
-        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros(FEATURES), None, False)])
+        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros((2, FEATURES)), None, False)])
     with pytest.raises(ValueError, match="state width"):
-        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros(FEATURES, np.float32), np.zeros(3, np.float32), False)])
+        runner.loop.admit_frames([(0, 1, 0, 0.0, np.zeros((2, FEATURES), np.float32), np.zeros(3, np.float32), False)])
     assert runner.used == 0 and runner.loop.used == 0
 
 

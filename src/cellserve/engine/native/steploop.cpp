@@ -1009,6 +1009,18 @@ PyObject *stage_added(Core &c, Stage &&st) {
     return PyLong_FromSsize_t((Py_ssize_t)c.stages.size() - 1);
 }
 
+/* Admitted rows (or trees) go to the inbox: they join at the worker's next step (or the next run()). */
+PyObject *queued(Core &c, std::vector<std::pair<int, Row>> &rows) {
+    c.active += (int)rows.size();
+    {  // io is only ever held briefly and never by a thread waiting for the GIL: keep the GIL (releasing it
+       // hands it to another Python thread for up to a switch interval, which the event loop then waits out)
+        std::lock_guard<std::mutex> g(c.io);
+        for (auto &r : rows) c.inbox.push_back(std::move(r));
+    }
+    c.wake_worker.notify_one();
+    Py_RETURN_NONE;
+}
+
 /* admit([(stage, id, ticket, arrival, tokens (int64 array), max_len, stop, trace), ...]): requests join their stages
  * together at the next step, their states zeroed (or later, if the stages hold `capacity` rows). */
 PyObject *loop_admit(LoopObject *self, PyObject *arg) {
@@ -1046,14 +1058,7 @@ PyObject *loop_admit(LoopObject *self, PyObject *arg) {
         rows.push_back({s, std::move(row)});
     }
     Py_DECREF(seq);
-    c.active += (int)rows.size();
-    {  // io is only ever held briefly and never by a thread waiting for the GIL: keep the GIL (releasing it
-       // hands it to another Python thread for up to a switch interval, which the event loop then waits out)
-        std::lock_guard<std::mutex> g(c.io);
-        for (auto &r : rows) c.inbox.push_back(std::move(r));
-    }
-    c.wake_worker.notify_one();
-    Py_RETURN_NONE;
+    return queued(c, rows);
 }
 
 /* add_tree_stages(embedding (V, E), w_x, u_iou, u_f (packed), bias (4H), head (packed), head bias): a tree loop's
@@ -1144,28 +1149,7 @@ PyObject *loop_admit_trees(LoopObject *self, PyObject *arg) {
         rows.push_back({0, std::move(row)});
     }
     Py_DECREF(seq);
-    c.active += (int)rows.size();
-    {  // with the GIL, as admit
-        std::lock_guard<std::mutex> g(c.io);
-        for (auto &r : rows) c.inbox.push_back(std::move(r));
-    }
-    c.wake_worker.notify_one();
-    Py_RETURN_NONE;
-}
-
-/* A C-contiguous float32 buffer's values, appended to out; false (an exception set) otherwise. */
-bool float_values(PyObject *obj, std::vector<float> &out, const char *name) {
-    Py_buffer v;
-    if (PyObject_GetBuffer(obj, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return false;
-    const char *f = v.format ? v.format : "B";
-    if (*f == '<' || *f == '=' || *f == '@') f++;
-    const bool ok = !strcmp(f, "f");
-    if (ok)
-        out.assign((const float *)v.buf, (const float *)v.buf + v.len / 4);
-    else
-        PyErr_Format(PyExc_TypeError, "%s must be float32", name);
-    PyBuffer_Release(&v);
-    return ok;
+    return queued(c, rows);
 }
 
 /* admit_frames([(stage, id, ticket, arrival, frames (T, dim) float32, initial state (width,) float32 or None,
@@ -1182,12 +1166,13 @@ PyObject *loop_admit_frames(LoopObject *self, PyObject *arg) {
         PyObject *frames, *initial;
         bool ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iLLdOOp", &s, &row.id, &row.ticket,
                                    &row.arrival, &frames, &initial, &trace);
-        ok = ok && float_values(frames, row.frames, "frames") &&
-             (initial == Py_None || float_values(initial, row.initial, "the initial state"));
+        Py_ssize_t shape[2] = {0, 0};
+        ok = ok && floats(frames, 2, row.frames, shape, "frames") &&
+             (initial == Py_None || floats(initial, 1, row.initial, nullptr, "the initial state"));
         const char *error = nullptr;
         if (ok && (s < 0 || s >= (int)c.stages.size() || c.stages[s].kind != FRAMES || row.id < 0))
             error = "no such frame stage, or a negative id";
-        else if (ok && (row.frames.empty() || row.frames.size() % c.stages[s].dim))
+        else if (ok && (shape[0] < 1 || shape[1] != c.stages[s].dim))
             error = "a request needs at least one frame, each of the stage's input size";
         else if (ok && initial != Py_None && (int)row.initial.size() != c.width)
             error = "the initial state does not match the stage's state width";
@@ -1202,13 +1187,7 @@ PyObject *loop_admit_frames(LoopObject *self, PyObject *arg) {
         rows.push_back({s, std::move(row)});
     }
     Py_DECREF(seq);
-    c.active += (int)rows.size();
-    {  // with the GIL, as admit
-        std::lock_guard<std::mutex> g(c.io);
-        for (auto &r : rows) c.inbox.push_back(std::move(r));
-    }
-    c.wake_worker.notify_one();
-    Py_RETURN_NONE;
+    return queued(c, rows);
 }
 
 /* drop(id): a request that will not finish leaves, without a result, before the next step. */
