@@ -368,11 +368,11 @@ def test_per_step_python_work_does_not_grow_with_the_queue(lm, step_loop):
 def test_cancelling_queued_and_running_requests_frees_their_slots(kind, lm, s2s, tree, step_loop):
     model = {"lm": lm, "s2s": s2s, "tree": tree}[kind]
     inputs = make_requests(kind, np.random.default_rng(9), 30)
-    chain = list(range(1, 400)) + [-1]  # a 400-level tree: one node per step
+    chain = list(range(1, 3000)) + [-1]  # a 3000-level tree: one node per step (the native loop's take ~30 us)
     long = {"lm": {"tokens": list(range(VOCAB)) * 30},
             "s2s": {"tokens": list(range(VOCAB)), "max_output_tokens": 4000, "stop_at_eos": False},
             "tree": {"parents": chain, "tokens": [1] * len(chain)}}[kind]
-    engine = Engine(make_runner(model, 4096, step_loop=step_loop), "cellular", max_batch=2, max_running=2).start()
+    engine = Engine(make_runner(model, 8192, step_loop=step_loop), "cellular", max_batch=2, max_running=2).start()
     running = [engine.submit(long) for _ in range(2)]
     queued = [engine.submit(inp) for inp in inputs]
     deadline = time.perf_counter() + 10

@@ -101,7 +101,7 @@ struct Tree {
 struct Ready {  // a node whose children are done
     long long tree;
     int node;
-    double arrival;  // its tree's arrival for a leaf, when it became ready for an internal node
+    double arrival;  // its tree's (the oldest pick takes the stage of the oldest request; see families/tree.py)
 };
 
 /* The child-sum TreeLSTM cell (cells/treelstm.py): W_x rows [i, o, u, f], U_iou, U_f, bias (4H). */
@@ -586,7 +586,6 @@ struct Core {
         const double t0 = now();
         tree_compute(st.kind == INTERNAL);
         kernel_seconds += now() - t0;
-        const double at = now();
         std::vector<int> roots;
         for (int i = 0; i < m; i++) {
             Tree &t = forest.find(taken[i].tree)->second;
@@ -596,7 +595,7 @@ struct Core {
             if (up < 0)
                 roots.push_back(i);
             else if (!--t.waiting[up])
-                stages[1].ready.push_back({taken[i].tree, up, at});
+                stages[1].ready.push_back({taken[i].tree, up, t.arrival});
         }
         if (!roots.empty()) {  // the head over every root this step finished
             const double t1 = now();
