@@ -46,20 +46,31 @@ class Metrics:
 
 
 class EngineObserver:
+    """The engine's per-step and per-request figures into the model's metrics. The labelled series are looked
+    up once (labels() took 2.6% of a loaded server's samples when called on every step)."""
+
     def __init__(self, metrics: Metrics, model: str, live=None):
         self.metrics, self.model, self.live = metrics, model, live
+        self.overhead = metrics.overhead.labels(model)
+        self.latency = metrics.latency.labels(model)
+        self.queue_time = metrics.queue_time.labels(model)
+        self.per_cell: dict[str, tuple] = {}
 
     def on_batch(self, cell_type: str, size: int, seconds: float) -> None:
-        self.metrics.batch_size.labels(self.model, cell_type).observe(size)
-        self.metrics.step_time.labels(self.model, cell_type).observe(seconds)
+        series = self.per_cell.get(cell_type)
+        if series is None:
+            series = self.per_cell[cell_type] = (self.metrics.batch_size.labels(self.model, cell_type),
+                                                 self.metrics.step_time.labels(self.model, cell_type))
+        series[0].observe(size)
+        series[1].observe(seconds)
 
     def on_step(self, overhead: float, seconds: float) -> None:
-        self.metrics.overhead.labels(self.model).observe(overhead)
+        self.overhead.observe(overhead)
 
     def on_done(self, req) -> None:
         now = time.perf_counter()
-        self.metrics.latency.labels(self.model).observe(now - req.arrival)
+        self.latency.observe(now - req.arrival)
         if self.live is not None:
             self.live.latencies.append(now - req.arrival)
         if req.started is not None:
-            self.metrics.queue_time.labels(self.model).observe(req.started - req.arrival)
+            self.queue_time.observe(req.started - req.arrival)
