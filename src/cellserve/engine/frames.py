@@ -382,9 +382,9 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
     def admit(self, reqs):
         with self._lock:
             kept, failed = self._with_fronts(reqs)
-            statuses, rows = {}, []
+            statuses, rows, blocked = {}, [], False
             for req in kept:
-                if NO_ROOM in statuses.values():  # none after the first without room: arrival order
+                if blocked:  # none after the first without room: arrival order
                     statuses[req.id] = NO_ROOM
                     continue
                 try:
@@ -393,7 +393,7 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
                     statuses[req.id] = exc
                     continue
                 if frames is DONE or frames is NO_ROOM:
-                    statuses[req.id] = frames
+                    statuses[req.id], blocked = frames, frames is NO_ROOM
                     continue
                 state = self._start_state(req)
                 initial = None if state is None else np.concatenate(
