@@ -2,8 +2,8 @@
 native code and step it without the GIL.
 
 A family offers one beside its Python runner when its model fits: token sequences through unidirectional
-LSTM or GRU stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
-model) or greedily decoded; frame sequences through such stacks (engine/frames.py's NativeStreamRunner); and
+LSTM, GRU or SRU stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
+model) or greedily decoded; frame sequences through such stacks (SRU layers read their weights once per block) (engine/frames.py's NativeStreamRunner); and
 child-sum TreeLSTM trees (families/tree.py's NativeTreeRunner). The Python runners stay the reference: `step_loop: python` picks them, and the
 tests check that both loops give the same outputs.
 
@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from cellserve.cells import GRUCell, LSTMCell
+from cellserve.cells import GRUCell, LSTMCell, SRUCell
 from cellserve.engine import _steploop
 from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, Runner
@@ -30,7 +30,7 @@ PICKS = {"stage": 0, "fullest": 1, "oldest": 2, "earliest": 3}
 
 def native_layers(rnn) -> list[tuple] | None:
     """The stack as the native loop takes it, or None when a layer is not one it runs (bidirectional,
-    SRU/QRNN)."""
+    QRNN)."""
     if rnn.bidirectional:
         return None
     layers = []
@@ -40,6 +40,9 @@ def native_layers(rnn) -> list[tuple] | None:
             layers.append((0, cell.ih.packed, cell.hh.packed, cell.bias, None, step, limit))
         elif type(cell) is GRUCell:
             layers.append((1, cell.ih.packed, cell.hh.packed, cell.b_ih, cell.b_hh, 0.0, 0.0))
+        elif type(cell) is SRUCell:  # its activation is part of the kind
+            vectors = np.concatenate([cell.v_f, cell.v_r, cell.b_f, cell.b_r]).astype(np.float32)
+            layers.append((2 if cell.activation == "tanh" else 3, cell.w.packed, None, vectors, None, 0.0, 0.0))
         else:
             return None
     return layers

@@ -51,7 +51,7 @@ namespace {
 
 const native_api_t *K = nullptr;  // the kernel core
 
-enum { CELL_LSTM = 0, CELL_GRU = 1 };
+enum { CELL_LSTM = 0, CELL_GRU = 1, CELL_SRU_TANH = 2, CELL_SRU_IDENTITY = 3 };  // (SRU: its activation)
 enum { READ = 0, GENERATE = 1, FRAMES = 2, LEAF = 3, INTERNAL = 4 };
 enum { PICK_STAGE = 0, PICK_FULLEST = 1, PICK_OLDEST = 2, PICK_EARLIEST = 3 };
 enum { LEFT_FINISHED = 0, LEFT_CANCELLED = 1 };
@@ -62,10 +62,11 @@ double now() {
 
 struct Layer {
     int kind;
-    const packed_t *wi, *wh;
-    std::vector<float> b1, b2;  // LSTM: bias (b_ih + b_hh); GRU: b_ih, b_hh
+    const packed_t *wi, *wh;    // SRU: its one matrix W ([x~, f, r] (+ highway) rows), no w_hh
+    std::vector<float> b1, b2;  // LSTM: bias (b_ih + b_hh); GRU: b_ih, b_hh; SRU: v_f, v_r, b_f, b_r
     float grid_step, grid_limit;
-    int hidden, offset;         // h at offset, an LSTM's c at offset + hidden, in the row's state
+    int hidden, offset;         // h at offset, an LSTM's or SRU's c at offset + hidden, in the row's state
+    bool sru() const { return kind == CELL_SRU_TANH || kind == CELL_SRU_IDENTITY; }
 };
 
 struct Row {
@@ -168,6 +169,30 @@ struct Core {
     std::atomic<int> active{0};                              // requests held: stage rows and inbox
     std::vector<float> x, logits, row_max, row_sum;
     std::vector<float> xs, gi, hs[2], gathered;  // a FRAMES block's frames, projections, outputs, states
+    std::vector<float> sru_x, sru_c;
+
+    /* An SRU layer over t steps of m rows (cells/sru.py: one product for the t steps, then the scan): inputs
+     * (t, m) rows with stride ldin, h and c in the rows of `state`; outputs into out (t, m, H). */
+    void sru_layer(const Layer &l, const float *in, ptrdiff_t ldin, float *state, int t, int m,
+                   std::vector<float> &out) {
+        const int hidden = l.hidden, k = l.wi->k;
+        if (ldin != k) {  // the scan reads its inputs contiguous (its highway is x itself when k == hidden)
+            sru_x.resize((size_t)t * m * k);
+            for (size_t r = 0; r < (size_t)t * m; r++) memcpy(&sru_x[r * k], in + r * ldin, k * sizeof(float));
+            in = sru_x.data();
+        }
+        sru_c.resize((size_t)m * hidden);
+        float *h = state + l.offset;
+        for (int i = 0; i < m; i++) memcpy(&sru_c[(size_t)i * hidden], h + (size_t)i * width + hidden, hidden * sizeof(float));
+        out.resize((size_t)t * m * hidden);
+        const float *b = l.b1.data();
+        K->sru_steps(l.wi, in, b, b + hidden, b + 2 * hidden, b + 3 * hidden, sru_c.data(), out.data(), t, m, hidden,
+                     l.kind == CELL_SRU_TANH);
+        for (int i = 0; i < m; i++) {
+            memcpy(h + (size_t)i * width, &out[((size_t)(t - 1) * m + i) * hidden], hidden * sizeof(float));
+            memcpy(h + (size_t)i * width + hidden, &sru_c[(size_t)i * hidden], hidden * sizeof(float));
+        }
+    }
 
     /* A tree loop (stages LEAF, INTERNAL): its cell, head and trees. */
     bool trees = false;
@@ -456,8 +481,16 @@ struct Core {
         const float *in = x.data();
         ptrdiff_t ldin = st.dim;
         float *base = &st.state[(size_t)a * width];
+        int which = 0;
         for (const Layer &l : st.layers) {
             float *h = base + l.offset;
+            if (l.sru()) {
+                sru_layer(l, in, ldin, base, 1, m, hs[which]);
+                in = hs[which].data();
+                ldin = l.hidden;
+                which ^= 1;
+                continue;
+            }
             if (l.kind == CELL_LSTM)
                 K->lstm_step(l.wi, l.wh, in, ldin, h, width, h + l.hidden, width, l.b1.data(), h, width, h + l.hidden, m,
                              l.grid_step, l.grid_limit);
@@ -527,6 +560,13 @@ struct Core {
         int which = 0;
         for (const Layer &l : st.layers) {
             float *h = state + l.offset;
+            if (l.sru()) {
+                sru_layer(l, in, ldin, state, t, m, hs[which]);
+                in = hs[which].data();
+                ldin = l.hidden;
+                which ^= 1;
+                continue;
+            }
             if (t == 1) {
                 if (l.kind == CELL_LSTM)
                     K->lstm_step(l.wi, l.wh, in, ldin, h, width, h + l.hidden, width, l.b1.data(), h, width,
@@ -910,7 +950,8 @@ bool stage_layers(LoopObject *self, Stage &st, PyObject *layers, int *top);
 PyObject *stage_added(Core &c, Stage &&st);
 
 /* add_stage(kind, embedding (V, E), layers, head or None, head_bias or None, next, start_token, eos) -> index.
- * layers: [(cell kind, w_ih packed, w_hh packed, b1, b2 or None, cell_step, cell_limit)], bottom first. */
+ * layers: [(cell kind, w_ih packed, w_hh packed, b1, b2 or None, cell_step, cell_limit)], bottom first; an SRU
+ * layer is (CELL_SRU_TANH or _IDENTITY, W packed, None, [v_f, v_r, b_f, b_r], None, 0, 0). */
 PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
     int kind, next;
     long long start_token, eos;
@@ -978,18 +1019,32 @@ bool stage_layers(LoopObject *self, Stage &st, PyObject *layers, int *top) {
         if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "iOOOOff", &l.kind, &wi, &wh, &b1, &b2, &l.grid_step,
                               &l.grid_limit))
             return false;
-        if (!(l.wi = packed(self, wi, "w_ih")) || !(l.wh = packed(self, wh, "w_hh"))) return false;
-        l.hidden = l.wh->k;
-        const int gates = l.kind == CELL_LSTM ? 4 : 3;
-        if (l.wi->k != in || l.wi->n != gates * l.hidden || l.wh->n != gates * l.hidden) {
+        if (l.kind < CELL_LSTM || l.kind > CELL_SRU_IDENTITY) {
+            PyErr_Format(PyExc_ValueError, "layer %zd: no such cell kind %d", i, l.kind);
+            return false;
+        }
+        bool fits;
+        if (l.sru()) {  // (CELL_SRU_*, W, None, [v_f, v_r, b_f, b_r], None, 0, 0)
+            if (!(l.wi = packed(self, wi, "w")) || !floats(b1, 1, l.b1, nullptr, "SRU vectors")) return false;
+            l.wh = nullptr;
+            l.hidden = (int)l.b1.size() / 4;
+            fits = wh == Py_None && (int)l.b1.size() == 4 * l.hidden && l.wi->k == in &&
+                   l.wi->n == (in == l.hidden ? 3 : 4) * l.hidden;
+        } else {
+            if (!(l.wi = packed(self, wi, "w_ih")) || !(l.wh = packed(self, wh, "w_hh"))) return false;
+            l.hidden = l.wh->k;
+            const int gates = l.kind == CELL_LSTM ? 4 : 3;
+            fits = l.wi->k == in && l.wi->n == gates * l.hidden && l.wh->n == gates * l.hidden;
+            if (!floats(b1, 1, l.b1, nullptr, "bias") || (b2 != Py_None && !floats(b2, 1, l.b2, nullptr, "b_hh")))
+                return false;
+        }
+        if (!fits) {
             PyErr_Format(PyExc_ValueError, "layer %zd: weights do not match its input size %d and hidden size %d", i,
                          in, l.hidden);
             return false;
         }
-        if (!floats(b1, 1, l.b1, nullptr, "bias") || (b2 != Py_None && !floats(b2, 1, l.b2, nullptr, "b_hh")))
-            return false;
         l.offset = offset;
-        offset += l.kind == CELL_LSTM ? 2 * l.hidden : l.hidden;
+        offset += l.kind == CELL_GRU ? l.hidden : 2 * l.hidden;
         in = l.hidden;
         st.layers.push_back(std::move(l));
     }

@@ -7,7 +7,7 @@
 
 #include "native.h"
 
-#define CELLSERVE_API_VERSION 3
+#define CELLSERVE_API_VERSION 4
 #define CELLSERVE_API_CAPSULE "cellserve.kernels._native._C_API"
 
 typedef decltype(&linear) linear_fn;
@@ -17,6 +17,7 @@ typedef decltype(&rows_max_sumexp) rows_max_sumexp_fn;
 typedef decltype(&lstm_sequence) lstm_sequence_fn;
 typedef decltype(&gru_sequence) gru_sequence_fn;
 typedef decltype(&tree_gates) tree_gates_fn;
+typedef decltype(&sru_steps) sru_steps_fn;
 
 typedef struct {
     int version;
@@ -28,7 +29,8 @@ typedef struct {
     rows_max_sumexp_fn rows_max_sumexp;
     lstm_sequence_fn lstm_sequence; /* k steps after one input projection: a block of frames */
     gru_sequence_fn gru_sequence;
-    tree_gates_fn tree_gates; /* (version 3) a child-sum TreeLSTM's gates over a batch of nodes */
+    tree_gates_fn tree_gates; /* a child-sum TreeLSTM's gates over a batch of nodes */
+    sru_steps_fn sru_steps;   /* (version 4) k SRU steps after one product */
 } native_api_t;
 
 #endif
