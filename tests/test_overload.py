@@ -67,7 +67,8 @@ def test_unpaced_grpc_streams_past_the_queue_lose_no_chunk():
 
 
 def test_the_queue_refuses_new_work_but_takes_chunks_of_open_sessions():
-    engine = Engine(make_runner(MODEL, 64), "cellular", max_batch=4, max_queue=2)  # not started: nothing drains
+    # not started: nothing drains (on the Python loop; the native one admits on the submitting thread)
+    engine = Engine(make_runner(MODEL, 64, step_loop="python"), "cellular", max_batch=4, max_queue=2)
     engine._running_flag = True  # accept submissions without a scheduler thread
     frames = np.zeros((4, 8), np.float32)
     first = engine.submit({"frames": frames}, sequence_id="a", sequence_start=True)
@@ -81,26 +82,28 @@ def test_the_queue_refuses_new_work_but_takes_chunks_of_open_sessions():
     engine.stop(drain=False, timeout=1)
 
 
-def test_a_failed_chunk_stops_its_session_and_names_itself():
-    engine = Engine(make_runner(MODEL, 64), "cellular", max_batch=4).start()
+@pytest.mark.parametrize("step_loop", ["native", "python"])
+def test_a_failed_chunk_stops_its_session_and_names_itself(step_loop):
+    engine = Engine(make_runner(MODEL, 64, step_loop=step_loop), "cellular", max_batch=4).start()
+    assert engine.step_loop == step_loop
     try:
         good = np.ones((4, 8), np.float32)
         engine.submit({"frames": good}, sequence_id="x", sequence_start=True).result(10)
         engine.submit({"frames": good}, sequence_id="x").result(10)
-        original = engine.runner._admit  # the runner fails the session's chunk 2 at admission
+        original = engine.runner._chunk  # the runner fails the session's chunk 2 at admission
 
         def broken(req):
             if req.session is not None and req.chunk == 2:
                 raise RuntimeError("disk on fire")
             return original(req)
 
-        engine.runner._admit = broken
+        engine.runner._chunk = broken
         third = engine.submit({"frames": good}, sequence_id="x")
         with pytest.raises(RuntimeError, match="disk on fire"):
             third.result(10)
         with pytest.raises(SessionError, match="chunk 2, which failed"):
             engine.submit({"frames": good}, sequence_id="x")
-        engine.runner._admit = original
+        engine.runner._chunk = original
         restarted = engine.submit({"frames": good}, sequence_id="x", sequence_start=True).result(10)
         assert restarted["outputs"].shape == (4, 16)
     finally:

@@ -18,8 +18,8 @@ def full_run(rnn, frames):
 
 
 @pytest.mark.parametrize("kind,block,step_loop", [("sru", 4, "python"), ("sru", 4, "native"), ("qrnn", 3, "python"),
-                                                  ("lstm", 1, "native"), ("gru", 2, "native"), ("lstm", 3, "python"),
-                                                  ("gru", 2, "python")])
+                                                  ("qrnn", 3, "native"), ("lstm", 1, "native"), ("gru", 2, "native"),
+                                                  ("lstm", 3, "python"), ("gru", 2, "python")])
 def test_chunked_session_equals_one_pass(kind, block, step_loop):
     options = {"window": 2} if kind == "qrnn" else {}
     rnn = RNN.random(kind, 6, 10, num_layers=2, seed=1, **options)

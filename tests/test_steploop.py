@@ -19,8 +19,8 @@ VOCAB = 40
 
 
 def models():
-    """Every stack the native loop runs: fp32 LSTM, GRU and SRU (input size 8 into 12: a highway block; 12
-    into 12: x itself), int8 and 4-bit weights, an LSTM with its cell state on a grid (QAT)."""
+    """Every stack the native loop runs: fp32 LSTM, GRU, SRU (input size 8 into 12: a highway block; 12
+    into 12: x itself) and QRNN, int8 and 4-bit weights, an LSTM with its cell state on a grid (QAT)."""
     lstm = Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, seed=2)
     grid = quantize_dynamic(Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, seed=4))
     quantize_cells(grid.encoder.cells + grid.decoder.cells, 4, cell_quant=(1 / 64, 4.0))
@@ -28,11 +28,13 @@ def models():
         "s2s-lstm": lstm,
         "s2s-gru": Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, cell="gru", seed=3),
         "s2s-sru": Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, cell="sru", seed=6),
+        "s2s-qrnn": Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, cell="qrnn", seed=8),
         "s2s-int8": quantize_dynamic(lstm),
         "s2s-4bit-grid": grid,
         "lm-lstm": LanguageModel.random(VOCAB, 8, 12, num_layers=3, seed=1),
         "lm-gru": LanguageModel.random(VOCAB, 8, 12, num_layers=1, cell="gru", seed=5),
         "lm-sru": LanguageModel.random(VOCAB, 8, 12, num_layers=3, cell="sru", seed=7),
+        "lm-qrnn": LanguageModel.random(VOCAB, 8, 12, num_layers=2, cell="qrnn", seed=9),
     }
 
 
@@ -133,10 +135,7 @@ def test_runner_step_interface_matches_the_python_runner():
 
 
 def test_models_the_native_loop_does_not_run_fall_back_to_the_python_loop():
-    qrnn = LanguageModel.random(VOCAB, 8, 12, num_layers=1, cell="qrnn", seed=1)
-    s2s_qrnn = Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=1, cell="qrnn", seed=2)
     bidirectional = RNN.random("lstm", 6, 10, bidirectional=True, seed=3)
-    assert make_runner(qrnn, 16).step_loop == make_runner(s2s_qrnn, 16).step_loop == "python"
     assert make_runner(bidirectional, 16).step_loop == "python"
     assert make_runner(MODELS["lm-gru"], 16).step_loop == "native"
     assert make_runner(MODELS["lm-gru"], 16, step_loop="python").step_loop == "python"
@@ -225,8 +224,8 @@ FEATURES = 6
 
 
 def stream_models():
-    """Stream stacks the native loop runs: LSTM, GRU and SRU (both activations), int8 weights, an LSTM with its
-    cell state on a grid."""
+    """Stream stacks the native loop runs: LSTM, GRU, SRU (both activations) and QRNN (both windows), int8
+    weights, an LSTM with its cell state on a grid."""
     lstm = RNN.random("lstm", FEATURES, 10, num_layers=2, seed=1)
     grid = RNN.random("lstm", FEATURES, 10, num_layers=2, seed=4)
     quantize_cells(grid.cells, 4, cell_quant=(1 / 64, 4.0))
@@ -234,7 +233,9 @@ def stream_models():
     quantize_cells(int8.cells, 8)
     return {"lstm": lstm, "gru": RNN.random("gru", FEATURES, 10, num_layers=3, seed=2), "int8": int8,
             "4bit-grid": grid, "sru": RNN.random("sru", FEATURES, 10, num_layers=2, seed=5),
-            "sru-identity": RNN.random("sru", FEATURES, 10, num_layers=2, seed=6, activation="identity")}
+            "sru-identity": RNN.random("sru", FEATURES, 10, num_layers=2, seed=6, activation="identity"),
+            "qrnn-window2": RNN.random("qrnn", FEATURES, 10, num_layers=2, seed=7, window=2),
+            "qrnn-window1": RNN.random("qrnn", FEATURES, 10, num_layers=2, seed=8)}
 
 
 STREAMS = stream_models()

@@ -2,8 +2,8 @@
 native code and step it without the GIL.
 
 A family offers one beside its Python runner when its model fits: token sequences through unidirectional
-LSTM, GRU or SRU stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
-model) or greedily decoded; frame sequences through such stacks (SRU layers read their weights once per block) (engine/frames.py's NativeStreamRunner); and
+LSTM, GRU, SRU or QRNN stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
+model) or greedily decoded; frame sequences through such stacks (SRU and QRNN layers read their weights once per block) (engine/frames.py's NativeStreamRunner); and
 child-sum TreeLSTM trees (families/tree.py's NativeTreeRunner). The Python runners stay the reference: `step_loop: python` picks them, and the
 tests check that both loops give the same outputs.
 
@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from cellserve.cells import GRUCell, LSTMCell, SRUCell
+from cellserve.cells import GRUCell, LSTMCell, QRNNCell, SRUCell
 from cellserve.engine import _steploop
 from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, Runner
@@ -29,8 +29,7 @@ PICKS = {"stage": 0, "fullest": 1, "oldest": 2, "earliest": 3}
 
 
 def native_layers(rnn) -> list[tuple] | None:
-    """The stack as the native loop takes it, or None when a layer is not one it runs (bidirectional,
-    QRNN)."""
+    """The stack as the native loop takes it, or None when it is not one it runs (bidirectional)."""
     if rnn.bidirectional:
         return None
     layers = []
@@ -43,6 +42,8 @@ def native_layers(rnn) -> list[tuple] | None:
         elif type(cell) is SRUCell:  # its activation is part of the kind
             vectors = np.concatenate([cell.v_f, cell.v_r, cell.b_f, cell.b_r]).astype(np.float32)
             layers.append((2 if cell.activation == "tanh" else 3, cell.w.packed, None, vectors, None, 0.0, 0.0))
+        elif type(cell) is QRNNCell:  # and its window
+            layers.append((3 + cell.window, cell.w.packed, None, cell.bias, None, 0.0, 0.0))
         else:
             return None
     return layers

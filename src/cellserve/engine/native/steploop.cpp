@@ -51,7 +51,8 @@ namespace {
 
 const native_api_t *K = nullptr;  // the kernel core
 
-enum { CELL_LSTM = 0, CELL_GRU = 1, CELL_SRU_TANH = 2, CELL_SRU_IDENTITY = 3 };  // (SRU: its activation)
+// SRU: its activation; QRNN: its window (1: x_t, 2: [x_{t-1}, x_t])
+enum { CELL_LSTM = 0, CELL_GRU = 1, CELL_SRU_TANH = 2, CELL_SRU_IDENTITY = 3, CELL_QRNN1 = 4, CELL_QRNN2 = 5 };
 enum { READ = 0, GENERATE = 1, FRAMES = 2, LEAF = 3, INTERNAL = 4 };
 enum { PICK_STAGE = 0, PICK_FULLEST = 1, PICK_OLDEST = 2, PICK_EARLIEST = 3 };
 enum { LEFT_FINISHED = 0, LEFT_CANCELLED = 1 };
@@ -62,11 +63,13 @@ double now() {
 
 struct Layer {
     int kind;
-    const packed_t *wi, *wh;    // SRU: its one matrix W ([x~, f, r] (+ highway) rows), no w_hh
-    std::vector<float> b1, b2;  // LSTM: bias (b_ih + b_hh); GRU: b_ih, b_hh; SRU: v_f, v_r, b_f, b_r
+    const packed_t *wi, *wh;    // SRU, QRNN: their one matrix W, no w_hh
+    std::vector<float> b1, b2;  // LSTM: bias (b_ih + b_hh); GRU: b_ih, b_hh; SRU: v_f, v_r, b_f, b_r; QRNN: bias
     float grid_step, grid_limit;
-    int hidden, offset;         // h at offset, an LSTM's or SRU's c at offset + hidden, in the row's state
+    int hidden, offset;         // h at offset, c (LSTM, SRU, QRNN) at offset + hidden, a window-2 QRNN's
+                                // previous input after it, in the row's state
     bool sru() const { return kind == CELL_SRU_TANH || kind == CELL_SRU_IDENTITY; }
+    bool qrnn() const { return kind == CELL_QRNN1 || kind == CELL_QRNN2; }
 };
 
 struct Row {
@@ -170,6 +173,40 @@ struct Core {
     std::vector<float> x, logits, row_max, row_sum;
     std::vector<float> xs, gi, hs[2], gathered;  // a FRAMES block's frames, projections, outputs, states
     std::vector<float> sru_x, sru_c;
+
+    /* A QRNN layer over t steps of m rows (cells/qrnn.py: the gates of all t steps are one product over
+     * [x_{t-1}, x_t] (window 2, the first x_{t-1} from the state) or x_t, then fo-pooling). */
+    void qrnn_layer(const Layer &l, const float *in, ptrdiff_t ldin, float *state, int t, int m,
+                    std::vector<float> &out) {
+        const int hidden = l.hidden, window = l.kind == CELL_QRNN2 ? 2 : 1, k = l.wi->k / window;
+        float *h = state + l.offset, *prev = h + 2 * hidden;
+        sru_x.resize((size_t)t * m * window * k);
+        for (int j = 0; j < t; j++)
+            for (int i = 0; i < m; i++) {
+                float *row = &sru_x[((size_t)j * m + i) * window * k];
+                if (window == 2)
+                    memcpy(row, j ? in + ((size_t)(j - 1) * m + i) * ldin : prev + (size_t)i * width, k * sizeof(float));
+                memcpy(row + (window - 1) * k, in + ((size_t)j * m + i) * ldin, k * sizeof(float));
+            }
+        sru_c.resize((size_t)m * hidden);
+        for (int i = 0; i < m; i++) memcpy(&sru_c[(size_t)i * hidden], h + (size_t)i * width + hidden, hidden * sizeof(float));
+        out.resize((size_t)t * m * hidden);
+        K->qrnn_steps(l.wi, sru_x.data(), l.b1.data(), sru_c.data(), out.data(), t, m, hidden);
+        for (int i = 0; i < m; i++) {
+            memcpy(h + (size_t)i * width, &out[((size_t)(t - 1) * m + i) * hidden], hidden * sizeof(float));
+            memcpy(h + (size_t)i * width + hidden, &sru_c[(size_t)i * hidden], hidden * sizeof(float));
+            if (window == 2)
+                memcpy(prev + (size_t)i * width, in + ((size_t)(t - 1) * m + i) * ldin, k * sizeof(float));
+        }
+    }
+
+    /* SRU and QRNN layers: their states in `state`, their outputs into out (t, m, H). */
+    void scan_layer(const Layer &l, const float *in, ptrdiff_t ldin, float *state, int t, int m, std::vector<float> &out) {
+        if (l.sru())
+            sru_layer(l, in, ldin, state, t, m, out);
+        else
+            qrnn_layer(l, in, ldin, state, t, m, out);
+    }
 
     /* An SRU layer over t steps of m rows (cells/sru.py: one product for the t steps, then the scan): inputs
      * (t, m) rows with stride ldin, h and c in the rows of `state`; outputs into out (t, m, H). */
@@ -484,8 +521,8 @@ struct Core {
         int which = 0;
         for (const Layer &l : st.layers) {
             float *h = base + l.offset;
-            if (l.sru()) {
-                sru_layer(l, in, ldin, base, 1, m, hs[which]);
+            if (l.sru() || l.qrnn()) {
+                scan_layer(l, in, ldin, base, 1, m, hs[which]);
                 in = hs[which].data();
                 ldin = l.hidden;
                 which ^= 1;
@@ -560,8 +597,8 @@ struct Core {
         int which = 0;
         for (const Layer &l : st.layers) {
             float *h = state + l.offset;
-            if (l.sru()) {
-                sru_layer(l, in, ldin, state, t, m, hs[which]);
+            if (l.sru() || l.qrnn()) {
+                scan_layer(l, in, ldin, state, t, m, hs[which]);
                 in = hs[which].data();
                 ldin = l.hidden;
                 which ^= 1;
@@ -951,7 +988,8 @@ PyObject *stage_added(Core &c, Stage &&st);
 
 /* add_stage(kind, embedding (V, E), layers, head or None, head_bias or None, next, start_token, eos) -> index.
  * layers: [(cell kind, w_ih packed, w_hh packed, b1, b2 or None, cell_step, cell_limit)], bottom first; an SRU
- * layer is (CELL_SRU_TANH or _IDENTITY, W packed, None, [v_f, v_r, b_f, b_r], None, 0, 0). */
+ * layer is (CELL_SRU_TANH or _IDENTITY, W packed, None, [v_f, v_r, b_f, b_r], None, 0, 0), a QRNN layer
+ * (CELL_QRNN1 or 2, W packed, None, bias, None, 0, 0). */
 PyObject *loop_add_stage(LoopObject *self, PyObject *args) {
     int kind, next;
     long long start_token, eos;
@@ -1019,7 +1057,7 @@ bool stage_layers(LoopObject *self, Stage &st, PyObject *layers, int *top) {
         if (!PyArg_ParseTuple(PyList_GET_ITEM(layers, i), "iOOOOff", &l.kind, &wi, &wh, &b1, &b2, &l.grid_step,
                               &l.grid_limit))
             return false;
-        if (l.kind < CELL_LSTM || l.kind > CELL_SRU_IDENTITY) {
+        if (l.kind < CELL_LSTM || l.kind > CELL_QRNN2) {
             PyErr_Format(PyExc_ValueError, "layer %zd: no such cell kind %d", i, l.kind);
             return false;
         }
@@ -1030,6 +1068,12 @@ bool stage_layers(LoopObject *self, Stage &st, PyObject *layers, int *top) {
             l.hidden = (int)l.b1.size() / 4;
             fits = wh == Py_None && (int)l.b1.size() == 4 * l.hidden && l.wi->k == in &&
                    l.wi->n == (in == l.hidden ? 3 : 4) * l.hidden;
+        } else if (l.qrnn()) {  // (CELL_QRNN<window>, W, None, bias (3H), None, 0, 0)
+            if (!(l.wi = packed(self, wi, "w")) || !floats(b1, 1, l.b1, nullptr, "bias")) return false;
+            l.wh = nullptr;
+            l.hidden = (int)l.b1.size() / 3;
+            fits = wh == Py_None && (int)l.b1.size() == 3 * l.hidden && l.wi->n == 3 * l.hidden &&
+                   l.wi->k == (l.kind == CELL_QRNN2 ? 2 : 1) * in;
         } else {
             if (!(l.wi = packed(self, wi, "w_ih")) || !(l.wh = packed(self, wh, "w_hh"))) return false;
             l.hidden = l.wh->k;
@@ -1044,7 +1088,7 @@ bool stage_layers(LoopObject *self, Stage &st, PyObject *layers, int *top) {
             return false;
         }
         l.offset = offset;
-        offset += l.kind == CELL_GRU ? l.hidden : 2 * l.hidden;
+        offset += l.kind == CELL_GRU ? l.hidden : 2 * l.hidden + (l.kind == CELL_QRNN2 ? in : 0);
         in = l.hidden;
         st.layers.push_back(std::move(l));
     }

@@ -7,7 +7,7 @@
 
 #include "native.h"
 
-#define CELLSERVE_API_VERSION 4
+#define CELLSERVE_API_VERSION 5
 #define CELLSERVE_API_CAPSULE "cellserve.kernels._native._C_API"
 
 typedef decltype(&linear) linear_fn;
@@ -18,6 +18,7 @@ typedef decltype(&lstm_sequence) lstm_sequence_fn;
 typedef decltype(&gru_sequence) gru_sequence_fn;
 typedef decltype(&tree_gates) tree_gates_fn;
 typedef decltype(&sru_steps) sru_steps_fn;
+typedef decltype(&qrnn_steps) qrnn_steps_fn;
 
 typedef struct {
     int version;
@@ -30,7 +31,8 @@ typedef struct {
     lstm_sequence_fn lstm_sequence; /* k steps after one input projection: a block of frames */
     gru_sequence_fn gru_sequence;
     tree_gates_fn tree_gates; /* a child-sum TreeLSTM's gates over a batch of nodes */
-    sru_steps_fn sru_steps;   /* (version 4) k SRU steps after one product */
+    sru_steps_fn sru_steps;   /* k SRU steps after one product */
+    qrnn_steps_fn qrnn_steps; /* (version 5) k QRNN steps after one product */
 } native_api_t;
 
 #endif

@@ -555,7 +555,7 @@ void set_threads_of_caller(int n) { native_threads = n < 1 ? 1 : n; }
 
 const native_api_t API = {CELLSERVE_API_VERSION, packed_of, linear, lstm_step, gru_step, set_threads_of_caller,
                           rows_max_sumexp, lstm_sequence, gru_sequence, tree_gates,
-                          sru_steps};
+                          sru_steps, qrnn_steps};
 
 PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_native", "cellserve's native kernel core", -1, METHODS};
 
