@@ -13,9 +13,9 @@ the requests an engine step admits and the head once over the requests a step fi
 subgraph with shared weights is a cell), and keeps each session's input `context` (the source's
 {input: samples}: the last samples of the previous chunk, put before the next one).
 
-A unidirectional LSTM or GRU core also runs on the native step loop (NativeStreamRunner, the default): its
-rows, frames and block steps live in engine/native/steploop.cpp, and Python keeps the front, the head and the
-sessions (StreamChunks, which both stream runners share).
+A unidirectional core (LSTM, GRU, SRU, QRNN) also runs on the native step loop (NativeStreamRunner, the
+default): its rows, frames and block steps live in engine/native/steploop.cpp, and Python keeps the front,
+the head and the sessions (StreamChunks, which both stream runners share).
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ class StreamRunner(StreamChunks, FrameSequenceRunner):
 class NativeStreamRunner(StreamChunks, NativeLoopRunner):
     """StreamRunner's core on the native step loop (engine/steploop.py): its rows, frames, blocks and
     outputs live in native code and step without the GIL; the front, the head and the sessions stay here.
-    Runs unidirectional LSTM and GRU stacks (native_layers)."""
+    Runs every unidirectional stack native_layers takes (LSTM, GRU, SRU, QRNN)."""
 
     cell_types = ("block",)
 
@@ -532,7 +532,7 @@ class BidirectionalRunner(FrameSequenceRunner):
 
 def frames_runner(source, capacity: int, block_steps: int = 1, step_loop: str = "native"):
     """The runner for a frame-sequence source: bidirectional stacks read whole sequences, others stream, on
-    the native loop where it runs the core (step_loop native: unidirectional LSTM/GRU stacks)."""
+    the native loop where it runs the core (step_loop native: unidirectional stacks)."""
     if source.rnn.bidirectional:
         return BidirectionalRunner(source, capacity, block_steps)
     layers = native_layers(source.rnn) if step_loop == "native" else None

@@ -1,6 +1,6 @@
 /* cellserve.engine._steploop: the engine's step loop in native code, for token-sequence models (language
- * models, seq2seq with greedy decoding) and frame-sequence streams (a recurrent core over feature frames: an
- * imported graph's, a stream model's).
+ * models, seq2seq with greedy decoding), frame-sequence streams (a recurrent core over feature frames: an
+ * imported graph's, a stream model's) and child-sum TreeLSTMs. Layers: LSTM, GRU, SRU, QRNN, unidirectional.
  *
  * Why: on small models the Python work around each batched cell step (row windows, decode bookkeeping,
  * leaving rows) costs more than the step, and it holds the GIL the server's threads need. This loop keeps the
