@@ -227,7 +227,8 @@ class StreamChunks(FrameSource):
         if session is not None:
             session.buffer = frames[usable:]
         if not usable:
-            req.result = self._results([req], [np.empty((0, self.rnn.output_size), np.float32)], [self._held(session)])[0]
+            nothing = np.empty((0, self.rnn.output_size), np.float32)
+            req.result = self._results([req], [nothing], [self._held(session)])[0]
             return DONE
         return frames[:usable]
 
@@ -287,7 +288,7 @@ class StreamRunner(StreamChunks, FrameSequenceRunner):
         self.outputs = Arena(self.rnn.output_size, np.float32)
         self.stage = Stage("block", capacity, self.widths, {"offset": np.int64, "length": np.int64, "pos": np.int64,
                                                             "out": np.int64, "arrival": np.float64})
-        FrameSequenceRunner.__init__(self, source, capacity, [self.stage], block_steps)
+        SequenceRunner.__init__(self, capacity, [self.stage])  # (_use_stream took the source)
 
     @property
     def used(self):

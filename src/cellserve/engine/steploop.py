@@ -2,10 +2,11 @@
 native code and step it without the GIL.
 
 A family offers one beside its Python runner when its model fits: token sequences through unidirectional
-LSTM, GRU, SRU or QRNN stacks (any weight storage the kernel core packs), read token by token (an encoder, a language
-model) or greedily decoded; frame sequences through such stacks (SRU and QRNN layers read their weights once per block) (engine/frames.py's NativeStreamRunner); and
-child-sum TreeLSTM trees (families/tree.py's NativeTreeRunner). The Python runners stay the reference: `step_loop: python` picks them, and the
-tests check that both loops give the same outputs.
+LSTM, GRU, SRU or QRNN stacks (any weight storage the kernel core packs), read token by token (an encoder, a
+language model) or greedily decoded; frame sequences through such stacks, in blocks of k frames
+(engine/frames.py's NativeStreamRunner); and child-sum TreeLSTM trees (families/tree.py's NativeTreeRunner).
+The Python runners stay the reference: `step_loop: python` picks them, and the tests check that both loops
+give the same outputs.
 
 Two ways to drive it: `run_steps` runs every stage to completion in one call on the engine's thread (graph and
 none; `step` runs one step, the Runner interface); `start_worker` / `collect` run cellular batching on a

@@ -25,7 +25,7 @@ class TreeFamily(Family):
     outputs = [TensorSpec("logits", "FP32", [1, -1])]
 
     def runner(self, capacity, block_steps=1, step_loop="native"):
-        if step_loop == "native" and hasattr(self.model.cell.wx, "packed"):
+        if step_loop == "native":
             return NativeTreeRunner(self.model, capacity)
         return TreeRunner(self.model, capacity)
 

@@ -27,9 +27,11 @@
  * that stay in Python.
  *
  * A loop of trees (child-sum TreeLSTM, families/tree.py's TreeRunner) has two stages, LEAF and INTERNAL, whose
- * batches are queues of ready nodes rather than persistent rows: a tree's nodes keep their states in the tree,
- * a node is ready once its children are done, and a tree leaves with its root's logits. Rows are named by the runner's
- * ids, which are never reused; a row also carries the engine's ticket, the index of its cancel flag. */
+ * batches are queues of ready nodes rather than persistent rows: a tree's nodes keep their states in slots of
+ * the loop's node pool, a node is ready once its children are done, and a tree leaves with its root's logits.
+ *
+ * Rows (and trees) are named by the runner's ids, which are never reused; each also carries the engine's ticket,
+ * the index of its cancel flag. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -171,63 +173,46 @@ struct Core {
     double kernel_seconds = 0.0;
     std::atomic<int> active{0};                              // requests held: stage rows and inbox
     std::vector<float> x, logits, row_max, row_sum;
+    std::vector<int32_t> row_best;
     std::vector<float> xs, gi, hs[2], gathered;  // a FRAMES block's frames, projections, outputs, states
-    std::vector<float> sru_x, sru_c;
+    std::vector<float> scan_x, scan_c;
 
-    /* A QRNN layer over t steps of m rows (cells/qrnn.py: the gates of all t steps are one product over
-     * [x_{t-1}, x_t] (window 2, the first x_{t-1} from the state) or x_t, then fo-pooling). */
-    void qrnn_layer(const Layer &l, const float *in, ptrdiff_t ldin, float *state, int t, int m,
+    /* An SRU or QRNN layer over t steps of m rows: one product for the t steps, then the scan (cells/sru.py,
+     * cells/qrnn.py). Inputs (t, m) rows with stride ldin; h, c (and a window-2 QRNN's previous input) in the
+     * rows of `state`; outputs into out (t, m, H). The scan reads its inputs contiguous: an SRU's highway is x
+     * itself when its input is as wide as it, a QRNN's window-2 rows are [x_{t-1}, x_t]. */
+    void scan_layer(const Layer &l, const float *in, ptrdiff_t ldin, float *state, int t, int m,
                     std::vector<float> &out) {
         const int hidden = l.hidden, window = l.kind == CELL_QRNN2 ? 2 : 1, k = l.wi->k / window;
         float *h = state + l.offset, *prev = h + 2 * hidden;
-        sru_x.resize((size_t)t * m * window * k);
-        for (int j = 0; j < t; j++)
-            for (int i = 0; i < m; i++) {
-                float *row = &sru_x[((size_t)j * m + i) * window * k];
-                if (window == 2)
-                    memcpy(row, j ? in + ((size_t)(j - 1) * m + i) * ldin : prev + (size_t)i * width, k * sizeof(float));
-                memcpy(row + (window - 1) * k, in + ((size_t)j * m + i) * ldin, k * sizeof(float));
-            }
-        sru_c.resize((size_t)m * hidden);
-        for (int i = 0; i < m; i++) memcpy(&sru_c[(size_t)i * hidden], h + (size_t)i * width + hidden, hidden * sizeof(float));
-        out.resize((size_t)t * m * hidden);
-        K->qrnn_steps(l.wi, sru_x.data(), l.b1.data(), sru_c.data(), out.data(), t, m, hidden);
-        for (int i = 0; i < m; i++) {
-            memcpy(h + (size_t)i * width, &out[((size_t)(t - 1) * m + i) * hidden], hidden * sizeof(float));
-            memcpy(h + (size_t)i * width + hidden, &sru_c[(size_t)i * hidden], hidden * sizeof(float));
-            if (window == 2)
-                memcpy(prev + (size_t)i * width, in + ((size_t)(t - 1) * m + i) * ldin, k * sizeof(float));
+        const float *x = in;
+        if (ldin != k || window == 2) {
+            scan_x.resize((size_t)t * m * window * k);
+            for (int j = 0; j < t; j++)
+                for (int i = 0; i < m; i++) {
+                    float *row = &scan_x[((size_t)j * m + i) * window * k];
+                    if (window == 2)
+                        memcpy(row, j ? in + ((size_t)(j - 1) * m + i) * ldin : prev + (size_t)i * width,
+                               k * sizeof(float));
+                    memcpy(row + (window - 1) * k, in + ((size_t)j * m + i) * ldin, k * sizeof(float));
+                }
+            x = scan_x.data();
         }
-    }
-
-    /* SRU and QRNN layers: their states in `state`, their outputs into out (t, m, H). */
-    void scan_layer(const Layer &l, const float *in, ptrdiff_t ldin, float *state, int t, int m, std::vector<float> &out) {
-        if (l.sru())
-            sru_layer(l, in, ldin, state, t, m, out);
-        else
-            qrnn_layer(l, in, ldin, state, t, m, out);
-    }
-
-    /* An SRU layer over t steps of m rows (cells/sru.py: one product for the t steps, then the scan): inputs
-     * (t, m) rows with stride ldin, h and c in the rows of `state`; outputs into out (t, m, H). */
-    void sru_layer(const Layer &l, const float *in, ptrdiff_t ldin, float *state, int t, int m,
-                   std::vector<float> &out) {
-        const int hidden = l.hidden, k = l.wi->k;
-        if (ldin != k) {  // the scan reads its inputs contiguous (its highway is x itself when k == hidden)
-            sru_x.resize((size_t)t * m * k);
-            for (size_t r = 0; r < (size_t)t * m; r++) memcpy(&sru_x[r * k], in + r * ldin, k * sizeof(float));
-            in = sru_x.data();
-        }
-        sru_c.resize((size_t)m * hidden);
-        float *h = state + l.offset;
-        for (int i = 0; i < m; i++) memcpy(&sru_c[(size_t)i * hidden], h + (size_t)i * width + hidden, hidden * sizeof(float));
+        scan_c.resize((size_t)m * hidden);
+        for (int i = 0; i < m; i++)
+            memcpy(&scan_c[(size_t)i * hidden], h + (size_t)i * width + hidden, hidden * sizeof(float));
         out.resize((size_t)t * m * hidden);
         const float *b = l.b1.data();
-        K->sru_steps(l.wi, in, b, b + hidden, b + 2 * hidden, b + 3 * hidden, sru_c.data(), out.data(), t, m, hidden,
-                     l.kind == CELL_SRU_TANH);
+        if (l.sru())
+            K->sru_steps(l.wi, x, b, b + hidden, b + 2 * hidden, b + 3 * hidden, scan_c.data(), out.data(), t, m,
+                         hidden, l.kind == CELL_SRU_TANH);
+        else
+            K->qrnn_steps(l.wi, x, b, scan_c.data(), out.data(), t, m, hidden);
         for (int i = 0; i < m; i++) {
             memcpy(h + (size_t)i * width, &out[((size_t)(t - 1) * m + i) * hidden], hidden * sizeof(float));
-            memcpy(h + (size_t)i * width + hidden, &sru_c[(size_t)i * hidden], hidden * sizeof(float));
+            memcpy(h + (size_t)i * width + hidden, &scan_c[(size_t)i * hidden], hidden * sizeof(float));
+            if (window == 2)
+                memcpy(prev + (size_t)i * width, in + ((size_t)(t - 1) * m + i) * ldin, k * sizeof(float));
         }
     }
 
@@ -245,13 +230,13 @@ struct Core {
         free_slots.insert(free_slots.end(), it->second.slot.begin(), it->second.slot.end());
         forest.erase(it);
     }
-    std::vector<Ready> taken;
+    std::vector<Ready> taken;                   // a step's nodes
+    std::vector<Tree *> taken_tree;             // and their trees (stable: the step erases none before the end)
     std::vector<float> gx, gh, hsum, child_h, child_c, fh, roots_h;
     std::vector<int> child_row;
 
     /* Rows (or ready nodes, for trees) waiting in stage s. */
     size_t count(int s) const { return trees ? stages[s].ready.size() : stages[s].rows.size(); }
-    std::vector<int32_t> row_best;
 
     /* Between Python and whoever steps (run()'s caller or the worker), under io. */
     std::mutex io;
@@ -515,27 +500,8 @@ struct Core {
             }
             memcpy(&x[(size_t)i * st.dim], &st.embedding[(size_t)tok * st.dim], st.dim * sizeof(float));
         }
-        const float *in = x.data();
-        ptrdiff_t ldin = st.dim;
-        float *base = &st.state[(size_t)a * width];
-        int which = 0;
-        for (const Layer &l : st.layers) {
-            float *h = base + l.offset;
-            if (l.sru() || l.qrnn()) {
-                scan_layer(l, in, ldin, base, 1, m, hs[which]);
-                in = hs[which].data();
-                ldin = l.hidden;
-                which ^= 1;
-                continue;
-            }
-            if (l.kind == CELL_LSTM)
-                K->lstm_step(l.wi, l.wh, in, ldin, h, width, h + l.hidden, width, l.b1.data(), h, width, h + l.hidden, m,
-                             l.grid_step, l.grid_limit);
-            else
-                K->gru_step(l.wi, l.wh, in, ldin, h, width, l.b1.data(), l.b2.data(), h, width, m);
-            in = h;
-            ldin = width;
-        }
+        ptrdiff_t ldin;
+        const float *in = stack_steps(st, x.data(), &st.state[(size_t)a * width], 1, m, &ldin);
         const int classes = st.head ? st.head->n : 0;
         if (st.head) {  // the head and what decoding needs of it: each row's argmax (and sum of exponentials)
             logits.resize((size_t)m * classes);
@@ -549,50 +515,13 @@ struct Core {
         kernel_seconds += now() - t0;
     }
 
-    /* A FRAMES step: rows [a, b) advance by up to `block` frames. When all have a whole block left they run in
-     * place, padded; otherwise rows run apart by how many frames they have left, fewest first, their states
-     * gathered (the end of a sequence): engine/frames.py's _blocks. */
-    void frames_compute(Stage &st, int a, int b, int pad) {
-        const int n = b - a, k = st.block;
-        std::vector<int> rows(n), left(n);
-        bool whole = true;
-        for (int i = 0; i < n; i++) {
-            const Row &row = st.rows[a + i];
-            rows[i] = a + i;
-            left[i] = std::min(row.length - row.pos, k);
-            whole = whole && left[i] == k;
-        }
-        if (whole) {
-            frames_block(st, rows, k, pad, &st.state[(size_t)a * width]);
-            return;
-        }
-        for (int t = 1; t <= k; t++) {
-            std::vector<int> some;
-            for (int i = 0; i < n; i++)
-                if (left[i] == t) some.push_back(a + i);
-            if (some.empty()) continue;
-            gathered.resize(some.size() * (size_t)width);
-            for (size_t i = 0; i < some.size(); i++)
-                memcpy(&gathered[i * width], &st.state[(size_t)some[i] * width], width * sizeof(float));
-            frames_block(st, some, t, 0, gathered.data());
-            for (size_t i = 0; i < some.size(); i++)
-                memcpy(&st.state[(size_t)some[i] * width], &gathered[i * width], width * sizeof(float));
-        }
-    }
-
-    /* t frames of every layer for the stage rows `rows` (plus `pad` dummy rows), whose states are the
-     * consecutive rows of `state`: one step is the fused cell step, more are one input projection for the block
-     * and the recurrence (the cells' `steps`: the same kernels, in the same order, as the Python loop). */
-    void frames_block(Stage &st, const std::vector<int> &rows, int t, int pad, float *state) {
-        const int n = (int)rows.size(), m = n + pad;
-        xs.assign((size_t)t * m * st.dim, 0.0f);
-        for (int j = 0; j < t; j++)
-            for (int i = 0; i < n; i++) {
-                const Row &row = st.rows[rows[i]];
-                memcpy(&xs[((size_t)j * m + i) * st.dim], &row.frames[(size_t)(row.pos + j) * st.dim],
-                       st.dim * sizeof(float));
-            }
-        const float *in = xs.data();
+    /* Every layer of the stage's stack over t steps of m rows, from inputs xs (t, m, st.dim) contiguous; their
+     * states are the consecutive rows of `state` (stride width). One step is each layer's fused cell step, more
+     * are one input projection for the block and the recurrence (the cells' `steps`: the same kernels, in the
+     * same order, as the Python loop); SRU and QRNN layers always run as a block. Returns the top layer's
+     * outputs, step j of row i at (j * m + i) * *ld. */
+    const float *stack_steps(const Stage &st, const float *xs, float *state, int t, int m, ptrdiff_t *ld) {
+        const float *in = xs;
         ptrdiff_t ldin = st.dim;
         int which = 0;
         for (const Layer &l : st.layers) {
@@ -630,6 +559,54 @@ struct Core {
             in = out.data();
             ldin = l.hidden;
         }
+        *ld = ldin;
+        return in;
+    }
+
+    /* A FRAMES step: rows [a, b) advance by up to `block` frames. When all have a whole block left they run in
+     * place, padded; otherwise rows run apart by how many frames they have left, fewest first, their states
+     * gathered (the end of a sequence): engine/frames.py's _blocks. */
+    void frames_compute(Stage &st, int a, int b, int pad) {
+        const int n = b - a, k = st.block;
+        std::vector<int> rows(n), left(n);
+        bool whole = true;
+        for (int i = 0; i < n; i++) {
+            const Row &row = st.rows[a + i];
+            rows[i] = a + i;
+            left[i] = std::min(row.length - row.pos, k);
+            whole = whole && left[i] == k;
+        }
+        if (whole) {
+            frames_block(st, rows, k, pad, &st.state[(size_t)a * width]);
+            return;
+        }
+        for (int t = 1; t <= k; t++) {
+            std::vector<int> some;
+            for (int i = 0; i < n; i++)
+                if (left[i] == t) some.push_back(a + i);
+            if (some.empty()) continue;
+            gathered.resize(some.size() * (size_t)width);
+            for (size_t i = 0; i < some.size(); i++)
+                memcpy(&gathered[i * width], &st.state[(size_t)some[i] * width], width * sizeof(float));
+            frames_block(st, some, t, 0, gathered.data());
+            for (size_t i = 0; i < some.size(); i++)
+                memcpy(&st.state[(size_t)some[i] * width], &gathered[i * width], width * sizeof(float));
+        }
+    }
+
+    /* t frames of every layer for the stage rows `rows` (plus `pad` dummy rows), whose states are the
+     * consecutive rows of `state`; each row's top outputs go to its ys. */
+    void frames_block(Stage &st, const std::vector<int> &rows, int t, int pad, float *state) {
+        const int n = (int)rows.size(), m = n + pad;
+        xs.assign((size_t)t * m * st.dim, 0.0f);
+        for (int j = 0; j < t; j++)
+            for (int i = 0; i < n; i++) {
+                const Row &row = st.rows[rows[i]];
+                memcpy(&xs[((size_t)j * m + i) * st.dim], &row.frames[(size_t)(row.pos + j) * st.dim],
+                       st.dim * sizeof(float));
+            }
+        ptrdiff_t ldin;
+        const float *in = stack_steps(st, xs.data(), state, t, m, &ldin);
         for (int i = 0; i < n; i++) {  // the top layer's outputs (step j of row i at in + (j * m + i) * ldin)
             Row &row = st.rows[rows[i]];
             for (int j = 0; j < t; j++)
@@ -645,18 +622,25 @@ struct Core {
     int tree_step(int s, const Plan &p, std::vector<Left> &left) {
         Stage &st = stages[s];
         taken.clear();
+        taken_tree.clear();
         while (!st.ready.empty() && (int)taken.size() < p.max_rows) {
             const Ready r = st.ready.front();
             st.ready.pop_front();
             auto it = forest.find(r.tree);
             if (it == forest.end()) continue;  // dropped
-            if (flagged(p, it->second.ticket)) {
+            if (flagged(p, it->second.ticket)) {  // (flagged meanwhile: its nodes taken already go too)
+                for (size_t k = taken.size(); k-- > 0;)
+                    if (taken[k].tree == r.tree) {
+                        taken.erase(taken.begin() + k);
+                        taken_tree.erase(taken_tree.begin() + k);
+                    }
                 forget(it);
                 active--;
                 left.push_back({r.tree, LEFT_CANCELLED, false, {}, 0.0, -1});
                 continue;
             }
             taken.push_back(r);
+            taken_tree.push_back(&it->second);
         }
         const int m = (int)taken.size();
         if (!m) return 0;
@@ -665,7 +649,7 @@ struct Core {
         kernel_seconds += now() - t0;
         std::vector<int> roots;
         for (int i = 0; i < m; i++) {
-            Tree &t = forest.find(taken[i].tree)->second;
+            Tree &t = *taken_tree[i];
             if (t.trace && (t.steps.empty() || t.steps.back() != (uint32_t)(steps + 1)))
                 t.steps.push_back((uint32_t)(steps + 1));
             const int up = t.parent[taken[i].node];
@@ -678,10 +662,8 @@ struct Core {
             const double t1 = now();
             const int hidden = tree_cell.hidden, classes = st.head->n;
             roots_h.resize(roots.size() * (size_t)hidden);
-            for (size_t r = 0; r < roots.size(); r++) {
-                const Tree &t = forest.find(taken[roots[r]].tree)->second;
-                memcpy(&roots_h[r * hidden], h_of(t, taken[roots[r]].node), hidden * sizeof(float));
-            }
+            for (size_t r = 0; r < roots.size(); r++)
+                memcpy(&roots_h[r * hidden], h_of(*taken_tree[roots[r]], taken[roots[r]].node), hidden * sizeof(float));
             logits.resize(roots.size() * (size_t)classes);
             K->linear(st.head, roots_h.data(), hidden, (int)roots.size(), logits.data(), classes, nullptr, 0,
                       st.head_bias.data());
@@ -708,10 +690,9 @@ struct Core {
         const Stage &st = stages[0];  // (both stages share the embedding)
         const int m = (int)taken.size(), hidden = cell.hidden, dim = st.dim;
         x.resize((size_t)m * dim);
-        for (int i = 0; i < m; i++) {
-            const Tree &t = forest.find(taken[i].tree)->second;
-            memcpy(&x[(size_t)i * dim], &st.embedding[(size_t)t.tokens[taken[i].node] * dim], dim * sizeof(float));
-        }
+        for (int i = 0; i < m; i++)
+            memcpy(&x[(size_t)i * dim], &st.embedding[(size_t)taken_tree[i]->tokens[taken[i].node] * dim],
+                   dim * sizeof(float));
         gx.resize((size_t)m * 4 * hidden);
         K->linear(cell.wx, x.data(), dim, m, gx.data(), 4 * hidden, nullptr, 0, nullptr);
         int kids = 0;
@@ -720,7 +701,7 @@ struct Core {
             child_h.clear();
             child_c.clear();
             for (int i = 0; i < m; i++) {
-                const Tree &t = forest.find(taken[i].tree)->second;
+                const Tree &t = *taken_tree[i];
                 const int v = taken[i].node;
                 for (int k = t.kid_start[v]; k < t.kid_start[v + 1]; k++) {
                     const float *h = h_of(t, t.kids[k]), *c = c_of(t, t.kids[k]);
@@ -746,9 +727,8 @@ struct Core {
         K->tree_gates(gx.data(), cell.bias.data(), internal ? gh.data() : nullptr, fh.data(), child_c.data(),
                       child_row.data(), kids, m, hidden, hs[0].data(), hs[1].data());
         for (int i = 0; i < m; i++) {
-            const Tree &t = forest.find(taken[i].tree)->second;
-            memcpy(h_of(t, taken[i].node), &hs[0][(size_t)i * hidden], hidden * sizeof(float));
-            memcpy(c_of(t, taken[i].node), &hs[1][(size_t)i * hidden], hidden * sizeof(float));
+            memcpy(h_of(*taken_tree[i], taken[i].node), &hs[0][(size_t)i * hidden], hidden * sizeof(float));
+            memcpy(c_of(*taken_tree[i], taken[i].node), &hs[1][(size_t)i * hidden], hidden * sizeof(float));
         }
     }
 
