@@ -283,3 +283,25 @@ def test_graceful_shutdown_finishes_or_fails_in_flight_requests():
     [t.join(60) for t in threads]
     assert not any(t.is_alive() for t in threads)  # nothing hangs
     assert len(statuses) == 8 and all(s in (200, 503) for s in statuses), statuses
+
+
+def test_bench_floor_server_answers_every_request_on_a_kept_connection():
+    """bench http's floor: the client-alone latency is only the client's if the floor answers each request of a
+    keep-alive connection, bodies split across packets included, with exactly the ready-made response."""
+    import http.client
+    import multiprocessing
+
+    from cellserve.bench.http import _floor_server, _free_port, _wait_listening
+
+    port, body = _free_port(), b'{"outputs": []}'
+    floor = multiprocessing.get_context("spawn").Process(target=_floor_server, args=(port, body), daemon=True)
+    floor.start()
+    try:
+        _wait_listening(port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for payload in (b"{}", b"x" * 70000, b""):
+            conn.request("POST", "/v2/models/speller/infer", body=payload)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, body)
+    finally:
+        floor.terminate()

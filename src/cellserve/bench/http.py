@@ -1,6 +1,8 @@
 """`cellserve bench http`: what the HTTP and gRPC layers add. The same requests go to the engine in-process,
 and to `cellserve serve` in a separate process over loopback by HTTP (JSON) and by gRPC (tritonclient.grpc),
-at 1 and at 16 concurrent clients; the table gives p50/p99 of each and the difference to in-process.
+at 1 and at 16 concurrent clients; the table gives p50/p99 of each and the difference to in-process. The
+same HTTP client also calls a floor server that answers a ready-made response at once: its latency is what
+the client and loopback cost alone, the client's share of the overhead.
 
 The HTTP client is the standard library's http.client on one keep-alive connection per client thread:
 the lightest client, so the difference is the server's (httpx measured 0.4 ms more per call here, on the
@@ -8,8 +10,11 @@ client's side). Bounded in count and time; traffic stays on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import multiprocessing
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +35,43 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _floor_server(port: int, body: bytes) -> None:
+    """Answer every HTTP request on the port with `body` at once (a spawned process of its own)."""
+    response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    length_header = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+
+    class Answer(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport, self.pending = transport, b""
+
+        def data_received(self, data):
+            self.pending += data
+            while True:
+                head, blank, rest = self.pending.partition(b"\r\n\r\n")
+                length = length_header.search(head)
+                size = int(length[1]) if length else 0
+                if not blank or len(rest) < size:
+                    return
+                self.pending = rest[size:]
+                self.transport.write(response)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(loop.create_server(Answer, "127.0.0.1", port))
+    loop.run_forever()
+
+
+def _wait_listening(port: int, seconds: float = 30) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(f"nothing listens on port {port}")
+            time.sleep(0.05)
 
 
 def _run(call, items, clients: int) -> np.ndarray:
@@ -76,21 +118,35 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
             def in_process(n):
                 engine.submit({"tokens": encode_number(n), "max_output_tokens": 16}).result()
 
-            connections = threading.local()
+            def http_caller(to_port: int):
+                connections = threading.local()
 
-            def over_http(n):
-                conn = getattr(connections, "conn", None)
-                if conn is None:
-                    conn = connections.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                def call(n):
+                    conn = getattr(connections, "conn", None)
+                    if conn is None:
+                        conn = connections.conn = http.client.HTTPConnection("127.0.0.1", to_port, timeout=60)
+                    post(conn, n)
+                return call
+
+            def post(conn, n) -> bytes:
                 body = {"inputs": [{"name": "tokens", "shape": [1, len(n)], "datatype": "INT64",
                                     "data": encode_number(n)},
                                    {"name": "max_output_tokens", "shape": [1], "datatype": "INT64", "data": [16]}]}
                 conn.request("POST", "/v2/models/speller/infer", body=json.dumps(body),
                              headers={"Content-Type": "application/json"})
                 response = conn.getresponse()
-                response.read()
+                content = response.read()
                 if response.status != 200:
                     raise RuntimeError(f"HTTP {response.status}")
+                return content
+
+            floor_port = _free_port()  # answers the server's own response to a typical request, at once
+            sample = post(http.client.HTTPConnection("127.0.0.1", port, timeout=60), numbers[0])
+            floor = multiprocessing.get_context("spawn").Process(target=_floor_server, args=(floor_port, sample),
+                                                                 daemon=True)
+            floor.start()
+            _wait_listening(floor_port)
+            over_http, over_floor = http_caller(port), http_caller(floor_port)
 
             grpc_clients = threading.local()
 
@@ -107,9 +163,10 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                 client.infer("speller", [tokens, limit])
 
             for clients in concurrency:
-                for call in (in_process, over_http, over_grpc):  # warm-up
+                for call in (in_process, over_http, over_grpc, over_floor):  # warm-up
                     _run(call, numbers[:20], clients)
                 local = _run(in_process, numbers, clients)
+                alone = _run(over_floor, numbers, clients)
                 remote, http_client_cpu, http_server_cpu = _measured(over_http, numbers, clients, server.pid)
                 remote_grpc, grpc_client_cpu, grpc_server_cpu = _measured(over_grpc, numbers, clients, server.pid)
                 row = {"clients": clients, "requests": requests, "http_client_cpu_ms": http_client_cpu,
@@ -119,16 +176,19 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                     row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
                     row[f"http_p{q}_ms"] = float(np.percentile(remote, q))
                     row[f"overhead_p{q}_ms"] = row[f"http_p{q}_ms"] - row[f"engine_p{q}_ms"]
+                    row[f"floor_p{q}_ms"] = float(np.percentile(alone, q))
                     row[f"grpc_p{q}_ms"] = float(np.percentile(remote_grpc, q))
                     row[f"grpc_overhead_p{q}_ms"] = row[f"grpc_p{q}_ms"] - row[f"engine_p{q}_ms"]
                 rows.append(row)
             engine.stop()
+            floor.terminate()
     finally:
         server.terminate()
         server.wait(30)
     print_table("server overhead: the speller in-process vs over loopback HTTP (JSON) and gRPC", rows,
                 [("clients", "clients"), ("engine_p50_ms", "engine p50"), ("http_p50_ms", "HTTP p50"),
-                 ("overhead_p50_ms", "HTTP +p50 ms"), ("grpc_p50_ms", "gRPC p50"),
+                 ("overhead_p50_ms", "HTTP +p50 ms"), ("floor_p50_ms", "client alone p50"),
+                 ("grpc_p50_ms", "gRPC p50"),
                  ("grpc_overhead_p50_ms", "gRPC +p50 ms"), ("engine_p99_ms", "engine p99"),
                  ("http_p99_ms", "HTTP p99"), ("overhead_p99_ms", "HTTP +p99 ms"), ("grpc_p99_ms", "gRPC p99"),
                  ("grpc_overhead_p99_ms", "gRPC +p99 ms"), ("http_client_cpu_ms", "HTTP client CPU ms/req"),

@@ -27,10 +27,17 @@ def token_array(value, name: str, vocab: int, min_len: int = 1) -> np.ndarray:
     arr = np.asarray(value)
     if arr.ndim != 1 or len(arr) < min_len:
         raise ValueError(f"{name} must be a 1-D list of at least {min_len} token ids, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integer token ids, got {arr.dtype}")
-    if arr.min() < 0 or arr.max() >= vocab:
-        raise ValueError(f"{name} token ids must be in [0, {vocab}), got {arr.min()}..{arr.max()}")
+    # a short request's range from a list: numpy's min and max cost ~2 us each a call, a third of a request's
+    # checks on the serving path
+    if len(arr) <= 256:
+        ids = arr.tolist()
+        lo, hi = min(ids), max(ids)
+    else:
+        lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{name} token ids must be in [0, {vocab}), got {lo}..{hi}")
     return arr.astype(np.int64)
 
 

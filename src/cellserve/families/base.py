@@ -69,7 +69,7 @@ def check_float(array: np.ndarray, name: str) -> None:
 
 def token_rows(array: np.ndarray, name: str) -> np.ndarray:
     """A [batch, length] view of a token tensor given as [length] or [batch, length]."""
-    if not np.issubdtype(array.dtype, np.integer):
+    if array.dtype.kind not in "iu":
         raise ValueError(f"input {name!r} must be an integer tensor (INT32/INT64), got {array.dtype}")
     if array.ndim == 1:
         return array[None]

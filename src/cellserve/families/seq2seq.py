@@ -91,11 +91,11 @@ class Seq2SeqFamily(Family):
             except (UnicodeDecodeError, ValueError) as exc:
                 raise ValueError(f"input 'text': {exc}")
         else:
-            rows = [list(r) for r in token_rows(tensors["tokens"], "tokens")]
+            rows = list(token_rows(tensors["tokens"], "tokens"))
         limits = tensors.get("max_output_tokens")
         if limits is not None:
             limits = limits.reshape(-1)
-            if len(limits) not in (1, len(rows)) or not np.issubdtype(limits.dtype, np.integer):
+            if len(limits) not in (1, len(rows)) or limits.dtype.kind not in "iu":
                 raise ValueError("max_output_tokens must be one integer or one per batch row")
         out = []
         for i, row in enumerate(rows):

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -43,13 +44,14 @@ class InferResponse:
     timing: dict = field(default_factory=dict)  # rows, parse_s, queue_s, compute_s: for logs and traces
 
 
+_DATATYPES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
+
+
 def datatype_of(array: np.ndarray) -> str:
-    if array.dtype == np.object_:
-        return "BYTES"
-    for name, dtype in DTYPES.items():
-        if array.dtype == dtype:
-            return name
-    raise ProtocolError(f"no protocol datatype for {array.dtype}")
+    name = _DATATYPES.get(array.dtype.newbyteorder("="))
+    if name is None:
+        raise ProtocolError(f"no protocol datatype for {array.dtype}")
+    return name
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -64,9 +66,12 @@ def parse_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     else:
         header_bytes, binary = body, memoryview(b"")
     try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"request body is not valid JSON: {exc}")
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError:
+        try:  # NaN and Infinity, which Python's json writes: the model then says what it makes of them
+            header = json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"request body is not valid JSON: {exc}")
     if not isinstance(header, dict):
         raise ProtocolError("request body must be a JSON object")
     inputs = header.get("inputs")
@@ -137,13 +142,13 @@ def _from_json(name: str, data, datatype: str) -> np.ndarray:
         array = np.array(data, dtype=np.float64 if datatype.startswith("FP") else None)
     except (ValueError, TypeError):
         raise ProtocolError(f"input {name!r}: data is not a (nested) list of numbers")
+    if array.dtype == DTYPES[datatype]:  # JSON integers arrive as int64, booleans as bool: nothing to check
+        return array.reshape(-1)
     if array.dtype == object or (array.size and not (np.issubdtype(array.dtype, np.number)
                                                      or array.dtype == np.bool_)):
         raise ProtocolError(f"input {name!r}: data is not a (nested) list of numbers")
     if datatype != "BOOL" and not datatype.startswith("FP") and array.size and not np.issubdtype(array.dtype, np.integer):
         raise ProtocolError(f"input {name!r}: {datatype} data must be integers")
-    if array.dtype == DTYPES[datatype]:  # JSON integers arrive as int64: nothing to convert or range-check
-        return array.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
         converted = array.astype(DTYPES[datatype]).reshape(-1)
     if datatype not in ("BOOL",) and not datatype.startswith("FP") and array.size and (
@@ -183,17 +188,22 @@ def build_response(response: InferResponse, req: InferRequest) -> tuple[bytes, d
             spec["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            spec["data"] = [v.decode() for v in array.reshape(-1)] if array.dtype == object else array.reshape(-1).tolist()
+            spec["data"] = [v.decode() for v in array.reshape(-1)] if array.dtype == object else _flat(array)
         specs.append(spec)
     body = {"model_name": response.model_name, "model_version": response.model_version, "outputs": specs}
     if response.id is not None:
         body["id"] = response.id
     if response.parameters:
         body["parameters"] = response.parameters
-    header = json.dumps(body).encode()
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, {"Content-Type": "application/json"}
     return header + b"".join(blobs), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+
+
+def _flat(array: np.ndarray) -> np.ndarray:
+    """The array as orjson writes it natively: 1-D, C-contiguous, native byte order."""
+    return np.ascontiguousarray(array.reshape(-1), dtype=array.dtype.newbyteorder("="))
 
 
 def to_binary(array: np.ndarray) -> bytes:
