@@ -27,13 +27,30 @@ def test_bench_serving_writes_rows_and_plot(tmp_path):
                  "--duration", "0.5", "--json", str(out), "--plots", str(tmp_path)]) == 0
     payload = json.loads(out.read_text())
     keys = {"workload", "policy", "rate_rps", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "completed",
-            "refused", "lost"}
+            "refused", "lost", "steal_share"}
     assert all(keys <= set(r) for r in payload["rows"])
     # both policies on the native loop, and cellular again on the Python loop (trees have both)
     assert sorted((r["policy"], r["step_loop"]) for r in payload["rows"]) == [
         ("cellular", "native"), ("cellular", "python"), ("graph", "native")]
     assert all(r["lost"] == 0 and r["completed"] > 0 for r in payload["rows"])
+    assert all(0.0 <= r["steal_share"] <= 1.0 for r in payload["rows"])  # (this is Linux)
     assert (tmp_path / "serving_treelstm.png").stat().st_size > 0
+
+
+def test_stolen_time_is_steals_share_of_all_cpu_time(monkeypatch):
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal (ticks); the share is steal's
+    part of their growth over the block."""
+    from cellserve.bench import common
+
+    readings = iter([[100, 0, 10, 500, 0, 0, 0, 40], [160, 0, 20, 520, 0, 0, 0, 50]])
+    monkeypatch.setattr(common, "_cpu_ticks", lambda: next(readings))
+    with common.StolenTime() as stolen:
+        pass
+    assert stolen.share == pytest.approx(10 / 100)
+    monkeypatch.setattr(common, "_cpu_ticks", lambda: None)  # no /proc: unknown, not zero
+    with common.StolenTime() as stolen:
+        pass
+    assert stolen.share is None
 
 
 @pytest.mark.parametrize("argv", [

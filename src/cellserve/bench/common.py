@@ -90,6 +90,30 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_ticks() -> list[int] | None:
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+class StolenTime:
+    """The share of the machine's CPU time that the hypervisor gave to other guests while the block ran
+    (`steal` in /proc/stat; None off Linux). On a shared VM a run with a high share measured a slower
+    machine: the benches print it beside their figures, so a slow run explains itself."""
+
+    def __enter__(self):
+        self.start, self.share = _cpu_ticks(), None
+        return self
+
+    def __exit__(self, *exc):
+        end = _cpu_ticks()
+        if self.start and end:
+            delta = [b - a for a, b in zip(self.start, end)]
+            self.share = delta[7] / sum(delta) if sum(delta) else 0.0
+        return False
+
+
 def write_json(path: str | Path | None, payload: dict) -> None:
     if path is None:
         return

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from cellserve.bench.common import console, limit_threads, print_table, process_cpu_seconds, write_json
+from cellserve.bench.common import StolenTime, console, limit_threads, print_table, process_cpu_seconds, write_json
 from cellserve.engine import Engine
 from cellserve.families import make_runner
 from cellserve.tasks.speller import MAX_NUMBER, encode_number, load_default
@@ -165,13 +165,14 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
             for clients in concurrency:
                 for call in (in_process, over_http, over_grpc, over_floor):  # warm-up
                     _run(call, numbers[:20], clients)
-                local = _run(in_process, numbers, clients)
-                alone = _run(over_floor, numbers, clients)
-                remote, http_client_cpu, http_server_cpu = _measured(over_http, numbers, clients, server.pid)
-                remote_grpc, grpc_client_cpu, grpc_server_cpu = _measured(over_grpc, numbers, clients, server.pid)
+                with StolenTime() as stolen:
+                    local = _run(in_process, numbers, clients)
+                    alone = _run(over_floor, numbers, clients)
+                    remote, http_client_cpu, http_server_cpu = _measured(over_http, numbers, clients, server.pid)
+                    remote_grpc, grpc_client_cpu, grpc_server_cpu = _measured(over_grpc, numbers, clients, server.pid)
                 row = {"clients": clients, "requests": requests, "http_client_cpu_ms": http_client_cpu,
                        "http_server_cpu_ms": http_server_cpu, "grpc_client_cpu_ms": grpc_client_cpu,
-                       "grpc_server_cpu_ms": grpc_server_cpu}
+                       "grpc_server_cpu_ms": grpc_server_cpu, "steal_share": stolen.share}
                 for q in (50, 99):
                     row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
                     row[f"http_p{q}_ms"] = float(np.percentile(remote, q))
@@ -193,9 +194,11 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                  ("http_p99_ms", "HTTP p99"), ("overhead_p99_ms", "HTTP +p99 ms"), ("grpc_p99_ms", "gRPC p99"),
                  ("grpc_overhead_p99_ms", "gRPC +p99 ms"), ("http_client_cpu_ms", "HTTP client CPU ms/req"),
                  ("http_server_cpu_ms", "HTTP server CPU ms/req"), ("grpc_client_cpu_ms", "gRPC client CPU ms/req"),
-                 ("grpc_server_cpu_ms", "gRPC server CPU ms/req")],
+                 ("grpc_server_cpu_ms", "gRPC server CPU ms/req"), ("steal_share", "CPU stolen")],
                 caption="server in its own process; clients are threads here, one per concurrent client; CPU per "
-                        "request: each process's user + system time over the phase / requests (both share 2 cores)")
+                        "request: each process's user + system time over the phase / requests (both share 2 cores); "
+                        "client alone = the same client against a server that answers at once; CPU stolen = the "
+                        "hypervisor's share of the machine's CPU time during the row")
     write_json(json_path, {"rows": rows})
     console.print("done")
     return rows

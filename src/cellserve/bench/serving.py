@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cellserve.progress import bar
-from cellserve.bench.common import console, limit_threads, print_table, write_json
+from cellserve.bench.common import StolenTime, console, limit_threads, print_table, write_json
 from cellserve.bench.loadgen import poisson_arrivals, run_load
 from cellserve.bench.workloads import WORKLOADS, sentence_lengths
 from cellserve.engine import POLICIES, Engine
@@ -115,11 +115,12 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                ("throughput_rps", "done/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"), ("p99_ms", "p99 ms"),
                ("mean_batch", "mean batch"), ("overhead_us", "overhead us/step"),
                ("overhead_share", "overhead share"), ("padding_share", "padded rows"), ("completed", "done"), ("refused", "refused"),
-               ("failed", "failed"), ("lost", "lost")]
+               ("failed", "failed"), ("lost", "lost"), ("steal_share", "CPU stolen")]
     print_table("serving: open-loop Poisson load, same trace per rate", rows, columns,
                 caption="overhead = the engine's time per step outside the model's kernels (admission, "
                         "bookkeeping, retiring); share = of the steps' wall time; padded rows = share of the "
-                        "rows computed that were padding")
+                        "rows computed that were padding; CPU stolen = the hypervisor's share of the machine's "
+                        "CPU time during the rate (another guest's: that row ran on a slower machine)")
     summary = summarize(rows)
     print_table("targets: cellular vs graph", summary,
                 [("workload", "workload"), ("max_sustained_cellular", "cellular max/s"),
@@ -162,7 +163,8 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
                     max_batch=step_rows, max_queue=4 * max_batch + int(rate), max_delay_ms=max_delay_ms,
                     length_buckets=buckets, max_running=workload.running_per_batch * max_batch,
                     tune_gc=tune_gc).start()
-    result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
+    with StolenTime() as stolen:
+        result = run_load(engine, requests, arrivals, drain_s=max(5.0, duration))
     stats = engine.stats
     row = {"workload": workload.name, "policy": policy, "backend": backend, "step_loop": engine.step_loop,
            "asked_loop": step_loop, "rate_rps": rate,
@@ -172,11 +174,13 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
            "lost": result.lost, "mean_batch": _mean_batch(engine),
            "overhead_us": stats.overhead_s / stats.steps * 1e6 if stats.steps else None,
            "overhead_share": stats.overhead_s / stats.step_s if stats.step_s else None,
-           "padding_share": stats.rows_padded / stats.rows_run if stats.rows_run else None}
+           "padding_share": stats.rows_padded / stats.rows_run if stats.rows_run else None,
+           "steal_share": stolen.share}
     row["sustained"] = sustained(row)
     console.print(f"  {policy:8s} {backend:11s} {engine.step_loop:6s} {rate:8.1f} req/s -> {row['throughput_rps']:7.1f} done/s, "
                   f"p90 {_ms(row['p90_ms'])}, p99 {_ms(row['p99_ms'])}, refused {row['refused']}, "
-                  f"failed {row['failed']}, lost {row['lost']}, overhead {_us(row['overhead_us'])}/step")
+                  f"failed {row['failed']}, lost {row['lost']}, overhead {_us(row['overhead_us'])}/step"
+                  + (f", CPU stolen {stolen.share:.0%}" if stolen.share else ""))
     return row
 
 
