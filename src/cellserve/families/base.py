@@ -5,6 +5,7 @@ family behind the protocol."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,12 +53,17 @@ class Family:
         """The engine's results (one per row) as output tensors."""
         raise NotImplementedError
 
+    @functools.cached_property
+    def _input_names(self) -> tuple[frozenset, list]:
+        """(every input's name, the required ones'): checked on every request."""
+        return frozenset(s.name for s in self.inputs), [s.name for s in self.inputs if not s.optional]
+
     def check_names(self, tensors: dict) -> None:
-        known = {s.name for s in self.inputs}
+        known, required = self._input_names
         unknown = set(tensors) - known
         if unknown:
             raise ValueError(f"unknown input(s) {sorted(unknown)}; the model takes {sorted(known)}")
-        missing = [s.name for s in self.inputs if not s.optional and s.name not in tensors]
+        missing = [name for name in required if name not in tensors]
         if missing:
             raise ValueError(f"the model needs input(s) {missing}")
 

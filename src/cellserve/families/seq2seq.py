@@ -109,11 +109,14 @@ class Seq2SeqFamily(Family):
 
     def outputs_of(self, results):
         seqs = [r["tokens"] for r in results]
-        width = max(map(len, seqs))
-        tokens = np.full((len(seqs), width), self.model.eos_id, dtype=np.int64)
-        for i, s in enumerate(seqs):
-            tokens[i, :len(s)] = s
-        outputs = {"tokens": tokens, "lengths": np.array([len(s) for s in seqs], dtype=np.int64)}
+        lengths = [len(s) for s in seqs]
+        if len(seqs) == 1:  # (most requests: nothing to pad)
+            tokens = np.array(seqs, dtype=np.int64).reshape(1, lengths[0])
+        else:
+            tokens = np.full((len(seqs), max(lengths)), self.model.eos_id, dtype=np.int64)
+            for i, s in enumerate(seqs):
+                tokens[i, :len(s)] = s
+        outputs = {"tokens": tokens, "lengths": np.array(lengths, dtype=np.int64)}
         if self.codec:
             decode = self.codec[1]
             outputs["text"] = np.array([decode(s).encode() for s in seqs], dtype=object)

@@ -48,7 +48,7 @@ _DATATYPES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 
 
 def datatype_of(array: np.ndarray) -> str:
-    name = _DATATYPES.get(array.dtype.newbyteorder("="))
+    name = _DATATYPES.get(array.dtype) or _DATATYPES.get(array.dtype.newbyteorder("="))
     if name is None:
         raise ProtocolError(f"no protocol datatype for {array.dtype}")
     return name

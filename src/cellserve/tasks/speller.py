@@ -41,8 +41,11 @@ def encode_number(text: str) -> list[int]:
     return [int(d) for d in str(int(text))]
 
 
+_UNSPOKEN = (WORD_ID["<eos>"], WORD_ID["<pad>"])
+
+
 def decode_words(tokens: list[int]) -> str:
-    return " ".join(WORDS[t] for t in tokens if t not in (WORD_ID["<eos>"], WORD_ID["<pad>"]))
+    return " ".join([WORDS[t] for t in tokens if t not in _UNSPOKEN])
 
 
 def load_default() -> Seq2Seq:
