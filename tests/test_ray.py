@@ -3,8 +3,10 @@ HTTP through the ingress and over gRPC through the same router protocol."""
 
 import asyncio
 import concurrent.futures
+import json
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ def test_sequence_key_and_metric_merging():
     assert 'a_total{replica="0",model="m"} 1.0' in merged and 'a_total{replica="1",model="m"} 2.0' in merged
 
 
-def test_two_shards_serve_sessions_that_stick():
+def test_two_shards_serve_sessions_that_stick(tmp_path):
     import httpx
 
     from cellserve.models import RNN
@@ -41,7 +43,10 @@ def test_two_shards_serve_sessions_that_stick():
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(None, replicas=2), name="cellserve", route_prefix="/")
+        spans = tmp_path / "spans.jsonl"  # the launcher's --trace, which the replicas must apply themselves
+        serve.run(build(None, replicas=2, telemetry={"log_level": "warning", "log_format": "json",
+                                                     "trace": f"file={spans}", "trace_ratio": 1.0}),
+                  name="cellserve", route_prefix="/")
         reference = RNN.random("sru", 40, 256, num_layers=2, seed=0)  # the embedded sru-stream model
         rng = np.random.default_rng(0)
         seen = set()
@@ -73,6 +78,11 @@ def test_two_shards_serve_sessions_that_stick():
             assert 'replica="0"' in metrics and 'replica="1"' in metrics
             live = client.get("/api/live").json()["models"]  # the live page's figures, per replica
             assert {"sru-stream (replica 0)", "sru-stream (replica 1)"} <= set(live)
+        deadline = time.time() + 30  # the ingress replica's span processor exports every few seconds
+        while not (spans.exists() and '"infer sru-stream"' in spans.read_text()) and time.time() < deadline:
+            time.sleep(0.5)
+        roots = [json.loads(line) for line in spans.read_text().splitlines() if '"infer sru-stream"' in line]
+        assert roots and all(r["attributes"]["cellserve.protocol"] == "http" for r in roots)
     finally:
         serve.shutdown()
         ray.shutdown()

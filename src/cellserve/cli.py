@@ -29,14 +29,10 @@ def _words(text: str) -> list[str]:
 
 def _serve(args):
     from cellserve.server import main
-    from cellserve.server.telemetry import configure_logs
+    from cellserve.server.telemetry import configure_telemetry
 
     try:
-        configure_logs(args.log_level, args.log_format)
-        if args.trace:
-            from cellserve.server import tracing
-
-            tracing.configure(args.trace, ratio=args.trace_ratio)
+        configure_telemetry(**_telemetry(args))
         repository = main.repository_for(args.model_dir, args.model_control_mode, args.load_model)
         if args.ray:
             return _serve_on_ray(args, f"http://{args.host}:{args.port}")
@@ -45,6 +41,12 @@ def _serve(args):
                    args.ssl_ca_certfile, args.exit_timeout_s, args.log_level)
     except ValueError as exc:
         raise UsageError(str(exc))
+
+
+def _telemetry(args) -> dict:
+    """The log and trace settings, for this process and for Ray's replicas."""
+    return {"log_level": args.log_level, "log_format": args.log_format, "trace": args.trace,
+            "trace_ratio": args.trace_ratio}
 
 
 def _serve_on_ray(args, base: str):
@@ -57,7 +59,8 @@ def _serve_on_ray(args, base: str):
     grpc = f"; gRPC on {args.host}:{args.grpc_port} (this process, over the same router)" if args.grpc_port else ""
     print(f"cellserve on Ray Serve, {args.replicas} engine shard(s), on {base}: inference "
           f"{base}/v2/models/<name>/infer, metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
-    run(args.model_dir, args.replicas, args.host, args.port, args.grpc_port, args.max_body_mb * 2**20)
+    run(args.model_dir, args.replicas, args.host, args.port, args.grpc_port, args.max_body_mb * 2**20,
+        _telemetry(args))
 
 
 def _demo(args):

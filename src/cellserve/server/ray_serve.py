@@ -20,6 +20,7 @@ from cellserve.server.app import create_app
 from cellserve.server.repository import Repository
 from cellserve.server.backend import DEFAULT_PENDING_CHUNKS, LocalBackend, Parsed, ServiceError
 from cellserve.server.protocol import InferRequest, InferResponse, ProtocolError
+from cellserve.server.telemetry import configure_telemetry
 
 
 def _repository(model_dir: str | None) -> Repository:
@@ -30,7 +31,9 @@ def _repository(model_dir: str | None) -> Repository:
 class EngineShard:
     """One engine process: the models of the repository, served by LocalBackend."""
 
-    def __init__(self, model_dir: str | None, index: int, max_body_bytes: int):
+    def __init__(self, model_dir: str | None, index: int, max_body_bytes: int, telemetry: dict | None = None):
+        if telemetry:  # the launcher's logs and tracing, in this replica's process
+            configure_telemetry(**telemetry)
         self.backend = LocalBackend(_repository(model_dir), max_body_bytes, replica=index)
         self.backend.start()
 
@@ -178,7 +181,9 @@ def bind_router(router: ShardRouter) -> None:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(create_app(None, backend_provider=ingress_router))
 class Ingress:
-    def __init__(self, *shards):
+    def __init__(self, *shards, telemetry: dict | None = None):
+        if telemetry:  # its access lines and request spans: the HTTP front end runs here
+            configure_telemetry(**telemetry)
         bind_router(ShardRouter(list(shards)))
 
 
@@ -189,15 +194,17 @@ def shard_router(app_name: str, replicas: int) -> ShardRouter:
                         for i in range(replicas)])
 
 
-def build(model_dir: str | None = None, replicas: int = 2, max_body_bytes: int = 16 * 2**20):
-    """The Ray Serve application: `replicas` engine shards and the HTTP ingress."""
-    shards = [EngineShard.options(name=f"cellserve-shard-{i}").bind(model_dir, i, max_body_bytes)
+def build(model_dir: str | None = None, replicas: int = 2, max_body_bytes: int = 16 * 2**20,
+          telemetry: dict | None = None):
+    """The Ray Serve application: `replicas` engine shards and the HTTP ingress. telemetry: configure_telemetry's
+    settings, applied in every replica (each is a process of its own)."""
+    shards = [EngineShard.options(name=f"cellserve-shard-{i}").bind(model_dir, i, max_body_bytes, telemetry)
               for i in range(replicas)]
-    return Ingress.options(name="cellserve-ingress").bind(*shards)
+    return Ingress.options(name="cellserve-ingress").bind(*shards, telemetry=telemetry)
 
 
 def run(model_dir: str | None, replicas: int, host: str, port: int, grpc_port: int = 0,
-        max_body_bytes: int = 16 * 2**20) -> None:
+        max_body_bytes: int = 16 * 2**20, telemetry: dict | None = None) -> None:
     """Serve on Ray Serve (joining RAY_ADDRESS if set) until stopped: HTTP through the ingress, and with a
     grpc_port the gRPC service in this process over a router to the same shards."""
     import asyncio
@@ -209,7 +216,7 @@ def run(model_dir: str | None, replicas: int, host: str, port: int, grpc_port: i
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(model_dir, replicas, max_body_bytes), name="cellserve", route_prefix="/", blocking=not grpc_port)
+    serve.run(build(model_dir, replicas, max_body_bytes, telemetry), name="cellserve", route_prefix="/", blocking=not grpc_port)
     if grpc_port:
         router = shard_router("cellserve", replicas)
 

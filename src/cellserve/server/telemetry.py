@@ -3,7 +3,7 @@
 the standard logging module in text or JSON lines. HTTP and gRPC both answer inference through
 `observed_infer`, so both log (and trace) alike.
 
-`configure_logs` is what `cellserve serve --log-level --log-format` sets up; a program embedding the server
+`configure_telemetry` is what `cellserve serve --log-level --log-format --trace` sets up; a program embedding the server
 configures logging its own way and gets the same records."""
 
 from __future__ import annotations
@@ -54,6 +54,15 @@ def configure_logs(level: str = "info", fmt: str = "text", stream=None) -> loggi
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     return handler
+
+
+def configure_telemetry(log_level: str = "info", log_format: str = "text", trace: str | None = None,
+                        trace_ratio: float = 1.0) -> None:
+    """This process's logs, and with a --trace spec its tracing: what `cellserve serve` sets up, and what each
+    Ray replica (a process of its own) sets up again with the launcher's settings."""
+    configure_logs(log_level, log_format)
+    if trace:
+        tracing.configure(trace, ratio=trace_ratio)
 
 
 _ID_PREFIX = uuid.uuid4().hex[:6]  # this process's: ids stay distinct across restarts
