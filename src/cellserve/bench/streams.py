@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cellserve.progress import bar
-from cellserve.bench.common import console, print_table, process_cpu_seconds, write_json
+from cellserve.bench.common import StolenTime, console, print_table, process_cpu_seconds, write_json
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
 SLO_MS = 100.0
@@ -315,18 +315,21 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
                     for i, s in enumerate(streams):
                         shown.advance(note=f"{deployment} M={ms} ms S={s}")
                         cpu = server.cpu_seconds()
-                        if deployment == "per-stream-ort":
-                            row = run_per_stream_ort(path, s, ms, seconds, seed)
-                        else:
-                            row = asyncio.run(_drive_server(server.grpc_port, f"vad-{deployment}", s, ms, seconds,
-                                                            seed, server_state=deployment == "cellular"))
-                            messages = s * int(seconds * 1000 / ms)
-                            row["server_cpu_us_per_message"] = (server.cpu_seconds() - cpu) / messages * 1e6
+                        with StolenTime() as stolen:
+                            if deployment == "per-stream-ort":
+                                row = run_per_stream_ort(path, s, ms, seconds, seed)
+                            else:
+                                row = asyncio.run(_drive_server(server.grpc_port, f"vad-{deployment}", s, ms,
+                                                                seconds, seed, server_state=deployment == "cellular"))
+                                messages = s * int(seconds * 1000 / ms)
+                                row["server_cpu_us_per_message"] = (server.cpu_seconds() - cpu) / messages * 1e6
+                        row["steal_share"] = stolen.share
                         rows.append(row)
                         console.print(f"  {deployment:14s} M={ms} ms S={s:5d}: p50 {row['p50_ms'] or 0:7.1f} ms, p99 "
                                       f"{row['p99_ms'] or 0:7.1f} ms, refused {row['refused']}, lost {row['lost']}"
                                       + (f", server CPU {row['server_cpu_us_per_message']:.0f} us/message"
-                                         if "server_cpu_us_per_message" in row else ""))
+                                         if "server_cpu_us_per_message" in row else "")
+                                      + (f", CPU stolen {stolen.share:.0%}" if stolen.share else ""))
                         if not row["sustained"]:
                             shown.advance(len(streams) - i - 1)  # larger S are skipped
                             break
