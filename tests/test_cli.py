@@ -24,7 +24,7 @@ def test_bench_cells_writes_rows(tmp_path):
 def test_bench_serving_writes_rows_and_plot(tmp_path):
     out = tmp_path / "serving.json"
     assert main(["bench", "serving", "--workloads", "treelstm", "--policies", "cellular,graph", "--rates", "30",
-                 "--duration", "0.5", "--json", str(out), "--plots", str(tmp_path)]) == 0
+                 "--duration", "0.5", "--min-requests", "0", "--json", str(out), "--plots", str(tmp_path)]) == 0
     payload = json.loads(out.read_text())
     keys = {"workload", "policy", "rate_rps", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "completed",
             "refused", "lost", "steal_share"}
@@ -58,6 +58,7 @@ def test_stolen_time_is_steals_share_of_all_cpu_time(monkeypatch):
     ["bench", "cells", "--hidden", "abc"],
     ["bench", "serving", "--workloads", "nope"],
     ["bench", "serving", "--duration", "-1"],
+    ["bench", "serving", "--min-requests", "-1"],
     ["info", "/nonexistent/model.safetensors"],
     ["import-torch", "/nonexistent.pt", "/tmp/x.safetensors"],
     ["no-such-command"],

@@ -125,13 +125,16 @@ def _bench_serving(args):
                          f"policies {list(POLICIES)}")
     if args.duration <= 0 or any(r <= 0 for r in args.rates or []):
         raise UsageError("--duration and --rates must be positive")
+    if args.min_requests is not None and args.min_requests < 0:
+        raise UsageError("--min-requests must be >= 0")
     if set(args.backends) - {"cellserve", "onnxruntime"}:
         raise UsageError("--backends takes cellserve and/or onnxruntime")
     if not args.step_loops or set(args.step_loops) - {"native", "python"}:
         raise UsageError("--step-loops takes native and/or python")
     serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
                 args.max_delay_ms, args.buckets, args.json, args.plots, args.backends, tune_gc=not args.python_gc,
-                step_loops=args.step_loops)
+                step_loops=args.step_loops,
+                **({} if args.min_requests is None else {"min_requests": args.min_requests}))
 
 
 def _bench_multistep(args):
@@ -418,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--rates", type=_floats, help="offered rates in req/s (default: a grid from the "
                     "unbatched capacity up to saturation)")
     sv.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per rate and policy")
+    sv.add_argument("--min-requests", type=int, help="a rate's trace runs longer than --duration where it would "
+                    "hold fewer arrivals than this (default 200: a light rate's p90 needs them)")
     sv.add_argument("--seed", type=int, default=0)
     sv.add_argument("--max-batch", type=int, default=64)
     sv.add_argument("--max-delay-ms", type=float, default=5.0, help="graph policy: batching window")

@@ -59,10 +59,16 @@ def refine(rows: list[dict], policy: str, step: float = 1.25) -> list[float]:
     return [round(lo * (hi / lo) ** (i / n), 1) for i in range(1, n)]
 
 
+MIN_REQUESTS = 200  # arrivals per rate and policy at least: the p90 of each rests on 20 or more of them
+
+
 def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: float = 8.0, seed: int = 0,
         max_batch: int = 64, max_delay_ms: float = 5.0, buckets=(), json_path=None, plot_dir=None,
-        backends=("cellserve",), tune_gc: bool = True, step_loops=("native", "python")) -> list[dict]:
-    """backends: who runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers. Without
+        backends=("cellserve",), tune_gc: bool = True, step_loops=("native", "python"),
+        min_requests: int = MIN_REQUESTS) -> list[dict]:
+    """duration: seconds of arrivals per rate, longer where that brings fewer than min_requests (a p90 over
+    ~35 requests is noise: one light-load trace of seq2seq gave cellular/graph 1.14, then 0.47). backends: who
+    runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers. Without
     explicit rates, a coarse doubling grid runs until every policy saturates, then each of cellular and
     graph is refined near its saturation (steps of at most 1.25x; graph's points run both policies, since
     their latencies are compared there)."""
@@ -90,8 +96,9 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                         shown.advance(note=f"{rate:g} req/s {policy} {loop}")
                         if saturated[(policy, backend, loop)] >= 2:  # saturated twice already: higher rates tell nothing new
                             continue
-                        row = _measure(workload, models[backend], policy, backend, rate, duration, seed, max_batch,
-                                       max_delay_ms, buckets, tune_gc, loop)
+                        row = _measure(workload, models[backend], policy, backend, rate,
+                                       max(duration, min_requests / rate), seed, max_batch, max_delay_ms, buckets,
+                                       tune_gc, loop)
                         saturated[(policy, backend, loop)] += 0 if row["sustained"] else 1
                         mine.append(row)
                     if all(v >= 2 for v in saturated.values()):
@@ -107,8 +114,9 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                         for rate in extra:
                             for policy in also:
                                 shown.advance(note=f"refining {rate:g} req/s {policy} {loop}")
-                                mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate, duration,
-                                                     seed, max_batch, max_delay_ms, buckets, tune_gc, loop))
+                                mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate,
+                                                     max(duration, min_requests / rate), seed, max_batch,
+                                                     max_delay_ms, buckets, tune_gc, loop))
             rows += sorted(mine, key=lambda r: (r["backend"], r["rate_rps"], POLICIES.index(r["policy"])))
     columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("step_loop", "loop"),
                ("rate_rps", "offered/s"),
