@@ -305,3 +305,27 @@ def test_bench_floor_server_answers_every_request_on_a_kept_connection():
             assert (response.status, response.read()) == (200, body)
     finally:
         floor.terminate()
+
+
+def test_json_tensors_are_converted_and_checked_and_answers_keep_every_value():
+    """The JSON fast paths (orjson, integers of the wanted type taken as they are) keep the protocol's checks,
+    and a float32 answer reads back bit for bit."""
+    from cellserve.server.protocol import InferRequest, InferResponse, ProtocolError, _from_json, build_response
+
+    assert _from_json("x", [1, 2], "INT32").dtype == np.int32
+    assert _from_json("x", [1, 2], "FP32").dtype == np.float32
+    assert _from_json("x", [True, False], "BOOL").tolist() == [True, False]
+    for data, datatype, message in [([300], "INT8", "out of range"), ([1.5], "INT64", "integers"),
+                                    ([True], "INT64", "integers"), ([[1], [2, 3]], "INT64", "numbers")]:
+        with pytest.raises(ProtocolError, match=message):
+            _from_json("x", data, datatype)
+    values = np.random.default_rng(0).standard_normal(50).astype(np.float32)
+    outputs = {"y": values.reshape(5, 10), "big_endian": np.arange(3, dtype=">i4"), "b": np.array([True, False]),
+               "s": np.array(["hé".encode()], dtype=object)}
+    body, headers = build_response(InferResponse("m", "1", None, outputs), InferRequest(None, {}, {}))
+    got = {o["name"]: o for o in json.loads(body)["outputs"]}
+    np.testing.assert_array_equal(np.array(got["y"]["data"], np.float32), values)
+    assert (got["y"]["shape"], got["y"]["datatype"]) == ([5, 10], "FP32")
+    assert (got["big_endian"]["data"], got["big_endian"]["datatype"]) == ([0, 1, 2], "INT32")
+    assert got["b"]["data"] == [True, False] and got["s"]["data"] == ["hé"]
+    assert headers == {"Content-Type": "application/json"}
