@@ -291,9 +291,10 @@ def test_bench_floor_server_answers_every_request_on_a_kept_connection():
     import http.client
     import multiprocessing
 
-    from cellserve.bench.http import _floor_server, _free_port, _wait_listening
+    from cellserve.bench.common import free_port
+    from cellserve.bench.http import _floor_server, _wait_listening
 
-    port, body = _free_port(), b'{"outputs": []}'
+    port, body = free_port(), b'{"outputs": []}'
     floor = multiprocessing.get_context("spawn").Process(target=_floor_server, args=(port, body), daemon=True)
     floor.start()
     try:

@@ -25,16 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from cellserve.bench.common import StolenTime, console, limit_threads, print_table, process_cpu_seconds, write_json
+from cellserve.bench.common import (StolenTime, console, free_port, limit_threads, print_table, process_cpu_seconds,
+                                    write_json)
 from cellserve.engine import Engine
 from cellserve.families import make_runner
 from cellserve.tasks.speller import MAX_NUMBER, encode_number, load_default
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _floor_server(port: int, body: bytes) -> None:
@@ -95,7 +90,7 @@ def _measured(call, items, clients: int, server_pid: int) -> tuple[np.ndarray, f
 def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None) -> list[dict]:
     rng = np.random.default_rng(seed)
     numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port),
                                "--grpc-port", str(grpc_port), "--log-level", "warning"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -140,7 +135,7 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                     raise RuntimeError(f"HTTP {response.status}")
                 return content
 
-            floor_port = _free_port()  # answers the server's own response to a typical request, at once
+            floor_port = free_port()  # answers the server's own response to a typical request, at once
             sample = post(http.client.HTTPConnection("127.0.0.1", port, timeout=60), numbers[0])
             floor = multiprocessing.get_context("spawn").Process(target=_floor_server, args=(floor_port, sample),
                                                                  daemon=True)

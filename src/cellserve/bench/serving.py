@@ -72,6 +72,9 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
     explicit rates, a coarse doubling grid runs until every policy saturates, then each of cellular and
     graph is refined near its saturation (steps of at most 1.25x; graph's points run both policies, since
     their latencies are compared there)."""
+    def seconds(rate: float) -> float:
+        return max(duration, min_requests / rate)
+
     rows = []
     with limit_threads(1):
         for name in workloads:
@@ -96,9 +99,8 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                         shown.advance(note=f"{rate:g} req/s {policy} {loop}")
                         if saturated[(policy, backend, loop)] >= 2:  # saturated twice already: higher rates tell nothing new
                             continue
-                        row = _measure(workload, models[backend], policy, backend, rate,
-                                       max(duration, min_requests / rate), seed, max_batch, max_delay_ms, buckets,
-                                       tune_gc, loop)
+                        row = _measure(workload, models[backend], policy, backend, rate, seconds(rate), seed,
+                                       max_batch, max_delay_ms, buckets, tune_gc, loop)
                         saturated[(policy, backend, loop)] += 0 if row["sustained"] else 1
                         mine.append(row)
                     if all(v >= 2 for v in saturated.values()):
@@ -115,8 +117,8 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                             for policy in also:
                                 shown.advance(note=f"refining {rate:g} req/s {policy} {loop}")
                                 mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate,
-                                                     max(duration, min_requests / rate), seed, max_batch,
-                                                     max_delay_ms, buckets, tune_gc, loop))
+                                                     seconds(rate), seed, max_batch, max_delay_ms, buckets, tune_gc,
+                                                     loop))
             rows += sorted(mine, key=lambda r: (r["backend"], r["rate_rps"], POLICIES.index(r["policy"])))
     columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("step_loop", "loop"),
                ("rate_rps", "offered/s"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from cellserve.progress import bar
-from cellserve.bench.common import StolenTime, console, print_table, process_cpu_seconds, write_json
+from cellserve.bench.common import (StolenTime, console, free_port, print_table, process_cpu_seconds,
+                                    write_json)
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
 SLO_MS = 100.0
@@ -211,12 +211,6 @@ async def _drive_server(port: int, model: str, streams: int, message_ms: int, se
                 len(failed))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _repository(root: Path, path: Path) -> None:
     shared = {"controls": {"sr": SR}, "max_batch": 64, "capacity": 16384, "max_sessions": 16384,
               "max_queue": 65536}
@@ -232,7 +226,7 @@ class Server:
     """`cellserve serve` on a model repository, in its own process."""
 
     def __init__(self, root: Path):
-        self.port, self.grpc_port = _free_port(), _free_port()
+        self.port, self.grpc_port = free_port(), free_port()
         self.process = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", str(root), "--port",
                                          str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning"],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
