@@ -287,12 +287,13 @@ def test_graceful_shutdown_finishes_or_fails_in_flight_requests():
 
 def test_bench_floor_server_answers_every_request_on_a_kept_connection():
     """bench http's floor: the client-alone latency is only the client's if the floor answers each request of a
-    keep-alive connection, bodies split across packets included, with exactly the ready-made response."""
+    keep-alive connection, bodies split across packets included, with exactly the ready-made response; and
+    bench http's own client times each of its requests over its connections."""
     import http.client
     import multiprocessing
 
     from cellserve.bench.common import free_port
-    from cellserve.bench.http import _floor_server, _wait_listening
+    from cellserve.bench.http import _floor_server, _http_request, _run_http, _wait_listening
 
     port, body = free_port(), b'{"outputs": []}'
     floor = multiprocessing.get_context("spawn").Process(target=_floor_server, args=(port, body), daemon=True)
@@ -304,6 +305,10 @@ def test_bench_floor_server_answers_every_request_on_a_kept_connection():
             conn.request("POST", "/v2/models/speller/infer", body=payload)
             response = conn.getresponse()
             assert (response.status, response.read()) == (200, body)
+        requests = [_http_request(str(n)) for n in range(7)] + [b"POST / HTTP/1.1\r\ncontent-length: 70000\r\n\r\n"
+                                                                 + b"x" * 70000]
+        latencies = _run_http(port, requests, clients=3)
+        assert len(latencies) == len(requests) and (latencies > 0).all()
     finally:
         floor.terminate()
 
