@@ -37,6 +37,28 @@ def test_bench_serving_writes_rows_and_plot(tmp_path):
     assert (tmp_path / "serving_treelstm.png").stat().st_size > 0
 
 
+def test_repeated_traces_merge_into_medians_and_every_lost_request_counts():
+    """bench serving --repeats: a row is the median of its traces, so one slow trace moves one vote; lost
+    requests add up (one anywhere is a defect), and sustained is judged on the medians."""
+    from cellserve.bench.serving import merged_row
+
+    def row(p90, p99, refused=0, lost=0):
+        return {"workload": "w", "policy": "cellular", "rate_rps": 10.0, "throughput_rps": 9.0, "p50_ms": 1.0,
+                "p90_ms": p90, "p99_ms": p99, "refused": refused, "failed": 0, "lost": lost, "completed": 100,
+                "mean_batch": 2.0, "overhead_us": 5.0, "overhead_share": 0.1, "padding_share": 0.0,
+                "steal_share": 0.0, "sustained": True}
+
+    merged = merged_row([row(10, 50), row(90, 1500, refused=3), row(20, 60)])
+    assert (merged["p90_ms"], merged["p99_ms"], merged["refused"]) == (20, 60, 0)
+    assert merged["p90_ms_each"] == [10, 90, 20] and merged["repeats"] == 3 and merged["completed"] == 300
+    assert merged["sustained"]
+    assert not merged_row([row(10, 50), row(90, 1500, refused=3), row(20, 1200, refused=1)])["sustained"]
+    lost = merged_row([row(10, 50), row(10, 50, lost=1), row(10, 50)])
+    assert lost["lost"] == 1 and not lost["sustained"]
+    single = row(10, 50)
+    assert merged_row([single]) is single
+
+
 def test_stolen_time_is_steals_share_of_all_cpu_time(monkeypatch):
     """/proc/stat's first line: user nice system idle iowait irq softirq steal (ticks); the share is steal's
     part of their growth over the block."""
@@ -59,6 +81,7 @@ def test_stolen_time_is_steals_share_of_all_cpu_time(monkeypatch):
     ["bench", "serving", "--workloads", "nope"],
     ["bench", "serving", "--duration", "-1"],
     ["bench", "serving", "--min-requests", "-1"],
+    ["bench", "serving", "--repeats", "0"],
     ["info", "/nonexistent/model.safetensors"],
     ["import-torch", "/nonexistent.pt", "/tmp/x.safetensors"],
     ["no-such-command"],

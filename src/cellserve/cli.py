@@ -127,13 +127,15 @@ def _bench_serving(args):
         raise UsageError("--duration and --rates must be positive")
     if args.min_requests is not None and args.min_requests < 0:
         raise UsageError("--min-requests must be >= 0")
+    if args.repeats < 1:
+        raise UsageError("--repeats must be >= 1")
     if set(args.backends) - {"cellserve", "onnxruntime"}:
         raise UsageError("--backends takes cellserve and/or onnxruntime")
     if not args.step_loops or set(args.step_loops) - {"native", "python"}:
         raise UsageError("--step-loops takes native and/or python")
     serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
                 args.max_delay_ms, args.buckets, args.json, args.plots, args.backends, tune_gc=not args.python_gc,
-                step_loops=args.step_loops,
+                step_loops=args.step_loops, repeats=args.repeats,
                 **({} if args.min_requests is None else {"min_requests": args.min_requests}))
 
 
@@ -424,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--min-requests", type=int, help="a rate's trace runs longer than --duration where it would "
                     "hold fewer arrivals than this (default 200: a light rate's p90 needs them)")
     sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--repeats", type=int, default=1, help="traces per rate (seeds seed, seed+1, ...), each policy "
+                    "on each in turn; rows give their medians, so one slow spell of a shared host moves one vote")
     sv.add_argument("--max-batch", type=int, default=64)
     sv.add_argument("--max-delay-ms", type=float, default=5.0, help="graph policy: batching window")
     sv.add_argument("--buckets", type=_ints, default=[], help="graph policy: length bucket bounds, e.g. 10,20,40")

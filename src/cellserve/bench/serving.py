@@ -65,15 +65,26 @@ MIN_REQUESTS = 200  # arrivals per rate and policy at least: the p90 of each res
 def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: float = 8.0, seed: int = 0,
         max_batch: int = 64, max_delay_ms: float = 5.0, buckets=(), json_path=None, plot_dir=None,
         backends=("cellserve",), tune_gc: bool = True, step_loops=("native", "python"),
-        min_requests: int = MIN_REQUESTS) -> list[dict]:
+        min_requests: int = MIN_REQUESTS, repeats: int = 1) -> list[dict]:
     """duration: seconds of arrivals per rate, longer where that brings fewer than min_requests (a p90 over
-    ~35 requests is noise: one light-load trace of seq2seq gave cellular/graph 1.14, then 0.47). backends: who
+    ~35 requests is noise: one light-load trace of seq2seq gave cellular/graph 1.14, then 0.47). repeats: each
+    rate runs this many traces (seeds seed, seed+1, ...), every policy on each before the next, and a row holds
+    their medians (merged_row): one slow spell of a shared host then moves one vote, not the row. backends: who
     runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers. Without
     explicit rates, a coarse doubling grid runs until every policy saturates, then each of cellular and
     graph is refined near its saturation (steps of at most 1.25x; graph's points run both policies, since
     their latencies are compared there)."""
     def seconds(rate: float) -> float:
         return max(duration, min_requests / rate)
+
+    def measure(workload, model, policies_and_loops, backend, rate) -> list[dict]:
+        """A row per (policy, loop): the medians of `repeats` traces, interleaved across the policies."""
+        runs = {run: [] for run in policies_and_loops}
+        for k in range(repeats):
+            for policy, loop in policies_and_loops:
+                runs[(policy, loop)].append(_measure(workload, model, policy, backend, rate, seconds(rate),
+                                                     seed + k, max_batch, max_delay_ms, buckets, tune_gc, loop))
+        return [merged_row(found) for found in runs.values()]
 
     rows = []
     with limit_threads(1):
@@ -95,14 +106,13 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
             saturated = {run: 0 for run in runs}
             with bar(f"{name} sweep", len(grid) * len(runs)) as shown:
                 for rate in grid:
-                    for policy, backend, loop in runs:
-                        shown.advance(note=f"{rate:g} req/s {policy} {loop}")
-                        if saturated[(policy, backend, loop)] >= 2:  # saturated twice already: higher rates tell nothing new
-                            continue
-                        row = _measure(workload, models[backend], policy, backend, rate, seconds(rate), seed,
-                                       max_batch, max_delay_ms, buckets, tune_gc, loop)
-                        saturated[(policy, backend, loop)] += 0 if row["sustained"] else 1
-                        mine.append(row)
+                    for backend in models:
+                        # saturated twice already: higher rates tell nothing new
+                        due = [(p, loop) for p, b, loop in runs if b == backend and saturated[(p, b, loop)] < 2]
+                        shown.advance(len([r for r in runs if r[1] == backend]), note=f"{rate:g} req/s {backend}")
+                        for row in measure(workload, models[backend], due, backend, rate) if due else []:
+                            saturated[(row["policy"], backend, row["asked_loop"])] += 0 if row["sustained"] else 1
+                            mine.append(row)
                     if all(v >= 2 for v in saturated.values()):
                         shown.advance((len(grid) - grid.index(rate) - 1) * len(runs))
                         break
@@ -114,11 +124,9 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                         also = [p for p in ("cellular", "graph") if p in policies] if target == "graph" else [target]
                         shown.grow(len(extra) * len(also))
                         for rate in extra:
-                            for policy in also:
-                                shown.advance(note=f"refining {rate:g} req/s {policy} {loop}")
-                                mine.append(_measure(workload, models["cellserve"], policy, "cellserve", rate,
-                                                     seconds(rate), seed, max_batch, max_delay_ms, buckets, tune_gc,
-                                                     loop))
+                            shown.advance(len(also), note=f"refining {rate:g} req/s {target} {loop}")
+                            mine += measure(workload, models["cellserve"], [(p, loop) for p in also], "cellserve",
+                                            rate)
             rows += sorted(mine, key=lambda r: (r["backend"], r["rate_rps"], POLICIES.index(r["policy"])))
     columns = [("workload", "workload"), ("policy", "policy"), ("backend", "backend"), ("step_loop", "loop"),
                ("rate_rps", "offered/s"),
@@ -191,6 +199,26 @@ def _measure(workload, model, policy, backend, rate, duration, seed, max_batch, 
                   f"p90 {_ms(row['p90_ms'])}, p99 {_ms(row['p99_ms'])}, refused {row['refused']}, "
                   f"failed {row['failed']}, lost {row['lost']}, overhead {_us(row['overhead_us'])}/step"
                   + (f", CPU stolen {stolen.share:.0%}" if stolen.share else ""))
+    return row
+
+
+MEDIANS = ("throughput_rps", "p50_ms", "p90_ms", "p99_ms", "refused", "failed", "mean_batch", "overhead_us",
+           "overhead_share", "padding_share", "steal_share")
+
+
+def merged_row(rows: list[dict]) -> dict:
+    """One row from repeated traces of a policy at a rate: the median of each figure (refusals and failures
+    included), every request counted (completed, lost: one lost request anywhere counts), and sustained
+    judged on the medians. p90_ms_each keeps each trace's p90."""
+    if len(rows) == 1:
+        return rows[0]
+    row = dict(rows[0])
+    for key in MEDIANS:
+        values = [r[key] for r in rows if r[key] is not None]
+        row[key] = float(np.median(values)) if values else None
+    row["completed"], row["lost"] = sum(r["completed"] for r in rows), sum(r["lost"] for r in rows)
+    row["repeats"], row["p90_ms_each"] = len(rows), [r["p90_ms"] for r in rows]
+    row["sustained"] = sustained(row)
     return row
 
 
