@@ -35,10 +35,12 @@ from cellserve.families import make_runner
 from cellserve.tasks.speller import MAX_NUMBER, encode_number, load_default
 
 
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")  # in a message's head
+
+
 def _floor_server(port: int, body: bytes) -> None:
     """Answer every HTTP request on the port with `body` at once (a spawned process of its own)."""
     response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-    length_header = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 
     class Answer(asyncio.Protocol):
         def connection_made(self, transport):
@@ -48,7 +50,7 @@ def _floor_server(port: int, body: bytes) -> None:
             self.pending += data
             while True:
                 head, blank, rest = self.pending.partition(b"\r\n\r\n")
-                length = length_header.search(head)
+                length = CONTENT_LENGTH.search(head)
                 size = int(length[1]) if length else 0
                 if not blank or len(rest) < size:
                     return
@@ -72,19 +74,24 @@ def _wait_listening(port: int, seconds: float = 30) -> None:
             time.sleep(0.05)
 
 
+def _infer_body(number: str) -> bytes:
+    """The JSON inference request for one number."""
+    return json.dumps({"inputs": [{"name": "tokens", "shape": [1, len(number)], "datatype": "INT64",
+                                   "data": encode_number(number)},
+                                  {"name": "max_output_tokens", "shape": [1], "datatype": "INT64",
+                                   "data": [16]}]}).encode()
+
+
 def _http_request(number: str) -> bytes:
     """The inference request for one number, as the client sends it."""
-    body = json.dumps({"inputs": [{"name": "tokens", "shape": [1, len(number)], "datatype": "INT64",
-                                   "data": encode_number(number)},
-                                  {"name": "max_output_tokens", "shape": [1], "datatype": "INT64", "data": [16]}]})
+    body = _infer_body(number)
     return (b"POST /v2/models/speller/infer HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body.encode()))
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
 
 
 def _run_http(port: int, requests: list[bytes], clients: int) -> np.ndarray:
     """Latencies (ms) of the requests sent over `clients` keep-alive connections, each sending its next request
     when its last answer has arrived. Any answer but 200 raises."""
-    length_header = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 
     async def client(k: int, latencies: list) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -93,7 +100,7 @@ def _run_http(port: int, requests: list[bytes], clients: int) -> np.ndarray:
                 start = time.perf_counter()
                 writer.write(requests[i])
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = length_header.search(head)
+                length = CONTENT_LENGTH.search(head)
                 await reader.readexactly(int(length[1]) if length else 0)
                 latencies[i] = (time.perf_counter() - start) * 1000
                 if not head.startswith(b"HTTP/1.1 200"):
@@ -157,7 +164,7 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
 
             floor_port = free_port()  # answers the server's own response to a typical request, at once
             sample = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            sample.request("POST", "/v2/models/speller/infer", body=_http_request(numbers[0]).partition(b"\r\n\r\n")[2],
+            sample.request("POST", "/v2/models/speller/infer", body=_infer_body(numbers[0]),
                            headers={"Content-Type": "application/json"})
             floor = multiprocessing.get_context("spawn").Process(target=_floor_server,
                                                                  args=(floor_port, sample.getresponse().read()),
