@@ -5,7 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 NATIVE := $(VENV)/.native-built
-NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*) $(wildcard src/cellserve/engine/native/*)
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*) $(wildcard src/cellserve/engine/native/*) \
+	$(wildcard src/cellserve/server/native/*.cpp)
+# The native gRPC front end builds on the distribution's grpc++; installed here when missing and we are root
+# (without it the build goes on, and gRPC is served by the Python front end).
+GRPC_PACKAGES := libgrpc++-dev pkg-config
 
 .PHONY: demo test test-slow test-browser bench native clean
 
@@ -16,6 +20,9 @@ $(DEPS): requirements.lock
 	touch $(DEPS)
 
 $(NATIVE): $(DEPS) $(NATIVE_SOURCES)
+	@pkg-config --exists grpc++ 2>/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(GRPC_PACKAGES)) || \
+		echo "cellserve: could not install $(GRPC_PACKAGES): gRPC will be served by the Python front end"
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(NATIVE)
 
@@ -40,4 +47,4 @@ bench: $(NATIVE)
 	$(BIN)/cellserve bench cells --json results/cells.json
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info src/cellserve/kernels/_native*.so src/cellserve/engine/_steploop*.so
+	rm -rf $(VENV) build dist src/*.egg-info src/cellserve/kernels/_native*.so src/cellserve/engine/_steploop*.so src/cellserve/server/native/_grpc_front*.so

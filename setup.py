@@ -6,6 +6,7 @@ pyproject.toml."""
 
 import platform
 import shutil
+import subprocess
 import sys
 
 from setuptools import Extension, setup
@@ -21,6 +22,28 @@ ISA_UNITS = {  # translation unit -> flags; selected at run time by CPU features
 MISSING_COMPILER = ("cellserve builds its native kernels with a C++17 compiler, and the build failed here ({}). "
                     "Install one: Debian/Ubuntu 'apt-get install g++', Fedora 'dnf install gcc-c++', macOS "
                     "'xcode-select --install'.")
+
+
+GRPC_FRONT = "src/cellserve/server/native/grpc_front.cpp"
+
+
+def grpc_front_extension():
+    """The native gRPC front end, where the distribution's grpc++ is installed (pkg-config finds it);
+    without it cellserve serves gRPC through its Python front end, and says so here and at startup."""
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        print("cellserve: grpc++ not found (Debian/Ubuntu: apt-get install libgrpc++-dev); building without the "
+              "native gRPC front end: gRPC is served by the Python front end", file=sys.stderr)
+        return []
+    return [Extension(
+        "cellserve.server.native._grpc_front", sources=[GRPC_FRONT],
+        extra_compile_args=["-O2", "-std=c++17", "-fvisibility=hidden", "-Wall",
+                            *(f for f in flags if not f.startswith(("-l", "-L")))],
+        extra_link_args=[f for f in flags if f.startswith(("-l", "-L"))],
+        language="c++",
+    )]
 
 
 class BuildNative(build_ext):
@@ -52,6 +75,6 @@ setup(
         include_dirs=[NATIVE],
         extra_compile_args=COMMON,
         language="c++",
-    )],
+    ), *grpc_front_extension()],
     cmdclass={"build_ext": BuildNative},
 )

@@ -38,7 +38,7 @@ def _serve(args):
             return _serve_on_ray(args, f"http://{args.host}:{args.port}")
         main.serve(repository, args.host, args.port, args.grpc_port, args.max_body_mb * 2**20,
                    args.model_control_mode, args.restricted_api, args.ssl_certfile, args.ssl_keyfile,
-                   args.ssl_ca_certfile, args.exit_timeout_s, args.log_level)
+                   args.ssl_ca_certfile, args.exit_timeout_s, args.log_level, args.frontend)
     except ValueError as exc:
         raise UsageError(str(exc))
 
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC (KServe v2 / Triton) port; 0 turns it off")
+    serve.add_argument("--frontend", choices=["native", "python"], default=None,
+                       help="gRPC front end: native (grpc++; the default where it was built) or python (grpcio)")
     serve.add_argument("--max-body-mb", type=int, default=16, help="largest request body accepted")
     serve.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
                        help="none: the repository is fixed while serving (load/unload refused); explicit: they are "

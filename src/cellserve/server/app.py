@@ -26,7 +26,7 @@ from cellserve.server.protocol import HEADER_LENGTH, InferRequest, build_respons
 from cellserve.server.repository import Repository
 from cellserve.server.auth import http_group, refusal
 from cellserve.server.backend import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
-from cellserve.server.telemetry import observed_infer
+from cellserve.server.telemetry import log, observed_infer
 
 LIVE_PAGE = (resources.files("cellserve.assets") / "live.html").read_text()
 INFER_DOC = {
@@ -47,12 +47,13 @@ INFER_DOC = {
 
 def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_provider=None,
                grpc_port: int | None = None, grpc_host: str = "127.0.0.1", model_control: str = "none",
-               restricted: tuple = (), tls: dict | None = None) -> App:
+               restricted: tuple = (), tls: dict | None = None, grpc_frontend: str | None = None) -> App:
     """The HTTP API over a backend: a Repository (served here) or any Backend. backend_provider, when given, is called per request instead (the Ray Serve ingress
     binds its router after Ray has copied the app into the replica). With grpc_port, the gRPC service
     runs beside it (0 picks a free port; app.state.grpc_port tells which). model_control: "none" (load and
     unload refused) or "explicit", as Triton's --model-control-mode. restricted: auth.Restriction's for both
-    wires. tls: {"certfile", "keyfile"[, "ca_certfile"]} for the gRPC port (uvicorn takes HTTP's)."""
+    wires. tls: {"certfile", "keyfile"[, "ca_certfile"]} for the gRPC port (uvicorn takes HTTP's).
+    grpc_frontend: "native" (grpc++, where it was built: the default then) or "python" (grpcio)."""
     if isinstance(backend, Repository):
         backend = LocalBackend(backend, max_body_bytes, model_control=model_control)
 
@@ -63,10 +64,9 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
             target.start()
         grpc_server = None
         if grpc_port is not None:
-            from cellserve.server.grpc_service import start_grpc
-
-            grpc_server, app.state.grpc_port = await start_grpc(current, grpc_host, grpc_port, restricted=restricted,
-                                                                tls=tls)
+            grpc_server, app.state.grpc_port = await start(current, grpc_host, grpc_port, restricted=restricted,
+                                                           tls=tls)
+            log.info("gRPC on %s:%d, %s front end", grpc_host, app.state.grpc_port, app.state.grpc_frontend)
         yield
         if grpc_server is not None:
             await grpc_server.stop(grace=5)
@@ -76,6 +76,11 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
     app = App(title="cellserve", version=__version__, lifespan=lifespan,
                   description="Open Inference Protocol (KServe v2) server for recurrent models with cellular batching.")
     app.state.backend = backend
+    app.state.grpc_frontend, start = None, None
+    if grpc_port is not None:
+        from cellserve.server.native.grpc_front import grpc_frontend_of
+
+        app.state.grpc_frontend, start = grpc_frontend_of(grpc_frontend)
     current = backend_provider or (lambda: app.state.backend)
 
     if restricted:
@@ -102,7 +107,8 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
 
     @app.get("/v2", summary="Server metadata")
     async def server_metadata():
-        return await current().server_metadata()
+        meta = await current().server_metadata()
+        return {**meta, "grpc_frontend": app.state.grpc_frontend} if app.state.grpc_frontend else meta
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live():

@@ -12,7 +12,9 @@ request never touches another: infer parses, submits to the engine and waits on 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import CancelledError
 from typing import Callable, Protocol, Union
 
 from prometheus_client import generate_latest
@@ -183,6 +185,56 @@ class LocalBackend:
             raise
 
     async def _infer(self, name: str, req: InferRequest, version: str | None, start: float) -> InferResponse:
+        sub = self._submit(name, req, version)
+        try:
+            if len(sub.rows) == 1:  # one row needs none of gather's task and callbacks
+                results = [await asyncio.wrap_future(sub.rows[0].future)]
+            else:
+                results = await asyncio.gather(*(asyncio.wrap_future(r.future) for r in sub.rows))
+        except asyncio.CancelledError:  # the client went away: free the engine's slots
+            _cancel(sub.rows)
+            raise
+        except (ValueError, EngineFull, EngineStopped) as exc:
+            _cancel(sub.rows)
+            raise _refusal(exc)
+        return self._respond(sub, results, start)
+
+    def infer_then(self, name: str, parse: Callable[[], InferRequest], version: str | None,
+                   done: Callable[[InferResponse | None, BaseException | None], None]) -> Submission | None:
+        """infer without an event loop, for the native front ends: parse and submit on this thread, then
+        done(response, None) or done(None, error) on the thread that finishes the request's last row (error
+        a ServiceError, or what the engine raised). Returns the submission (whose rows a client that goes
+        away cancels), or None when it was refused at once (done has been called)."""
+        start = time.perf_counter()
+        try:
+            try:
+                req = parse()
+            except ProtocolError as exc:
+                raise ServiceError(400, str(exc))
+            sub = self._submit(name, req, version)
+        except ServiceError as exc:
+            self._record_failure(name, start, exc.status)
+            done(None, exc)
+            return None
+
+        def finished(results, error):
+            if error is None:
+                try:
+                    response = self._respond(sub, results, start)
+                except ServiceError as exc:
+                    error = exc
+                else:
+                    return done(response, None)
+            if isinstance(error, (ValueError, EngineFull, EngineStopped)):
+                error = _refusal(error)
+            self._record_failure(name, start, getattr(error, "status", 500))
+            done(None, error)
+
+        sub.when_done(finished)
+        return sub
+
+    def _submit(self, name: str, req: InferRequest, version: str | None) -> "Submission":
+        """Checks a request against its model and queues its rows; ServiceError when refused."""
         served = self._model(name, version)
         try:
             sequence = _sequence_parameters(req.parameters, served.stateful)
@@ -202,43 +254,38 @@ class LocalBackend:
                 for i, item in enumerate(inputs):
                     submitted.append(served.engine.enqueue(item, **_chunk_parameters(sequence, i, len(inputs)),
                                                            traced=traced))
-                if len(submitted) == 1:  # one row needs none of gather's task and callbacks
-                    results = [await asyncio.wrap_future(submitted[0].future)]
-                else:
-                    results = await asyncio.gather(*(asyncio.wrap_future(r.future) for r in submitted))
-                break
-            except ValueError as exc:  # bad values the model rejects, unknown/expired sessions
+                return Submission(served, req, sequence, submitted, parsed, traced)
+            except (ValueError, EngineFull) as exc:  # bad values the model rejects, unknown/expired sessions
                 _cancel(submitted)
-                raise ServiceError(400, str(exc))
-            except EngineFull as exc:
-                _cancel(submitted)
-                raise ServiceError(503, str(exc))
+                raise _refusal(exc)
             except EngineStopped as exc:
                 current = self.repository.get(name)
                 if attempt == 0 and not submitted and current is not None and current is not served:
                     served = current  # reloaded between lookup and submit: the new version takes it
                     continue
                 raise ServiceError(503, str(exc))
-            except asyncio.CancelledError:  # the client went away: free the engine's slots
-                _cancel(submitted)
-                raise
+
+    def _respond(self, sub: "Submission", results: list, start: float) -> InferResponse:
+        """A submission's response from its rows' results, recorded in the model's statistics."""
+        served, req, submitted, parsed = sub.served, sub.request, sub.rows, sub.parsed
         done = time.perf_counter()
         outputs, parameters = served.outputs_of(results)
         wanted = list(req.outputs) or list(outputs)
         unknown = set(wanted) - set(outputs)
         if unknown:
             raise ServiceError(400, f"unknown output(s) {sorted(unknown)}; this model has {sorted(outputs)}")
-        if sequence:
-            parameters["sequence_id"] = sequence["sequence_id"]
+        if sub.sequence:
+            parameters["sequence_id"] = sub.sequence["sequence_id"]
         if self.replica is not None:
             parameters["replica"] = self.replica
         queue = max((r.queue_seconds for r in submitted), default=0.0)  # the longest of its rows' waits
         now = time.perf_counter()
         served.stats.record(True, now - start, parse=parsed - start, queue=queue, infer=done - parsed - queue,
-                            output=now - done, rows=len(inputs))
+                            output=now - done, rows=len(submitted))
         self.metrics.requests.labels(served.name, "success").inc()
-        timing = {"rows": len(inputs), "parse_s": parsed - start, "queue_s": queue, "compute_s": done - parsed - queue}
-        if traced:  # marks for the request's spans, and its steps
+        timing = {"rows": len(submitted), "parse_s": parsed - start, "queue_s": queue,
+                  "compute_s": done - parsed - queue}
+        if sub.traced:  # marks for the request's spans, and its steps
             first = min((r.started for r in submitted if r.started is not None), default=parsed)
             timing.update(clock_offset=time.time() - time.perf_counter(), parsed_at=parsed, started_at=parsed + queue,
                           done_at=done, steps=tracing.request_steps(served.engine.step_log, submitted, first, done))
@@ -288,6 +335,48 @@ def _chunk_parameters(sequence: dict, i: int, n: int) -> dict:
     if i < n - 1:
         chunk["sequence_end"] = chunk["sequence_snapshot"] = False
     return chunk
+
+
+class Submission:
+    """A request's rows in the engine: what _respond needs once they finish, and when_done for callers
+    without an event loop."""
+
+    def __init__(self, served, request: InferRequest, sequence: dict, rows: list, parsed: float, traced: bool):
+        self.served, self.request, self.sequence, self.rows = served, request, sequence, rows
+        self.parsed, self.traced = parsed, traced
+
+    def when_done(self, callback: Callable[[list | None, BaseException | None], None]) -> None:
+        """callback(results, None) once every row finished, or callback(None, error) at the first that
+        failed or was cancelled (the others are cancelled then), on the thread that finished it."""
+        if not self.rows:
+            return callback([], None)
+        left, lock, called = [len(self.rows)], threading.Lock(), [False]
+
+        def one(future):
+            with lock:
+                if called[0]:
+                    return
+                left[0] -= 1
+                error = CancelledError() if future.cancelled() else future.exception()
+                if error is None and left[0]:
+                    return
+                called[0] = True
+            if error is not None:
+                _cancel(self.rows)
+                callback(None, error)
+            else:
+                callback([r.future.result() for r in self.rows], None)
+
+        for row in self.rows:
+            row.future.add_done_callback(one)
+
+    def cancel(self) -> None:
+        _cancel(self.rows)
+
+
+def _refusal(exc: Exception) -> ServiceError:
+    """The engine's refusals as the protocol's: bad values or an unknown session 400, no capacity 503."""
+    return ServiceError(400 if isinstance(exc, ValueError) else 503, str(exc))
 
 
 def _cancel(requests) -> None:

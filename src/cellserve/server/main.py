@@ -29,7 +29,7 @@ def repository_for(model_dir: str | None, model_control: str = "none", load_mode
 def serve(repository: Repository, host: str, port: int, grpc_port: int, max_body_bytes: int,
           model_control: str = "none", restricted_api=(), ssl_certfile: str | None = None,
           ssl_keyfile: str | None = None, ssl_ca_certfile: str | None = None, exit_timeout_s: float = 30.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", frontend: str | None = None) -> None:
     """Logging is configured by the caller (cli: configure_logs); log_level only sets uvicorn's."""
     if not 0 <= grpc_port <= 65535:
         raise ValueError("--grpc-port must be in [0, 65535] (0 turns gRPC off)")
@@ -38,12 +38,13 @@ def serve(repository: Repository, host: str, port: int, grpc_port: int, max_body
         raise ValueError("TLS needs --ssl-certfile and --ssl-keyfile (and --ssl-ca-certfile only with them)")
     tls = {"certfile": ssl_certfile, "keyfile": ssl_keyfile, "ca_certfile": ssl_ca_certfile} if ssl_certfile else None
     app = create_app(repository, max_body_bytes=max_body_bytes, grpc_port=grpc_port or None, grpc_host=host,
-                     model_control=model_control, restricted=restricted, tls=tls)
+                     model_control=model_control, restricted=restricted, tls=tls, grpc_frontend=frontend)
     https = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if tls else {}
     if ssl_ca_certfile:
         https.update(ssl_ca_certs=ssl_ca_certfile, ssl_cert_reqs=ssl.CERT_REQUIRED)
     base = f"{'https' if tls else 'http'}://{host}:{port}"
-    grpc = f"; gRPC (KServe v2 / Triton{', TLS' if tls else ''}) on {host}:{grpc_port}" if grpc_port else ""
+    grpc = (f"; gRPC (KServe v2 / Triton{', TLS' if tls else ''}) on {host}:{grpc_port}, "
+            f"{app.state.grpc_frontend} front end" if grpc_port else "")
     print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
           f"metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
     DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,

@@ -103,16 +103,13 @@ async def observed_infer(backend, name: str, parse, version: str | None, protoco
         raise
     except Exception as exc:
         status, request_id = 500, request_id or _fallback_id(parsed)
-        log.exception("request %s to model %s failed", request_id, name,
-                      extra={"fields": {"request_id": request_id, "model": name, "protocol": protocol}})
-        raise ServiceError(500, f"internal error in request {request_id} ({type(exc).__name__}); the server log "
-                                "has the details")
+        raise internal_error(request_id, name, protocol, exc)
     finally:
         timing = response.timing if response is not None else {}
         if ACCESS.isEnabledFor(logging.INFO) or span is not None:
             request_id = request_id or (response.id if response is not None else None) or _fallback_id(parsed)
         if ACCESS.isEnabledFor(logging.INFO):
-            _access(request_id, name, protocol, status, time.perf_counter() - start, timing)
+            access_line(request_id, name, protocol, status, time.perf_counter() - start, timing)
         if span is not None:
             tracing.finish(span, time.time_ns(), timing, {
                 "cellserve.request_id": request_id, "cellserve.model": name, "cellserve.protocol": protocol,
@@ -123,7 +120,17 @@ def _fallback_id(parsed: list) -> str:
     return parsed[0].id if parsed and parsed[0].id else new_request_id()
 
 
-def _access(request_id: str, model: str, protocol: str, status: int, total_s: float, timing: dict) -> None:
+def internal_error(request_id: str, name: str, protocol: str, exc: BaseException) -> ServiceError:
+    """An unexpected failure, logged with its traceback under the request's id, as the clean 500 that
+    the client gets."""
+    log.error("request %s to model %s failed", request_id, name, exc_info=(type(exc), exc, exc.__traceback__),
+              extra={"fields": {"request_id": request_id, "model": name, "protocol": protocol}})
+    return ServiceError(500, f"internal error in request {request_id} ({type(exc).__name__}); the server log "
+                             "has the details")
+
+
+def access_line(request_id: str, model: str, protocol: str, status: int, total_s: float, timing: dict) -> None:
+    """One request's line in the access log (logger cellserve.access)."""
     fields = {"request_id": request_id, "model": model, "protocol": protocol, "rows": timing.get("rows", 0),
               "queue_ms": round(timing.get("queue_s", 0.0) * 1e3, 3),
               "compute_ms": round(timing.get("compute_s", 0.0) * 1e3, 3), "total_ms": round(total_s * 1e3, 3),

@@ -1,0 +1,303 @@
+"""The native gRPC front end's Python face: grpc++ (grpc_front.cpp) owns the sockets, HTTP/2 and the
+protobuf framing; one dispatcher thread here takes every message that arrived meanwhile in one call and
+answers it.
+
+- Inference (ModelInfer, ModelStreamInfer) runs without the event loop: the request is parsed, checked and
+  queued on the dispatcher thread (LocalBackend.infer_then), and answered from the thread that finishes its
+  last row. No asyncio task, future wrapper or thread hop per message.
+- Everything else (health, metadata, config, repository, statistics) and inference through a backend that
+  only speaks asyncio (the Ray router), or with tracing on, goes to today's servicer (grpc_service.py) on
+  the event loop, so each has one implementation and the same messages and status codes.
+
+Streams: a stream's messages are submitted in arrival order on the dispatcher thread (a session's chunks
+keep theirs) and answered as they finish; while one of its sessions has more than max_pending_chunks
+unanswered, grpc++ stops reading that stream (the client's sends wait), so load never refuses a chunk of an
+open session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import CancelledError
+
+import grpc
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2 as pb
+
+from cellserve.server import tracing
+from cellserve.server.auth import GRPC_GROUPS, refusal
+from cellserve.server.backend import ServiceError
+from cellserve.server.grpc_service import InferenceServicer, _failed, _sequence_id, decode_request, encode_response
+from cellserve.server.telemetry import ACCESS, access_line, internal_error, new_request_id
+
+try:
+    from cellserve.server.native import _grpc_front
+except ImportError:  # built without grpc++: the Python front end serves
+    _grpc_front = None
+
+AVAILABLE = _grpc_front is not None
+log = logging.getLogger("cellserve.server")
+CODES = {name: code.value[0] for name, code in grpc.StatusCode.__members__.items()}
+REQUESTS = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
+            "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
+            "ModelMetadata": pb.ModelMetadataRequest, "ModelConfig": pb.ModelConfigRequest,
+            "ModelStatistics": pb.ModelStatisticsRequest, "RepositoryIndex": pb.RepositoryIndexRequest,
+            "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
+            "RepositoryModelUnload": pb.RepositoryModelUnloadRequest, "ModelInfer": pb.ModelInferRequest}
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _Context:
+    """What the servicer's handlers use of grpc's context: the call's metadata, and abort."""
+
+    def __init__(self, metadata: dict):
+        self.metadata = metadata
+
+    def invocation_metadata(self):
+        return tuple(self.metadata.items())
+
+    async def abort(self, code, details):
+        raise _Abort(code, details)
+
+
+class _Stream:
+    """One ModelStreamInfer call: its metadata, its unanswered messages, and whether it waits."""
+
+    def __init__(self, metadata: dict):
+        self.metadata = {k: v for k, v in metadata.items() if k != "x-request-id"}  # each message has its id
+        self.pending: collections.Counter = collections.Counter()  # sequence id -> chunks unanswered
+        self.limits: dict = {}  # sequence id -> its model's max_pending_chunks
+        self.submissions: set = set()
+        self.unanswered = 0
+        self.closed = self.paused = False
+
+
+class NativeGrpcServer:
+    """Serves `inference.GRPCInferenceService` through grpc++; `await stop(grace)` drains it as grpc.aio's
+    server does (no new calls; calls under way get `grace` seconds)."""
+
+    frontend = "native"
+
+    def __init__(self, backend, address: str, max_message_bytes: int, restricted=(), tls: dict | None = None):
+        self.backend = backend  # () -> the Backend
+        self.servicer = InferenceServicer(backend)
+        self.restricted = list(restricted)
+        pem = {}
+        if tls:
+            for key, option in (("key", "keyfile"), ("cert", "certfile"), ("ca", "ca_certfile")):
+                if tls.get(option):
+                    with open(tls[option]) as f:
+                        pem[key] = f.read()
+        self.front = _grpc_front.Front(address, max_message_bytes, **pem)
+        self.port = self.front.port
+        self.loop = asyncio.get_running_loop()
+        self.lock = threading.Lock()  # stream state: the dispatcher and the engine's threads both touch it
+        self.streams: dict[int, _Stream] = {}
+        self.unary: dict[int, object] = {}  # call -> its submission, cancelled when the client goes away
+        self.thread = threading.Thread(target=self._serve, name="cellserve-grpc", daemon=True)
+        self.thread.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.loop.run_in_executor(None, self.front.shutdown, float(grace or 0.0))
+        await self.loop.run_in_executor(None, self.thread.join)
+
+    # --- the dispatcher thread ------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while (batch := self.front.take(0.5)) is not None:
+            for call, kind, method, payload, metadata in batch:
+                try:
+                    self._dispatch(call, kind, method, payload, metadata)
+                except Exception as exc:  # noqa: BLE001 (one call's failure never stops the others)
+                    log.exception("gRPC call %d failed", call)
+                    self.front.fail(call, CODES["INTERNAL"], f"internal error ({type(exc).__name__})")
+
+    def _dispatch(self, call: int, kind: int, method: str, payload: bytes, metadata: tuple) -> None:
+        if kind == _grpc_front.CALL_ENDED:
+            return self._ended(call)
+        if kind == _grpc_front.STREAM_CLOSED:
+            return self._closed(call)
+        if kind == _grpc_front.STREAM_MESSAGE and not method:  # a stream's later message
+            stream = self.streams.get(call)
+            return self._stream_message(call, stream, payload) if stream is not None else None
+        name = method.rsplit("/", 1)[-1]
+        meta = {k.lower(): v.decode("latin-1") for k, v in metadata if not k.endswith("-bin")}
+        refused = refusal(self.restricted, GRPC_GROUPS.get(name), meta)
+        if refused is not None:
+            return self.front.fail(call, CODES["UNAUTHENTICATED" if refused[0] == 401 else "PERMISSION_DENIED"],
+                                   refused[1])
+        if kind == _grpc_front.STREAM_MESSAGE:
+            self.streams[call] = stream = _Stream(meta)
+            return self._stream_message(call, stream, payload)
+        if name == "ModelInfer":
+            return self._unary_infer(call, payload, meta)
+        if name not in REQUESTS:
+            return self.front.fail(call, CODES["UNIMPLEMENTED"], f"method {method!r} is not served here")
+        asyncio.run_coroutine_threadsafe(self._control(call, name, payload, meta), self.loop)
+
+    async def _control(self, call: int, name: str, payload: bytes, meta: dict) -> None:
+        """A call for today's servicer, on the event loop (one implementation for both front ends)."""
+        try:
+            request = REQUESTS[name].FromString(payload)
+            response = await getattr(self.servicer, name)(request, _Context(meta))
+            self.front.reply(call, response.SerializeToString())
+        except DecodeError as exc:
+            self.front.fail(call, CODES["INVALID_ARGUMENT"], f"malformed {REQUESTS[name].__name__}: {exc}")
+        except _Abort as exc:
+            self.front.fail(call, exc.code.value[0], exc.details)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("gRPC %s failed", name)
+            self.front.fail(call, CODES["INTERNAL"], f"internal error ({type(exc).__name__})")
+
+    # --- inference ------------------------------------------------------------------------------------
+    def _parsed(self, payload: bytes, answer) -> pb.ModelInferRequest | None:
+        try:
+            return pb.ModelInferRequest.FromString(payload)
+        except DecodeError as exc:
+            answer(None, ServiceError(400, f"malformed ModelInferRequest: {exc}"), pb.ModelInferRequest())
+            return None
+
+    def _infer(self, request: pb.ModelInferRequest, meta: dict, answer) -> object | None:
+        """Check and submit one request; answer(response message or None, ServiceError or None, request)
+        comes once it is done. Returns its submission (to cancel), if any."""
+        if tracing.TRACER is not None or not hasattr(self.backend(), "infer_then"):  # the servicer's path
+            async def on_loop():
+                try:
+                    answer(await self.servicer._infer(request, meta), None, request)
+                except ServiceError as exc:
+                    answer(None, exc, request)
+                except Exception as exc:  # noqa: BLE001
+                    answer(None, internal_error(request.id or new_request_id(), request.model_name, "grpc", exc),
+                           request)
+            asyncio.run_coroutine_threadsafe(on_loop(), self.loop)
+            return None
+        start, name = time.perf_counter(), request.model_name
+        request_id = meta.get("x-request-id") or request.id
+
+        def done(response, error):
+            rid = request_id or (response.id if response is not None else None) or new_request_id()
+            message = None
+            if error is None:
+                try:
+                    message = encode_response(response)
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            if isinstance(error, CancelledError):
+                error = ServiceError(499, "the client went away")
+            elif error is not None and not isinstance(error, ServiceError):
+                error = internal_error(rid, name, "grpc", error)
+            if ACCESS.isEnabledFor(logging.INFO):
+                access_line(rid, name, "grpc", 200 if error is None else error.status, time.perf_counter() - start,
+                            response.timing if response is not None else {})
+            answer(message, error, request)
+
+        return self.backend().infer_then(name, lambda: decode_request(request), request.model_version or None, done)
+
+    def _unary_infer(self, call: int, payload: bytes, meta: dict) -> None:
+        def answer(message, error, request):
+            if error is None:
+                self.front.reply(call, message.SerializeToString())
+            else:
+                self.front.fail(call, CODES[error.grpc_code], str(error))
+
+        request = self._parsed(payload, answer)
+        sub = self._infer(request, meta, answer) if request is not None else None
+        if sub is not None:
+            self.unary[call] = sub  # (_ended drops it, and cancels it if the client left first)
+
+    def _stream_message(self, call: int, stream: _Stream, payload: bytes) -> None:
+        sid, held = None, []
+
+        def answer(message, error, request):
+            if error is None:
+                out = pb.ModelStreamInferResponse(infer_response=message)
+            else:
+                out = pb.ModelStreamInferResponse(error_message=str(error), infer_response=_failed(request))
+            self.front.reply(call, out.SerializeToString(), False)
+            with self.lock:
+                stream.unanswered -= 1
+                if held:
+                    stream.submissions.discard(held[0])
+                if sid is not None:
+                    stream.pending[sid] -= 1
+                    if not stream.pending[sid]:
+                        del stream.pending[sid]
+                if stream.paused and all(n <= stream.limits[s] for s, n in stream.pending.items()):
+                    stream.paused = False
+                    self.front.resume(call)
+                finish = stream.closed and not stream.unanswered
+            if finish:
+                self.front.finish(call)
+
+        with self.lock:
+            stream.unanswered += 1
+        request = self._parsed(payload, answer)
+        if request is None:
+            return
+        sid = _sequence_id(request)
+        if sid is not None:
+            with self.lock:
+                stream.pending[sid] += 1
+                if sid not in stream.limits:
+                    stream.limits[sid] = self.backend().pending_limit(request.model_name)
+        sub = self._infer(request, stream.metadata, answer)
+        with self.lock:
+            if sub is not None and not all(r.future.done() for r in sub.rows):
+                held.append(sub)
+                stream.submissions.add(sub)
+            if sid is not None and stream.pending.get(sid, 0) > stream.limits[sid] and not stream.paused:
+                stream.paused = True
+                self.front.pause(call)
+
+    def _closed(self, call: int) -> None:
+        stream = self.streams.get(call)
+        if stream is None:
+            return self.front.finish(call)
+        with self.lock:
+            stream.closed = True
+            finish = not stream.unanswered
+        if finish:
+            self.front.finish(call)
+
+    def _ended(self, call: int) -> None:
+        """The call is over (answered, failed, or the client went away): free what it still holds."""
+        sub = self.unary.pop(call, None)
+        if sub is not None:
+            sub.cancel()
+        stream = self.streams.pop(call, None)
+        if stream is not None:
+            with self.lock:
+                left = list(stream.submissions)
+            for sub in left:
+                sub.cancel()
+
+
+async def start_native_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20, restricted=(),
+                            tls: dict | None = None):
+    """The native front end on the running event loop; returns (server, bound port)."""
+    server = NativeGrpcServer(backend, f"{host}:{port}", max_message_bytes, restricted, tls)
+    return server, server.port
+
+
+FRONTENDS = ("native", "python")
+
+
+def grpc_frontend_of(choice: str | None):
+    """(name, start function) of the gRPC front end to run: `choice`, or native where it was built."""
+    if choice not in (None, *FRONTENDS):
+        raise ValueError(f"--frontend is one of {', '.join(FRONTENDS)}, not {choice!r}")
+    if choice == "native" and not AVAILABLE:
+        raise ValueError("--frontend native: this build has no native gRPC front end (grpc++ was missing when "
+                         "cellserve was built; Debian/Ubuntu: apt-get install libgrpc++-dev, then reinstall)")
+    if choice == "python" or not AVAILABLE:
+        from cellserve.server.grpc_service import start_grpc
+        return "python", start_grpc
+    return "native", start_native_grpc
