@@ -12,6 +12,18 @@ def assert_close(ours, ref, rtol=1e-4, atol=1e-5):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=rtol, atol=atol)
 
 
+from cellserve.server.native.grpc_front import AVAILABLE as NATIVE_GRPC  # noqa: E402
+
+GRPC_FRONTENDS = ["native", "python"] if NATIVE_GRPC else ["python"]
+
+
+@pytest.fixture(params=GRPC_FRONTENDS)
+def grpc_frontend(request, monkeypatch):
+    """Runs a test once per gRPC front end this build has (the servers it starts pick it up)."""
+    monkeypatch.setenv("CELLSERVE_GRPC_FRONTEND", request.param)
+    return request.param
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -17,15 +17,17 @@ from cellserve.models import RNN
 from cellserve.server.app import create_app
 from cellserve.server.background import BackgroundServer
 from cellserve.server.repository import ModelConfig, Repository, serve_model
+from conftest import GRPC_FRONTENDS  # noqa: E402
 
 tritonclient = pytest.importorskip("tritonclient.grpc")
 MODEL = RNN.random("sru", 8, 16, num_layers=2, seed=11)
 SESSION_FRAMES = np.random.default_rng(5).standard_normal((40, 8)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def server():
-    app = create_app(Repository([serve_model("stream", MODEL, ModelConfig(block_steps=4))]), grpc_port=0)
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS)
+def server(request):
+    app = create_app(Repository([serve_model("stream", MODEL, ModelConfig(block_steps=4))]), grpc_port=0,
+                     grpc_frontend=request.param)
     with BackgroundServer(app) as background:
         background.grpc_port = app.state.grpc_port
         background.session = iter(range(10))  # chunks of the session that runs through every case

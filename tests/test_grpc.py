@@ -21,20 +21,22 @@ from cellserve.server.background import BackgroundServer
 from cellserve.server.repository import ModelConfig, Repository, serve_model
 
 tritonclient = pytest.importorskip("tritonclient.grpc")
+from conftest import GRPC_FRONTENDS  # noqa: E402
 from test_server import LM, STREAM, VOCAB, lm_reference, make_repository  # noqa: E402
 
 OTHER = RNN.random("sru", 6, 10, num_layers=1, seed=9)  # same tensors, another architecture
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS)
+def server(request):
     repository = make_repository()
     for name, model, config in (("other", OTHER, ModelConfig(block_steps=3)),
                                 ("capped", STREAM, ModelConfig(block_steps=3, max_sessions=2))):
         repository.models[name] = serve_model(name, model, config)
-    app = create_app(repository, grpc_port=0, model_control="explicit")
+    app = create_app(repository, grpc_port=0, model_control="explicit", grpc_frontend=request.param)
+    assert app.state.grpc_frontend == request.param
     with BackgroundServer(app) as background:
-        background.grpc_port = app.state.grpc_port
+        background.grpc_port, background.grpc_frontend = app.state.grpc_port, app.state.grpc_frontend
         yield background
 
 
@@ -293,3 +295,166 @@ def test_tritonclient_and_our_service_share_one_protobuf_package():
     from cellserve.server import grpc_service
 
     assert grpc_service.pb is theirs
+
+
+METHOD = "/inference.GRPCInferenceService/"
+
+
+def raw_unary(channel, method="ModelInfer"):
+    """A call that sends bytes as they are (no serializer): what a broken client can put on the wire."""
+    return channel.unary_unary(METHOD + method, request_serializer=None, response_deserializer=None)
+
+
+def lm_request(tokens, request_id="", **parameters):
+    request = pb.ModelInferRequest(model_name="lm", id=request_id)
+    request.inputs.add(name="tokens", datatype="INT64", shape=[1, len(tokens)])
+    request.raw_input_contents.append(np.asarray(tokens, np.int64).tobytes())
+    for key, value in parameters.items():
+        setattr(request.parameters[key], {bool: "bool_param", str: "string_param"}[type(value)], value)
+    return request
+
+
+def stream_request(frames, sequence_id, request_id="", **flags):
+    request = pb.ModelInferRequest(model_name="stream", id=request_id)
+    request.inputs.add(name="frames", datatype="FP32", shape=list(frames.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(frames, np.float32).tobytes())
+    request.parameters["sequence_id"].string_param = sequence_id
+    for key, value in flags.items():
+        request.parameters[key].bool_param = value
+    return request
+
+
+def test_malformed_protobuf_is_invalid_argument_and_the_server_goes_on(server):
+    # (grpcio's own deserializer answers UNKNOWN before the Python front end sees the call)
+    code = grpc.StatusCode.INVALID_ARGUMENT if server.grpc_frontend == "native" else grpc.StatusCode.UNKNOWN
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        for junk in (b"\xff\xff\xff", b"\x0a\x05lm", b"\x12\x80\x80\x80\x80\x10"):
+            with pytest.raises(grpc.RpcError) as bad:
+                raw_unary(channel)(junk, timeout=10)
+            assert bad.value.code() == code and bad.value.details()
+        with pytest.raises(grpc.RpcError) as bad:  # a control call's request too
+            raw_unary(channel, "ModelMetadata")(b"\xff\xff", timeout=10)
+        assert bad.value.code() == code
+        if server.grpc_frontend != "native":
+            return
+        stream = channel.stream_stream(METHOD + "ModelStreamInfer", request_serializer=None,
+                                       response_deserializer=pb.ModelStreamInferResponse.FromString)
+        answers = list(stream(iter([b"\xff\xff", lm_request([1, 2, 3], "ok").SerializeToString()]), timeout=30))
+        assert [bool(a.error_message) for a in answers] == [True, False]
+        assert "malformed" in answers[0].error_message and answers[1].infer_response.id == "ok"
+        answer = pb.ModelInferResponse.FromString(raw_unary(channel)(lm_request([1, 2, 3]).SerializeToString()))
+        assert np.frombuffer(answer.raw_output_contents[1], np.int64)[0] == lm_reference([1, 2, 3])[1]
+
+
+def test_streams_cut_mid_session_and_clients_that_stop_reading_leave_the_others_served(server):
+    frames = np.random.default_rng(8).standard_normal((40, 6)).astype(np.float32)
+    address = f"127.0.0.1:{server.grpc_port}"
+    for cut in range(3):
+        channel = grpc.insecure_channel(address)
+        stub = pbg.GRPCInferenceServiceStub(channel)
+
+        def requests(cut=cut):  # a session opened and never ended; the client vanishes
+            yield stream_request(frames[:3], f"cut-{cut}", sequence_start=True)
+            for i in range(60):
+                yield stream_request(frames[i % 30:i % 30 + 3], f"cut-{cut}")
+
+        calls = stub.ModelStreamInfer(requests())
+        if cut == 0:
+            next(calls)  # reads one answer, then stops reading
+        time.sleep(0.2)
+        calls.cancel() if cut < 2 else None
+        channel.close()
+    with grpc.insecure_channel(address) as channel:  # a well-formed session beside them is exact
+        stub = pbg.GRPCInferenceServiceStub(channel)
+        chunks = [stream_request(frames[0:7], "after", "a", sequence_start=True),
+                  stream_request(frames[7:20], "after", "b", sequence_end=True)]
+        answers = list(stub.ModelStreamInfer(iter(chunks), timeout=30))
+        got = np.concatenate([np.frombuffer(a.infer_response.raw_output_contents[0], np.float32).reshape(-1, 10)
+                              for a in sorted(answers, key=lambda a: a.infer_response.id)])
+        np.testing.assert_allclose(got, one_pass(frames[:20]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(len(GRPC_FRONTENDS) < 2, reason="this build has no native gRPC front end (grpc++ missing)")
+def test_both_front_ends_answer_byte_identical_messages():
+    frames = np.random.default_rng(9).standard_normal((9, 6)).astype(np.float32)
+    s2s = pb.ModelInferRequest(model_name="s2s", id="s")
+    s2s.inputs.add(name="tokens", datatype="INT64", shape=[2, 4])
+    s2s.raw_input_contents.append(np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int64).tobytes())
+    bad = lm_request([1, 2, VOCAB + 3], "bad")
+    unary = [lm_request([1, 2, 3], "x"), s2s, bad]
+    streamed = [stream_request(frames[:4], "same", "0", sequence_start=True), lm_request([4, 5], "1"),
+                stream_request(frames[4:], "same", "2", sequence_end=True), bad]
+    seen = {}
+    for frontend in GRPC_FRONTENDS:
+        app = create_app(make_repository(), grpc_port=0, grpc_frontend=frontend)
+        with BackgroundServer(app), grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+            out = []
+            for request in unary:
+                try:
+                    out.append(raw_unary(channel)(request.SerializeToString(), timeout=30))
+                except grpc.RpcError as exc:
+                    out.append((exc.code(), exc.details()))
+            stream = channel.stream_stream(METHOD + "ModelStreamInfer", request_serializer=None,
+                                           response_deserializer=None)
+            answers = list(stream(iter([r.SerializeToString() for r in streamed]), timeout=30))
+            out.append(sorted(answers))  # (answers come as they finish)
+            seen[frontend] = out
+    assert seen["native"] == seen["python"]
+    assert isinstance(seen["native"][2], tuple) and seen["native"][2][0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_fuzzed_and_mutated_wire_bytes_for_a_bounded_time_beside_a_correct_client(server):
+    """Random and mutated messages on unary and stream calls for 2 s; the correct client's answers beside
+    them stay exact and the server stays up."""
+    rng = np.random.default_rng(11)
+    good = lm_request([3, 1, 4, 1, 5]).SerializeToString()
+    expected = lm_reference([3, 1, 4, 1, 5])[1]
+    address, stop, failures = f"127.0.0.1:{server.grpc_port}", threading.Event(), []
+    frontend = server.grpc_frontend
+    allowed = () if frontend == "native" else (grpc.StatusCode.UNKNOWN,)
+
+    def mutated():
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 6))):
+            kind, at = rng.integers(0, 3), int(rng.integers(0, len(data)))
+            if kind == 0:
+                data[at] = int(rng.integers(0, 256))
+            elif kind == 1:
+                del data[at:at + int(rng.integers(1, 8))]
+            else:
+                data[at:at] = rng.bytes(int(rng.integers(1, 8)))
+        return bytes(data) if rng.random() < 0.8 else rng.bytes(int(rng.integers(0, 80)))
+
+    def fuzz():
+        with grpc.insecure_channel(address) as channel:
+            stream = channel.stream_stream(METHOD + "ModelStreamInfer", request_serializer=None,
+                                           response_deserializer=None)
+            while not stop.is_set():
+                try:
+                    raw_unary(channel, str(rng.choice(["ModelInfer", "ModelMetadata", "ModelReady"])))(
+                        mutated(), timeout=10)
+                except grpc.RpcError as exc:
+                    if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                          grpc.StatusCode.UNAVAILABLE, *allowed):
+                        failures.append((exc.code(), exc.details()))
+                try:
+                    list(stream(iter([mutated() for _ in range(3)]), timeout=10))
+                except grpc.RpcError as exc:
+                    # (the Python front end ends a stream at a message grpcio cannot parse; the native one
+                    # answers it in the stream and goes on)
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or frontend == "native":
+                        failures.append((exc.code(), exc.details()))
+
+    thread = threading.Thread(target=fuzz)
+    thread.start()
+    deadline, checked = time.monotonic() + 2.0, 0
+    try:
+        with grpc.insecure_channel(address) as channel:
+            while time.monotonic() < deadline:
+                answer = pb.ModelInferResponse.FromString(raw_unary(channel)(good, timeout=10))
+                assert np.frombuffer(answer.raw_output_contents[1], np.int64)[0] == expected
+                checked += 1
+    finally:
+        stop.set()
+        thread.join(30)
+    assert checked > 5 and not failures, failures[:3]

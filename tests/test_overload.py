@@ -55,7 +55,7 @@ def unpaced_streams(grpc_port: int, model: str, frames: np.ndarray, frames_per_c
     return [np.concatenate([o[k] for k in range(chunks)]) if len(o) == chunks else None for o in outputs], errors
 
 
-def test_unpaced_grpc_streams_past_the_queue_lose_no_chunk():
+def test_unpaced_grpc_streams_past_the_queue_lose_no_chunk(grpc_frontend):
     repository = Repository([serve_model("stream", MODEL, ModelConfig(block_steps=4, max_queue=32, max_batch=8))])
     app = create_app(repository, grpc_port=0)
     frames = np.random.default_rng(0).standard_normal((STREAMS, CHUNKS * FRAMES, 8)).astype(np.float32)

@@ -30,7 +30,7 @@ def frames_input():
     return chunk
 
 
-def test_restricted_groups_on_both_wires():
+def test_restricted_groups_on_both_wires(grpc_frontend):
     restricted = (parse_restriction("model-repository,statistics:admin-key=s3cret"),
                   parse_restriction("inference:infer-key=go"))
     app = create_app(repository(), grpc_port=0, restricted=restricted, model_control="explicit")
@@ -93,7 +93,7 @@ def certificate(tmp_path_factory):
     return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
-def test_tls_on_http_and_grpc_with_the_real_clients(certificate):
+def test_tls_on_http_and_grpc_with_the_real_clients(certificate, grpc_frontend):
     import tritonclient.http as httpclient
 
     cert, key = certificate

@@ -21,6 +21,7 @@ from cellserve.interop.onnx_import import import_onnx  # noqa: E402
 from cellserve.server.app import create_app  # noqa: E402
 from cellserve.server.background import BackgroundServer  # noqa: E402
 from cellserve.server.repository import Repository  # noqa: E402
+from conftest import GRPC_FRONTENDS  # noqa: E402
 
 DATA = pathlib.Path(silero_vad.__file__).parent / "data"
 CHUNK = {16000: 512, 8000: 256}
@@ -69,15 +70,15 @@ def reference(name: str, sr: int, samples: np.ndarray) -> np.ndarray:
     return np.array(probs)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=GRPC_FRONTENDS)
+def server(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("silero")
     for i, (name, sr) in enumerate(FILES):
         folder = root / f"vad{i}"
         (folder / "1").mkdir(parents=True)
         (folder / "1" / "model.onnx").write_bytes((DATA / name).read_bytes())
         (folder / "config.json").write_text(json.dumps(config(name, sr)))
-    app = create_app(Repository.from_directory(root), grpc_port=0)
+    app = create_app(Repository.from_directory(root), grpc_port=0, grpc_frontend=request.param)
     with BackgroundServer(app) as server:
         server.grpc_port = app.state.grpc_port
         yield server

@@ -48,7 +48,7 @@ def test_each_http_request_gets_one_access_line_with_its_timings(caplog):
     assert all(len(f["request_id"]) == 16 for f in lines[2:])  # a generated id where the client gave none
 
 
-def test_grpc_requests_are_logged_alike():
+def test_grpc_requests_are_logged_alike(grpc_frontend):
     records = []
     handler = logging.Handler()
     handler.emit = records.append

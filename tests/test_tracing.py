@@ -72,7 +72,7 @@ def test_an_http_request_is_a_server_span_under_the_clients_traceparent(spans):
     assert failed.parent is None and failed.attributes["http.response.status_code"] == 404 and not failed_children
 
 
-def test_grpc_metadata_carries_the_traceparent_and_seq2seq_steps_name_their_cell_type(spans):
+def test_grpc_metadata_carries_the_traceparent_and_seq2seq_steps_name_their_cell_type(spans, grpc_frontend):
     app = create_app(repository(), grpc_port=0)
     with BackgroundServer(app):
         client = tritonclient.InferenceServerClient(url=f"127.0.0.1:{app.state.grpc_port}")

@@ -204,8 +204,18 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                     pending[sid] -= 1
                     drained.notify_all()
 
+        broken = []  # what ended the reading early (a message grpcio could not parse)
+
         async def read():
             tasks = []
+            try:
+                await read_all(tasks)
+            except Exception as exc:  # noqa: BLE001 (the stream ends with a status that says why)
+                broken.append(exc)
+            await asyncio.gather(*tasks)
+            await answers.put(None)
+
+        async def read_all(tasks):
             async for request in request_iterator:
                 sid = _sequence_id(request)
                 if sid is not None:
@@ -217,8 +227,6 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                     if pending[sid] > limit:
                         async with drained:
                             await drained.wait_for(lambda: pending[sid] <= limit)
-            await asyncio.gather(*tasks)
-            await answers.put(None)
 
         reader = asyncio.ensure_future(read())
         try:
@@ -226,6 +234,8 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 yield answer
         finally:
             reader.cancel()
+        if broken:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed stream message: {broken[0]}")
 
 
 def _sequence_id(request: pb.ModelInferRequest):

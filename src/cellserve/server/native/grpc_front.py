@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -291,7 +292,9 @@ FRONTENDS = ("native", "python")
 
 
 def grpc_frontend_of(choice: str | None):
-    """(name, start function) of the gRPC front end to run: `choice`, or native where it was built."""
+    """(name, start function) of the gRPC front end to run: `choice`, else $CELLSERVE_GRPC_FRONTEND, else
+    native where it was built."""
+    choice = choice or os.environ.get("CELLSERVE_GRPC_FRONTEND") or None
     if choice not in (None, *FRONTENDS):
         raise ValueError(f"--frontend is one of {', '.join(FRONTENDS)}, not {choice!r}")
     if choice == "native" and not AVAILABLE:
