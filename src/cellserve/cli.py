@@ -167,9 +167,9 @@ def _bench_streams(args):
         raise UsageError("--streams must be positive, --message-ms at least 32 (one chunk), --seconds positive")
     if any(ms % 32 for ms in args.message_ms):
         raise UsageError("--message-ms must be whole chunks of 512 samples at 16 kHz (multiples of 32)")
-    unknown = set(args.deployments) - {"per-stream-ort", "graph", "cellular"}
+    unknown = set(args.deployments) - set(streams.DEPLOYMENTS)
     if unknown:
-        raise UsageError(f"unknown deployment(s) {sorted(unknown)}: per-stream-ort, graph, cellular")
+        raise UsageError(f"unknown deployment(s) {sorted(unknown)}: {', '.join(streams.DEPLOYMENTS)}")
     try:
         streams.run(args.message_ms, args.streams, args.deployments, args.seconds, args.idle_sessions,
                     json_path=args.json)
@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--message-ms", type=_ints, default=[96], help="message lengths in ms (multiples of 32)")
     st.add_argument("--streams", type=_ints, default=[8, 16, 32, 64, 128, 256, 512, 1024],
                     help="stream counts to sweep, each until a deployment stops sustaining it")
-    st.add_argument("--deployments", type=_words, default=["per-stream-ort", "graph", "cellular"])
+    st.add_argument("--deployments", type=_words, default=["per-stream-ort", "graph", "cellular", "cellular-python"],
+                    help="cellular: the native gRPC front end (where built); cellular-python: grpcio's")
     st.add_argument("--seconds", type=float, default=5.0, help="seconds of load per point")
     st.add_argument("--idle-sessions", type=int, default=10_000, help="idle sessions for the memory figure (0: skip)")
     st.add_argument("--quiet", action="store_true", help="no progress bar (bars show only on a terminal)")

@@ -1,6 +1,6 @@
 """`cellserve bench http`: what the HTTP and gRPC layers add. The same requests go to the engine in-process,
-and to `cellserve serve` in a separate process over loopback by HTTP (JSON) and by gRPC (tritonclient.grpc),
-at 1 and at 16 concurrent clients; the table gives p50/p99 of each and the difference to in-process. The
+and to `cellserve serve` in a separate process over loopback by HTTP (JSON) and by gRPC, on the native and
+the Python gRPC front ends (a server process each), at 1 and at 16 concurrent clients; the table gives p50/p99 of each and the difference to in-process. The
 same HTTP client also calls a floor server that answers a ready-made response at once: its latency is what
 the client and loopback cost alone, the client's share of the overhead.
 
@@ -8,7 +8,9 @@ The HTTP client is a load generator as perf_analyzer or wrk are: one event loop,
 per concurrent client, requests encoded before the clock starts, responses read by their content-length and
 checked for status 200. It costs about 0.1 ms of CPU per request here; 16 threads of the standard library's
 http.client cost 0.7 ms, and on 2 cores shared with the server that CPU was most of the latency measured
-(httpx costs 0.4 ms more than http.client). Bounded in count and time; traffic stays on 127.0.0.1."""
+(httpx costs 0.4 ms more than http.client). gRPC is driven by the native load generator (bench/native/
+loadgen.cpp: requests encoded before the clock starts, as perf_analyzer does). Bounded in count and time;
+traffic stays on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -32,7 +34,15 @@ from cellserve.bench.common import (StolenTime, console, free_port, limit_thread
                                     write_json)
 from cellserve.engine import Engine
 from cellserve.families import make_runner
+from cellserve.server.native.grpc_front import AVAILABLE as NATIVE_GRPC
 from cellserve.tasks.speller import MAX_NUMBER, encode_number, load_default
+
+try:
+    from cellserve.bench import _loadgen
+except ImportError:  # built without grpc++
+    _loadgen = None
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")  # in a message's head
@@ -118,6 +128,7 @@ def _run_http(port: int, requests: list[bytes], clients: int) -> np.ndarray:
 
 
 def _run(call, items, clients: int) -> np.ndarray:
+    """Latencies (ms) of call(item) for each item, from `clients` threads."""
     def timed(item):
         start = time.perf_counter()
         call(item)
@@ -136,26 +147,86 @@ def _measured(run, count: int, server_pid: int) -> tuple[np.ndarray, float, floa
     return latencies, client / count * 1000, server / count * 1000
 
 
-def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
-    port, grpc_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", "--port", str(port),
-                               "--grpc-port", str(grpc_port), "--log-level", "warning"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rows = []
-    try:
-        base = f"http://127.0.0.1:{port}"
+def _grpc_request(number: str, index: int) -> bytes:
+    """The ModelInferRequest for one number, serialized as the client sends it."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="speller", id=str(index))
+    request.inputs.add(name="tokens", datatype="INT64", shape=[1, len(number)])
+    request.raw_input_contents.append(np.array(encode_number(number), np.int64).tobytes())
+    request.inputs.add(name="max_output_tokens", datatype="INT64", shape=[1])
+    request.raw_input_contents.append(np.array([16], np.int64).tobytes())
+    return request.SerializeToString()
+
+
+def _run_grpc(port: int, requests: list[bytes], clients: int) -> np.ndarray:
+    """Latencies (ms) of unary ModelInfer calls from the native load generator, `clients` in flight; a
+    failed call raises."""
+    latencies = np.array(_loadgen.unary(f"127.0.0.1:{port}", MODEL_INFER, requests, clients, 60.0)) * 1000
+    if np.isnan(latencies).any():
+        raise RuntimeError(f"{int(np.isnan(latencies).sum())} gRPC calls failed")
+    return latencies
+
+
+def kernel_seconds(port: int) -> float:
+    """The server's time inside the models' compute so far (its /metrics counter)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("cellserve_kernel_seconds_total"))
+
+
+class ServeProcess:
+    """`cellserve serve` on the embedded models in a process of its own, with the given gRPC front end."""
+
+    def __init__(self, frontend: str | None = None):
+        self.port, self.grpc_port = free_port(), free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cellserve.cli", "serve", "--port", str(self.port), "--grpc-port",
+             str(self.grpc_port), "--log-level", "warning", *(["--frontend", frontend] if frontend else [])],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.pid = self.process.pid
         deadline = time.time() + 60
         while True:
             try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
+                    return
             except httpx.HTTPError:
                 pass
-            if time.time() > deadline or server.poll() is not None:
+            if time.time() > deadline or self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError("cellserve serve did not become ready")
             time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def _measured_grpc(server: ServeProcess, requests: list[bytes], clients: int) -> dict:
+    """Latencies and CPU per request (client, server, server outside the kernels) of one gRPC phase."""
+    client0, server0, kernel0 = time.process_time(), process_cpu_seconds(server.pid), kernel_seconds(server.port)
+    latencies = _run_grpc(server.grpc_port, requests, clients)
+    n = len(requests)
+    server_cpu = process_cpu_seconds(server.pid) - server0
+    return {"latencies": latencies, "client_cpu_ms": (time.process_time() - client0) / n * 1000,
+            "server_cpu_ms": server_cpu / n * 1000,
+            "server_outside_kernels_us": (server_cpu - (kernel_seconds(server.port) - kernel0)) / n * 1e6}
+
+
+def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
+    frontends = ["native", "python"] if _loadgen is not None and NATIVE_GRPC else []
+    if not frontends:
+        console.print("this build has no native gRPC front end or load generator (grpc++ was missing): gRPC rows "
+                      "are skipped")
+    servers = {}
+    rows = []
+    try:
+        servers["http"] = ServeProcess()
+        for frontend in frontends:
+            servers[frontend] = servers["http"] if frontend == "native" else ServeProcess(frontend)
+        port = servers["http"].port
         with limit_threads(1):
             engine = Engine(make_runner(load_default(), 1024), "cellular", max_batch=64).start()
 
@@ -172,63 +243,58 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
             floor.start()
             _wait_listening(floor_port)
             http_requests = [_http_request(n) for n in numbers]
-
-            grpc_clients = threading.local()
-
-            def over_grpc(n):
-                import tritonclient.grpc as triton
-
-                client = getattr(grpc_clients, "client", None)
-                if client is None:
-                    client = grpc_clients.client = triton.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
-                tokens = triton.InferInput("tokens", [1, len(n)], "INT64")
-                tokens.set_data_from_numpy(np.array([encode_number(n)], np.int64))
-                limit = triton.InferInput("max_output_tokens", [1], "INT64")
-                limit.set_data_from_numpy(np.array([16], np.int64))
-                client.infer("speller", [tokens, limit])
+            grpc_requests = [_grpc_request(n, i) for i, n in enumerate(numbers)]
 
             for clients in concurrency:
-                for call in (in_process, over_grpc):  # warm-up
-                    _run(call, numbers[:20], clients)
+                _run(in_process, numbers[:20], clients)  # warm-up
                 for to_port in (port, floor_port):
                     _run_http(to_port, http_requests[:20], clients)
+                for frontend in frontends:
+                    _run_grpc(servers[frontend].grpc_port, grpc_requests[:20], clients)
                 with StolenTime() as stolen:
                     local = _run(in_process, numbers, clients)
                     alone = _run_http(floor_port, http_requests, clients)
                     remote, http_client_cpu, http_server_cpu = _measured(
-                        lambda: _run_http(port, http_requests, clients), requests, server.pid)
-                    remote_grpc, grpc_client_cpu, grpc_server_cpu = _measured(
-                        lambda: _run(over_grpc, numbers, clients), requests, server.pid)
+                        lambda: _run_http(port, http_requests, clients), requests, servers["http"].pid)
+                    over_grpc = {f: _measured_grpc(servers[f], grpc_requests, clients) for f in frontends}
                 row = {"clients": clients, "requests": requests, "http_client_cpu_ms": http_client_cpu,
-                       "http_server_cpu_ms": http_server_cpu, "grpc_client_cpu_ms": grpc_client_cpu,
-                       "grpc_server_cpu_ms": grpc_server_cpu, "steal_share": stolen.share}
+                       "http_server_cpu_ms": http_server_cpu, "steal_share": stolen.share}
+                for f, measured in over_grpc.items():
+                    row.update({f"grpc_{f}_client_cpu_ms": measured["client_cpu_ms"],
+                                f"grpc_{f}_server_cpu_ms": measured["server_cpu_ms"],
+                                f"grpc_{f}_server_outside_kernels_us": measured["server_outside_kernels_us"]})
                 for q in (50, 99):
                     row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
                     row[f"http_p{q}_ms"] = float(np.percentile(remote, q))
                     row[f"overhead_p{q}_ms"] = row[f"http_p{q}_ms"] - row[f"engine_p{q}_ms"]
                     row[f"floor_p{q}_ms"] = float(np.percentile(alone, q))
-                    row[f"grpc_p{q}_ms"] = float(np.percentile(remote_grpc, q))
-                    row[f"grpc_overhead_p{q}_ms"] = row[f"grpc_p{q}_ms"] - row[f"engine_p{q}_ms"]
+                    for f, measured in over_grpc.items():
+                        row[f"grpc_{f}_p{q}_ms"] = float(np.percentile(measured["latencies"], q))
+                        row[f"grpc_{f}_overhead_p{q}_ms"] = row[f"grpc_{f}_p{q}_ms"] - row[f"engine_p{q}_ms"]
                 rows.append(row)
             engine.stop()
             floor.terminate()
     finally:
-        server.terminate()
-        server.wait(30)
+        for server in set(servers.values()):
+            server.stop()
+    grpc_columns = [column for f in frontends for column in (
+        (f"grpc_{f}_p50_ms", f"gRPC {f} p50"), (f"grpc_{f}_overhead_p50_ms", f"gRPC {f} +p50 ms"),
+        (f"grpc_{f}_p99_ms", f"gRPC {f} p99"), (f"grpc_{f}_server_cpu_ms", f"gRPC {f} server CPU ms/req"),
+        (f"grpc_{f}_server_outside_kernels_us", f"gRPC {f} server CPU outside kernels us/req"),
+        (f"grpc_{f}_client_cpu_ms", f"gRPC {f} client CPU ms/req"))]
     print_table("server overhead: the speller in-process vs over loopback HTTP (JSON) and gRPC", rows,
                 [("clients", "clients"), ("engine_p50_ms", "engine p50"), ("http_p50_ms", "HTTP p50"),
                  ("overhead_p50_ms", "HTTP +p50 ms"), ("floor_p50_ms", "client alone p50"),
-                 ("grpc_p50_ms", "gRPC p50"),
-                 ("grpc_overhead_p50_ms", "gRPC +p50 ms"), ("engine_p99_ms", "engine p99"),
-                 ("http_p99_ms", "HTTP p99"), ("overhead_p99_ms", "HTTP +p99 ms"), ("grpc_p99_ms", "gRPC p99"),
-                 ("grpc_overhead_p99_ms", "gRPC +p99 ms"), ("http_client_cpu_ms", "HTTP client CPU ms/req"),
-                 ("http_server_cpu_ms", "HTTP server CPU ms/req"), ("grpc_client_cpu_ms", "gRPC client CPU ms/req"),
-                 ("grpc_server_cpu_ms", "gRPC server CPU ms/req"), ("steal_share", "CPU stolen")],
-                caption="server in its own process; HTTP clients are connections on one event loop here, gRPC and "
-                        "in-process clients one thread each; CPU per "
-                        "request: each process's user + system time over the phase / requests (both share 2 cores); "
-                        "client alone = the same client against a server that answers at once; CPU stolen = the "
-                        "hypervisor's share of the machine's CPU time during the row")
+                 ("engine_p99_ms", "engine p99"), ("http_p99_ms", "HTTP p99"), ("overhead_p99_ms", "HTTP +p99 ms"),
+                 ("http_client_cpu_ms", "HTTP client CPU ms/req"), ("http_server_cpu_ms", "HTTP server CPU ms/req"),
+                 *grpc_columns, ("steal_share", "CPU stolen")],
+                caption="servers in processes of their own (gRPC native and python: one each, the same models); HTTP "
+                        "clients are connections on one event loop here, gRPC clients the native load generator's "
+                        "calls in flight, in-process clients one thread each; CPU per request: each process's user + "
+                        "system time over the phase / requests (all share 2 cores); outside kernels: the server's CPU "
+                        "less its models' compute time (/metrics cellserve_kernel_seconds); client alone = the HTTP "
+                        "client against a server that answers at once; CPU stolen = the hypervisor's share of the "
+                        "machine's CPU time during the row")
     write_json(json_path, {"rows": rows})
     console.print("done")
     return rows

@@ -9,6 +9,8 @@ swept upward until a deployment no longer sustains it (p99 <= 100 ms, nothing re
                   and context carried by the client (each chunk waits for the previous one's state);
   cellular        `cellserve serve`, cellular batching, state and context held by the server, front and
                   head batched per step; a message is one request whose rows are its chunks (run in order).
+                  On the native gRPC front end where it was built;
+  cellular-python the same on the Python gRPC front end (grpcio), the reference.
 graph and cellular run in a server process and are driven over one gRPC stream (ModelStreamInfer) by the
 same client. Also printed: the model's ceiling (cores / ONNX Runtime's per-chunk cost at batch 64), the
 server's CPU time per message, and its memory per open session (RSS added by idle sessions). Traffic stays
@@ -17,6 +19,7 @@ on 127.0.0.1; every loop is bounded in count and time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -33,6 +36,9 @@ from cellserve.bench.common import (StolenTime, console, free_port, print_table,
                                     write_json)
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
+DEPLOYMENTS = ("per-stream-ort", "graph", "cellular", "cellular-python")
+MODELS = {"graph": "vad-graph", "cellular": "vad-cellular", "cellular-python": "vad-cellular"}
+FRONTENDS = {"cellular-python": "python"}  # a deployment's gRPC front end (the default for the others)
 SLO_MS = 100.0
 
 
@@ -223,12 +229,14 @@ def _repository(root: Path, path: Path) -> None:
 
 
 class Server:
-    """`cellserve serve` on a model repository, in its own process."""
+    """`cellserve serve` on a model repository, in its own process (frontend: its gRPC front end, or the
+    default)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, frontend: str | None = None):
         self.port, self.grpc_port = free_port(), free_port()
         self.process = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", str(root), "--port",
-                                         str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning"],
+                                         str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning",
+                                         *(["--frontend", frontend] if frontend else [])],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def __enter__(self) -> "Server":
@@ -294,32 +302,42 @@ def bytes_per_session(server: Server, sessions: int) -> float:
     return (after - before) / sessions
 
 
-def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployments=("per-stream-ort", "graph", "cellular"),
+def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployments=DEPLOYMENTS,
         seconds: float = 5.0, idle_sessions: int = 10_000, seed: int = 0, json_path=None) -> dict:
     path = silero_file()
     ceiling, per_chunk_us = ceiling_streams(path, 96)
     console.print(f"Silero VAD 16 kHz: ONNX Runtime at batch 64 takes {per_chunk_us:.1f} us per chunk; the model's "
                   f"ceiling on {os.cpu_count()} cores is {ceiling:.0f} streams")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         _repository(Path(tmp), path)
-        with Server(Path(tmp)) as server, bar("streams sweep", len(deployments) * len(message_ms) * len(streams)) as shown:
+        started: dict = {}
+
+        def server_for(deployment: str) -> Server:
+            frontend = FRONTENDS.get(deployment)
+            if frontend not in started:
+                started[frontend] = servers.enter_context(Server(Path(tmp), frontend))
+            return started[frontend]
+
+        with bar("streams sweep", len(deployments) * len(message_ms) * len(streams)) as shown:
             for deployment in deployments:
                 for ms in message_ms:
                     for i, s in enumerate(streams):
                         shown.advance(note=f"{deployment} M={ms} ms S={s}")
-                        cpu = server.cpu_seconds()
+                        server = None if deployment == "per-stream-ort" else server_for(deployment)
+                        cpu = server.cpu_seconds() if server else 0.0
                         with StolenTime() as stolen:
-                            if deployment == "per-stream-ort":
+                            if server is None:
                                 row = run_per_stream_ort(path, s, ms, seconds, seed)
                             else:
-                                row = asyncio.run(_drive_server(server.grpc_port, f"vad-{deployment}", s, ms,
-                                                                seconds, seed, server_state=deployment == "cellular"))
+                                row = asyncio.run(_drive_server(server.grpc_port, MODELS[deployment], s, ms,
+                                                                seconds, seed, server_state=deployment != "graph"))
+                                row["deployment"] = deployment
                                 messages = s * int(seconds * 1000 / ms)
                                 row["server_cpu_us_per_message"] = (server.cpu_seconds() - cpu) / messages * 1e6
                         row["steal_share"] = stolen.share
                         rows.append(row)
-                        console.print(f"  {deployment:14s} M={ms} ms S={s:5d}: p50 {row['p50_ms'] or 0:7.1f} ms, p99 "
+                        console.print(f"  {deployment:15s} M={ms} ms S={s:5d}: p50 {row['p50_ms'] or 0:7.1f} ms, p99 "
                                       f"{row['p99_ms'] or 0:7.1f} ms, refused {row['refused']}, lost {row['lost']}"
                                       + (f", server CPU {row['server_cpu_us_per_message']:.0f} us/message"
                                          if "server_cpu_us_per_message" in row else "")
@@ -327,7 +345,7 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
                         if not row["sustained"]:
                             shown.advance(len(streams) - i - 1)  # larger S are skipped
                             break
-            per_session = bytes_per_session(server, idle_sessions) if idle_sessions else None
+        per_session = bytes_per_session(server_for("cellular"), idle_sessions) if idle_sessions else None
     best = {(d, ms): max([r["streams"] for r in rows if r["deployment"] == d and r["message_ms"] == ms
                           and r["sustained"]], default=0) for d in deployments for ms in message_ms}
     print_table("Largest sustained S (p99 <= 100 ms, nothing refused or lost)",

@@ -58,7 +58,7 @@ class Engine:
                  **settings):
         """config: the engine's settings (EngineConfig); without one, `policy` and any EngineConfig fields
         given as keywords make it. observer (optional): on_batch(cell_type, size, seconds), on_done(req),
-        on_step(overhead, seconds)."""
+        on_step(overhead per step, seconds, kernel seconds)."""
         config = config or EngineConfig(policy=policy, **settings)
         self.config = config
         self.runner = runner
@@ -369,7 +369,7 @@ class Engine:
         self.stats.step_s += seconds
         self.stats.overhead_s += overhead
         if self.observer and hasattr(self.observer, "on_step"):
-            self.observer.on_step(overhead / steps, seconds)
+            self.observer.on_step(overhead / steps, seconds, kernel)
 
     def _worker_loop(self) -> None:
         """Cellular batching on a native loop's own thread (engine/steploop.py): its steps never wait for this

@@ -27,6 +27,8 @@ class Metrics:
         self.overhead = Histogram("cellserve_engine_overhead_seconds",
                                   "Scheduler time per step outside the model's kernels (admission, bookkeeping, "
                                   "retiring)", ["model"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.kernel = Counter("cellserve_kernel_seconds", "Time inside the model's compute (kernels, and ONNX Runtime "
+                              "for an imported graph's front and head)", ["model"], registry=r)
         self.sessions = Gauge("cellserve_active_sessions", "Open streaming sessions", ["model"], registry=r)
         self.pool_used = Gauge("cellserve_state_pool_used_slots", "State rows (tree nodes) in use", ["model"],
                                registry=r)
@@ -52,6 +54,7 @@ class EngineObserver:
     def __init__(self, metrics: Metrics, model: str, live=None):
         self.metrics, self.model, self.live = metrics, model, live
         self.overhead = metrics.overhead.labels(model)
+        self.kernel = metrics.kernel.labels(model)
         self.latency = metrics.latency.labels(model)
         self.queue_time = metrics.queue_time.labels(model)
         self.per_cell: dict[str, tuple] = {}
@@ -64,8 +67,9 @@ class EngineObserver:
         series[0].observe(size)
         series[1].observe(seconds)
 
-    def on_step(self, overhead: float, seconds: float) -> None:
+    def on_step(self, overhead: float, seconds: float, kernel: float = 0.0) -> None:
         self.overhead.observe(overhead)
+        self.kernel.inc(kernel)
 
     def on_done(self, req) -> None:
         now = time.perf_counter()
