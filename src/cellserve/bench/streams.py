@@ -11,8 +11,9 @@ swept upward until a deployment no longer sustains it (p99 <= 100 ms, nothing re
                   head batched per step; a message is one request whose rows are its chunks (run in order).
                   On the native gRPC front end where it was built;
   cellular-python the same on the Python gRPC front end (grpcio), the reference.
-graph and cellular run in a server process and are driven over one gRPC stream (ModelStreamInfer) by the
-same client. Also printed: the model's ceiling (cores / ONNX Runtime's per-chunk cost at batch 64), the
+graph and cellular run in a server process and are driven over one gRPC stream (ModelStreamInfer): cellular
+by the native load generator (bench/native/loadgen.cpp, messages encoded before the clock starts), graph by a
+grpc.aio client (each chunk needs its predecessor's answered state). Also printed: the model's ceiling (cores / ONNX Runtime's per-chunk cost at batch 64), the
 server's CPU time per message, and its memory per open session (RSS added by idle sessions). Traffic stays
 on 127.0.0.1; every loop is bounded in count and time."""
 
@@ -34,6 +35,11 @@ import numpy as np
 from cellserve.progress import bar
 from cellserve.bench.common import (StolenTime, console, free_port, print_table, process_cpu_seconds,
                                     write_json)
+
+try:
+    from cellserve.bench import _loadgen
+except ImportError:  # built without grpc++: the Python client drives every deployment
+    _loadgen = None
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
 DEPLOYMENTS = ("per-stream-ort", "graph", "cellular", "cellular-python")
@@ -217,6 +223,31 @@ async def _drive_server(port: int, model: str, streams: int, message_ms: int, se
                 len(failed))
 
 
+def _drive_native(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int) -> dict:
+    """The cellular deployment's load (the server holds state and context, so no message waits for another's
+    answer) from the native load generator: every message encoded before the clock starts, sent on one
+    ModelStreamInfer stream at its scheduled time, its latency running from that time to its answer."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    per = message_ms * SR // 1000 // CHUNK
+    schedule = _schedule(streams, message_ms, seconds, seed)
+    audio = _audio(streams, (len(schedule) // streams + 2) * per * CHUNK, seed)
+    messages, started = [], set()
+    for i, (at, s, k) in enumerate(schedule):
+        req = pb.ModelInferRequest(model_name=model, id=str(i))
+        req.inputs.add(name="input", datatype="FP32", shape=[per, CHUNK])
+        req.raw_input_contents.append(audio[s, k * per * CHUNK:(k + 1) * per * CHUNK].tobytes())
+        req.parameters["sequence_id"].string_param = f"stream-{s}-{seed}"
+        req.parameters["sequence_start"].bool_param = s not in started
+        started.add(s)
+        messages.append(req.SerializeToString())
+    latencies, errors = _loadgen.stream(f"127.0.0.1:{port}", messages, [at for at, _, _ in schedule], seconds + 30)
+    latencies = np.array(latencies)
+    failed = int(np.sum(errors))
+    answered = latencies[~np.isnan(latencies) & ~np.array(errors, bool)]
+    return _row("cellular", message_ms, streams, list(answered), 0, int(np.isnan(latencies).sum()), failed)
+
+
 def _repository(root: Path, path: Path) -> None:
     shared = {"controls": {"sr": SR}, "max_batch": 64, "capacity": 16384, "max_sessions": 16384,
               "max_queue": 65536}
@@ -329,9 +360,12 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
                         with StolenTime() as stolen:
                             if server is None:
                                 row = run_per_stream_ort(path, s, ms, seconds, seed)
+                            elif deployment != "graph" and _loadgen is not None:
+                                row = _drive_native(server.grpc_port, MODELS[deployment], s, ms, seconds, seed + i)
                             else:
                                 row = asyncio.run(_drive_server(server.grpc_port, MODELS[deployment], s, ms,
                                                                 seconds, seed, server_state=deployment != "graph"))
+                            if server is not None:
                                 row["deployment"] = deployment
                                 messages = s * int(seconds * 1000 / ms)
                                 row["server_cpu_us_per_message"] = (server.cpu_seconds() - cpu) / messages * 1e6
