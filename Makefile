@@ -11,7 +11,7 @@ NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/nativ
 # (without it the build goes on, and gRPC is served by the Python front end).
 GRPC_PACKAGES := libgrpc++-dev pkg-config
 
-.PHONY: demo test test-slow test-browser bench native clean
+.PHONY: demo test test-slow test-browser test-sanitize bench native clean
 
 $(DEPS): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ test: $(NATIVE)
 
 test-slow: $(NATIVE)
 	$(BIN)/python -m pytest -m slow
+
+# The native code's tests (gRPC front end, load generator, step loop, kernels) with AddressSanitizer and
+# UndefinedBehaviorSanitizer: the extensions are rebuilt in place with both, Python loads their runtimes first,
+# and the normal build is put back afterwards, whatever the tests gave.
+SANITIZE_TESTS ?= tests/test_grpc.py tests/test_steploop.py tests/test_kernels.py tests/test_faults.py
+SANITIZE_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)"
+test-sanitize: $(NATIVE)
+	CELLSERVE_SANITIZE=1 $(BIN)/python setup.py -q build_ext --inplace --force 2>&1 | grep -v "^WARNING" || true
+	$(SANITIZE_ENV) $(BIN)/python -m pytest -p no:cacheprovider $(SANITIZE_TESTS); status=$$?; \
+		$(BIN)/python setup.py -q build_ext --inplace --force >/dev/null 2>&1; exit $$status
 
 # The live page in headless Chromium (Debian's package; installed here when missing, which needs root).
 test-browser: $(NATIVE)

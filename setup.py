@@ -14,7 +14,11 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE = "src/cellserve/kernels/native"
-COMMON = ["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
+# `make test-sanitize` builds everything with AddressSanitizer and UndefinedBehaviorSanitizer
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"] \
+    if os.environ.get("CELLSERVE_SANITIZE") else []
+COMMON = ["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-fvisibility=hidden", "-Wall", "-Wno-unused-function",
+          *SANITIZE]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_UNITS = {  # translation unit -> flags; selected at run time by CPU features
     f"{NATIVE}/isa_avx2.cpp": ["-mavx2", "-mfma"],
@@ -49,9 +53,9 @@ def grpc_extensions():
         print("cellserve: grpc++ or protoc not found (Debian/Ubuntu: apt-get install libgrpc++-dev protobuf-compiler); "
               "building without the native gRPC front end: gRPC is served by the Python front end", file=sys.stderr)
         return []
-    compile_flags = ["-O2", "-std=c++17", "-fvisibility=hidden", "-Wall",
+    compile_flags = ["-O2", "-std=c++17", "-fvisibility=hidden", "-Wall", *SANITIZE,
                      *(f for f in flags if not f.startswith(("-l", "-L")))]
-    link_flags = [f for f in flags if f.startswith(("-l", "-L"))]
+    link_flags = [*SANITIZE, *(f for f in flags if f.startswith(("-l", "-L")))]
     return [Extension(name, sources=[source], extra_compile_args=compile_flags, extra_link_args=link_flags,
                       language="c++")
             for name, source in (("cellserve.server.native._grpc_front", GRPC_FRONT),
@@ -108,6 +112,7 @@ setup(
         depends=[f"{NATIVE}/native.h", f"{NATIVE}/kernels.inc", *ISA_UNITS],
         include_dirs=[NATIVE],
         extra_compile_args=COMMON,
+        extra_link_args=SANITIZE,
         language="c++",
     ), Extension(  # the engine's step loop: calls the kernel core through its C face (kernels/native/api.h)
         "cellserve.engine._steploop",
@@ -115,6 +120,7 @@ setup(
         depends=[f"{NATIVE}/api.h", f"{NATIVE}/native.h"],
         include_dirs=[NATIVE],
         extra_compile_args=COMMON,
+        extra_link_args=SANITIZE,
         language="c++",
     ), *grpc_extensions()],
     cmdclass={"build_ext": BuildNative},

@@ -99,7 +99,7 @@ struct UnaryRun {
 class StreamRun : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   StreamRun(const std::vector<std::string> &messages, const std::vector<double> &at)
-      : messages_(messages), at_(at), latency_(messages.size(), NAN), error_(messages.size(), 0) {}
+      : latency_(messages.size(), NAN), error_(messages.size(), 0), messages_(messages), at_(at) {}
 
   void run(grpc::GenericStub &stub, double timeout_s) {
     context_.set_deadline(std::chrono::system_clock::now() +
