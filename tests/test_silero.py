@@ -80,7 +80,7 @@ def server(tmp_path_factory, request):
         (folder / "config.json").write_text(json.dumps(config(name, sr)))
     app = create_app(Repository.from_directory(root), grpc_port=0, grpc_frontend=request.param)
     with BackgroundServer(app) as server:
-        server.grpc_port = app.state.grpc_port
+        server.grpc_port, server.app = app.state.grpc_port, app
         yield server
 
 
@@ -317,3 +317,35 @@ parameters { key: "context" value { string_value: "{\\"input\\": 64}" } }
     finally:
         served.engine.stop()
     np.testing.assert_allclose(got, reference("silero_vad.onnx", 16000, samples)[:8], rtol=1e-4, atol=1e-5)
+
+
+def test_a_message_of_several_chunks_equals_its_chunks_sent_one_by_one(server):
+    """A session message of N chunks is one engine request of N steps (the native loop keeps each chunk's
+    state); its answers are those of the N chunks sent one per message, byte for byte, and ONNX
+    Runtime's; a snapshot after its last message holds the same state and context."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    name, sr = FILES[0]
+    samples = audio(21, sr)
+    rows = samples.reshape(CHUNKS, CHUNK[sr])
+    sizes = [3, 1, 5, 2, 9, 20]  # chunks per message, CHUNKS in all
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+
+    def send(sid, chunks, start, last):
+        x = grpcclient.InferInput("input", [len(chunks), CHUNK[sr]], "FP32")
+        x.set_data_from_numpy(np.ascontiguousarray(chunks))
+        answer = client.infer("vad0", [x], sequence_id=sid, sequence_start=start, sequence_end=last,
+                              parameters={"sequence_snapshot": last})
+        return answer.as_numpy("output"), answer.as_numpy("sequence_snapshot") if last else None
+
+    engine = server.app.state.backend.repository.get("vad0").engine
+    merged, at, before = [], 0, engine.stats.submitted
+    for i, n in enumerate(sizes):
+        merged.append(send("merged", rows[at:at + n], i == 0, i == len(sizes) - 1))
+        at += n
+    assert engine.stats.submitted - before == len(sizes)  # one engine request per message
+    single = [send("single", rows[k:k + 1], k == 0, k == CHUNKS - 1) for k in range(CHUNKS)]
+    client.close()
+    got, expected = np.concatenate([m[0] for m in merged]), np.concatenate([m[0] for m in single])
+    assert got.shape == (CHUNKS, 1) and got.tobytes() == expected.tobytes()
+    np.testing.assert_allclose(got[:, 0], reference(name, sr, samples), rtol=1e-4, atol=1e-5)
+    assert merged[-1][1][0] == single[-1][1][0]  # the snapshots

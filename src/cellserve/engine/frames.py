@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -37,13 +38,17 @@ CONTEXT = "context:"  # snapshot state entries that hold a session's input conte
 
 class Frames:
     """A request of a frame-sequence model: its inputs (for the source's result_of) and the frames its
-    front turned them into."""
+    front turned them into. A session's message of several chunks is one request (`chunks`: each chunk's
+    inputs, in order, with `inputs` None): its frames run as one row, and `marks` (frame counts) say where
+    each chunk ends, so that each gets its own result."""
 
-    __slots__ = ("inputs", "frames", "initial")
+    __slots__ = ("inputs", "frames", "initial", "chunks", "marks")
 
-    def __init__(self, inputs: dict, frames: np.ndarray | None, initial: list | None = None):
+    def __init__(self, inputs: dict | None, frames: np.ndarray | None, initial: list | None = None,
+                 chunks: list | None = None):
         self.inputs, self.frames = inputs, frames
         self.initial = initial  # the row's own initial state per cell, when its inputs carry one
+        self.chunks, self.marks = chunks, None
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -68,9 +73,15 @@ class FrameSource:
             self.kernel_seconds += getattr(self.source, "compute_seconds", 0.0) - since
 
     def prepare(self, inputs):
+        """inputs: a request's row, or (a runner that merges_chunks) the list of a message's chunks."""
+        chunks = inputs if isinstance(inputs, list) else None
         if self.front_at_admission:  # the front runs at admission, over every request admitted with this one
-            return Frames(inputs, None), 1
-        return Frames(inputs, np.asarray(self.source.frames_of(inputs), dtype=np.float32)), 1
+            return (Frames(None, None, chunks=chunks) if chunks else Frames(inputs, None)), 1
+        if chunks is None:
+            return Frames(inputs, np.asarray(self.source.frames_of(inputs), dtype=np.float32)), 1
+        payload = Frames(None, None, chunks=chunks)
+        _set_chunk_frames(payload, [np.asarray(self.source.frames_of(c), dtype=np.float32) for c in chunks])
+        return payload, 1
 
     @property
     def front_at_admission(self) -> bool:
@@ -165,42 +176,55 @@ class StreamChunks(FrameSource):
         return [r for r in reqs if r.id not in failed], failed
 
     def _front(self, reqs) -> dict:
-        """Context, front and client-given initial states for the requests admitted together, batched;
-        returns {request id: exception} for those that failed."""
+        """Context, front and client-given initial states for the requests admitted together (every chunk
+        of each, in order), batched; returns {request id: exception} for those that failed."""
         context = getattr(self.source, "context", {})
         rows = []
         for req in reqs:
-            inputs, session = req.payload.inputs, req.session
+            session = req.session
             if session is not None and session.restore is not None:  # a snapshot's context comes first
                 for key, values in session.restore["state"].items():
                     if key.startswith(CONTEXT):
                         session.context[key[len(CONTEXT):]] = np.asarray(values, np.float32)
-            for name, n in context.items():
-                x = inputs[name]
-                prev = session.context.get(name) if session is not None else None
-                prev = np.zeros(x.shape[:-1] + (n,), x.dtype) if prev is None else prev.reshape(x.shape[:-1] + (n,))
-                inputs[name] = np.concatenate([prev, x], axis=-1)
-                if session is not None:
-                    session.context[name] = inputs[name][..., -n:].copy()
-            rows.append(inputs)
+            for inputs in _chunks_of(req.payload):
+                for name, n in context.items():
+                    x = inputs[name]
+                    prev = session.context.get(name) if session is not None else None
+                    prev = np.zeros(x.shape[:-1] + (n,), x.dtype) if prev is None else prev.reshape(x.shape[:-1] + (n,))
+                    inputs[name] = np.concatenate([prev, x], axis=-1)
+                    if session is not None:
+                        session.context[name] = inputs[name][..., -n:].copy()
+                rows.append(inputs)
         try:
             frames = self.source.frames_batch(rows)
             initial = self.source.initial_states(rows)
         except Exception:  # noqa: BLE001 (one bad row must not fail the others: each alone)
             return self._front_alone(reqs)
-        for req, f, state in zip(reqs, frames, initial):
-            req.payload.frames, req.payload.initial = f, state
+        at = 0
+        for req in reqs:
+            n = len(_chunks_of(req.payload))
+            self._fronted(req.payload, frames[at:at + n], initial[at:at + n])
+            at += n
         return {}
 
     def _front_alone(self, reqs) -> dict:
         failed = {}
         for req in reqs:
             try:
-                req.payload.frames = self.source.frames_batch([req.payload.inputs])[0]
-                req.payload.initial = self.source.initial_states([req.payload.inputs])[0]
+                chunks = _chunks_of(req.payload)
+                self._fronted(req.payload, self.source.frames_batch(chunks), self.source.initial_states(chunks))
             except Exception as exc:  # noqa: BLE001
                 failed[req.id] = exc
         return failed
+
+    @staticmethod
+    def _fronted(payload: Frames, frames: list, initial: list) -> None:
+        """A request's frames (and a client-given initial state) from its chunks' fronts."""
+        if payload.chunks is None:
+            payload.frames, payload.initial = frames[0], initial[0]
+        else:
+            _set_chunk_frames(payload, frames)
+            payload.initial = next((state for state in initial if state is not None), None)
 
     def _chunk(self, req):
         """The frames a request runs now (its session's held-back frames first, whole blocks only until the
@@ -257,7 +281,8 @@ class StreamChunks(FrameSource):
     def _results(self, reqs, ys: list[np.ndarray], states: list[dict]) -> list[dict]:
         """Finished requests' results (the head batched when the source batches), with what a session's
         chunk adds: its frames held back for a full block, its snapshot when asked, and none of the
-        outputs that only carry the state the server holds (the source's session_hidden)."""
+        outputs that only carry the state the server holds (the source's session_hidden). (A request here
+        is anything with payload.inputs, session and snapshot: a message's chunk is one, see _pieces.)"""
         finals = [[tuple(np.array(state[name]) for name in layer) for layer in self.names] for state in states]
         inputs = [req.payload.inputs for req in reqs]
         if self.batched:
@@ -402,8 +427,11 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
                 req.progress["row"] = row = next(self._ids)
                 self._reqs[row] = req
                 self._sessionless += req.session is None
+                marks = None
+                if req.payload.marks is not None:  # (after the frames a session held back, if any)
+                    marks = [m + len(frames) - len(req.payload.frames) for m in req.payload.marks]
                 rows.append((0, row, req.ticket, req.arrival, np.ascontiguousarray(frames, np.float32), initial,
-                             req.traced))
+                             req.traced, marks))
                 statuses[req.id] = ADMITTED
             self.loop.admit_frames(rows)  # together: they join at the same step
         return [failed.get(r.id, statuses.get(r.id)) for r in reqs]
@@ -416,30 +444,77 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
         with self._lock:
             self._sessionless -= req.session is None
 
+    @property
+    def merges_chunks(self) -> bool:
+        """A session's message of several chunks runs as one request of all their frames (marks keep each
+        chunk's state): one admission, one row and one answer instead of one per chunk, taken in one step
+        loop pass instead of one round trip per chunk. Blocks of one frame only: a chunk's frames need not
+        fill whole blocks."""
+        return self.block_steps == 1
+
+    def _state(self, values: np.ndarray) -> dict:
+        return dict(zip((name for layer in self.names for name in layer), np.split(values, self._split)))
+
     def _set_results(self, finished):
-        """The head over every request that finished together; a request whose head fails fails alone."""
-        reqs, ys, states = [], [], []
+        """The head over every request (each chunk of a message) that finished together; a request whose
+        head fails fails alone."""
+        owners, pieces, ys, states = [], [], [], []
         with self._lock:
-            for req, (outputs, final), _ in finished:
-                state = dict(zip((name for layer in self.names for name in layer),
-                                 np.split(np.frombuffer(final, np.float32).copy(), self._split)))
+            for req, (outputs, final, marked), _ in finished:
+                state = self._state(np.frombuffer(final, np.float32).copy())
                 self._keep(req, state)
-                reqs.append(req)
-                ys.append(np.frombuffer(outputs, np.float32).reshape(-1, self.rnn.output_size).copy())
-                states.append(state)
+                y = np.frombuffer(outputs, np.float32).reshape(-1, self.rnn.output_size).copy()
+                if req.payload.chunks is None:
+                    owners.append((req, 1))
+                    pieces.append(req)
+                    ys.append(y)
+                    states.append(state)
+                    continue
+                marks = req.payload.marks
+                kept = np.frombuffer(marked, np.float32).copy().reshape(len(marks), -1)
+                owners.append((req, len(req.payload.chunks)))
+                pieces += _pieces(req)
+                ys += np.split(y[len(y) - len(req.payload.frames):], marks)  # (held-back frames: their own)
+                states += [self._state(k) for k in kept] + [state]
         with self._source_compute():
             try:
-                results = self._results(reqs, ys, states)
+                results = self._results(pieces, ys, states)
             except Exception:  # noqa: BLE001 (find the one that fails)
-                results = []
-                for req, y, state in zip(reqs, ys, states):
+                results, at = [], 0
+                for req, n in owners:
                     try:
-                        results.append(self._results([req], [y], [state])[0])
+                        results += self._results(pieces[at:at + n], ys[at:at + n], states[at:at + n])
                     except Exception as exc:  # noqa: BLE001
                         req.error = exc
-                        results.append(None)
-        for req, result in zip(reqs, results):
-            req.result = result
+                        results += [None] * n
+                    at += n
+        at = 0
+        for req, n in owners:
+            req.result = results[at] if req.payload.chunks is None else ChunkResults(results[at:at + n])
+            at += n
+
+
+class ChunkResults(list):
+    """The results of a message's chunks, in order (the server joins them as it joins a request's rows)."""
+
+
+def _chunks_of(payload: Frames) -> list[dict]:
+    return payload.chunks if payload.chunks is not None else [payload.inputs]
+
+
+def _set_chunk_frames(payload: Frames, frames: list[np.ndarray]) -> None:
+    payload.frames = np.concatenate(frames) if len(frames) > 1 else frames[0]
+    payload.marks = np.cumsum([len(f) for f in frames])[:-1].tolist()
+    if any(len(f) == 0 for f in frames):
+        raise ValueError("every chunk of a message needs at least one frame")
+
+
+def _pieces(req) -> list[SimpleNamespace]:
+    """A message's chunks as _results takes requests: each its inputs, its session, and the snapshot for
+    the last one when asked."""
+    last = len(req.payload.chunks) - 1
+    return [SimpleNamespace(payload=SimpleNamespace(inputs=inputs), session=req.session,
+                            snapshot=req.snapshot and i == last) for i, inputs in enumerate(req.payload.chunks)]
 
 
 class BidirectionalRunner(FrameSequenceRunner):

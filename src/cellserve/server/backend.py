@@ -246,6 +246,9 @@ class LocalBackend:
             inputs = served.requests(req.inputs)
         except ValueError as exc:  # ProtocolError, or a snapshot that is not this model's
             raise ServiceError(400, str(exc))
+        chunks = len(inputs)
+        if sequence and chunks > 1 and getattr(served.engine.runner, "merges_chunks", False):
+            inputs = [inputs]  # a session's message of N chunks: one request of their N steps, in order
         parsed = time.perf_counter()
         traced = tracing.traced()
         for attempt in (0, 1):
@@ -254,7 +257,7 @@ class LocalBackend:
                 for i, item in enumerate(inputs):
                     submitted.append(served.engine.enqueue(item, **_chunk_parameters(sequence, i, len(inputs)),
                                                            traced=traced))
-                return Submission(served, req, sequence, submitted, parsed, traced)
+                return Submission(served, req, sequence, submitted, parsed, traced, chunks)
             except (ValueError, EngineFull) as exc:  # bad values the model rejects, unknown/expired sessions
                 _cancel(submitted)
                 raise _refusal(exc)
@@ -269,6 +272,7 @@ class LocalBackend:
         """A submission's response from its rows' results, recorded in the model's statistics."""
         served, req, submitted, parsed = sub.served, sub.request, sub.rows, sub.parsed
         done = time.perf_counter()
+        results = [r for result in results for r in (result if isinstance(result, list) else (result,))]
         outputs, parameters = served.outputs_of(results)
         wanted = list(req.outputs) or list(outputs)
         unknown = set(wanted) - set(outputs)
@@ -281,9 +285,9 @@ class LocalBackend:
         queue = max((r.queue_seconds for r in submitted), default=0.0)  # the longest of its rows' waits
         now = time.perf_counter()
         served.stats.record(True, now - start, parse=parsed - start, queue=queue, infer=done - parsed - queue,
-                            output=now - done, rows=len(submitted))
+                            output=now - done, rows=sub.chunks)
         self.metrics.requests.labels(served.name, "success").inc()
-        timing = {"rows": len(submitted), "parse_s": parsed - start, "queue_s": queue,
+        timing = {"rows": sub.chunks, "parse_s": parsed - start, "queue_s": queue,
                   "compute_s": done - parsed - queue}
         if sub.traced:  # marks for the request's spans, and its steps
             first = min((r.started for r in submitted if r.started is not None), default=parsed)
@@ -341,9 +345,10 @@ class Submission:
     """A request's rows in the engine: what _respond needs once they finish, and when_done for callers
     without an event loop."""
 
-    def __init__(self, served, request: InferRequest, sequence: dict, rows: list, parsed: float, traced: bool):
+    def __init__(self, served, request: InferRequest, sequence: dict, rows: list, parsed: float, traced: bool,
+                 chunks: int):
         self.served, self.request, self.sequence, self.rows = served, request, sequence, rows
-        self.parsed, self.traced = parsed, traced
+        self.parsed, self.traced, self.chunks = parsed, traced, chunks  # chunks: the request's rows
 
     def when_done(self, callback: Callable[[list | None, BaseException | None], None]) -> None:
         """callback(results, None) once every row finished, or callback(None, error) at the first that

@@ -90,6 +90,8 @@ struct Row {
     std::vector<float> frames;    // FRAMES: length x dim
     std::vector<float> ys;        // FRAMES: the top layer's outputs, length x out_dim
     std::vector<float> initial;   // FRAMES: the state it starts from (empty: zeros), until it joins
+    std::vector<int> marks;       // FRAMES: frame counts after which its state is kept (a message's chunks)
+    std::vector<float> marked;    // FRAMES: those states, one after another
     std::vector<int64_t> parents; // a tree's (with its tokens, one per node), until it joins
 };
 
@@ -143,7 +145,7 @@ struct Left {
     long long next_token;
     std::vector<uint32_t> steps;  // a traced request's steps
     bool has_frames = false;      // FRAMES: the outputs and the final state
-    std::vector<float> ys, state;
+    std::vector<float> ys, state, marked;
     bool has_logits = false;      // a tree: its root's logits, in ys
 };
 
@@ -613,6 +615,9 @@ struct Core {
                 memcpy(&row.ys[(size_t)(row.pos + j) * st.out_dim], in + ((size_t)j * m + i) * ldin,
                        st.out_dim * sizeof(float));
             row.pos += t;
+            const size_t kept = row.marked.size() / width;  // (marks fall on block ends: admit_frames checks)
+            if (kept < row.marks.size() && row.marks[kept] == row.pos)
+                row.marked.insert(row.marked.end(), state + (size_t)i * width, state + (size_t)(i + 1) * width);
         }
     }
 
@@ -745,6 +750,7 @@ struct Core {
                 Left l{row.id, LEFT_FINISHED, false, {}, 0.0, -1, std::move(row.steps)};
                 l.has_frames = true;
                 l.ys = std::move(row.ys);
+                l.marked = std::move(row.marked);
                 const float *state = &st.state[(size_t)(a + i) * width];
                 l.state.assign(state, state + width);
                 left.push_back(std::move(l));
@@ -1231,7 +1237,9 @@ PyObject *loop_admit_trees(LoopObject *self, PyObject *arg) {
 }
 
 /* admit_frames([(stage, id, ticket, arrival, frames (T, dim) float32, initial state (width,) float32 or None,
- * trace), ...]): requests join a FRAMES stage together at the next step, from their own state or zeros. */
+ * trace[, marks]), ...]): requests join a FRAMES stage together at the next step, from their own state or zeros.
+ * marks (ascending frame counts in (0, T), multiples of the stage's block): the row also leaves with its state
+ * after each of them (a message of several chunks is one row; each chunk's result needs its own state). */
 PyObject *loop_admit_frames(LoopObject *self, PyObject *arg) {
     Core &c = *self->core;
     PyObject *seq = PySequence_Fast(arg, "admit_frames takes a list of rows");
@@ -1241,9 +1249,9 @@ PyObject *loop_admit_frames(LoopObject *self, PyObject *arg) {
     for (Py_ssize_t i = 0; i < n; i++) {
         int s, trace;
         Row row;
-        PyObject *frames, *initial;
-        bool ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iLLdOOp", &s, &row.id, &row.ticket,
-                                   &row.arrival, &frames, &initial, &trace);
+        PyObject *frames, *initial, *marks = Py_None;
+        bool ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iLLdOOp|O", &s, &row.id, &row.ticket,
+                                   &row.arrival, &frames, &initial, &trace, &marks);
         Py_ssize_t shape[2] = {0, 0};
         ok = ok && floats(frames, 2, row.frames, shape, "frames") &&
              (initial == Py_None || floats(initial, 1, row.initial, nullptr, "the initial state"));
@@ -1254,6 +1262,19 @@ PyObject *loop_admit_frames(LoopObject *self, PyObject *arg) {
             error = "a request needs at least one frame, each of the stage's input size";
         else if (ok && initial != Py_None && (int)row.initial.size() != c.width)
             error = "the initial state does not match the stage's state width";
+        if (ok && !error && marks != Py_None) {
+            PyObject *list = PySequence_Fast(marks, "marks must be a sequence of frame counts");
+            ok = list != nullptr;
+            for (Py_ssize_t j = 0; ok && j < PySequence_Fast_GET_SIZE(list); j++) {
+                const long mark = PyLong_AsLong(PySequence_Fast_GET_ITEM(list, j));
+                ok = !(mark == -1 && PyErr_Occurred());
+                if (ok && (mark <= (row.marks.empty() ? 0 : row.marks.back()) || mark >= shape[0] ||
+                           mark % c.stages[s].block))
+                    error = "marks must ascend inside (0, frames) on whole blocks";
+                if (ok) row.marks.push_back((int)mark);
+            }
+            Py_XDECREF(list);
+        }
         if (error) PyErr_SetString(PyExc_ValueError, error);
         if (!ok || error) {
             Py_DECREF(seq);
@@ -1351,9 +1372,10 @@ PyObject *left_list(std::vector<Left> &left) {
         if (l.has_logits) {
             value = PyList_New((Py_ssize_t)l.ys.size());
             for (size_t j = 0; value && j < l.ys.size(); j++) PyList_SET_ITEM(value, j, PyFloat_FromDouble(l.ys[j]));
-        } else if (l.has_frames) {  // (outputs, final state) as bytes of float32
-            value = Py_BuildValue("(y#y#)", (const char *)l.ys.data(), (Py_ssize_t)(l.ys.size() * sizeof(float)),
-                                  (const char *)l.state.data(), (Py_ssize_t)(l.state.size() * sizeof(float)));
+        } else if (l.has_frames) {  // (outputs, final state, states at the marks) as bytes of float32
+            value = Py_BuildValue("(y#y#y#)", (const char *)l.ys.data(), (Py_ssize_t)(l.ys.size() * sizeof(float)),
+                                  (const char *)l.state.data(), (Py_ssize_t)(l.state.size() * sizeof(float)),
+                                  (const char *)l.marked.data(), (Py_ssize_t)(l.marked.size() * sizeof(float)));
         } else if (l.has_tokens) {
             value = PyList_New((Py_ssize_t)l.tokens.size());
             for (size_t j = 0; value && j < l.tokens.size(); j++)
