@@ -12,6 +12,7 @@ request never touches another: infer parses, submits to the engine and waits on 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -200,11 +201,13 @@ class LocalBackend:
         return self._respond(sub, results, start)
 
     def infer_then(self, name: str, parse: Callable[[], InferRequest], version: str | None,
-                   done: Callable[[InferResponse | None, BaseException | None], None]) -> Submission | None:
+                   done: Callable[[InferResponse | None, BaseException | None], None],
+                   defer: Callable | None = None) -> Submission | None:
         """infer without an event loop, for the native front ends: parse and submit on this thread, then
-        done(response, None) or done(None, error) on the thread that finishes the request's last row (error
-        a ServiceError, or what the engine raised). Returns the submission (whose rows a client that goes
-        away cancels), or None when it was refused at once (done has been called)."""
+        done(response, None) or done(None, error) (error a ServiceError, or what the engine raised) on the
+        thread that finishes the request's last row, or through defer(function, *args) where the caller
+        runs it (the engine's thread then only hands it over). Returns the submission (whose rows a client
+        that goes away cancels), or None when it was refused at once (done has been called)."""
         start = time.perf_counter()
         try:
             try:
@@ -230,7 +233,7 @@ class LocalBackend:
             self._record_failure(name, start, getattr(error, "status", 500))
             done(None, error)
 
-        sub.when_done(finished)
+        sub.when_done(finished if defer is None else functools.partial(defer, finished))
         return sub
 
     def _submit(self, name: str, req: InferRequest, version: str | None) -> "Submission":
@@ -366,11 +369,14 @@ class Submission:
                 if error is None and left[0]:
                     return
                 called[0] = True
-            if error is not None:
-                _cancel(self.rows)
-                callback(None, error)
-            else:
-                callback([r.future.result() for r in self.rows], None)
+            try:
+                if error is not None:
+                    _cancel(self.rows)
+                    callback(None, error)
+                else:
+                    callback([r.future.result() for r in self.rows], None)
+            finally:  # the rows' futures hold this callback: no cycle back to them once it ran
+                self.rows = ()
 
         for row in self.rows:
             row.future.add_done_callback(one)

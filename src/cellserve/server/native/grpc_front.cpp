@@ -31,7 +31,7 @@
 namespace {
 
 const char STREAM_METHOD[] = "/inference.GRPCInferenceService/ModelStreamInfer";
-enum Kind { UNARY = 0, STREAM_MESSAGE = 1, STREAM_CLOSED = 2, CALL_ENDED = 3 };
+enum Kind { UNARY = 0, STREAM_MESSAGE = 1, STREAM_CLOSED = 2, CALL_ENDED = 3, WOKEN = 4 };
 
 struct Inbound {
   uint64_t call;
@@ -414,6 +414,14 @@ PyObject *front_shutdown(FrontObject *self, PyObject *arg) {
   Py_RETURN_NONE;
 }
 
+// wake(): take() returns now (with a WOKEN item), for work Python hands its dispatcher from other threads.
+PyObject *front_wake(FrontObject *self, PyObject *) {
+  Py_BEGIN_ALLOW_THREADS
+  self->front->inbox.push(Inbound{0, WOKEN, {}, {}, {}});
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 PyObject *front_get_port(FrontObject *self, void *) { return PyLong_FromLong(self->port); }
 
 PyMethodDef front_methods[] = {
@@ -427,6 +435,7 @@ PyMethodDef front_methods[] = {
     {"pause", reinterpret_cast<PyCFunction>(front_call_op<&Call::pause>), METH_O,
      "pause(call): read no more of a stream until resume"},
     {"resume", reinterpret_cast<PyCFunction>(front_call_op<&Call::resume>), METH_O, "resume(call)"},
+    {"wake", reinterpret_cast<PyCFunction>(front_wake), METH_NOARGS, "wake(): take() returns at once"},
     {"shutdown", reinterpret_cast<PyCFunction>(front_shutdown), METH_O,
      "shutdown(grace_s): stop listening, let calls finish for grace_s, cancel the rest"},
     {nullptr, nullptr, 0, nullptr}};
@@ -464,5 +473,6 @@ PyMODINIT_FUNC PyInit__grpc_front(void) {
   PyModule_AddIntConstant(m, "STREAM_MESSAGE", STREAM_MESSAGE);
   PyModule_AddIntConstant(m, "STREAM_CLOSED", STREAM_CLOSED);
   PyModule_AddIntConstant(m, "CALL_ENDED", CALL_ENDED);
+  PyModule_AddIntConstant(m, "WOKEN", WOKEN);
   return m;
 }

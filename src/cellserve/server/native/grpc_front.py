@@ -104,6 +104,7 @@ class NativeGrpcServer:
         self.lock = threading.Lock()  # stream state: the dispatcher and the engine's threads both touch it
         self.streams: dict[int, _Stream] = {}
         self.unary: dict[int, object] = {}  # call -> its submission, cancelled when the client goes away
+        self.finished: collections.deque = collections.deque()  # (function, args) handed over by the engine
         self.thread = threading.Thread(target=self._serve, name="cellserve-grpc", daemon=True)
         self.thread.start()
 
@@ -120,8 +121,26 @@ class NativeGrpcServer:
                 except Exception as exc:  # noqa: BLE001 (one call's failure never stops the others)
                     log.exception("gRPC call %d failed", call)
                     self.front.fail(call, CODES["INTERNAL"], f"internal error ({type(exc).__name__})")
+            self._answer_finished()
+
+    def _defer(self, function, *args) -> None:
+        """Called on the engine's thread when a request finishes: its response is made and written on this
+        front's dispatcher thread, so the engine's thread goes back to stepping at once."""
+        self.finished.append((function, args))
+        if len(self.finished) == 1:
+            self.front.wake()
+
+    def _answer_finished(self) -> None:
+        while self.finished:
+            function, args = self.finished.popleft()
+            try:
+                function(*args)
+            except Exception:  # noqa: BLE001
+                log.exception("answering a finished request failed")
 
     def _dispatch(self, call: int, kind: int, method: str, payload: bytes, metadata: tuple) -> None:
+        if kind == _grpc_front.WOKEN:
+            return None
         if kind == _grpc_front.CALL_ENDED:
             return self._ended(call)
         if kind == _grpc_front.STREAM_CLOSED:
@@ -200,7 +219,8 @@ class NativeGrpcServer:
                             response.timing if response is not None else {})
             answer(message, error, request)
 
-        return self.backend().infer_then(name, lambda: decode_request(request), request.model_version or None, done)
+        return self.backend().infer_then(name, lambda: decode_request(request), request.model_version or None, done,
+                                         self._defer)
 
     def _unary_infer(self, call: int, payload: bytes, meta: dict) -> None:
         def answer(message, error, request):
