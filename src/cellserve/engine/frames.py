@@ -395,7 +395,9 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
         self._use_stream(source, capacity, block_steps)
         NativeLoopRunner.__init__(self, capacity)
         self.loop.add_frame_stage(self.rnn.input_size, layers, self.block_steps)
-        self._split = np.cumsum([self.widths[name] for layer in self.names for name in layer])[:-1]
+        names = [name for layer in self.names for name in layer]
+        ends = np.cumsum([self.widths[name] for name in names]).tolist()
+        self._parts = list(zip(names, [0, *ends[:-1]], ends))  # each state's slice of a row's flat state
         self._lock = threading.Lock()  # admission runs on the submitting thread too: one at a time
         self._sessionless = 0  # running requests without a session (sessions count by their slots)
         # a front batched at admission runs on the engine's thread, over every request admitted together
@@ -453,7 +455,8 @@ class NativeStreamRunner(StreamChunks, NativeLoopRunner):
         return self.block_steps == 1
 
     def _state(self, values: np.ndarray) -> dict:
-        return dict(zip((name for layer in self.names for name in layer), np.split(values, self._split)))
+        """A row's flat state as {state name: its part} (views)."""
+        return {name: values[a:b] for name, a, b in self._parts}
 
     def _set_results(self, finished):
         """The head over every request (each chunk of a message) that finished together; a request whose

@@ -166,7 +166,7 @@ class ImportedModel:
                 for name, value in zip(names, values):
                     axis = axes.get(name)
                     for k, i in enumerate(group):
-                        out[i][name] = value if axis is None else np.take(value, [k], axis=axis)
+                        out[i][name] = value if axis is None else _one(value, k, axis)
         for spec in self.outputs:  # graph outputs that are core tensors or inputs themselves
             for i, row in enumerate(joined):
                 if spec["name"] not in out[i]:
@@ -244,7 +244,7 @@ class ImportedModel:
             for spec in self.inputs:
                 if spec["name"] in tensors:
                     value, axis = tensors[spec["name"]], spec["batch_axis"]
-                    row[spec["name"]] = value if axis is None else np.take(value, [b], axis=axis)
+                    row[spec["name"]] = value if axis is None else _one(value, b, axis)
             out.append(row)
         return out
 
@@ -293,3 +293,8 @@ class ImportedModel:
                    RNN.from_tensors(config["rnn"], unprefixed("rnn", tensors)), json.loads(config["spec"]),
                    tensors["graph.whole"].tobytes(), tensors.get("graph.lengths", np.zeros(0, np.uint8)).tobytes(),
                    tensors.get("graph.states", np.zeros(0, np.uint8)).tobytes())
+
+
+def _one(value: np.ndarray, index: int, axis: int) -> np.ndarray:
+    """Row `index` of a batch along `axis`, keeping the axis (size 1): a view (np.take copies, at 2-3 us)."""
+    return value[(slice(None),) * axis + (slice(index, index + 1),)]
