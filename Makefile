@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 NATIVE := $(VENV)/.native-built
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*) $(wildcard src/cellserve/engine/native/*) \
-	$(wildcard src/cellserve/server/native/*.cpp)
+	$(wildcard src/cellserve/server/native/*.cpp) $(wildcard src/cellserve/bench/native/*.cpp)
 # The native gRPC front end builds on the distribution's grpc++; installed here when missing and we are root
 # (without it the build goes on, and gRPC is served by the Python front end).
-GRPC_PACKAGES := libgrpc++-dev pkg-config
+GRPC_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler pkg-config
 
 .PHONY: demo test test-slow test-browser test-sanitize bench native clean
 
@@ -20,7 +20,8 @@ $(DEPS): requirements.lock
 	touch $(DEPS)
 
 $(NATIVE): $(DEPS) $(NATIVE_SOURCES)
-	@pkg-config --exists grpc++ 2>/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+	@(pkg-config --exists grpc++ protobuf && command -v protoc) >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		! command -v apt-get >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(GRPC_PACKAGES)) || \
 		echo "cellserve: could not install $(GRPC_PACKAGES): gRPC will be served by the Python front end"
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .

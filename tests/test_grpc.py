@@ -458,3 +458,19 @@ def test_fuzzed_and_mutated_wire_bytes_for_a_bounded_time_beside_a_correct_clien
         stop.set()
         thread.join(30)
     assert checked > 5 and not failures, failures[:3]
+
+
+def test_the_front_end_is_chosen_named_and_falls_back_where_grpc_plus_plus_is_missing(server, monkeypatch):
+    from cellserve.server.native import grpc_front
+
+    meta = httpx.get(f"{server.url}/v2").json()
+    assert meta["grpc_frontend"] == server.grpc_frontend  # the server metadata says which serves
+    monkeypatch.delenv("CELLSERVE_GRPC_FRONTEND", raising=False)
+    assert grpc_front.grpc_frontend_of(None)[0] == ("native" if grpc_front.AVAILABLE else "python")
+    assert grpc_front.grpc_frontend_of("python")[0] == "python"
+    monkeypatch.setattr(grpc_front, "AVAILABLE", False)  # a build without grpc++
+    assert grpc_front.grpc_frontend_of(None)[0] == "python"
+    with pytest.raises(ValueError, match="libgrpc\\+\\+-dev"):
+        grpc_front.grpc_frontend_of("native")
+    with pytest.raises(ValueError, match="one of native, python"):
+        grpc_front.grpc_frontend_of("rust")

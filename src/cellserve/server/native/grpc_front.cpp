@@ -31,6 +31,9 @@
 namespace {
 
 const char STREAM_METHOD[] = "/inference.GRPCInferenceService/ModelStreamInfer";
+// A stream's messages read ahead of their answers at most: past it grpc++'s flow control holds the client
+// (without it a fast client's messages piled up in the inbox, megabytes a stream, ahead of Python).
+const int READ_AHEAD = 256;
 enum Kind { UNARY = 0, STREAM_MESSAGE = 1, STREAM_CLOSED = 2, CALL_ENDED = 3, WOKEN = 4 };
 
 struct Inbound {
@@ -86,6 +89,7 @@ class Call : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> 
   std::deque<grpc::ByteBuffer> out_;
   bool writing_ = false, finished_ = false, finish_after_writes_ = false, paused_ = false, read_waiting_ = false;
   bool answered_ = false, sent_metadata_ = false;
+  int unanswered_ = 0;  // a stream's messages read and not answered yet
 };
 
 struct Front : grpc::CallbackGenericService {
@@ -127,7 +131,7 @@ void Call::start() {
 }
 
 void Call::read_next_locked() {
-  if (paused_) {
+  if (paused_ || unanswered_ >= READ_AHEAD) {
     read_waiting_ = true;
   } else {
     StartRead(&in_);
@@ -162,7 +166,10 @@ void Call::OnReadDone(bool ok) {
                                  std::string(kv.second.data(), kv.second.size()));
   }
   front_->inbox.push(std::move(item));
-  if (stream_) read_next_locked();  // a unary call's one message is all it reads
+  if (stream_) {  // a unary call's one message is all it reads
+    unanswered_++;
+    read_next_locked();
+  }
 }
 
 void Call::write(const char *data, size_t size, bool last) {
@@ -180,6 +187,10 @@ void Call::write(const char *data, size_t size, bool last) {
   if (!writing_) {
     writing_ = true;
     StartWrite(&out_.front());
+  }
+  if (stream_ && --unanswered_ < READ_AHEAD && read_waiting_ && !paused_) {
+    read_waiting_ = false;
+    StartRead(&in_);
   }
 }
 
@@ -222,7 +233,7 @@ void Call::pause() {
 void Call::resume() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   paused_ = false;
-  if (read_waiting_ && !finished_) {
+  if (read_waiting_ && !finished_ && unanswered_ < READ_AHEAD) {
     read_waiting_ = false;
     StartRead(&in_);
   }

@@ -75,8 +75,7 @@ class _Stream:
 
     def __init__(self, metadata: dict):
         self.metadata = {k: v for k, v in metadata.items() if k != "x-request-id"}  # each message has its id
-        self.pending: collections.Counter = collections.Counter()  # sequence id -> chunks unanswered
-        self.limits: dict = {}  # sequence id -> its model's max_pending_chunks
+        self.pending: dict = {}  # sequence id -> [chunks unanswered, its model's max_pending_chunks]
         self.submissions: set = set()
         self.unanswered = 0
         self.closed = self.paused = False
@@ -248,10 +247,11 @@ class NativeGrpcServer:
                 if held:
                     stream.submissions.discard(held[0])
                 if sid is not None:
-                    stream.pending[sid] -= 1
-                    if not stream.pending[sid]:
+                    count = stream.pending[sid]
+                    count[0] -= 1
+                    if not count[0]:
                         del stream.pending[sid]
-                if stream.paused and all(n <= stream.limits[s] for s, n in stream.pending.items()):
+                if stream.paused and all(n <= limit for n, limit in stream.pending.values()):
                     stream.paused = False
                     self.front.resume(call)
                 finish = stream.closed and not stream.unanswered
@@ -266,15 +266,17 @@ class NativeGrpcServer:
         sid = _sequence_id(request)
         if sid is not None:
             with self.lock:
-                stream.pending[sid] += 1
-                if sid not in stream.limits:
-                    stream.limits[sid] = self.backend().pending_limit(request.model_name)
+                count = stream.pending.get(sid)
+                if count is None:
+                    count = stream.pending[sid] = [0, self.backend().pending_limit(request.model_name)]
+                count[0] += 1
         sub = self._infer(request, stream.metadata, answer)
         with self.lock:
             if sub is not None and not all(r.future.done() for r in sub.rows):
                 held.append(sub)
                 stream.submissions.add(sub)
-            if sid is not None and stream.pending.get(sid, 0) > stream.limits[sid] and not stream.paused:
+            count = stream.pending.get(sid) if sid is not None else None
+            if count is not None and count[0] > count[1] and not stream.paused:
                 stream.paused = True
                 self.front.pause(call)
 
