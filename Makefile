@@ -11,7 +11,7 @@ NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/nativ
 # (without it the build goes on, and gRPC is served by the Python front end).
 GRPC_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler pkg-config
 
-.PHONY: demo test test-slow test-browser test-sanitize bench native clean
+.PHONY: demo test test-slow test-browser test-sanitize triton-env bench native clean
 
 $(DEPS): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ test-sanitize: $(NATIVE)
 	CELLSERVE_SANITIZE=1 $(BIN)/python setup.py -q build_ext --inplace --force 2>&1 | grep -v "^WARNING" || true
 	$(SANITIZE_ENV) $(BIN)/python -m pytest -p no:cacheprovider $(SANITIZE_TESTS); status=$$?; \
 		$(BIN)/python setup.py -q build_ext --inplace --force >/dev/null 2>&1; exit $$status
+
+# Triton Inference Server as the benches' peer (`bench streams --deployments triton`): the nvidia-pytriton
+# wheel's tritonserver, in an environment of its own, since its Python backend answers empty tensors under
+# numpy 2.
+triton-env: .venv-triton/.installed
+.venv-triton/.installed:
+	$(PYTHON) -m venv .venv-triton
+	.venv-triton/bin/pip install --quiet nvidia-pytriton==0.7.0 "numpy<2" onnxruntime==1.31.1
+	touch $@
 
 # The live page in headless Chromium (Debian's package; installed here when missing, which needs root).
 test-browser: $(NATIVE)

@@ -172,7 +172,7 @@ def _bench_streams(args):
         raise UsageError(f"unknown deployment(s) {sorted(unknown)}: {', '.join(streams.DEPLOYMENTS)}")
     try:
         streams.run(args.message_ms, args.streams, args.deployments, args.seconds, args.idle_sessions,
-                    json_path=args.json)
+                    json_path=args.json, triton_env=args.triton_env)
     except RuntimeError as exc:
         raise UsageError(str(exc))
 
@@ -468,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--streams", type=_ints, default=[8, 16, 32, 64, 128, 256, 512, 1024],
                     help="stream counts to sweep, each until a deployment stops sustaining it")
     st.add_argument("--deployments", type=_words, default=["per-stream-ort", "graph", "cellular", "cellular-python"],
-                    help="cellular: the native gRPC front end (where built); cellular-python: grpcio's")
+                    help="cellular: the native gRPC front end (where built); cellular-python: grpcio's; triton: "
+                    "Triton Inference Server with ONNX Runtime in its Python backend (needs make triton-env)")
+    st.add_argument("--triton-env", default=".venv-triton", help="the Python environment with nvidia-pytriton, "
+                    "numpy < 2 and onnxruntime that the triton deployment runs (make triton-env)")
     st.add_argument("--seconds", type=float, default=5.0, help="seconds of load per point")
     st.add_argument("--idle-sessions", type=int, default=10_000, help="idle sessions for the memory figure (0: skip)")
     st.add_argument("--quiet", action="store_true", help="no progress bar (bars show only on a terminal)")

@@ -91,6 +91,21 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """process_cpu_seconds of a process and its live descendants (a server whose model runs in a child, as
+    Triton's Python backend stub does)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += process_cpu_seconds(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a server the bench starts)."""
     with socket.socket() as s:

@@ -10,7 +10,11 @@ swept upward until a deployment no longer sustains it (p99 <= 100 ms, nothing re
   cellular        `cellserve serve`, cellular batching, state and context held by the server, front and
                   head batched per step; a message is one request whose rows are its chunks (run in order).
                   On the native gRPC front end where it was built;
-  cellular-python the same on the Python gRPC front end (grpcio), the reference.
+  cellular-python the same on the Python gRPC front end (grpcio), the reference;
+  triton          Triton Inference Server (the nvidia-pytriton wheel's tritonserver), ONNX Runtime in its
+                  Python backend under dynamic batching up to 64, the state carried by the client as for
+                  graph: what a Triton user deploys today (bench/triton/; its environment, with numpy < 2
+                  as the backend needs, comes from `make triton-env`).
 graph and cellular run in a server process and are driven over one gRPC stream (ModelStreamInfer): cellular
 by the native load generator (bench/native/loadgen.cpp, messages encoded before the clock starts), graph by a
 grpc.aio client (each chunk needs its predecessor's answered state). Also printed: the model's ceiling (cores / ONNX Runtime's per-chunk cost at batch 64), the
@@ -23,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +39,7 @@ import numpy as np
 
 from cellserve.progress import bar
 from cellserve.bench.common import (StolenTime, console, free_port, print_table, process_cpu_seconds,
-                                    write_json)
+                                    tree_cpu_seconds, write_json)
 
 try:
     from cellserve.bench import _loadgen
@@ -42,8 +47,9 @@ except ImportError:  # built without grpc++: the Python client drives every depl
     _loadgen = None
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
-DEPLOYMENTS = ("per-stream-ort", "graph", "cellular", "cellular-python")
-MODELS = {"graph": "vad-graph", "cellular": "vad-cellular", "cellular-python": "vad-cellular"}
+DEPLOYMENTS = ("per-stream-ort", "graph", "cellular", "cellular-python", "triton")
+MODELS = {"graph": "vad-graph", "cellular": "vad-cellular", "cellular-python": "vad-cellular", "triton": "vad"}
+TRITON_ENV = Path(".venv-triton")  # `make triton-env`
 FRONTENDS = {"cellular-python": "python"}  # a deployment's gRPC front end (the default for the others)
 SLO_MS = 100.0
 
@@ -137,10 +143,11 @@ def run_per_stream_ort(path: Path, streams: int, message_ms: int, seconds: float
 
 
 async def _drive_server(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int,
-                        server_state: bool) -> dict:
+                        server_state: bool, state_shape=(2, 1, 128)) -> dict:
     """One ModelStreamInfer stream carrying every stream's chunks. server_state: the server holds state
     and context (a message's chunks go back to back); otherwise each chunk carries the state and context
-    its predecessor's answer left (so it waits for it)."""
+    its predecessor's answer left (so it waits for it), as a tensor of state_shape (Triton's dynamic
+    batching wants it batch-first)."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc as pbg
@@ -172,7 +179,7 @@ async def _drive_server(port: int, model: str, streams: int, message_ms: int, se
         contexts[s] = x[:, -CONTEXT:]
         req.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK + CONTEXT])
         req.raw_input_contents.append(x.tobytes())
-        req.inputs.add(name="state", datatype="FP32", shape=[2, 1, 128])
+        req.inputs.add(name="state", datatype="FP32", shape=list(state_shape))
         req.raw_input_contents.append(states[s].tobytes())
         return req
 
@@ -221,6 +228,7 @@ async def _drive_server(port: int, model: str, streams: int, message_ms: int, se
     lost = len(schedule) - len(answered) - len(failed)
     return _row("cellular" if server_state else "graph", message_ms, streams, list(answered.values()), 0, lost,
                 len(failed))
+
 
 
 def _drive_native(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int) -> dict:
@@ -302,6 +310,39 @@ class Server:
             self.process.kill()
 
 
+class TritonServer(Server):
+    """tritonserver from a Python environment with the nvidia-pytriton wheel (and numpy < 2, onnxruntime: its
+    Python backend's stub runs that environment's python3, found first on PATH), serving bench/triton/ on
+    Silero VAD. As pytriton does at start, the stub for the environment's Python goes into the backend
+    folder (a copy here)."""
+
+    def __init__(self, env: Path, root: Path, onnx_file: Path):
+        site = next(iter(sorted(env.glob("lib/python3.*/site-packages"))), None)
+        home = site / "pytriton" / "tritonserver" if site else None
+        if home is None or not (home / "bin" / "tritonserver").exists():
+            raise RuntimeError(f"no tritonserver in {env}: make triton-env builds that environment")
+        backends = root / "backends"
+        shutil.copytree(home / "backends", backends)
+        shutil.copy(home / "python_backend_stubs" / site.parent.name.removeprefix("python") /
+                    "triton_python_backend_stub", backends / "python")
+        model = root / "repository" / "vad"
+        (model / "1").mkdir(parents=True)
+        assets = Path(__file__).parent / "triton"
+        shutil.copy(assets / "config.pbtxt", model)
+        shutil.copy(assets / "model.py", model / "1")
+        shutil.copy(onnx_file, model / "1" / "silero_vad.onnx")
+        self.port, self.grpc_port = free_port(), free_port()
+        environment = {**os.environ, "PATH": f"{env.resolve() / 'bin'}:{os.environ.get('PATH', '')}",
+                       "LD_LIBRARY_PATH": f"{site / 'nvidia_pytriton.libs'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        self.process = subprocess.Popen(
+            [str(home / "bin" / "tritonserver"), "--model-repository", str(root / "repository"),
+             "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--http-port", str(self.port),
+             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--allow-metrics", "false",
+             "--log-verbose", "0"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.process.pid)  # the model runs in the backend's stub, a child
+
 def bytes_per_session(server: Server, sessions: int) -> float:
     """RSS the server adds for `sessions` idle sessions (each opened by one chunk and left open)."""
     import grpc
@@ -333,8 +374,9 @@ def bytes_per_session(server: Server, sessions: int) -> float:
     return (after - before) / sessions
 
 
-def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployments=DEPLOYMENTS,
-        seconds: float = 5.0, idle_sessions: int = 10_000, seed: int = 0, json_path=None) -> dict:
+def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployments=DEPLOYMENTS[:4],
+        seconds: float = 5.0, idle_sessions: int = 10_000, seed: int = 0, json_path=None,
+        triton_env: Path = TRITON_ENV) -> dict:
     path = silero_file()
     ceiling, per_chunk_us = ceiling_streams(path, 96)
     console.print(f"Silero VAD 16 kHz: ONNX Runtime at batch 64 takes {per_chunk_us:.1f} us per chunk; the model's "
@@ -345,10 +387,13 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
         started: dict = {}
 
         def server_for(deployment: str) -> Server:
-            frontend = FRONTENDS.get(deployment)
-            if frontend not in started:
-                started[frontend] = servers.enter_context(Server(Path(tmp), frontend))
-            return started[frontend]
+            key = "triton" if deployment == "triton" else FRONTENDS.get(deployment)
+            if key not in started:
+                started[key] = servers.enter_context(
+                    TritonServer(Path(triton_env), Path(servers.enter_context(tempfile.TemporaryDirectory())), path)
+                    if key == "triton"
+                    else Server(Path(tmp), key))
+            return started[key]
 
         with bar("streams sweep", len(deployments) * len(message_ms) * len(streams)) as shown:
             for deployment in deployments:
@@ -360,6 +405,9 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
                         with StolenTime() as stolen:
                             if server is None:
                                 row = run_per_stream_ort(path, s, ms, seconds, seed)
+                            elif deployment == "triton":
+                                row = asyncio.run(_drive_server(server.grpc_port, MODELS[deployment], s, ms, seconds,
+                                                                seed, server_state=False, state_shape=(1, 2, 128)))
                             elif deployment != "graph" and _loadgen is not None:
                                 row = _drive_native(server.grpc_port, MODELS[deployment], s, ms, seconds, seed + i)
                             else:
