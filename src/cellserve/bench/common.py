@@ -7,6 +7,8 @@ import json
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -162,3 +164,52 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+class ServeProcess:
+    """`cellserve serve` in a process of its own: on a model repository (the embedded models without one),
+    with a gRPC front end (the default without one). A context manager: ready on entry, stopped on exit."""
+
+    def __init__(self, model_dir: Path | None = None, frontend: str | None = None):
+        self._start([sys.executable, "-m", "cellserve.cli", "serve", *([str(model_dir)] if model_dir else []),
+                     "--port", "{port}", "--grpc-port", "{grpc_port}", "--log-level", "warning",
+                     *(["--frontend", frontend] if frontend else [])])
+
+    def _start(self, command: list[str], env: dict | None = None) -> None:
+        """Start `command` on two free ports ({port}: HTTP, {grpc_port}: gRPC)."""
+        self.port, self.grpc_port = free_port(), free_port()
+        command = [c.format(port=self.port, grpc_port=self.grpc_port) for c in command]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.pid = self.process.pid
+
+    def __enter__(self) -> "ServeProcess":
+        import httpx
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("the server did not become ready")
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

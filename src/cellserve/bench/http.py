@@ -20,9 +20,6 @@ import json
 import multiprocessing
 import re
 import socket
-import subprocess
-import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,8 +27,8 @@ import httpx
 import numpy as np
 import uvloop
 
-from cellserve.bench.common import (StolenTime, console, free_port, limit_threads, print_table, process_cpu_seconds,
-                                    write_json)
+from cellserve.bench.common import (ServeProcess, StolenTime, console, free_port, limit_threads, print_table,
+                                    process_cpu_seconds, write_json)
 from cellserve.engine import Engine
 from cellserve.families import make_runner
 from cellserve.server.native.grpc_front import AVAILABLE as NATIVE_GRPC
@@ -175,33 +172,6 @@ def kernel_seconds(port: int) -> float:
                if line.startswith("cellserve_kernel_seconds_total"))
 
 
-class ServeProcess:
-    """`cellserve serve` on the embedded models in a process of its own, with the given gRPC front end."""
-
-    def __init__(self, frontend: str | None = None):
-        self.port, self.grpc_port = free_port(), free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cellserve.cli", "serve", "--port", str(self.port), "--grpc-port",
-             str(self.grpc_port), "--log-level", "warning", *(["--frontend", frontend] if frontend else [])],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.pid = self.process.pid
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError("cellserve serve did not become ready")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-
-
 def _measured_grpc(server: ServeProcess, requests: list[bytes], clients: int) -> dict:
     """Latencies and CPU per request (client, server, server outside the kernels) of one gRPC phase."""
     client0, server0, kernel0 = time.process_time(), process_cpu_seconds(server.pid), kernel_seconds(server.port)
@@ -223,9 +193,9 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
     servers = {}
     rows = []
     try:
-        servers["http"] = ServeProcess()
+        servers["http"] = ServeProcess().__enter__()
         for frontend in frontends:
-            servers[frontend] = servers["http"] if frontend == "native" else ServeProcess(frontend)
+            servers[frontend] = servers["http"] if frontend == "native" else ServeProcess(frontend=frontend).__enter__()
         port = servers["http"].port
         with limit_threads(1):
             engine = Engine(make_runner(load_default(), 1024), "cellular", max_batch=64).start()
@@ -276,7 +246,7 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
             floor.terminate()
     finally:
         for server in set(servers.values()):
-            server.stop()
+            server.__exit__()
     grpc_columns = [column for f in frontends for column in (
         (f"grpc_{f}_p50_ms", f"gRPC {f} p50"), (f"grpc_{f}_overhead_p50_ms", f"gRPC {f} +p50 ms"),
         (f"grpc_{f}_p99_ms", f"gRPC {f} p99"), (f"grpc_{f}_server_cpu_ms", f"gRPC {f} server CPU ms/req"),

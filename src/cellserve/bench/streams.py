@@ -28,8 +28,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from cellserve.progress import bar
-from cellserve.bench.common import (StolenTime, console, free_port, print_table, process_cpu_seconds,
-                                    tree_cpu_seconds, write_json)
+from cellserve.bench.common import ServeProcess, StolenTime, console, print_table, tree_cpu_seconds, write_json
 
 try:
     from cellserve.bench import _loadgen
@@ -267,50 +264,7 @@ def _repository(root: Path, path: Path) -> None:
         (root / name / "config.json").write_text(json.dumps({**shared, **extra, "input_shapes": {"input": [-1, shape]}}))
 
 
-class Server:
-    """`cellserve serve` on a model repository, in its own process (frontend: its gRPC front end, or the
-    default)."""
-
-    def __init__(self, root: Path, frontend: str | None = None):
-        self.port, self.grpc_port = free_port(), free_port()
-        self.process = subprocess.Popen([sys.executable, "-m", "cellserve.cli", "serve", str(root), "--port",
-                                         str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning",
-                                         *(["--frontend", frontend] if frontend else [])],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def __enter__(self) -> "Server":
-        import httpx
-
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/v2/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
-            time.sleep(0.2)
-        raise RuntimeError("the server did not become ready")
-
-    def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.process.pid)
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-class TritonServer(Server):
+class TritonServer(ServeProcess):
     """tritonserver from a Python environment with the nvidia-pytriton wheel (and numpy < 2, onnxruntime: its
     Python backend's stub runs that environment's python3, found first on PATH), serving bench/triton/ on
     Silero VAD. As pytriton does at start, the stub for the environment's Python goes into the backend
@@ -331,19 +285,18 @@ class TritonServer(Server):
         shutil.copy(assets / "config.pbtxt", model)
         shutil.copy(assets / "model.py", model / "1")
         shutil.copy(onnx_file, model / "1" / "silero_vad.onnx")
-        self.port, self.grpc_port = free_port(), free_port()
         environment = {**os.environ, "PATH": f"{env.resolve() / 'bin'}:{os.environ.get('PATH', '')}",
                        "LD_LIBRARY_PATH": f"{site / 'nvidia_pytriton.libs'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-        self.process = subprocess.Popen(
+        self._start(
             [str(home / "bin" / "tritonserver"), "--model-repository", str(root / "repository"),
              "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--http-port", str(self.port),
              "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--allow-metrics", "false",
-             "--log-verbose", "0"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--log-verbose", "0"], environment)
 
     def cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.process.pid)  # the model runs in the backend's stub, a child
+        return tree_cpu_seconds(self.pid)  # the model runs in the backend's stub, a child
 
-def bytes_per_session(server: Server, sessions: int) -> float:
+def bytes_per_session(server: ServeProcess, sessions: int) -> float:
     """RSS the server adds for `sessions` idle sessions (each opened by one chunk and left open)."""
     import grpc
     from tritonclient.grpc import service_pb2 as pb
@@ -386,13 +339,13 @@ def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployme
         _repository(Path(tmp), path)
         started: dict = {}
 
-        def server_for(deployment: str) -> Server:
+        def server_for(deployment: str) -> ServeProcess:
             key = "triton" if deployment == "triton" else FRONTENDS.get(deployment)
             if key not in started:
                 started[key] = servers.enter_context(
                     TritonServer(Path(triton_env), Path(servers.enter_context(tempfile.TemporaryDirectory())), path)
                     if key == "triton"
-                    else Server(Path(tmp), key))
+                    else ServeProcess(Path(tmp), key))
             return started[key]
 
         with bar("streams sweep", len(deployments) * len(message_ms) * len(streams)) as shown:
