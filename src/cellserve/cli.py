@@ -163,7 +163,7 @@ def _bench_http(args):
 def _bench_streams(args):
     from cellserve.bench import streams
 
-    if min(args.streams) < 1 or min(args.message_ms) < 32 or args.seconds <= 0 or args.idle_sessions < 0:
+    if min(args.streams or [1]) < 1 or min(args.message_ms) < 32 or args.seconds <= 0 or args.idle_sessions < 0:
         raise UsageError("--streams must be positive, --message-ms at least 32 (one chunk), --seconds positive")
     if any(ms % 32 for ms in args.message_ms):
         raise UsageError("--message-ms must be whole chunks of 512 samples at 16 kHz (multiples of 32)")
@@ -171,7 +171,7 @@ def _bench_streams(args):
     if unknown:
         raise UsageError(f"unknown deployment(s) {sorted(unknown)}: {', '.join(streams.DEPLOYMENTS)}")
     try:
-        streams.run(args.message_ms, args.streams, args.deployments, args.seconds, args.idle_sessions,
+        streams.run(args.message_ms, args.streams or streams.STREAMS, args.deployments, args.seconds, args.idle_sessions,
                     json_path=args.json, triton_env=args.triton_env)
     except RuntimeError as exc:
         raise UsageError(str(exc))
@@ -465,8 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "request-level batching vs cellular with server-held state")
     st.add_argument("--json", help="write the ceiling, memory per session and rows to this file")
     st.add_argument("--message-ms", type=_ints, default=[96], help="message lengths in ms (multiples of 32)")
-    st.add_argument("--streams", type=_ints, default=[8, 16, 32, 64, 128, 256, 512, 1024],
-                    help="stream counts to sweep, each until a deployment stops sustaining it")
+    st.add_argument("--streams", type=_ints, default=None,
+                    help="stream counts to sweep, each until a deployment stops sustaining it (default: doublings to "
+                    "64, then steps of at most 1.25x to 2048)")
     st.add_argument("--deployments", type=_words, default=["per-stream-ort", "graph", "cellular", "cellular-python"],
                     help="cellular: the native gRPC front end (where built); cellular-python: grpcio's; triton: "
                     "Triton Inference Server with ONNX Runtime in its Python backend (needs make triton-env)")

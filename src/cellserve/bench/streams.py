@@ -44,6 +44,9 @@ except ImportError:  # built without grpc++: the Python client drives every depl
     _loadgen = None
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
+# S swept: doublings while far from saturation, then steps of at most 1.25x up to 2048 (a deployment's sweep
+# stops at its first S it does not sustain, so the fine steps cost only where they matter)
+STREAMS = (8, 16, 32, 64, 80, 100, 125, 160, 200, 250, 320, 400, 500, 640, 800, 1000, 1250, 1600, 2048)
 DEPLOYMENTS = ("per-stream-ort", "graph", "cellular", "cellular-python", "triton")
 MODELS = {"graph": "vad-graph", "cellular": "vad-cellular", "cellular-python": "vad-cellular", "triton": "vad"}
 TRITON_ENV = Path(".venv-triton")  # `make triton-env`
@@ -327,7 +330,7 @@ def bytes_per_session(server: ServeProcess, sessions: int) -> float:
     return (after - before) / sessions
 
 
-def run(message_ms=(96,), streams=(8, 16, 32, 64, 128, 256, 512, 1024), deployments=DEPLOYMENTS[:4],
+def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
         seconds: float = 5.0, idle_sessions: int = 10_000, seed: int = 0, json_path=None,
         triton_env: Path = TRITON_ENV) -> dict:
     path = silero_file()
