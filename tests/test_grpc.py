@@ -474,3 +474,26 @@ def test_the_front_end_is_chosen_named_and_falls_back_where_grpc_plus_plus_is_mi
         grpc_front.grpc_frontend_of("native")
     with pytest.raises(ValueError, match="one of native, python"):
         grpc_front.grpc_frontend_of("rust")
+
+
+@pytest.mark.skipif(len(GRPC_FRONTENDS) < 2, reason="this build has no native gRPC front end (grpc++ missing)")
+def test_both_front_ends_answer_the_embedded_speller_byte_identically():
+    from cellserve.tasks.speller import encode_number
+
+    requests = []
+    for i, number in enumerate(["7", "1234", "90210"]):
+        request = pb.ModelInferRequest(model_name="speller", id=str(i))
+        request.inputs.add(name="tokens", datatype="INT64", shape=[1, len(number)])
+        request.raw_input_contents.append(np.array([encode_number(number)], np.int64).tobytes())
+        request.inputs.add(name="max_output_tokens", datatype="INT64", shape=[1])
+        request.raw_input_contents.append(np.array([16], np.int64).tobytes())
+        requests.append(request.SerializeToString())
+    seen = {}
+    for frontend in GRPC_FRONTENDS:
+        app = create_app(Repository.defaults(), grpc_port=0, grpc_frontend=frontend)
+        with BackgroundServer(app), grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+            seen[frontend] = [raw_unary(channel)(r, timeout=30) for r in requests]
+    assert seen["native"] == seen["python"]
+    words = pb.ModelInferResponse.FromString(seen["native"][1])
+    text = words.raw_output_contents[[o.name for o in words.outputs].index("text")]
+    assert text[4:] == b"one thousand two hundred thirty four"  # (BYTES: a 4-byte length, then the text)
