@@ -15,6 +15,7 @@ traffic stays on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import multiprocessing
@@ -190,12 +191,12 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
     if not frontends:
         console.print("this build has no native gRPC front end or load generator (grpc++ was missing): gRPC rows "
                       "are skipped")
-    servers = {}
     rows = []
-    try:
-        servers["http"] = ServeProcess().__enter__()
+    with contextlib.ExitStack() as started:
+        servers = {"http": started.enter_context(ServeProcess())}
         for frontend in frontends:
-            servers[frontend] = servers["http"] if frontend == "native" else ServeProcess(frontend=frontend).__enter__()
+            servers[frontend] = servers["http"] if frontend == "native" else \
+                started.enter_context(ServeProcess(frontend=frontend))
         port = servers["http"].port
         with limit_threads(1):
             engine = Engine(make_runner(load_default(), 1024), "cellular", max_batch=64).start()
@@ -244,9 +245,6 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                 rows.append(row)
             engine.stop()
             floor.terminate()
-    finally:
-        for server in set(servers.values()):
-            server.__exit__()
     grpc_columns = [column for f in frontends for column in (
         (f"grpc_{f}_p50_ms", f"gRPC {f} p50"), (f"grpc_{f}_overhead_p50_ms", f"gRPC {f} +p50 ms"),
         (f"grpc_{f}_p99_ms", f"gRPC {f} p99"), (f"grpc_{f}_server_cpu_ms", f"gRPC {f} server CPU ms/req"),

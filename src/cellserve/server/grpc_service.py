@@ -273,6 +273,17 @@ class Restricted(grpc.aio.ServerInterceptor):
             deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
+def tls_pem(tls: dict) -> dict:
+    """The PEM bytes of {"certfile", "keyfile"[, "ca_certfile"]}: {"key", "cert", "ca" (None without one)}."""
+    def read(option):
+        if not tls.get(option):
+            return None
+        with open(tls[option], "rb") as f:
+            return f.read()
+
+    return {"key": read("keyfile"), "cert": read("certfile"), "ca": read("ca_certfile")}
+
+
 async def start_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20, restricted=(),
                      tls: dict | None = None):
     """Start the gRPC service on the running event loop; returns (server, bound port). tls: {"certfile",
@@ -283,13 +294,9 @@ async def start_grpc(backend, host: str, port: int, max_message_bytes: int = 64 
     pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(backend), server)
     address = f"{host}:{port}"
     if tls:
-        def read(key):
-            with open(tls[key], "rb") as f:
-                return f.read()
-
-        ca = read("ca_certfile") if tls.get("ca_certfile") else None
-        credentials = grpc.ssl_server_credentials([(read("keyfile"), read("certfile"))], root_certificates=ca,
-                                                  require_client_auth=ca is not None)
+        pem = tls_pem(tls)
+        credentials = grpc.ssl_server_credentials([(pem["key"], pem["cert"])], root_certificates=pem["ca"],
+                                                  require_client_auth=pem["ca"] is not None)
         bound = server.add_secure_port(address, credentials)
     else:
         bound = server.add_insecure_port(address)

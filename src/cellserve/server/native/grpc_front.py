@@ -31,8 +31,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from cellserve.server import tracing
 from cellserve.server.auth import GRPC_GROUPS, refusal
-from cellserve.server.backend import ServiceError
-from cellserve.server.grpc_service import InferenceServicer, _failed, _sequence_id, decode_request, encode_response
+from cellserve.server.backend import GRPC_CODES, ServiceError
+from cellserve.server.grpc_service import (InferenceServicer, _failed, _sequence_id, decode_request, encode_response,
+                                           tls_pem)
 from cellserve.server.telemetry import ACCESS, access_line, internal_error, new_request_id
 
 try:
@@ -48,7 +49,7 @@ REQUESTS = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyReq
             "ModelMetadata": pb.ModelMetadataRequest, "ModelConfig": pb.ModelConfigRequest,
             "ModelStatistics": pb.ModelStatisticsRequest, "RepositoryIndex": pb.RepositoryIndexRequest,
             "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
-            "RepositoryModelUnload": pb.RepositoryModelUnloadRequest, "ModelInfer": pb.ModelInferRequest}
+            "RepositoryModelUnload": pb.RepositoryModelUnloadRequest}  # the control calls
 
 
 class _Abort(Exception):
@@ -85,18 +86,11 @@ class NativeGrpcServer:
     """Serves `inference.GRPCInferenceService` through grpc++; `await stop(grace)` drains it as grpc.aio's
     server does (no new calls; calls under way get `grace` seconds)."""
 
-    frontend = "native"
-
     def __init__(self, backend, address: str, max_message_bytes: int, restricted=(), tls: dict | None = None):
         self.backend = backend  # () -> the Backend
         self.servicer = InferenceServicer(backend)
         self.restricted = list(restricted)
-        pem = {}
-        if tls:
-            for key, option in (("key", "keyfile"), ("cert", "certfile"), ("ca", "ca_certfile")):
-                if tls.get(option):
-                    with open(tls[option]) as f:
-                        pem[key] = f.read()
+        pem = {k: v.decode() for k, v in tls_pem(tls).items() if v is not None} if tls else {}
         self.front = _grpc_front.Front(address, max_message_bytes, **pem)
         self.port = self.front.port
         self.loop = asyncio.get_running_loop()
@@ -151,8 +145,7 @@ class NativeGrpcServer:
         meta = {k.lower(): v.decode("latin-1") for k, v in metadata if not k.endswith("-bin")}
         refused = refusal(self.restricted, GRPC_GROUPS.get(name), meta)
         if refused is not None:
-            return self.front.fail(call, CODES["UNAUTHENTICATED" if refused[0] == 401 else "PERMISSION_DENIED"],
-                                   refused[1])
+            return self.front.fail(call, CODES[GRPC_CODES[refused[0]]], refused[1])
         if kind == _grpc_front.STREAM_MESSAGE:
             self.streams[call] = stream = _Stream(meta)
             return self._stream_message(call, stream, payload)
