@@ -1,6 +1,7 @@
 // A gRPC load generator for the benches, as Triton's perf_analyzer is: messages are encoded by the caller
 // before the clock starts, sent from native threads on grpc++'s callback API, and answers are matched by
-// their request id (parsed with the protocol's generated messages). On 2 shared cores, a client in Python
+// their request id (parsed through the protocol's descriptors, which tritonclient ships: as dynamic messages,
+// so that no second copy of the generated messages meets the front end's in one process). On 2 shared cores, a client in Python
 // (tritonclient, grpc.aio) costs the server as much CPU as it measures; this one costs a few microseconds
 // a message.
 //
@@ -25,11 +26,53 @@
 #include <thread>
 #include <vector>
 
-#include "grpc_service.pb.h"
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/descriptor.pb.h>
+#include <google/protobuf/dynamic_message.h>
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// ModelStreamInferResponse as a dynamic message, from tritonclient's descriptors (set up at import).
+struct Protocol {
+  google::protobuf::DescriptorPool pool;
+  std::unique_ptr<google::protobuf::DynamicMessageFactory> factory;
+  const google::protobuf::Message *answer = nullptr;
+  const google::protobuf::FieldDescriptor *infer_response, *id, *error_message;
+} protocol;
+
+// The descriptors of tritonclient.grpc's model_config_pb2 and service_pb2 into the pool; false with a Python error.
+bool load_protocol() {
+  for (const char *name : {"tritonclient.grpc.model_config_pb2", "tritonclient.grpc.service_pb2"}) {
+    PyObject *module = PyImport_ImportModule(name);
+    PyObject *file = module ? PyObject_GetAttrString(module, "DESCRIPTOR") : nullptr;
+    PyObject *bytes = file ? PyObject_GetAttrString(file, "serialized_pb") : nullptr;
+    Py_XDECREF(module);
+    Py_XDECREF(file);
+    if (!bytes) return false;
+    google::protobuf::FileDescriptorProto proto;
+    bool ok = PyBytes_Check(bytes) && proto.ParseFromArray(PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes)) &&
+              protocol.pool.BuildFile(proto) != nullptr;
+    Py_DECREF(bytes);
+    if (!ok) {
+      PyErr_Format(PyExc_ImportError, "the protocol's descriptors in %s do not load", name);
+      return false;
+    }
+  }
+  const auto *answer = protocol.pool.FindMessageTypeByName("inference.ModelStreamInferResponse");
+  const auto *response = protocol.pool.FindMessageTypeByName("inference.ModelInferResponse");
+  if (!answer || !response) {
+    PyErr_SetString(PyExc_ImportError, "tritonclient's descriptors lack ModelStreamInferResponse");
+    return false;
+  }
+  protocol.factory = std::make_unique<google::protobuf::DynamicMessageFactory>(&protocol.pool);
+  protocol.answer = protocol.factory->GetPrototype(answer);
+  protocol.infer_response = answer->FindFieldByName("infer_response");
+  protocol.error_message = answer->FindFieldByName("error_message");
+  protocol.id = response->FindFieldByName("id");
+  return true;
+}
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
@@ -163,14 +206,16 @@ class StreamRun : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuf
   void OnReadDone(bool ok) override {
     if (!ok) return;
     double now = std::chrono::duration<double>(Clock::now() - start_).count();
-    inference::ModelStreamInferResponse answer;
-    if (answer.ParseFromString(string_of(in_))) {
-      const std::string &id = answer.infer_response().id();
+    std::unique_ptr<google::protobuf::Message> answer(protocol.answer->New());
+    if (answer->ParseFromString(string_of(in_))) {
+      const auto *reflect = answer->GetReflection();
+      const std::string id = reflect->GetMessage(*answer, protocol.infer_response).GetReflection()->GetString(
+          reflect->GetMessage(*answer, protocol.infer_response), protocol.id);
       char *end = nullptr;
       unsigned long i = std::strtoul(id.c_str(), &end, 10);
       if (!id.empty() && *end == '\0' && i < latency_.size()) {
         latency_[i] = now - at_[i];
-        error_[i] = !answer.error_message().empty();
+        error_[i] = !reflect->GetString(*answer, protocol.error_message).empty();
       }
     }
     in_.Clear();
@@ -301,4 +346,4 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_loadgen", "A native gRPC load
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__loadgen(void) { return PyModule_Create(&module_def); }
+PyMODINIT_FUNC PyInit__loadgen(void) { return load_protocol() ? PyModule_Create(&module_def) : nullptr; }
