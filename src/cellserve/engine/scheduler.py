@@ -368,6 +368,22 @@ class Engine:
             if self.observer:
                 self.observer.on_batch(cell_type, rows + padded, seconds)
 
+    def count_lane_step(self, rows: int, seconds: float, kernel: float, latencies, ok: bool = True) -> None:
+        """A step that a native front end's lane (engine/lane.py) ran for this model, outside this engine:
+        counted with the engine's own (each message one request submitted and answered), so statistics,
+        metrics and the live page show the model whole. latencies: each request's seconds from arrival
+        to result."""
+        with self._cv:
+            self._count_steps([("lane", rows, 0, seconds, kernel, time.perf_counter(), self.stats.steps + 1)])
+            self.stats.submitted += len(latencies)
+            if ok:
+                self.stats.completed += len(latencies)
+            else:
+                self.stats.failed += len(latencies)
+        self._account(seconds, kernel, 1)
+        if ok and self.observer and hasattr(self.observer, "on_latencies"):
+            self.observer.on_latencies(latencies)
+
     def _account(self, seconds: float, kernel: float, steps: int) -> None:
         """Wall time of `steps` steps and the part of it outside the model's kernels (the overhead metric)."""
         overhead = max(0.0, seconds - kernel)

@@ -173,6 +173,28 @@ class ImportedModel:
                     out[i][spec["name"]] = row[spec["name"]]
         return out
 
+    # --- rows already stacked (the stream lane's step: one call over every row of a step) ----------------
+    def front_stacked(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Graph inputs stacked along their batch axes -> the core's input frames [T, B, F]."""
+        if self._front is None:
+            return feeds[self.spec["core_input"]]
+        return self._run(self._front, [self.spec["core_input"]], self._feeds(self._front, feeds))[0]
+
+    def head_stacked(self, feeds: dict[str, np.ndarray], ys: np.ndarray, finals: list[tuple],
+                     names: list[str]) -> list[np.ndarray]:
+        """The head's outputs `names` for B rows at once: graph inputs `feeds`, the top layer's outputs ys
+        [T, B, D*H] and every cell's final state (finals[l * D + d] = (h[, c]), each [B, H])."""
+        dirs, hidden = self.rnn.num_directions, self.rnn.hidden_size
+        feeds = dict(feeds)
+        for source in self.spec["core_outputs"]:
+            if source["kind"] == "Y":  # ONNX's [T, D, B, H]
+                feeds[source["name"]] = np.ascontiguousarray(
+                    ys.reshape(len(ys), -1, dirs, hidden).transpose(0, 2, 1, 3))
+            else:
+                which = 0 if source["kind"] == "Y_h" else 1
+                feeds[source["name"]] = np.stack([finals[source["layer"] * dirs + d][which] for d in range(dirs)])
+        return self._run(self._head, names, {n: feeds[n] for n in self._head_feeds})
+
     def frames_of(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One row's core input frames (T, F)."""
         return self.frames_batch([inputs])[0]

@@ -86,6 +86,7 @@ class LocalBackend:
         self.repository, self.max_body_bytes, self.replica = repository, max_body_bytes, replica
         self.model_control = model_control
         self.draining = False  # shutting down: not ready, new work refused, accepted work finishes
+        self.drain_hooks: list[Callable[[], None]] = []  # what else stops opening sessions then (native lanes)
         self.metrics = Metrics()
         self.live_view = LiveView()
         for served in repository.models.values():
@@ -116,6 +117,8 @@ class LocalBackend:
 
     def begin_drain(self) -> None:
         self.draining = True
+        for hook in self.drain_hooks:
+            hook()
 
     def pending_limit(self, name: str) -> int:
         served = self.repository.get(name)

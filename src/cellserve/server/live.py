@@ -38,7 +38,7 @@ class ModelSeries:
         self.samples.append({"time": now, "completed": counters["completed"] - self.last["completed"],
                              "failed": counters["failed"] - self.last["failed"], "latency": histogram,
                              "steps": steps, "queue_depth": engine.queue_depth, "running": engine.active,
-                             "sessions": engine.sessions})
+                             "sessions": self.served.sessions})
         self.last = counters
 
 
@@ -129,7 +129,7 @@ def _summary(series: ModelSeries, samples: list[dict], interval_s: float) -> dic
     return {
         "version": served.version, "policy": engine.policy, "max_batch": engine.max_batch,
         "max_running": engine.max_running, "step_loop": engine.runner.step_loop,
-        "queue_depth": engine.queue_depth, "running": engine.active, "sessions": engine.sessions,
+        "queue_depth": engine.queue_depth, "running": engine.active, "sessions": served.sessions,
         "window": {"seconds": len(samples) * interval_s, "completed": completed,
                    "failed": sum(x["failed"] for x in samples),
                    "throughput_rps": completed / (len(samples) * interval_s) if samples else 0.0,

@@ -40,7 +40,7 @@ class Metrics:
         """Sample a model's engine at scrape time, and observe its batches and finished requests (their
         latencies also go to `live`, a live.ModelSeries, when given)."""
         name, engine = served.name, served.engine
-        self.sessions.labels(name).set_function(lambda: engine.sessions)
+        self.sessions.labels(name).set_function(lambda: served.sessions)
         self.pool_used.labels(name).set_function(lambda: engine.runner.used)
         self.pool_capacity.labels(name).set(engine.runner.capacity)
         self.queue_depth.labels(name).set_function(lambda: engine.queue_depth)
@@ -70,6 +70,13 @@ class EngineObserver:
     def on_step(self, overhead: float, seconds: float, kernel: float = 0.0) -> None:
         self.overhead.observe(overhead)
         self.kernel.inc(kernel)
+
+    def on_latencies(self, latencies) -> None:
+        """Requests a native lane answered: their seconds from arrival to result."""
+        for seconds in latencies:
+            self.latency.observe(seconds)
+        if self.live is not None:
+            self.live.latencies.extend(latencies)
 
     def on_done(self, req) -> None:
         now = time.perf_counter()

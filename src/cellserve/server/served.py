@@ -27,6 +27,12 @@ class ServedModel:
         self.stats = InferenceStats()
         runner = self.family.runner(config.capacity, config.block_steps, config.step_loop)
         self.engine = Engine(runner, config=config.engine_config())
+        self.lane_sessions = lambda: 0  # sessions a native front end's lane holds for it (server/native)
+
+    @property
+    def sessions(self) -> int:
+        """Open sessions: the engine's and a native lane's."""
+        return self.engine.sessions + self.lane_sessions()
 
     @property
     def stateful(self) -> bool:

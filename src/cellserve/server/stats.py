@@ -34,16 +34,17 @@ class InferenceStats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, ok: bool, total: float, parse: float = 0.0, queue: float = 0.0, infer: float = 0.0,
-               output: float = 0.0, rows: int = 0) -> None:
+               output: float = 0.0, rows: int = 0, requests: int = 1) -> None:
+        """One request, or `requests` of them with their times summed (a native front end's step)."""
         with self.lock:
             if not ok:
-                self.fail.add(total)
+                self.fail.add(total, requests)
                 return
-            self.success.add(total)
-            self.compute_input.add(parse)
-            self.queue.add(queue)
-            self.compute_infer.add(infer)
-            self.compute_output.add(output)
+            self.success.add(total, requests)
+            self.compute_input.add(parse, requests)
+            self.queue.add(queue, requests)
+            self.compute_infer.add(infer, requests)
+            self.compute_output.add(output, requests)
             self.inference_count += rows
             self.last_inference = int(time.time() * 1000)
 
