@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEPS := $(VENV)/.deps-installed
 NATIVE := $(VENV)/.native-built
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*) $(wildcard src/cellserve/engine/native/*) \
-	$(wildcard src/cellserve/server/native/*.cpp) $(wildcard src/cellserve/bench/native/*.cpp)
+	$(wildcard src/cellserve/server/native/*.cpp) $(wildcard src/cellserve/server/native/*.h) $(wildcard src/cellserve/bench/native/*.cpp)
 # The native gRPC front end builds on the distribution's grpc++; installed here when missing and we are root
 # (without it the build goes on, and gRPC is served by the Python front end).
 GRPC_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler pkg-config

@@ -30,6 +30,8 @@ MISSING_COMPILER = ("cellserve builds its native kernels with a C++17 compiler, 
 
 
 GRPC_FRONT = "src/cellserve/server/native/grpc_front.cpp"
+LANES = "src/cellserve/server/native/lanes.cpp"
+FRONT_HEADER = "src/cellserve/server/native/front.h"
 LOADGEN = "src/cellserve/bench/native/loadgen.cpp"
 PROTOCOL_FILES = ("model_config.proto", "grpc_service.proto")
 
@@ -56,16 +58,24 @@ def grpc_extensions():
     compile_flags = ["-O2", "-std=c++17", "-fvisibility=hidden", "-Wall", *SANITIZE,
                      *(f for f in flags if not f.startswith(("-l", "-L")))]
     link_flags = [*SANITIZE, *(f for f in flags if f.startswith(("-l", "-L")))]
-    units = [("cellserve.server.native._grpc_front", GRPC_FRONT)]
-    try:  # the load generator's messages come from tritonclient's descriptors (in .venv; not in an isolated build)
+    try:  # the protocol's messages come from tritonclient's descriptors (in .venv; not in an isolated build)
         import google.protobuf  # noqa: F401
         import tritonclient.grpc  # noqa: F401
-        units.append(("cellserve.bench._loadgen", LOADGEN))
+        protocol = True
     except ImportError:
-        print("cellserve: tritonclient is not importable here (an isolated build): building without the benches' "
-              "native load generator", file=sys.stderr)
-    return [Extension(name, sources=[source], extra_compile_args=compile_flags, extra_link_args=link_flags,
-                      language="c++") for name, source in units]
+        protocol = False
+        print("cellserve: tritonclient is not importable here (an isolated build): building the gRPC front end "
+              "without its stream lanes, and without the benches' native load generator", file=sys.stderr)
+    front = Extension("cellserve.server.native._grpc_front", sources=[GRPC_FRONT, *([LANES] if protocol else [])],
+                      depends=[FRONT_HEADER], extra_compile_args=compile_flags + (["-DCELLSERVE_LANES"] if protocol else []),
+                      extra_link_args=link_flags, language="c++")
+    front.protocol = protocol
+    units = [front]
+    if protocol:
+        loadgen = Extension("cellserve.bench._loadgen", sources=[LOADGEN], extra_compile_args=compile_flags,
+                            extra_link_args=link_flags, language="c++")
+        units.append(loadgen)  # (it reads the protocol through tritonclient's descriptors at run time)
+    return units
 
 
 def generate_protocol(out_dir: str) -> list[str]:
@@ -95,7 +105,7 @@ class BuildNative(build_ext):
             for source, flags in (ISA_UNITS.items() if ext.name.endswith("_native") else ()):
                 ext.extra_objects += self.compiler.compile([source], output_dir=self.build_temp,
                                                            include_dirs=[NATIVE], extra_postargs=COMMON + flags)
-            if ext.name.endswith("_loadgen"):
+            if getattr(ext, "protocol", False):  # the front end's lanes and the load generator
                 ext.extra_objects += self._protocol_objects(ext.extra_compile_args)
                 ext.include_dirs.append(os.path.join(self.build_temp, "protocol"))
             super().build_extension(ext)

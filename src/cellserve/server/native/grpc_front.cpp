@@ -13,114 +13,29 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <grpcpp/generic/async_generic_service.h>
-#include <grpcpp/grpcpp.h>
-#include <grpcpp/support/server_callback.h>
-
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <deque>
-#include <memory>
-#include <mutex>
-#include <string>
-#include <unordered_map>
-#include <utility>
-#include <vector>
 
-namespace {
+#include "front.h"
+
+namespace cellserve_front {
 
 const char STREAM_METHOD[] = "/inference.GRPCInferenceService/ModelStreamInfer";
+namespace {
 // A stream's messages read ahead of their answers at most: past it grpc++'s flow control holds the client
 // (without it a fast client's messages piled up in the inbox, megabytes a stream, ahead of Python).
 const int READ_AHEAD = 256;
-enum Kind { UNARY = 0, STREAM_MESSAGE = 1, STREAM_CLOSED = 2, CALL_ENDED = 3, WOKEN = 4 };
+}  // namespace
 
-struct Inbound {
-  uint64_t call;
-  int kind;
-  std::string method, payload;
-  std::vector<std::pair<std::string, std::string>> metadata;  // a call's first message only
-};
-
-struct Inbox {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<Inbound> items;
-  bool stopped = false;
-
-  void push(Inbound &&item) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      items.push_back(std::move(item));
-    }
-    cv.notify_one();
-  }
-};
-
-struct Front;
-
-class Call : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
- public:
-  Call(Front *front, grpc::GenericCallbackServerContext *ctx, uint64_t id);
-  void start();
-  void write(const char *data, size_t size, bool last);  // last: finish OK after it (a unary answer)
-  void fail(grpc::StatusCode code, const std::string &message);
-  void finish_when_written();  // a stream: finish OK once the queued answers are out
-  void pause();
-  void resume();
-
-  void OnReadDone(bool ok) override;
-  void OnWriteDone(bool ok) override;
-  void OnCancel() override;
-  void OnDone() override;
-
- private:
-  void finish_locked(const grpc::Status &status);
-  void read_next_locked();
-  void end(bool cancelled);
-
-  Front *front_;
-  grpc::GenericCallbackServerContext *ctx_;
-  uint64_t id_;
-  bool stream_;
-  std::recursive_mutex mu_;
-  grpc::ByteBuffer in_;
-  std::deque<grpc::ByteBuffer> out_;
-  bool writing_ = false, finished_ = false, finish_after_writes_ = false, paused_ = false, read_waiting_ = false;
-  bool answered_ = false, sent_metadata_ = false;
-  int unanswered_ = 0;  // a stream's messages read and not answered yet
-};
-
-struct Front : grpc::CallbackGenericService {
-  Inbox inbox;
-  std::mutex registry_mu;
-  std::unordered_map<uint64_t, Call *> calls;
-  std::atomic<uint64_t> next_id{1};
-  std::unique_ptr<grpc::Server> server;
-
-  grpc::ServerGenericBidiReactor *CreateReactor(grpc::GenericCallbackServerContext *ctx) override {
-    uint64_t id = next_id++;
-    Call *call = new Call(this, ctx, id);
-    {
-      std::lock_guard<std::mutex> lock(registry_mu);
-      calls[id] = call;
-    }
-    call->start();
-    return call;
-  }
-
-  // Runs `op` on a live call under the registry lock (so the call cannot be deleted meanwhile); false when
-  // the call is gone.
-  template <class Op>
-  bool with_call(uint64_t id, Op op) {
+grpc::ServerGenericBidiReactor *Front::CreateReactor(grpc::GenericCallbackServerContext *ctx) {
+  uint64_t id = next_id++;
+  Call *call = new Call(this, ctx, id);
+  {
     std::lock_guard<std::mutex> lock(registry_mu);
-    auto it = calls.find(id);
-    if (it == calls.end()) return false;
-    op(it->second);
-    return true;
+    calls[id] = call;
   }
-};
+  call->start();
+  return call;
+}
 
 Call::Call(Front *front, grpc::GenericCallbackServerContext *ctx, uint64_t id)
     : front_(front), ctx_(ctx), id_(id), stream_(ctx->method() == STREAM_METHOD) {}
@@ -130,8 +45,10 @@ void Call::start() {
   StartRead(&in_);
 }
 
+bool Call::reading_held() const { return paused_ || lane_holds_ > 0 || unanswered_ >= READ_AHEAD; }
+
 void Call::read_next_locked() {
-  if (paused_ || unanswered_ >= READ_AHEAD) {
+  if (reading_held()) {
     read_waiting_ = true;
   } else {
     StartRead(&in_);
@@ -158,6 +75,17 @@ void Call::OnReadDone(bool ok) {
     for (auto &s : slices) item.payload.append(reinterpret_cast<const char *>(s.begin()), s.size());
   }
   in_.Clear();
+  if (front_->lanes) {  // a lane's session message is answered without Python
+    Offer offer = lanes_offer(front_->lanes, id_, stream_, item.payload);
+    if (offer.what == Offer::FAILED) return fail(offer.code, offer.message);
+    if (offer.what != Offer::PYTHON) {
+      if (!stream_) return;  // (a unary call reads nothing more)
+      unanswered_++;
+      if (offer.hold) lane_holds_++;
+      if (offer.what == Offer::ANSWERED) write(offer.answer.data(), offer.answer.size(), false);
+      return read_next_locked();
+    }
+  }
   if (!sent_metadata_) {  // the call's method and metadata travel with its first message only
     sent_metadata_ = true;
     item.method = std::string(ctx_->method());
@@ -188,7 +116,8 @@ void Call::write(const char *data, size_t size, bool last) {
     writing_ = true;
     StartWrite(&out_.front());
   }
-  if (stream_ && --unanswered_ < READ_AHEAD && read_waiting_ && !paused_) {
+  if (stream_) --unanswered_;
+  if (stream_ && read_waiting_ && !reading_held()) {
     read_waiting_ = false;
     StartRead(&in_);
   }
@@ -205,7 +134,7 @@ void Call::OnWriteDone(bool ok) {
   } else if (!out_.empty()) {
     writing_ = true;
     StartWrite(&out_.front());
-  } else if (finish_after_writes_) {
+  } else if (finish_after_writes_ && unanswered_ == 0) {
     finish_locked(grpc::Status::OK);
   }
 }
@@ -222,7 +151,7 @@ void Call::finish_when_written() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   if (finished_) return;
   finish_after_writes_ = true;
-  if (!writing_) finish_locked(grpc::Status::OK);
+  if (!writing_ && unanswered_ == 0) finish_locked(grpc::Status::OK);
 }
 
 void Call::pause() {
@@ -233,7 +162,16 @@ void Call::pause() {
 void Call::resume() {
   std::lock_guard<std::recursive_mutex> lock(mu_);
   paused_ = false;
-  if (read_waiting_ && !finished_ && unanswered_ < READ_AHEAD) {
+  if (read_waiting_ && !finished_ && !reading_held()) {
+    read_waiting_ = false;
+    StartRead(&in_);
+  }
+}
+
+void Call::release_hold() {
+  std::lock_guard<std::recursive_mutex> lock(mu_);
+  if (lane_holds_ > 0) lane_holds_--;
+  if (read_waiting_ && !finished_ && !reading_held()) {
     read_waiting_ = false;
     StartRead(&in_);
   }
@@ -286,6 +224,9 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
   auto self = reinterpret_cast<FrontObject *>(type->tp_alloc(type, 0));
   if (!self) return nullptr;
   self->front = new Front();
+#ifdef CELLSERVE_LANES
+  self->front->lanes = lanes_new(self->front);
+#endif
   self->port = 0;
   grpc::ServerBuilder builder;
   builder.AddListeningPort(address, credentials, &self->port);
@@ -310,6 +251,7 @@ void shutdown(Front *front, double grace_s) {
     front->server->Wait();
     front->server.reset();
   }
+  if (front->lanes) lanes_stop(front->lanes);
   std::lock_guard<std::mutex> lock(front->inbox.mu);
   front->inbox.stopped = true;
   front->inbox.cv.notify_all();
@@ -320,6 +262,7 @@ void front_dealloc(FrontObject *self) {
     Py_BEGIN_ALLOW_THREADS
     shutdown(self->front, 0.0);
     Py_END_ALLOW_THREADS
+    if (self->front->lanes) lanes_delete(self->front->lanes);
     delete self->front;
   }
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject *>(self));
@@ -433,6 +376,36 @@ PyObject *front_wake(FrontObject *self, PyObject *) {
   Py_RETURN_NONE;
 }
 
+PyObject *front_add_lane(FrontObject *self, PyObject *args) {
+  if (!self->front->lanes) {
+    PyErr_SetString(PyExc_RuntimeError, "this build has no stream lanes (the protocol's messages were not generated)");
+    return nullptr;
+  }
+  return lanes_add(self->front->lanes, args);
+}
+
+PyObject *front_drain(FrontObject *self, PyObject *) {
+  if (self->front->lanes) {
+    Py_BEGIN_ALLOW_THREADS
+    lanes_drain(self->front->lanes);
+    Py_END_ALLOW_THREADS
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject *front_lane_sessions(FrontObject *self, PyObject *arg) {
+  const char *model = PyUnicode_AsUTF8(arg);
+  if (!model) return nullptr;
+  long count = -1;
+  if (self->front->lanes) {
+    std::string name(model);
+    Py_BEGIN_ALLOW_THREADS
+    count = lanes_sessions(self->front->lanes, name);
+    Py_END_ALLOW_THREADS
+  }
+  return PyLong_FromLong(count);
+}
+
 PyObject *front_get_port(FrontObject *self, void *) { return PyLong_FromLong(self->port); }
 
 PyMethodDef front_methods[] = {
@@ -447,6 +420,12 @@ PyMethodDef front_methods[] = {
      "pause(call): read no more of a stream until resume"},
     {"resume", reinterpret_cast<PyCFunction>(front_call_op<&Call::resume>), METH_O, "resume(call)"},
     {"wake", reinterpret_cast<PyCFunction>(front_wake), METH_NOARGS, "wake(): take() returns at once"},
+    {"add_lane", reinterpret_cast<PyCFunction>(front_add_lane), METH_VARARGS,
+     "add_lane(model, version, input, chunk, context, width, max_rows, max_sessions, max_pending_chunks, "
+     "idle_timeout_s, outputs, step): answer the model's session messages natively (lanes.cpp)"},
+    {"drain", reinterpret_cast<PyCFunction>(front_drain), METH_NOARGS, "drain(): lanes open no new sessions"},
+    {"lane_sessions", reinterpret_cast<PyCFunction>(front_lane_sessions), METH_O,
+     "lane_sessions(model): the sessions its lane holds (-1: no lane)"},
     {"shutdown", reinterpret_cast<PyCFunction>(front_shutdown), METH_O,
      "shutdown(grace_s): stop listening, let calls finish for grace_s, cancel the rest"},
     {nullptr, nullptr, 0, nullptr}};
@@ -460,7 +439,9 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_grpc_front",
                           "The gRPC wire in native code (grpc++): messages to Python in batches, answers back by call id.",
                           -1, nullptr};
 
-}  // namespace
+}  // namespace cellserve_front
+
+using namespace cellserve_front;
 
 PyMODINIT_FUNC PyInit__grpc_front(void) {
   FrontType.tp_name = "cellserve.server.native._grpc_front.Front";
@@ -485,5 +466,10 @@ PyMODINIT_FUNC PyInit__grpc_front(void) {
   PyModule_AddIntConstant(m, "STREAM_CLOSED", STREAM_CLOSED);
   PyModule_AddIntConstant(m, "CALL_ENDED", CALL_ENDED);
   PyModule_AddIntConstant(m, "WOKEN", WOKEN);
+#ifdef CELLSERVE_LANES
+  PyModule_AddIntConstant(m, "LANES", 1);
+#else
+  PyModule_AddIntConstant(m, "LANES", 0);
+#endif
   return m;
 }

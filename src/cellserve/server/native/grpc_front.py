@@ -13,12 +13,19 @@ Streams: a stream's messages are submitted in arrival order on the dispatcher th
 keep theirs) and answered as they finish; while one of its sessions has more than max_pending_chunks
 unanswered, grpc++ stops reading that stream (the client's sends wait), so load never refuses a chunk of an
 open session.
+
+Lanes: the session messages of a streaming imported graph (engine/lane.py says which qualify) never reach
+this dispatcher. lanes.cpp parses and checks them, holds their sessions, batches them and calls the model's
+StreamStep once per step (_LaneStep: arrays in and out, and the step's statistics, metrics and access
+lines in one go). Lanes are off where a request must pass through Python: restricted API groups, tracing,
+model control (a model may be replaced), the Ray router, or CELLSERVE_STREAM_LANES=0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import threading
@@ -29,9 +36,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
+import numpy as np
+
+from cellserve.engine.lane import StreamStep
 from cellserve.server import tracing
 from cellserve.server.auth import GRPC_GROUPS, refusal
-from cellserve.server.backend import GRPC_CODES, ServiceError
+from cellserve.server.backend import GRPC_CODES, LocalBackend, ServiceError
+from cellserve.server.snapshot import to_text
 from cellserve.server.grpc_service import (InferenceServicer, _failed, _sequence_id, decode_request, encode_response,
                                            tls_pem)
 from cellserve.server.telemetry import ACCESS, access_line, internal_error, new_request_id
@@ -98,8 +109,33 @@ class NativeGrpcServer:
         self.streams: dict[int, _Stream] = {}
         self.unary: dict[int, object] = {}  # call -> its submission, cancelled when the client goes away
         self.finished: collections.deque = collections.deque()  # (function, args) handed over by the engine
+        self.lanes = self._add_lanes(backend())
         self.thread = threading.Thread(target=self._serve, name="cellserve-grpc", daemon=True)
         self.thread.start()
+
+    def _add_lanes(self, backend) -> list[str]:
+        """A lane for every model that qualifies, where nothing asks for Python per request; their names."""
+        if (not getattr(_grpc_front, "LANES", 0) or os.environ.get("CELLSERVE_STREAM_LANES", "1") == "0"
+                or self.restricted or tracing.TRACER is not None or not isinstance(backend, LocalBackend)
+                or backend.model_control != "none"):
+            return []
+        names = []
+        for served in backend.repository.models.values():
+            step = StreamStep.of(served.family, served.engine.runner, served.config.policy)
+            if isinstance(step, str):
+                log.debug("model %s: no native stream lane (%s)", served.name, step)
+                continue
+            config = served.config
+            self.front.add_lane(served.name, served.version, step.input, step.samples, step.context, step.width,
+                                config.max_batch, config.max_sessions or served.engine.runner.capacity,
+                                config.max_pending_chunks, float(config.idle_timeout_s),
+                                [(o["name"], o["rest"]) for o in step.outputs], _LaneStep(backend, served, step))
+            served.lane_sessions = functools.partial(self.front.lane_sessions, served.name)
+            names.append(served.name)
+        if names:
+            backend.drain_hooks.append(self.front.drain)
+            log.info("gRPC stream lanes (sessions answered natively): %s", ", ".join(names))
+        return names
 
     async def stop(self, grace: float | None = None) -> None:
         await self.loop.run_in_executor(None, self.front.shutdown, float(grace or 0.0))
@@ -294,6 +330,49 @@ class NativeGrpcServer:
                 left = list(stream.submissions)
             for sub in left:
                 sub.cancel()
+
+
+class _LaneStep:
+    """A model's StreamStep as lanes.cpp calls it, once per step: the step's arrays as bytes in, arrays out,
+    and the step's statistics, metrics and access lines recorded together."""
+
+    def __init__(self, backend: LocalBackend, served, step: StreamStep):
+        self.backend, self.served, self.step = backend, served, step
+        self.success = backend.metrics.requests.labels(served.name, "success")
+        self.failure = backend.metrics.requests.labels(served.name, "http_500")
+
+    def __call__(self, x, counts, state, queued, n, most, row, snapshot_rows, ids):
+        start, served = time.perf_counter(), self.served
+        x = np.frombuffer(x, np.float32).reshape(n, most, row)
+        counts = np.frombuffer(counts, np.int32)
+        state = np.frombuffer(state, np.float32).reshape(n, self.step.width)
+        queued = np.frombuffer(queued, np.float64)
+        kernel = served.family.compute_seconds
+        try:
+            outputs, final = self.step(x, counts, state)
+            snapshots = [None] * n
+            for i in snapshot_rows:
+                snapshot = self.step.snapshot(x[i], int(counts[i]), final[i])
+                snapshots[i] = to_text(served.name, served.architecture, snapshot)
+        except Exception:
+            log.exception("model %s: a native lane's step failed (%d requests)", served.name, n)
+            seconds = time.perf_counter() - start
+            served.stats.record(False, float(queued.sum()) + n * seconds, requests=n)
+            self.failure.inc(n)
+            served.engine.count_lane_step(n, seconds, 0.0, queued + seconds, ok=False)
+            raise
+        seconds = time.perf_counter() - start
+        kernel = served.family.compute_seconds - kernel + self.step.core_seconds
+        served.stats.record(True, float(queued.sum()) + n * seconds, queue=float(queued.sum()), infer=n * seconds,
+                            rows=int(counts.sum()), requests=n)
+        self.success.inc(n)
+        latencies = queued + seconds
+        served.engine.count_lane_step(n, seconds, kernel, latencies)
+        if ACCESS.isEnabledFor(logging.INFO):
+            for rid, wait, chunks in zip(ids, queued.tolist(), counts.tolist()):
+                access_line(rid or new_request_id(), served.name, "grpc", 200, wait + seconds,
+                            {"rows": chunks, "parse_s": 0.0, "queue_s": wait, "compute_s": seconds})
+        return outputs, final, snapshots
 
 
 async def start_native_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20, restricted=(),

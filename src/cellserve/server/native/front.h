@@ -1,0 +1,127 @@
+// The native gRPC front end's parts, shared by its translation units: the inbox Python drains (grpc_front.cpp),
+// the calls (grpc++ reactors, grpc_front.cpp) and the stream lanes (lanes.cpp), which answer the session
+// messages of the models Python hands them without Python per message.
+#pragma once
+
+#include <Python.h>
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/support/server_callback.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace cellserve_front {
+
+extern const char STREAM_METHOD[];
+enum Kind { UNARY = 0, STREAM_MESSAGE = 1, STREAM_CLOSED = 2, CALL_ENDED = 3, WOKEN = 4 };
+
+struct Inbound {
+  uint64_t call;
+  int kind;
+  std::string method, payload;
+  std::vector<std::pair<std::string, std::string>> metadata;  // a call's first message for Python only
+};
+
+struct Inbox {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Inbound> items;
+  bool stopped = false;
+
+  void push(Inbound &&item) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      items.push_back(std::move(item));
+    }
+    cv.notify_one();
+  }
+};
+
+// What a lane does with a message it was offered (Lanes::offer).
+struct Offer {
+  enum What { PYTHON, TAKEN, ANSWERED, FAILED } what = PYTHON;
+  bool hold = false;               // TAKEN: the stream's session is past its pending chunks: read no further
+  std::string answer;              // ANSWERED: a stream's error message (ModelStreamInferResponse)
+  grpc::StatusCode code = grpc::StatusCode::OK;  // FAILED: a unary call's status
+  std::string message;
+};
+
+struct Front;
+struct Lanes;
+
+class Call : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  Call(Front *front, grpc::GenericCallbackServerContext *ctx, uint64_t id);
+  void start();
+  void write(const char *data, size_t size, bool last);  // last: finish OK after it (a unary answer)
+  void fail(grpc::StatusCode code, const std::string &message);
+  void finish_when_written();  // a stream: finish OK once every message read is answered and written
+  void pause();
+  void resume();
+  void release_hold();  // a lane's session is back under its pending chunks: read on (when nothing else holds)
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  void finish_locked(const grpc::Status &status);
+  void read_next_locked();
+  bool reading_held() const;
+
+  Front *front_;
+  grpc::GenericCallbackServerContext *ctx_;
+  uint64_t id_;
+  bool stream_;
+  std::recursive_mutex mu_;
+  grpc::ByteBuffer in_;
+  std::deque<grpc::ByteBuffer> out_;
+  bool writing_ = false, finished_ = false, finish_after_writes_ = false, paused_ = false, read_waiting_ = false;
+  bool answered_ = false, sent_metadata_ = false;
+  int unanswered_ = 0;  // a stream's messages read and not answered yet (Python's and the lanes')
+  int lane_holds_ = 0;  // lane sessions of this stream past their pending chunks
+};
+
+struct Front : grpc::CallbackGenericService {
+  Inbox inbox;
+  std::mutex registry_mu;
+  std::unordered_map<uint64_t, Call *> calls;
+  std::atomic<uint64_t> next_id{1};
+  std::unique_ptr<grpc::Server> server;
+  Lanes *lanes = nullptr;  // built with the protocol's messages (lanes.cpp); else every message goes to Python
+
+  grpc::ServerGenericBidiReactor *CreateReactor(grpc::GenericCallbackServerContext *ctx) override;
+
+  // Runs `op` on a live call under the registry lock (so the call cannot be deleted meanwhile); false when
+  // the call is gone. Lock order: registry, then a call's, then a lane's.
+  template <class Op>
+  bool with_call(uint64_t id, Op op) {
+    std::lock_guard<std::mutex> lock(registry_mu);
+    auto it = calls.find(id);
+    if (it == calls.end()) return false;
+    op(it->second);
+    return true;
+  }
+};
+
+// lanes.cpp (only where the protocol's messages were generated: CELLSERVE_LANES)
+Lanes *lanes_new(Front *front);
+Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload);  // under the call's lock
+void lanes_stop(Lanes *lanes);     // without the GIL: the workers finish their steps and end
+void lanes_delete(Lanes *lanes);   // with the GIL (drops the step functions)
+PyObject *lanes_add(Lanes *lanes, PyObject *args);  // with the GIL: Front.add_lane's arguments
+void lanes_drain(Lanes *lanes);
+long lanes_sessions(Lanes *lanes, const std::string &model);
+
+}  // namespace cellserve_front

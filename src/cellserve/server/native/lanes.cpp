@@ -1,0 +1,617 @@
+// Stream lanes: the session messages of a streaming model (ModelInfer and ModelStreamInfer with a
+// sequence_id), parsed, checked, held per session, batched and answered here, without Python per message.
+//
+// Python registers a lane per model it can hand over (server/native/grpc_front.py): the one input a client
+// sends (FP32 [chunks, samples]), the samples of context a session keeps, the width of its flat state, the
+// outputs, the session limits, and `step`, the model's computation on a batch of messages
+// (engine/lane.py). A lane's worker thread takes every message whose session is idle (one per session,
+// in arrival order), up to the model's rows per step, and calls `step` once for all of them: Python runs once
+// per engine step, never per message (BatchMaker: one cell invocation per step, whatever the request count).
+//
+// What a lane does not take goes to Python as before: other models, malformed or ill-shaped requests (Python
+// words the error), sessions it does not hold (unknown, expired, restored from a snapshot, or opened over
+// HTTP), and restores. A session lives where it was opened; its later messages follow it.
+//
+// Locks: a call's lock is held while it offers a message (OnReadDone), so the lane never takes a call's or
+// the registry's lock under its own; the worker answers (and releases held streams) after letting it go.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <unordered_set>
+
+#include "front.h"
+#include "grpc_service.pb.h"
+
+namespace cellserve_front {
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct Job {
+  uint64_t call;
+  bool stream, start, end, snapshot;
+  std::string id, sid;
+  int chunks;
+  std::vector<float> samples;       // chunks x the lane's samples per chunk
+  std::vector<std::string> wanted;  // the outputs asked for, in order (none: all)
+  double arrival;
+};
+
+struct Session {
+  std::vector<float> state, context;
+  bool busy = false, ending = false;  // ending: its last message has arrived
+  std::deque<Job> waiting;            // its messages behind the one in a step
+  int pending = 0;                    // its chunks not answered yet
+  std::vector<uint64_t> holding;      // streams held for it (pending past the limit)
+  double last_active = 0;
+};
+
+struct Output {
+  std::string name;
+  std::vector<int64_t> rest;  // a chunk's shape after its batch axis
+  size_t size;                // a chunk's elements
+};
+
+// A request a lane refused: the stream's error message, or the unary call's status.
+Offer refused(const inference::ModelInferRequest &request, bool stream, grpc::StatusCode code, const std::string &text) {
+  Offer offer;
+  if (stream) {
+    inference::ModelStreamInferResponse answer;
+    answer.set_error_message(text);
+    auto *failed = answer.mutable_infer_response();
+    failed->set_model_name(request.model_name());
+    failed->set_model_version(request.model_version());
+    failed->set_id(request.id());
+    offer.what = Offer::ANSWERED;
+    answer.SerializeToString(&offer.answer);
+  } else {
+    offer.what = Offer::FAILED;
+    offer.code = code;
+    offer.message = text;
+  }
+  return offer;
+}
+
+// Python's repr of a str without quotes or backslashes in it ('x'): the engine's messages name sequences so.
+std::string quoted(const std::string &sid) { return "'" + sid + "'"; }
+
+}  // namespace
+
+struct Lane {
+  Front *front;
+  std::string model, version, input;
+  int chunk, context, width, max_rows, max_sessions, max_pending;
+  double idle_timeout;
+  std::vector<Output> outputs;
+  PyObject *step;  // step(x, counts, state, queued, n, most, row, snapshot_rows, ids) -> (outputs, state, snapshots)
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::unordered_map<std::string, Session> sessions;
+  std::unordered_set<std::string> python_owned;  // sessions opened through Python (restores): theirs
+  std::deque<Job> ready;
+  bool stopping = false, draining = false;
+  std::thread worker;
+
+  Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
+  void run();
+  void finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector<std::vector<float>> &outs,
+              std::vector<std::string> &snapshots, const std::string &error, std::vector<float> &x, int width_x,
+              int most);
+};
+
+struct Lanes {
+  Front *front;
+  std::mutex mu;  // the map; lanes are added before serving and live until the front is deleted
+  std::unordered_map<std::string, std::unique_ptr<Lane>> by_model;
+};
+
+Lanes *lanes_new(Front *front) { return new Lanes{front, {}, {}}; }
+
+// --- taking a message --------------------------------------------------------------------------------------
+
+Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload) {
+  inference::ModelInferRequest request;
+  if (!request.ParseFromString(payload)) return Offer{};  // Python words the error
+  Lane *lane;
+  {
+    std::lock_guard<std::mutex> lock(lanes->mu);
+    auto it = lanes->by_model.find(request.model_name());
+    if (it == lanes->by_model.end()) return Offer{};
+    lane = it->second.get();
+  }
+  return lane->offer(request, call, stream);
+}
+
+Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream) {
+  if (!request.model_version().empty() && request.model_version() != version) return Offer{};
+  // the sequence parameters: exactly as the Python path reads them, else Python answers
+  const auto &params = request.parameters();
+  auto sid_param = params.find("sequence_id");
+  if (sid_param == params.end()) return Offer{};
+  std::string sid;
+  if (sid_param->second.parameter_choice_case() == inference::InferParameter::kInt64Param &&
+      sid_param->second.int64_param() != 0)
+    sid = std::to_string(sid_param->second.int64_param());
+  else if (sid_param->second.parameter_choice_case() == inference::InferParameter::kStringParam &&
+           !sid_param->second.string_param().empty())
+    sid = sid_param->second.string_param();
+  else
+    return Offer{};
+  if (sid.find_first_of("'\\") != std::string::npos) return Offer{};  // (the engine's messages quote it)
+  bool flags[4] = {false, false, false, false};
+  const char *names[4] = {"sequence_start", "sequence_end", "sequence_snapshot", "sequence_restore"};
+  for (int i = 0; i < 4; i++) {
+    auto it = params.find(names[i]);
+    if (it == params.end()) continue;
+    if (it->second.parameter_choice_case() != inference::InferParameter::kBoolParam) return Offer{};
+    flags[i] = it->second.bool_param();
+  }
+  const bool start = flags[0], end = flags[1], snapshot = flags[2], restore = flags[3];
+  if (start && restore) return Offer{};
+  // the one input, FP32 [chunks, samples], finite
+  if (request.inputs_size() != 1) return Offer{};
+  const auto &tensor = request.inputs(0);
+  if (tensor.name() != input || tensor.datatype() != "FP32" || tensor.shape_size() != 2 || tensor.shape(0) < 1 ||
+      tensor.shape(0) > 1 << 20 || tensor.shape(1) != chunk)
+    return Offer{};
+  const int chunks = static_cast<int>(tensor.shape(0));
+  const size_t count = static_cast<size_t>(chunks) * chunk;
+  Job job{call, stream, start, end, snapshot, request.id(), sid, chunks, {}, {}, now_s()};
+  job.samples.resize(count);
+  if (request.raw_input_contents_size() == 1) {
+    const std::string &raw = request.raw_input_contents(0);
+    if (raw.size() != count * sizeof(float)) return Offer{};
+    memcpy(job.samples.data(), raw.data(), raw.size());
+  } else if (request.raw_input_contents_size() == 0 &&
+             static_cast<size_t>(tensor.contents().fp32_contents_size()) == count) {
+    std::copy(tensor.contents().fp32_contents().begin(), tensor.contents().fp32_contents().end(), job.samples.begin());
+  } else {
+    return Offer{};
+  }
+  for (float v : job.samples)
+    if (!std::isfinite(v)) return Offer{};
+  for (const auto &asked : request.outputs()) {
+    bool known = snapshot && asked.name() == "sequence_snapshot";
+    for (const auto &o : outputs) known = known || o.name == asked.name();
+    if (!known) return Offer{};
+    job.wanted.push_back(asked.name());
+  }
+  // the session: where it lives decides who answers
+  Offer taken;
+  taken.what = Offer::TAKEN;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (stopping) return Offer{};
+    if (restore) {  // the engine opens it from the snapshot (a session of that name here is replaced)
+      auto here = sessions.find(sid);
+      if (here != sessions.end() && !here->second.busy) sessions.erase(here);
+      if (!end) python_owned.insert(sid);
+      return Offer{};
+    }
+    if (python_owned.count(sid)) {
+      if (end) python_owned.erase(sid);  // (its next opening may be ours)
+      return Offer{};
+    }
+    auto it = sessions.find(sid);
+    if (start) {
+      if (draining)
+        return refused(request, stream, grpc::StatusCode::UNAVAILABLE,
+                       "the server is shutting down: it finishes open sessions but takes no new work; retry on "
+                       "another replica");
+      if (it != sessions.end()) {
+        if (it->second.busy)
+          return refused(request, stream, grpc::StatusCode::INVALID_ARGUMENT,
+                         "sequence " + quoted(sid) + " has chunks in flight; end it before restarting");
+        it->second = Session{};
+      } else {
+        if (static_cast<int>(sessions.size()) >= max_sessions)
+          return refused(request, stream, grpc::StatusCode::UNAVAILABLE,
+                         "this model holds its maximum of " + std::to_string(max_sessions) +
+                             " open sequences; end one (sequence_end) or retry later");
+        it = sessions.emplace(sid, Session{}).first;
+      }
+      it->second.state.assign(width, 0.0f);
+      it->second.context.assign(context, 0.0f);
+    } else if (it == sessions.end() || it->second.ending) {
+      return Offer{};  // unknown or ended here: the engine knows it, or says why not
+    }
+    Session &session = it->second;
+    session.last_active = job.arrival;
+    session.ending = end;
+    session.pending += chunks;
+    if (stream && session.pending > max_pending &&
+        std::find(session.holding.begin(), session.holding.end(), call) == session.holding.end()) {
+      session.holding.push_back(call);
+      taken.hold = true;
+    }
+    if (session.busy) {
+      session.waiting.push_back(std::move(job));
+    } else {
+      session.busy = true;
+      ready.push_back(std::move(job));
+      cv.notify_one();
+    }
+  }
+  return taken;
+}
+
+// --- the worker: one step per batch of ready messages --------------------------------------------------------
+
+namespace {
+
+// A Python buffer of `count` float32 (or int32) values, C-contiguous; false with a Python error otherwise.
+bool exact_buffer(PyObject *obj, size_t count, size_t item, Py_buffer *view) {
+  if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return false;
+  if (static_cast<size_t>(view->len) != count * item || view->itemsize != static_cast<Py_ssize_t>(item)) {
+    PyBuffer_Release(view);
+    PyErr_Format(PyExc_ValueError, "a lane step returned %zd bytes where %zu were expected", view->len, count * item);
+    return false;
+  }
+  return true;
+}
+
+// A failed step's error for its requests: "internal error (ExceptionType)"; the traceback goes to stderr (the
+// step logs its own failures; this catches what fails around it).
+std::string python_error() {
+  PyObject *type, *value, *trace;
+  PyErr_Fetch(&type, &value, &trace);
+  PyErr_NormalizeException(&type, &value, &trace);
+  if (type && !PyErr_GivenExceptionMatches(type, PyExc_Exception)) PyErr_Clear();
+  if (type) {
+    Py_INCREF(type);
+    Py_XINCREF(value);
+    Py_XINCREF(trace);
+    PyErr_Restore(type, value, trace);
+    PyErr_Print();
+  }
+  std::string text = "internal error";
+  if (type) {
+    const char *name = reinterpret_cast<PyTypeObject *>(type)->tp_name;
+    const char *dot = strrchr(name, '.');
+    text += std::string(" (") + (dot ? dot + 1 : name) + ")";
+  }
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(trace);
+  return text;
+}
+
+}  // namespace
+
+void Lane::run() {
+  const double sweep = std::max(0.01, std::min(1.0, idle_timeout / 4));
+  double next_sweep = now_s() + sweep;
+  std::vector<Job> jobs;
+  std::vector<float> x, state;
+  std::vector<int32_t> counts;
+  std::vector<double> queued;
+  for (;;) {
+    int most = 0;  // the most chunks of a message in this step
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait_for(lock, std::chrono::duration<double>(sweep), [&] { return stopping || !ready.empty(); });
+      if (ready.empty() && stopping) return;
+      double now = now_s();
+      if (now >= next_sweep) {  // idle sessions expire
+        next_sweep = now + sweep;
+        for (auto it = sessions.begin(); it != sessions.end();)
+          it = !it->second.busy && now - it->second.last_active > idle_timeout ? sessions.erase(it) : std::next(it);
+      }
+      jobs.clear();
+      while (!ready.empty() && static_cast<int>(jobs.size()) < max_rows) {
+        jobs.push_back(std::move(ready.front()));
+        ready.pop_front();
+      }
+      if (jobs.empty()) continue;
+      for (auto &job : jobs) most = std::max(most, job.chunks);
+      const int n = static_cast<int>(jobs.size()), row = context + chunk;
+      x.assign(static_cast<size_t>(n) * most * row, 0.0f);
+      state.resize(static_cast<size_t>(n) * width);
+      counts.resize(n);
+      queued.resize(n);
+      for (int i = 0; i < n; i++) {  // each chunk after its context: the previous chunk's last samples
+        Session &session = sessions[jobs[i].sid];
+        memcpy(&state[static_cast<size_t>(i) * width], session.state.data(), width * sizeof(float));
+        const float *before = session.context.data();
+        for (int k = 0; k < jobs[i].chunks; k++) {
+          float *dst = &x[(static_cast<size_t>(i) * most + k) * row];
+          memcpy(dst, before, context * sizeof(float));
+          memcpy(dst + context, &jobs[i].samples[static_cast<size_t>(k) * chunk], chunk * sizeof(float));
+          before = dst + row - context;
+        }
+        counts[i] = jobs[i].chunks;
+        queued[i] = now - jobs[i].arrival;
+      }
+    }
+    // the step: Python once for every message taken
+    const int n = static_cast<int>(jobs.size());
+    std::vector<std::vector<float>> outs(outputs.size());
+    std::vector<std::string> snapshots(n);
+    std::string error;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    {
+      const Py_ssize_t row = context + chunk;
+      PyObject *snap_rows = PyList_New(0), *ids = PyList_New(n);
+      for (int i = 0; snap_rows && ids && i < n; i++) {
+        PyObject *id = PyUnicode_DecodeUTF8(jobs[i].id.data(), static_cast<Py_ssize_t>(jobs[i].id.size()), "replace");
+        if (!id) Py_CLEAR(ids);
+        if (ids) PyList_SET_ITEM(ids, i, id);
+        if (!jobs[i].snapshot) continue;
+        PyObject *index = PyLong_FromLong(i);
+        if (!index || PyList_Append(snap_rows, index) < 0) Py_CLEAR(snap_rows);
+        Py_XDECREF(index);
+      }
+      PyObject *result = snap_rows && ids ? PyObject_CallFunction(
+          step, "(y#y#y#y#iiiOO)", reinterpret_cast<char *>(x.data()),
+          static_cast<Py_ssize_t>(x.size() * sizeof(float)), reinterpret_cast<char *>(counts.data()),
+          static_cast<Py_ssize_t>(counts.size() * sizeof(int32_t)), reinterpret_cast<char *>(state.data()),
+          static_cast<Py_ssize_t>(state.size() * sizeof(float)), reinterpret_cast<char *>(queued.data()),
+          static_cast<Py_ssize_t>(queued.size() * sizeof(double)), n, most, static_cast<int>(row), snap_rows, ids)
+          : nullptr;
+      Py_XDECREF(snap_rows);
+      Py_XDECREF(ids);
+      bool ok = result && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 3 &&
+                PyList_Check(PyTuple_GET_ITEM(result, 0)) &&
+                PyList_GET_SIZE(PyTuple_GET_ITEM(result, 0)) == static_cast<Py_ssize_t>(outputs.size()) &&
+                PyList_Check(PyTuple_GET_ITEM(result, 2)) && PyList_GET_SIZE(PyTuple_GET_ITEM(result, 2)) == n;
+      if (result && !ok) PyErr_SetString(PyExc_TypeError, "a lane step returns ([outputs], state, [snapshots])");
+      for (size_t o = 0; ok && o < outputs.size(); o++) {
+        Py_buffer view;
+        ok = exact_buffer(PyList_GET_ITEM(PyTuple_GET_ITEM(result, 0), o),
+                          static_cast<size_t>(n) * most * outputs[o].size, sizeof(float), &view);
+        if (ok) {
+          const float *values = static_cast<const float *>(view.buf);
+          outs[o].assign(values, values + view.len / sizeof(float));
+          PyBuffer_Release(&view);
+        }
+      }
+      if (ok) {
+        Py_buffer view;
+        ok = exact_buffer(PyTuple_GET_ITEM(result, 1), state.size(), sizeof(float), &view);
+        if (ok) {
+          memcpy(state.data(), view.buf, view.len);
+          PyBuffer_Release(&view);
+        }
+      }
+      for (int i = 0; ok && i < n; i++) {
+        PyObject *blob = PyList_GET_ITEM(PyTuple_GET_ITEM(result, 2), i);
+        if (blob == Py_None) continue;
+        char *data;
+        Py_ssize_t size;
+        ok = PyBytes_AsStringAndSize(blob, &data, &size) == 0;
+        if (ok) snapshots[i].assign(data, size);
+      }
+      if (!ok) error = python_error();
+      Py_XDECREF(result);
+    }
+    PyGILState_Release(gil);
+    finish(jobs, state, outs, snapshots, error, x, context + chunk, most);
+  }
+}
+
+// Sessions take the step's state and context and their next messages; then every message is answered and
+// the streams that waited for a session read on.
+void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector<std::vector<float>> &outs,
+                  std::vector<std::string> &snapshots, const std::string &error, std::vector<float> &x, int row,
+                  int most) {
+  const int n = static_cast<int>(jobs.size());
+  std::vector<uint64_t> released;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < n; i++) {
+      Job &job = jobs[i];
+      auto it = sessions.find(job.sid);
+      if (it == sessions.end()) continue;
+      Session &session = it->second;
+      if (error.empty()) {
+        memcpy(session.state.data(), &state[static_cast<size_t>(i) * width], width * sizeof(float));
+        const float *last = &x[(static_cast<size_t>(i) * most + job.chunks - 1) * row];
+        memcpy(session.context.data(), last + row - context, context * sizeof(float));
+      }
+      session.pending -= job.chunks;
+      session.last_active = now_s();
+      if (session.pending <= max_pending) {
+        released.insert(released.end(), session.holding.begin(), session.holding.end());
+        session.holding.clear();
+      }
+      if (!session.waiting.empty()) {
+        ready.push_back(std::move(session.waiting.front()));
+        session.waiting.pop_front();
+      } else if (job.end) {
+        released.insert(released.end(), session.holding.begin(), session.holding.end());
+        sessions.erase(it);
+      } else {
+        session.busy = false;
+      }
+    }
+  }
+  std::string bytes;
+  for (int i = 0; i < n; i++) {
+    const Job &job = jobs[i];
+    if (!error.empty()) {
+      if (job.stream) {
+        inference::ModelStreamInferResponse answer;
+        answer.set_error_message(error);
+        answer.mutable_infer_response()->set_model_name(model);
+        answer.mutable_infer_response()->set_id(job.id);
+        answer.SerializeToString(&bytes);
+        front->with_call(job.call, [&](Call *c) { c->write(bytes.data(), bytes.size(), false); });
+      } else {
+        front->with_call(job.call, [&](Call *c) { c->fail(grpc::StatusCode::INTERNAL, error); });
+      }
+      continue;
+    }
+    inference::ModelStreamInferResponse stream_answer;
+    inference::ModelInferResponse unary_answer;
+    inference::ModelInferResponse &answer = job.stream ? *stream_answer.mutable_infer_response() : unary_answer;
+    answer.set_model_name(model);
+    answer.set_model_version(version);
+    answer.set_id(job.id);
+    auto &parameters = *answer.mutable_parameters();
+    if (job.chunks == 1) parameters["frames_pending"].set_int64_param(0);  // (blocks of one frame hold none back)
+    parameters["sequence_id"].set_string_param(job.sid);
+    auto add = [&](size_t o) {
+      const Output &out = outputs[o];
+      auto *tensor = answer.add_outputs();
+      tensor->set_name(out.name);
+      tensor->set_datatype("FP32");
+      tensor->add_shape(job.chunks);
+      for (int64_t d : out.rest) tensor->add_shape(d);
+      const float *values = &outs[o][static_cast<size_t>(i) * most * out.size];
+      answer.add_raw_output_contents(reinterpret_cast<const char *>(values), job.chunks * out.size * sizeof(float));
+    };
+    auto add_snapshot = [&] {
+      auto *tensor = answer.add_outputs();
+      tensor->set_name("sequence_snapshot");
+      tensor->set_datatype("BYTES");
+      tensor->add_shape(1);
+      uint32_t size = static_cast<uint32_t>(snapshots[i].size());  // BYTES: each element after its length
+      std::string raw(reinterpret_cast<const char *>(&size), sizeof(size));
+      answer.add_raw_output_contents(raw + snapshots[i]);
+    };
+    if (job.wanted.empty()) {
+      for (size_t o = 0; o < outputs.size(); o++) add(o);
+      if (job.snapshot) add_snapshot();
+    } else {
+      for (const auto &name : job.wanted) {
+        if (name == "sequence_snapshot") {
+          add_snapshot();
+          continue;
+        }
+        for (size_t o = 0; o < outputs.size(); o++)
+          if (outputs[o].name == name) add(o);
+      }
+    }
+    if (job.stream)
+      stream_answer.SerializeToString(&bytes);
+    else
+      unary_answer.SerializeToString(&bytes);
+    front->with_call(job.call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !job.stream); });
+  }
+  for (uint64_t call : released) front->with_call(call, [](Call *c) { c->release_hold(); });
+}
+
+void lanes_stop(Lanes *lanes) {
+  std::vector<Lane *> all;
+  {
+    std::lock_guard<std::mutex> lock(lanes->mu);
+    for (auto &kv : lanes->by_model) all.push_back(kv.second.get());
+  }
+  for (Lane *lane : all) {
+    {
+      std::lock_guard<std::mutex> lock(lane->mu);
+      lane->stopping = true;
+    }
+    lane->cv.notify_all();
+    if (lane->worker.joinable()) lane->worker.join();
+  }
+}
+
+void lanes_delete(Lanes *lanes) {
+  for (auto &kv : lanes->by_model) Py_XDECREF(kv.second->step);
+  delete lanes;
+}
+
+// --- the Python face (grpc_front.cpp's Front object calls these) ------------------------------------------
+
+// add_lane(model, version, input, chunk, context, width, max_rows, max_sessions, max_pending_chunks,
+//          idle_timeout_s, outputs [(name, [dims after the batch axis])], step)
+PyObject *lanes_add(Lanes *lanes, PyObject *args) {
+  const char *model, *version, *input;
+  int chunk, context, width, max_rows, max_sessions, max_pending;
+  double idle_timeout;
+  PyObject *outputs, *step;
+  if (!PyArg_ParseTuple(args, "sssiiiiiidOO", &model, &version, &input, &chunk, &context, &width, &max_rows,
+                        &max_sessions, &max_pending, &idle_timeout, &outputs, &step))
+    return nullptr;
+  if (chunk < 1 || context < 0 || width < 1 || max_rows < 1 || max_sessions < 1 || max_pending < 1 ||
+      !(idle_timeout > 0) || !PyCallable_Check(step)) {
+    PyErr_SetString(PyExc_ValueError, "add_lane: sizes and limits must be positive and step callable");
+    return nullptr;
+  }
+  auto lane = std::make_unique<Lane>();
+  lane->front = lanes->front;
+  lane->model = model;
+  lane->version = version;
+  lane->input = input;
+  lane->chunk = chunk;
+  lane->context = context;
+  lane->width = width;
+  lane->max_rows = max_rows;
+  lane->max_sessions = max_sessions;
+  lane->max_pending = max_pending;
+  lane->idle_timeout = idle_timeout;
+  PyObject *seq = PySequence_Fast(outputs, "add_lane: outputs is a list of (name, dims)");
+  if (!seq) return nullptr;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+    const char *name;
+    PyObject *dims;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "sO", &name, &dims)) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    Output out{name, {}, 1};
+    PyObject *dseq = PySequence_Fast(dims, "add_lane: an output's dims are a list of ints");
+    if (!dseq) {
+      Py_DECREF(seq);
+      return nullptr;
+    }
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(dseq); j++) {
+      long long d = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(dseq, j));
+      if (d < 1) {
+        Py_DECREF(dseq);
+        Py_DECREF(seq);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "add_lane: an output's dims are fixed and positive");
+        return nullptr;
+      }
+      out.rest.push_back(d);
+      out.size *= static_cast<size_t>(d);
+    }
+    Py_DECREF(dseq);
+    lane->outputs.push_back(std::move(out));
+  }
+  Py_DECREF(seq);
+  Py_INCREF(step);
+  lane->step = step;
+  Lane *raw = lane.get();
+  {
+    std::lock_guard<std::mutex> lock(lanes->mu);
+    if (lanes->by_model.count(model)) {
+      Py_DECREF(step);
+      PyErr_Format(PyExc_ValueError, "model %s already has a lane", model);
+      return nullptr;
+    }
+    lanes->by_model[model] = std::move(lane);
+  }
+  raw->worker = std::thread([raw] { raw->run(); });
+  Py_RETURN_NONE;
+}
+
+// drain(): lanes open no new sessions (the server is shutting down); open ones go on.
+void lanes_drain(Lanes *lanes) {
+  std::lock_guard<std::mutex> lock(lanes->mu);
+  for (auto &kv : lanes->by_model) {
+    std::lock_guard<std::mutex> lane_lock(kv.second->mu);
+    kv.second->draining = true;
+  }
+}
+
+// The sessions a model's lane holds (-1: it has none).
+long lanes_sessions(Lanes *lanes, const std::string &model) {
+  std::lock_guard<std::mutex> lock(lanes->mu);
+  auto it = lanes->by_model.find(model);
+  if (it == lanes->by_model.end()) return -1;
+  std::lock_guard<std::mutex> lane_lock(it->second->mu);
+  return static_cast<long>(it->second->sessions.size());
+}
+
+}  // namespace cellserve_front
