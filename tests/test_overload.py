@@ -23,7 +23,8 @@ MODEL = RNN.random("sru", 8, 16, num_layers=2, seed=3)
 STREAMS, CHUNKS, FRAMES = 8, 300, 4
 
 
-def unpaced_streams(grpc_port: int, model: str, frames: np.ndarray, frames_per_chunk: int = FRAMES):
+def unpaced_streams(grpc_port: int, model: str, frames: np.ndarray, frames_per_chunk: int = FRAMES,
+                    input_name: str = "frames", output_name: str = "outputs"):
     """Each of len(frames) sessions sends its chunks on its own gRPC stream without waiting for answers,
     as a live audio client does; returns (outputs per session in chunk order, errors)."""
     streams, chunks = len(frames), frames.shape[1] // frames_per_chunk
@@ -34,7 +35,7 @@ def unpaced_streams(grpc_port: int, model: str, frames: np.ndarray, frames_per_c
         answers: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         for k in range(chunks):
-            chunk = tritonclient.InferInput("frames", [frames_per_chunk, frames.shape[2]], "FP32")
+            chunk = tritonclient.InferInput(input_name, [frames_per_chunk, frames.shape[2]], "FP32")
             chunk.set_data_from_numpy(frames[s, k * frames_per_chunk:(k + 1) * frames_per_chunk])
             client.async_stream_infer(model, [chunk], sequence_id=f"s{s}", sequence_start=k == 0,
                                       sequence_end=k == chunks - 1, request_id=str(k))
@@ -43,7 +44,7 @@ def unpaced_streams(grpc_port: int, model: str, frames: np.ndarray, frames_per_c
             if error is not None:
                 errors.append(str(error))
             else:
-                outputs[s][int(result.get_response().id)] = result.as_numpy("outputs")
+                outputs[s][int(result.get_response().id)] = result.as_numpy(output_name)
         client.stop_stream()
         client.close()
 

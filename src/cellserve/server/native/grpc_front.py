@@ -374,6 +374,13 @@ class _LaneStep:
                             {"rows": chunks, "parse_s": 0.0, "queue_s": wait, "compute_s": seconds})
         return outputs, final, snapshots
 
+    def refused(self, statuses: list[int]) -> None:
+        """Requests the lane refused since its last step (sessions full, draining, a busy restart), with
+        the HTTP statuses the Python path gives them: counted as its failures are."""
+        for status, count in collections.Counter(statuses).items():
+            self.served.stats.record(False, 0.0, requests=count)
+            self.backend.metrics.requests.labels(self.served.name, f"http_{status}").inc(count)
+
 
 async def start_native_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20, restricted=(),
                             tls: dict | None = None):

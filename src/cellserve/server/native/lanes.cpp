@@ -98,10 +98,18 @@ struct Lane {
   std::unordered_map<std::string, Session> sessions;
   std::unordered_set<std::string> python_owned;  // sessions opened through Python (restores): theirs
   std::deque<Job> ready;
+  std::vector<int> refusals;  // the HTTP statuses of requests refused since the last step, for the statistics
   bool stopping = false, draining = false;
   std::thread worker;
 
   Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
+  // refused(), counted (the worker tells Python, with its next step or alone); under mu
+  Offer refuse(const inference::ModelInferRequest &request, bool stream, grpc::StatusCode code,
+               const std::string &text) {
+    refusals.push_back(code == grpc::StatusCode::UNAVAILABLE ? 503 : 400);
+    cv.notify_one();
+    return refused(request, stream, code, text);
+  }
   void run();
   void finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector<std::vector<float>> &outs,
               std::vector<std::string> &snapshots, const std::string &error, std::vector<float> &x, int width_x,
@@ -204,17 +212,17 @@ Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bo
     auto it = sessions.find(sid);
     if (start) {
       if (draining)
-        return refused(request, stream, grpc::StatusCode::UNAVAILABLE,
+        return refuse(request, stream, grpc::StatusCode::UNAVAILABLE,
                        "the server is shutting down: it finishes open sessions but takes no new work; retry on "
                        "another replica");
       if (it != sessions.end()) {
         if (it->second.busy)
-          return refused(request, stream, grpc::StatusCode::INVALID_ARGUMENT,
+          return refuse(request, stream, grpc::StatusCode::INVALID_ARGUMENT,
                          "sequence " + quoted(sid) + " has chunks in flight; end it before restarting");
         it->second = Session{};
       } else {
         if (static_cast<int>(sessions.size()) >= max_sessions)
-          return refused(request, stream, grpc::StatusCode::UNAVAILABLE,
+          return refuse(request, stream, grpc::StatusCode::UNAVAILABLE,
                          "this model holds its maximum of " + std::to_string(max_sessions) +
                              " open sequences; end one (sequence_end) or retry later");
         it = sessions.emplace(sid, Session{}).first;
@@ -294,11 +302,13 @@ void Lane::run() {
   std::vector<float> x, state;
   std::vector<int32_t> counts;
   std::vector<double> queued;
+  std::vector<int> refused_now;
   for (;;) {
     int most = 0;  // the most chunks of a message in this step
     {
       std::unique_lock<std::mutex> lock(mu);
-      cv.wait_for(lock, std::chrono::duration<double>(sweep), [&] { return stopping || !ready.empty(); });
+      cv.wait_for(lock, std::chrono::duration<double>(sweep),
+                  [&] { return stopping || !ready.empty() || !refusals.empty(); });
       if (ready.empty() && stopping) return;
       double now = now_s();
       if (now >= next_sweep) {  // idle sessions expire
@@ -311,7 +321,9 @@ void Lane::run() {
         jobs.push_back(std::move(ready.front()));
         ready.pop_front();
       }
-      if (jobs.empty()) continue;
+      refused_now.swap(refusals);
+      refusals.clear();
+      if (jobs.empty() && refused_now.empty()) continue;
       for (auto &job : jobs) most = std::max(most, job.chunks);
       const int n = static_cast<int>(jobs.size()), row = context + chunk;
       x.assign(static_cast<size_t>(n) * most * row, 0.0f);
@@ -338,6 +350,20 @@ void Lane::run() {
     std::vector<std::string> snapshots(n);
     std::string error;
     PyGILState_STATE gil = PyGILState_Ensure();
+    if (!refused_now.empty()) {  // step.refused([status, ...]): the refusals' statistics, in one call
+      PyObject *statuses = PyList_New(static_cast<Py_ssize_t>(refused_now.size()));
+      for (size_t i = 0; statuses && i < refused_now.size(); i++)
+        PyList_SET_ITEM(statuses, i, PyLong_FromLong(refused_now[i]));
+      PyObject *done = statuses ? PyObject_CallMethod(step, "refused", "(O)", statuses) : nullptr;
+      if (!done) python_error();
+      Py_XDECREF(done);
+      Py_XDECREF(statuses);
+      refused_now.clear();
+    }
+    if (n == 0) {
+      PyGILState_Release(gil);
+      continue;
+    }
     {
       const Py_ssize_t row = context + chunk;
       PyObject *snap_rows = PyList_New(0), *ids = PyList_New(n);
