@@ -211,3 +211,43 @@ def test_a_non_tensor_argument_is_bound_for_the_export(script):
     np.testing.assert_allclose(model.forward({"x": x.numpy()})["output"], want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="does not take"):
         module_to_onnx(module, [("x", "float32", ["time", "batch", IN])], {"volume": 1.0})
+
+
+@pytest.mark.parametrize("channels,out,kernel,stride,pads,length,bias", [
+    (1, 258, 256, 128, (0, 0), 640, False),  # Silero's STFT: frames of 2 stride-wide blocks
+    (129, 128, 3, 1, (1, 1), 4, True),  # its first encoder conv
+    (128, 64, 3, 2, (1, 1), 4, True),  # strided
+    (5, 7, 4, 3, (2, 0), 23, True),  # a stride that does not divide the kernel, a length no tile divides
+    (3, 2, 1, 1, (0, 0), 9, False),  # a pointwise conv: one Slice
+])
+def test_a_1d_conv_becomes_columns_times_weights_and_equals_onnxruntime(channels, out, kernel, stride, pads, length,
+                                                                        bias):
+    from cellserve.interop.normalize import convs_to_matmuls
+
+    rng = np.random.default_rng(kernel + length)
+    inits = [numpy_helper.from_array(rng.standard_normal((out, channels, kernel)).astype(np.float32), "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(out).astype(np.float32), "b"))
+    conv = helper.make_node("Conv", ["x", "w", "b"] if bias else ["x", "w"], ["y"], strides=[stride], pads=list(pads))
+    graph = helper.make_graph([conv, helper.make_node("Relu", ["y"], ["z"])], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", channels, length])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rewritten = onnx.ModelProto.FromString(model.SerializeToString())
+    assert convs_to_matmuls(rewritten) == 1 and not any(n.op_type == "Conv" for n in rewritten.graph.node)
+    x = rng.standard_normal((5, channels, length)).astype(np.float32)
+    want = ort_session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ort_session(rewritten).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_convs_that_do_not_fit_are_left_alone():
+    from cellserve.interop.normalize import convs_to_matmuls
+
+    w = numpy_helper.from_array(np.ones((4, 2, 3), np.float32), "w")
+    for attrs, length in (({"dilations": [2]}, 9), ({"group": 2}, 9), ({}, None), ({"auto_pad": "SAME_UPPER"}, 9)):
+        conv = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+        graph = helper.make_graph([conv], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["batch", 2 * attrs.get("group", 1), length])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        assert convs_to_matmuls(model) == 0

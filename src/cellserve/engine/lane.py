@@ -20,8 +20,9 @@ from cellserve.engine.frames import CONTEXT, NativeStreamRunner
 
 
 class StreamStep:
-    """step(x [n, c, context + samples], counts [n], state [n, width]) -> (outputs [n, c, ...], state): n
-    messages of up to c chunks (message i has counts[i]; the rest is padding), each chunk after its context."""
+    """step(x [n, c, context + samples], counts [n], state [n, width]) -> (outputs [n, c, ...], state,
+    seconds in the model's kernels): n messages of up to c chunks (message i has counts[i]; the rest is
+    padding), each chunk after its context. Steps may run at once on several threads (nothing is kept)."""
 
     def __init__(self, family, runner: NativeStreamRunner, input_name: str, samples: int, outputs: list[dict]):
         self.model, self.rnn = family.model, family.model.rnn
@@ -31,7 +32,6 @@ class StreamStep:
         self.parts = runner._parts  # (state name, start, end) in a session's flat state, as the native loop has it
         self.width = self.parts[-1][2]
         self.cells = [[(a, b) for name, a, b in self.parts if name in layer] for layer in runner.names]
-        self.core_seconds = 0.0  # the last step's time in the recurrent core (the model's kernels)
 
     @classmethod
     def of(cls, family, runner, policy: str) -> "StreamStep | str":
@@ -67,10 +67,13 @@ class StreamStep:
             outputs.append({"name": o["name"], "rest": list(rest)})
         return cls(family, runner, spec["name"], shape[1], outputs)
 
-    def __call__(self, x: np.ndarray, counts: np.ndarray, state: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    def __call__(self, x: np.ndarray, counts: np.ndarray, state: np.ndarray) -> tuple[list[np.ndarray], np.ndarray,
+                                                                                      float]:
         n, c, row = x.shape
         rows = x.reshape(n * c, row)  # message i's chunk k is row i * c + k
+        start = time.perf_counter()
         frames = self.model.front_stacked({self.input: rows})  # [T, n * c, F]
+        kernel = time.perf_counter() - start
         t = frames.shape[0]
         frames = frames.reshape(t, n, c, -1)
         cells = [tuple(np.ascontiguousarray(state[:, a:b]) for a, b in cell) for cell in self.cells]
@@ -83,13 +86,15 @@ class StreamStep:
             done = counts == k + 1
             if done.any():
                 final[done] = np.concatenate([s for cell in cells for s in cell], axis=1)[done]
-        self.core_seconds = time.perf_counter() - core_start
+        kernel += time.perf_counter() - core_start
         ys = np.stack(ys, axis=2).reshape(t, n * c, -1)  # [T, n * c, H], rows as above
         by_row = [tuple(np.stack([f[l][j] for f in finals], axis=1).reshape(n * c, -1) for j in range(len(cell)))
                   for l, cell in enumerate(self.cells)]
+        head_start = time.perf_counter()
         values = self.model.head_stacked({self.input: rows}, ys, by_row, [o["name"] for o in self.outputs])
+        kernel += time.perf_counter() - head_start
         outputs = [np.ascontiguousarray(v, np.float32).reshape(n, c, *o["rest"]) for v, o in zip(values, self.outputs)]
-        return outputs, final
+        return outputs, final, kernel
 
     def snapshot(self, x: np.ndarray, count: int, state: np.ndarray) -> dict:
         """A session's snapshot after its message (x [c, row], count chunks; state its flat state then), as

@@ -14,6 +14,11 @@
   cells      an LSTM or GRU cell written in primitive operators (what torch's nn.LSTMCell and nn.GRUCell
              or an op-set-18 re-export emit: MatMul/Gemm (+ Add), Split into gates, Sigmoid/Tanh, Mul/Add/Sub)
              becomes one ONNX LSTM or GRU operator of one step, which the split then takes as the core.
+  convs      a 1-D Conv over an input of fixed length becomes its columns (Slices of the input) times the
+             weights as one MatMul over every row and position of the batch. ONNX Runtime runs Conv one batch
+             row at a time, a GEMM with as many columns as output positions (4 for a Silero chunk); the
+             MatMul has rows x positions. Measured on Silero VAD's front at 192 rows, 1 thread: the STFT conv
+             20.4 -> 11.4 us a row, the first encoder conv 17.5 -> 8.4.
 
 The result computes what the original computes on requests of the probed form (the caller checks it
 against ONNX Runtime on the original graph).
@@ -45,7 +50,92 @@ def normalize(model: onnx.ModelProto, controls: dict[str, float] | None = None,
         fold_constants(model)
     if not any(n.op_type in ("LSTM", "GRU") for n in model.graph.node):
         fuse_cells(model)
+    convs_to_matmuls(model)
     return model
+
+
+def convs_to_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrite every 1-D Conv (one group, no dilation, explicit pads, constant weights, input of known
+    channels and length) as Pad, columns and MatMul (module docstring); how many were rewritten."""
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    lengths = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+               for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    constants = _constants(graph)
+    nodes, done = [], 0
+    for node in graph.node:
+        rewritten = _conv_as_matmul(node, lengths, constants, f"{node.name or node.output[0]}/columns")
+        if rewritten is None:
+            nodes.append(node)
+            continue
+        new_nodes, initializers = rewritten
+        nodes.extend(new_nodes)
+        graph.initializer.extend(initializers)
+        done += 1
+    if done:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unused(graph)
+    return done
+
+
+def _conv_as_matmul(node: onnx.NodeProto, shapes: dict, constants: dict, prefix: str):
+    """(nodes, initializers) computing `node`, a Conv on [B, C, L], as y = columns(x) @ W: x laid out
+    [B, L, C] and cut into [B, T, K * C] (K // w Slices of w positions: w = stride where it divides the
+    kernel and the length, so a Silero STFT frame is 2 Slices, not 256), times W [K * C, O], plus the
+    bias, back to [B, O, T]. None where it does not apply."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight = constants.get(node.input[1])
+    bias = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    shape = shapes.get(node.input[0])
+    if (weight is None or weight.ndim != 3 or weight.dtype != np.float32 or shape is None or len(shape) != 3
+            or shape[1] != weight.shape[1] or shape[2] is None or attrs.get("group", 1) != 1
+            or any(d != 1 for d in attrs.get("dilations", [1])) or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"
+            or len(node.input) > 2 and node.input[2] and bias is None):
+        return None
+    out_channels, channels, kernel = weight.shape
+    stride = attrs.get("strides", [1])[0]
+    pad_begin, pad_end = attrs.get("pads", [0, 0])
+    length = shape[2] + pad_begin + pad_end
+    positions = (length - kernel) // stride + 1
+    if positions < 1:
+        return None
+    width = stride if kernel % stride == 0 and length % stride == 0 else 1
+    names = iter(f"{prefix}/{i}" for i in range(10**6))
+    nodes, inits = [], []
+
+    def const(value, dtype=np.int64) -> str:
+        name = next(names)
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    source = node.input[0]
+    if pad_begin or pad_end:
+        nodes.append(helper.make_node("Pad", [source, const([0, 0, pad_begin, 0, 0, pad_end])], [padded := next(names)]))
+        source = padded
+    nodes.append(helper.make_node("Transpose", [source], [by_position := next(names)], perm=[0, 2, 1]))  # [B, L, C]
+    nodes.append(helper.make_node("Reshape", [by_position, const([0, length // width, width * channels])],
+                                  [blocks := next(names)]))
+    step = stride // width
+    pieces = []
+    for j in range(kernel // width):  # piece j: blocks j, j + step, ... (one per output position)
+        nodes.append(helper.make_node("Slice", [blocks, const([j]), const([j + step * (positions - 1) + 1]), const([1]),
+                                                const([step])], [piece := next(names)]))
+        pieces.append(piece)
+    if len(pieces) > 1:
+        nodes.append(helper.make_node("Concat", pieces, [rows := next(names)], axis=2))  # [B, T, K * C]
+    else:
+        rows = pieces[0]
+    product = next(names)
+    columns = weight.transpose(2, 1, 0).reshape(kernel * channels, out_channels)  # row k * C + c
+    nodes.append(helper.make_node("MatMul", [rows, const(columns, np.float32)], [product]))
+    if bias is not None:
+        nodes.append(helper.make_node("Add", [product, const(bias, np.float32)], [biased := next(names)]))
+        product = biased
+    nodes.append(helper.make_node("Transpose", [product], [node.output[0]], perm=[0, 2, 1]))
+    return nodes, inits
 
 
 def name_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:

@@ -54,6 +54,7 @@ except ImportError:  # built without grpc++: the Python front end serves
 
 AVAILABLE = _grpc_front is not None
 log = logging.getLogger("cellserve.server")
+LANE_WORKERS = min(os.cpu_count() or 1, 8)  # a lane's step threads: one per core (steps run outside the GIL)
 CODES = {name: code.value[0] for name, code in grpc.StatusCode.__members__.items()}
 REQUESTS = {"ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
             "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
@@ -129,7 +130,8 @@ class NativeGrpcServer:
             self.front.add_lane(served.name, served.version, step.input, step.samples, step.context, step.width,
                                 config.max_batch, config.max_sessions or served.engine.runner.capacity,
                                 config.max_pending_chunks, float(config.idle_timeout_s),
-                                [(o["name"], o["rest"]) for o in step.outputs], _LaneStep(backend, served, step))
+                                [(o["name"], o["rest"]) for o in step.outputs], _LaneStep(backend, served, step),
+                                LANE_WORKERS)
             served.lane_sessions = functools.partial(self.front.lane_sessions, served.name)
             names.append(served.name)
         if names:
@@ -347,9 +349,8 @@ class _LaneStep:
         counts = np.frombuffer(counts, np.int32)
         state = np.frombuffer(state, np.float32).reshape(n, self.step.width)
         queued = np.frombuffer(queued, np.float64)
-        kernel = served.family.compute_seconds
         try:
-            outputs, final = self.step(x, counts, state)
+            outputs, final, kernel = self.step(x, counts, state)
             snapshots = [None] * n
             for i in snapshot_rows:
                 snapshot = self.step.snapshot(x[i], int(counts[i]), final[i])
@@ -362,7 +363,6 @@ class _LaneStep:
             served.engine.count_lane_step(n, seconds, 0.0, queued + seconds, ok=False)
             raise
         seconds = time.perf_counter() - start
-        kernel = served.family.compute_seconds - kernel + self.step.core_seconds
         served.stats.record(True, float(queued.sum()) + n * seconds, queue=float(queued.sum()), infer=n * seconds,
                             rows=int(counts.sum()), requests=n)
         self.success.inc(n)

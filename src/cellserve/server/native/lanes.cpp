@@ -4,9 +4,10 @@
 // Python registers a lane per model it can hand over (server/native/grpc_front.py): the one input a client
 // sends (FP32 [chunks, samples]), the samples of context a session keeps, the width of its flat state, the
 // outputs, the session limits, and `step`, the model's computation on a batch of messages
-// (engine/lane.py). A lane's worker thread takes every message whose session is idle (one per session,
-// in arrival order), up to the model's rows per step, and calls `step` once for all of them: Python runs once
-// per engine step, never per message (BatchMaker: one cell invocation per step, whatever the request count).
+// (engine/lane.py). A lane's worker threads (one per core: ONNX Runtime and our kernels let go of the GIL, so
+// steps overlap) each take every message whose session is idle (one per session, in arrival order), up to the
+// model's rows per step, and call `step` once for all of them: Python runs once per engine step, never per
+// message (BatchMaker: one cell invocation per step, whatever the request count).
 //
 // What a lane does not take goes to Python as before: other models, malformed or ill-shaped requests (Python
 // words the error), sessions it does not hold (unknown, expired, restored from a snapshot, or opened over
@@ -100,7 +101,7 @@ struct Lane {
   std::deque<Job> ready;
   std::vector<int> refusals;  // the HTTP statuses of requests refused since the last step, for the statistics
   bool stopping = false, draining = false;
-  std::thread worker;
+  std::vector<std::thread> workers;  // each takes its own steps; a session is in one step at a time
 
   Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
   // refused(), counted (the worker tells Python, with its next step or alone); under mu
@@ -538,7 +539,7 @@ void lanes_stop(Lanes *lanes) {
       lane->stopping = true;
     }
     lane->cv.notify_all();
-    if (lane->worker.joinable()) lane->worker.join();
+    for (auto &worker : lane->workers) worker.join();
   }
 }
 
@@ -550,17 +551,17 @@ void lanes_delete(Lanes *lanes) {
 // --- the Python face (grpc_front.cpp's Front object calls these) ------------------------------------------
 
 // add_lane(model, version, input, chunk, context, width, max_rows, max_sessions, max_pending_chunks,
-//          idle_timeout_s, outputs [(name, [dims after the batch axis])], step)
+//          idle_timeout_s, outputs [(name, [dims after the batch axis])], step, workers)
 PyObject *lanes_add(Lanes *lanes, PyObject *args) {
   const char *model, *version, *input;
-  int chunk, context, width, max_rows, max_sessions, max_pending;
+  int chunk, context, width, max_rows, max_sessions, max_pending, workers;
   double idle_timeout;
   PyObject *outputs, *step;
-  if (!PyArg_ParseTuple(args, "sssiiiiiidOO", &model, &version, &input, &chunk, &context, &width, &max_rows,
-                        &max_sessions, &max_pending, &idle_timeout, &outputs, &step))
+  if (!PyArg_ParseTuple(args, "sssiiiiiidOOi", &model, &version, &input, &chunk, &context, &width, &max_rows,
+                        &max_sessions, &max_pending, &idle_timeout, &outputs, &step, &workers))
     return nullptr;
   if (chunk < 1 || context < 0 || width < 1 || max_rows < 1 || max_sessions < 1 || max_pending < 1 ||
-      !(idle_timeout > 0) || !PyCallable_Check(step)) {
+      !(idle_timeout > 0) || !PyCallable_Check(step) || workers < 1 || workers > 64) {
     PyErr_SetString(PyExc_ValueError, "add_lane: sizes and limits must be positive and step callable");
     return nullptr;
   }
@@ -618,7 +619,7 @@ PyObject *lanes_add(Lanes *lanes, PyObject *args) {
     }
     lanes->by_model[model] = std::move(lane);
   }
-  raw->worker = std::thread([raw] { raw->run(); });
+  for (int i = 0; i < workers; i++) raw->workers.emplace_back([raw] { raw->run(); });
   Py_RETURN_NONE;
 }
 
