@@ -17,8 +17,10 @@ swept upward until a deployment no longer sustains it (p99 <= 100 ms, nothing re
                   as the backend needs, comes from `make triton-env`).
 graph and cellular run in a server process and are driven over one gRPC stream (ModelStreamInfer): cellular
 by the native load generator (bench/native/loadgen.cpp, messages encoded before the clock starts), graph by a
-grpc.aio client (each chunk needs its predecessor's answered state). Also printed: the model's ceiling (cores / ONNX Runtime's per-chunk cost at batch 64), the
-server's CPU time per message, and its memory per open session (RSS added by idle sessions). Traffic stays
+grpc.aio client (each chunk needs its predecessor's answered state). Also printed: the model's ceiling (cores /
+ONNX Runtime's per-chunk cost at batch 64 on the shipped file), the per-chunk cost of the model as cellserve
+imports it (cellular's compute: its convs run as batched MatMuls, so it can sustain more streams than that
+ceiling), the server's CPU time per message, and its memory per open session (RSS added by idle sessions). Traffic stays
 on 127.0.0.1; every loop is bounded in count and time."""
 
 from __future__ import annotations
@@ -85,6 +87,27 @@ def ceiling_streams(path: Path, message_ms: int, batch: int = 64, repeats: int =
     per_chunk = float(np.median(times)) / batch
     chunks_per_stream = SR / CHUNK  # per second
     return (os.cpu_count() or 1) / (per_chunk * chunks_per_stream), per_chunk * 1e6
+
+
+def imported_per_chunk_us(root: Path, batch: int = 64, repeats: int = 20) -> float:
+    """The same model as cellserve imports and serves it (the cellular deployment: its graph normalized, the
+    LSTM on our kernels; engine/lane.py's step): us per chunk at `batch` sessions of one chunk each."""
+    from cellserve.engine.lane import StreamStep
+    from cellserve.server.repository import Repository
+
+    served = Repository.from_directory(root).get("vad-cellular")
+    step = StreamStep.of(served.family, served.engine.runner, served.config.policy)
+    if isinstance(step, str):
+        raise RuntimeError(f"Silero VAD has no lane step: {step}")
+    x = np.random.default_rng(0).standard_normal((batch, 1, CHUNK + CONTEXT)).astype(np.float32) * 0.1
+    counts, state = np.ones(batch, np.int32), np.zeros((batch, step.width), np.float32)
+    step(x, counts, state)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(x, counts, state)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / batch * 1e6
 
 
 def _schedule(streams: int, message_ms: int, seconds: float, seed: int) -> list[tuple[float, int, int]]:
@@ -340,6 +363,9 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
     rows = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         _repository(Path(tmp), path)
+        ours_us = imported_per_chunk_us(Path(tmp))
+        console.print(f"  as cellserve imports it (1-D convs as MatMuls over the batch, the LSTM on our kernels): "
+                      f"{ours_us:.1f} us per chunk, {per_chunk_us / ours_us:.1f}x less")
         started: dict = {}
 
         def server_for(deployment: str) -> ServeProcess:
@@ -392,7 +418,8 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
                 caption=f"model ceiling: {ceiling:.0f} streams")
     if per_session is not None:
         console.print(f"server memory per idle session (RSS added by {idle_sessions} sessions): {per_session:.0f} bytes")
-    result = {"ceiling_streams": ceiling, "per_chunk_us_batch64": per_chunk_us, "bytes_per_session": per_session,
+    result = {"ceiling_streams": ceiling, "per_chunk_us_batch64": per_chunk_us, "ours_per_chunk_us_batch64": ours_us,
+              "bytes_per_session": per_session,
               "rows": rows}
     if json_path:
         write_json(json_path, result)

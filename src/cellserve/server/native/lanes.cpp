@@ -377,13 +377,29 @@ void Lane::run() {
         if (!index || PyList_Append(snap_rows, index) < 0) Py_CLEAR(snap_rows);
         Py_XDECREF(index);
       }
-      PyObject *result = snap_rows && ids ? PyObject_CallFunction(
-          step, "(y#y#y#y#iiiOO)", reinterpret_cast<char *>(x.data()),
-          static_cast<Py_ssize_t>(x.size() * sizeof(float)), reinterpret_cast<char *>(counts.data()),
-          static_cast<Py_ssize_t>(counts.size() * sizeof(int32_t)), reinterpret_cast<char *>(state.data()),
-          static_cast<Py_ssize_t>(state.size() * sizeof(float)), reinterpret_cast<char *>(queued.data()),
-          static_cast<Py_ssize_t>(queued.size() * sizeof(double)), n, most, static_cast<int>(row), snap_rows, ids)
+      // the arrays go in as read-only views of this thread's buffers, not copies; the step keeps none of them
+      // past its return (each view is released after the call)
+      PyObject *views[4] = {
+          PyMemoryView_FromMemory(reinterpret_cast<char *>(x.data()), x.size() * sizeof(float), PyBUF_READ),
+          PyMemoryView_FromMemory(reinterpret_cast<char *>(counts.data()), counts.size() * sizeof(int32_t), PyBUF_READ),
+          PyMemoryView_FromMemory(reinterpret_cast<char *>(state.data()), state.size() * sizeof(float), PyBUF_READ),
+          PyMemoryView_FromMemory(reinterpret_cast<char *>(queued.data()), queued.size() * sizeof(double), PyBUF_READ)};
+      const bool viewed = views[0] && views[1] && views[2] && views[3];
+      PyObject *result = snap_rows && ids && viewed
+          ? PyObject_CallFunction(step, "(OOOOiiiOO)", views[0], views[1], views[2], views[3], n, most,
+                                  static_cast<int>(row), snap_rows, ids)
           : nullptr;
+      PyObject *type, *value, *trace;
+      PyErr_Fetch(&type, &value, &trace);  // (a failed step's traceback may still hold its arrays)
+      for (PyObject *view : views) {
+        if (!view) continue;
+        PyObject *released = PyObject_CallMethod(view, "release", nullptr);
+        if (!released && !type) PyErr_WriteUnraisable(view);  // an array still exports it: a step that kept one
+        PyErr_Clear();
+        Py_XDECREF(released);
+        Py_DECREF(view);
+      }
+      PyErr_Restore(type, value, trace);
       Py_XDECREF(snap_rows);
       Py_XDECREF(ids);
       bool ok = result && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 3 &&
