@@ -157,7 +157,7 @@ def _bench_http(args):
 
     if args.requests < 1 or min(args.clients) < 1:
         raise UsageError("--requests and --clients must be positive")
-    http.run(args.requests, args.clients, json_path=args.json)
+    http.run(args.requests, args.clients, json_path=args.json, triton_env=args.triton_env)
 
 
 def _bench_streams(args):
@@ -459,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--json", help="write the rows to this file")
     hb.add_argument("--requests", type=int, default=400)
     hb.add_argument("--clients", type=_ints, default=[1, 16], help="concurrent clients to measure")
+    hb.add_argument("--triton-env", default=".venv-triton", help="the Python environment with nvidia-pytriton that "
+                    "the Silero VAD rows run Triton from (make triton-env); without it those rows leave Triton out")
     hb.set_defaults(func=_bench_http)
 
     st = bench_sub.add_parser("streams", help="Silero VAD for S real-time audio streams: per-stream ONNX Runtime vs "

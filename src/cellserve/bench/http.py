@@ -184,7 +184,8 @@ def _measured_grpc(server: ServeProcess, requests: list[bytes], clients: int) ->
             "server_outside_kernels_us": (server_cpu - (kernel_seconds(server.port) - kernel0)) / n * 1e6}
 
 
-def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None) -> list[dict]:
+def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None,
+        triton_env: str = ".venv-triton") -> list[dict]:
     rng = np.random.default_rng(seed)
     numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
     frontends = ["native", "python"] if _loadgen is not None and NATIVE_GRPC else []
@@ -263,6 +264,83 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None)
                         "less its models' compute time (/metrics cellserve_kernel_seconds); client alone = the HTTP "
                         "client against a server that answers at once; CPU stolen = the hypervisor's share of the "
                         "machine's CPU time during the row")
-    write_json(json_path, {"rows": rows})
+    vad = silero_rows(concurrency, max(requests, 4000), triton_env)
+    write_json(json_path, {"rows": rows, "silero": vad})
     console.print("done")
+    return rows
+
+
+def _silero_requests(model: str, count: int, clients: int, phase: str, server_state: bool) -> list[bytes]:
+    """`count` ModelInferRequests of one 32 ms chunk of Silero VAD. server_state: client k's chunks are
+    session `phase-k`, the server holding state and context; otherwise each carries its context and state,
+    as a stateless deployment (Triton's) needs."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    from cellserve.bench.streams import CHUNK, CONTEXT, _audio
+
+    audio = _audio(clients, (count // clients + 1) * (CHUNK + CONTEXT), 0)
+    messages = []
+    for i in range(count):
+        k, at = i % clients, (i // clients) * CHUNK
+        request = pb.ModelInferRequest(model_name=model, id=str(i))
+        if server_state:
+            request.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK])
+            request.raw_input_contents.append(audio[k, at:at + CHUNK].tobytes())
+            request.parameters["sequence_id"].string_param = f"{phase}-{k}"
+            request.parameters["sequence_start"].bool_param = i < clients
+        else:
+            request.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK + CONTEXT])
+            request.raw_input_contents.append(audio[k, at:at + CHUNK + CONTEXT].tobytes())
+            request.inputs.add(name="state", datatype="FP32", shape=[1, 2, 128])
+            request.raw_input_contents.append(np.zeros((1, 2, 128), np.float32).tobytes())
+        messages.append(request.SerializeToString())
+    return messages
+
+
+def silero_rows(concurrency, requests: int, triton_env) -> list[dict]:
+    """Silero VAD, one chunk per unary ModelInfer from the native load generator, `clients` calls in flight:
+    cellserve's cellular deployment (each client a session the server holds; on the native front end its
+    lane answers without Python) on both gRPC front ends, beside Triton (the nvidia-pytriton wheel's
+    tritonserver, ONNX Runtime in its Python backend under dynamic batching up to 64, the client sending
+    context and state with every chunk). Requests per second, latency, and the server's CPU per request
+    (with its children: Triton's model runs in its backend's stub)."""
+    import tempfile
+    from pathlib import Path
+
+    from cellserve.bench.common import tree_cpu_seconds
+    from cellserve.bench.streams import TritonServer, _repository, silero_file
+
+    if _loadgen is None:
+        return []
+    path, rows = silero_file(), []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as started:
+        _repository(Path(tmp), path)
+        servers = {f"cellserve {f}": (started.enter_context(ServeProcess(Path(tmp), f)), "vad-cellular", True)
+                   for f in (["native", "python"] if NATIVE_GRPC else ["python"])}
+        try:
+            triton = started.enter_context(TritonServer(Path(triton_env), Path(started.enter_context(
+                tempfile.TemporaryDirectory())), path))
+            servers["triton"] = (triton, "vad", False)
+        except RuntimeError as exc:
+            console.print(f"Silero VAD rows without Triton: {exc}")
+        for clients in concurrency:
+            for name, (server, model, server_state) in servers.items():
+                _run_grpc(server.grpc_port, _silero_requests(model, 200, clients, f"warm{clients}", server_state),
+                          clients)
+                messages = _silero_requests(model, requests, clients, f"run{clients}", server_state)
+                with StolenTime() as stolen:
+                    cpu0, start = tree_cpu_seconds(server.pid), time.perf_counter()
+                    latencies = _run_grpc(server.grpc_port, messages, clients)
+                    wall, cpu = time.perf_counter() - start, tree_cpu_seconds(server.pid) - cpu0
+                rows.append({"server": name, "clients": clients, "requests": requests,
+                             "requests_per_s": requests / wall, "p50_ms": float(np.percentile(latencies, 50)),
+                             "p99_ms": float(np.percentile(latencies, 99)), "server_cpu_ms": cpu / requests * 1000,
+                             "steal_share": stolen.share})
+    print_table("Silero VAD over gRPC, one 32 ms chunk per ModelInfer", rows,
+                [("server", "server"), ("clients", "clients"), ("requests_per_s", "req/s"), ("p50_ms", "p50 ms"),
+                 ("p99_ms", "p99 ms"), ("server_cpu_ms", "server CPU ms/req"), ("steal_share", "CPU stolen")],
+                caption="cellserve: vad-cellular, each client a session held by the server (sequence_id); Triton: "
+                        "the nvidia-pytriton wheel's tritonserver, ONNX Runtime in its Python backend, dynamic "
+                        "batching up to 64, context and state sent with each chunk; calls in flight = clients, from "
+                        "the native load generator; server CPU includes the server's child processes")
     return rows

@@ -315,8 +315,8 @@ class TritonServer(ServeProcess):
                        "LD_LIBRARY_PATH": f"{site / 'nvidia_pytriton.libs'}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
         self._start(
             [str(home / "bin" / "tritonserver"), "--model-repository", str(root / "repository"),
-             "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--http-port", str(self.port),
-             "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port), "--allow-metrics", "false",
+             "--backend-directory", str(backends), "--http-address", "127.0.0.1", "--http-port", "{port}",
+             "--grpc-address", "127.0.0.1", "--grpc-port", "{grpc_port}", "--allow-metrics", "false",
              "--log-verbose", "0"], environment)
 
     def cpu_seconds(self) -> float:
@@ -361,9 +361,16 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
     console.print(f"Silero VAD 16 kHz: ONNX Runtime at batch 64 takes {per_chunk_us:.1f} us per chunk; the model's "
                   f"ceiling on {os.cpu_count()} cores is {ceiling:.0f} streams")
     rows = []
+    result = {"ceiling_streams": ceiling, "per_chunk_us_batch64": per_chunk_us, "rows": rows}
+
+    def save() -> None:  # after every row: a sweep of hours that fails late keeps what it measured
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(result, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         _repository(Path(tmp), path)
-        ours_us = imported_per_chunk_us(Path(tmp))
+        ours_us = result["ours_per_chunk_us_batch64"] = imported_per_chunk_us(Path(tmp))
         console.print(f"  as cellserve imports it (1-D convs as MatMuls over the batch, the LSTM on our kernels): "
                       f"{ours_us:.1f} us per chunk, {per_chunk_us / ours_us:.1f}x less")
         started: dict = {}
@@ -401,6 +408,7 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
                                 row["server_cpu_us_per_message"] = (server.cpu_seconds() - cpu) / messages * 1e6
                         row["steal_share"] = stolen.share
                         rows.append(row)
+                        save()
                         console.print(f"  {deployment:15s} M={ms} ms S={s:5d}: p50 {row['p50_ms'] or 0:7.1f} ms, p99 "
                                       f"{row['p99_ms'] or 0:7.1f} ms, refused {row['refused']}, lost {row['lost']}"
                                       + (f", server CPU {row['server_cpu_us_per_message']:.0f} us/message"
@@ -418,9 +426,6 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
                 caption=f"model ceiling: {ceiling:.0f} streams")
     if per_session is not None:
         console.print(f"server memory per idle session (RSS added by {idle_sessions} sessions): {per_session:.0f} bytes")
-    result = {"ceiling_streams": ceiling, "per_chunk_us_batch64": per_chunk_us, "ours_per_chunk_us_batch64": ours_us,
-              "bytes_per_session": per_session,
-              "rows": rows}
-    if json_path:
-        write_json(json_path, result)
+    result["bytes_per_session"] = per_session
+    write_json(json_path, result)
     return result
