@@ -272,11 +272,15 @@ def _drive_native(port: int, model: str, streams: int, message_ms: int, seconds:
         req.parameters["sequence_start"].bool_param = s not in started
         started.add(s)
         messages.append(req.SerializeToString())
+    cpu = time.process_time()  # the load generator's threads are this process's
     latencies, errors = _loadgen.stream(f"127.0.0.1:{port}", messages, [at for at, _, _ in schedule], seconds + 30)
+    client_cpu = time.process_time() - cpu
     latencies = np.array(latencies)
     failed = int(np.sum(errors))
     answered = latencies[~np.isnan(latencies) & ~np.array(errors, bool)]
-    return _row("cellular", message_ms, streams, list(answered), 0, int(np.isnan(latencies).sum()), failed)
+    row = _row("cellular", message_ms, streams, list(answered), 0, int(np.isnan(latencies).sum()), failed)
+    row["client_cpu_us_per_message"] = client_cpu / len(messages) * 1e6
+    return row
 
 
 def _repository(root: Path, path: Path) -> None:
@@ -373,16 +377,23 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
         ours_us = result["ours_per_chunk_us_batch64"] = imported_per_chunk_us(Path(tmp))
         console.print(f"  as cellserve imports it (1-D convs as MatMuls over the batch, the LSTM on our kernels): "
                       f"{ours_us:.1f} us per chunk, {per_chunk_us / ours_us:.1f}x less")
-        started: dict = {}
+        started: dict = {}  # front end or "triton" -> (server, the stack that stops it)
 
         def server_for(deployment: str) -> ServeProcess:
             key = "triton" if deployment == "triton" else FRONTENDS.get(deployment)
             if key not in started:
-                started[key] = servers.enter_context(
-                    TritonServer(Path(triton_env), Path(servers.enter_context(tempfile.TemporaryDirectory())), path)
-                    if key == "triton"
-                    else ServeProcess(Path(tmp), key))
-            return started[key]
+                stack = servers.enter_context(contextlib.ExitStack())
+                started[key] = (stack.enter_context(
+                    TritonServer(Path(triton_env), Path(stack.enter_context(tempfile.TemporaryDirectory())), path)
+                    if key == "triton" else ServeProcess(Path(tmp), key)), stack)
+            return started[key][0]
+
+        def retire(deployment: str) -> None:
+            """A server pushed past saturation may not come back (Triton's stub gave up, losing every later
+            message): the next message size gets a fresh one."""
+            key = "triton" if deployment == "triton" else FRONTENDS.get(deployment)
+            if key in started:
+                started.pop(key)[1].close()
 
         with bar("streams sweep", len(deployments) * len(message_ms) * len(streams)) as shown:
             for deployment in deployments:
@@ -413,10 +424,15 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
                                       f"{row['p99_ms'] or 0:7.1f} ms, refused {row['refused']}, lost {row['lost']}"
                                       + (f", server CPU {row['server_cpu_us_per_message']:.0f} us/message"
                                          if "server_cpu_us_per_message" in row else "")
+                                      + (f", client {row['client_cpu_us_per_message']:.0f}"
+                                         if "client_cpu_us_per_message" in row else "")
                                       + (f", CPU stolen {stolen.share:.0%}" if stolen.share else ""))
                         if not row["sustained"]:
                             shown.advance(len(streams) - i - 1)  # larger S are skipped
+                            if server is not None:
+                                retire(deployment)
                             break
+        retire("cellular")  # a fresh server: memory freed by the sweep's sessions would hide the idle ones'
         per_session = bytes_per_session(server_for("cellular"), idle_sessions) if idle_sessions else None
     best = {(d, ms): max([r["streams"] for r in rows if r["deployment"] == d and r["message_ms"] == ms
                           and r["sustained"]], default=0) for d in deployments for ms in message_ms}
