@@ -88,12 +88,13 @@ def _bench_cells(args):
         raise UsageError(f"unknown cell(s) {sorted(unknown)}; choose from {list(cells.CELL_KINDS)}")
     if args.threads < 1:
         raise UsageError("--threads must be >= 1")
-    if set(args.bits) - {32, 8, 4, 2, 1}:
-        raise UsageError("--bits takes 32, 8, 4, 2 and 1")
+    widths = {"32": 32, "bf16": 16, "8": 8, "4": 4, "2": 2, "1": 1}
+    if set(args.bits) - set(widths):
+        raise UsageError("--bits takes 32, bf16, 8, 4, 2 and 1")
     cells.run(args.cells, args.hidden, args.batch, args.seconds, args.json,
               with_torch=not args.no_torch and _installed("torch", "torch"),
               with_ort=not args.no_ort and _installed("onnxruntime", "onnx"), threads=args.threads,
-              bits=tuple(args.bits))
+              bits=tuple(widths[b] for b in args.bits))
 
 
 def _bench_gemm(args):
@@ -104,7 +105,9 @@ def _bench_gemm(args):
         raise UsageError(f"unknown implementation(s) {sorted(unknown)}; choose from {list(gemm.IMPLS)}")
     if min(args.m) < 1 or any(min(s) < 1 for s in args.shapes) or args.seconds <= 0:
         raise UsageError("--m, --shapes and --seconds must be positive")
-    gemm.run(args.m, args.shapes, args.impls, args.seconds, args.json)
+    if not args.dtype or set(args.dtype) - set(gemm.DTYPES):
+        raise UsageError(f"--dtype takes {', '.join(gemm.DTYPES)}")
+    gemm.run(args.m, args.shapes, args.impls, args.seconds, args.json, tuple(args.dtype))
 
 
 def _shapes(text: str) -> list[tuple[int, int]]:
@@ -236,12 +239,13 @@ def _load_ocr(path):
 
 def _ocr_quantize(args):
     from cellserve import models
-    from cellserve.compress.quantize import quantize_dynamic
+    from cellserve.compress.quantize import bf16_weights, quantize_dynamic
 
     model = _load_ocr(args.model)
-    quantized = quantize_dynamic(model, args.bits)
+    quantized = bf16_weights(model) if args.bits == "bf16" else quantize_dynamic(model, int(args.bits))
     models.save(quantized, args.out)
-    print(f"saved {args.out}: {args.bits}-bit weights, {quantized.weight_bytes} bytes (fp32: {model.weight_bytes})")
+    width = "bf16" if args.bits == "bf16" else f"{args.bits}-bit"
+    print(f"saved {args.out}: {width} weights, {quantized.weight_bytes} bytes (fp32: {model.weight_bytes})")
 
 
 def _ocr_eval(args):
@@ -337,7 +341,11 @@ def _info(args):
     import json
 
     from cellserve import models
+    from cellserve.bench.common import machine_line
 
+    print(machine_line())
+    if args.model is None:
+        return
     try:
         model = models.load(args.model)
     except (OSError, ValueError) as exc:
@@ -402,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=_ints, default=[1, 8, 32, 128], help="comma list of batch sizes")
     b.add_argument("--seconds", type=float, default=0.6, help="time budget per row (all implementations)")
     b.add_argument("--threads", type=int, default=1, help="also time ours on this many threads (a column)")
-    b.add_argument("--bits", type=_ints, default=[32], help="weight widths to time: 32 (fp32), 8, 4, 2, 1")
+    b.add_argument("--bits", type=_words, default=["32"], help="weight widths to time: 32 (fp32), bf16 (torch bf16 "
+                   "as the peer), 8, 4, 2, 1")
     b.add_argument("--no-torch", action="store_true", help="skip the torch column")
     b.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime column")
     b.set_defaults(func=_bench_cells)
@@ -415,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--impls", type=_words, default=["cellserve", "numpy", "torch", "torch-mkl-packed", "onednn",
                                                        "onnxruntime", "blis"], help="implementations to time")
     bg.add_argument("--seconds", type=float, default=0.4, help="time budget per shape (all implementations)")
+    bg.add_argument("--dtype", type=_words, default=["fp32"], help="weight dtypes to time: fp32, bf16 (torch bf16 and "
+                    "oneDNN as the peers)")
     bg.set_defaults(func=_bench_gemm)
 
     sv = bench_sub.add_parser("serving", help="cellular vs graph vs no batching under open-loop Poisson load")
@@ -516,10 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     ot.add_argument("--seed", type=int, default=0)
     ot.add_argument("--quiet", action="store_true", help="no progress bar (bars show only on a terminal)")
     ot.set_defaults(func=_ocr_train)
-    oq = ocr_sub.add_parser("quantize", help="post-training int8 (or 4/2/1-bit) weights, dynamic int8 activations")
+    oq = ocr_sub.add_parser("quantize", help="post-training int8 (or 4/2/1-bit) weights with dynamic int8 activations, or bf16 weights")
     oq.add_argument("model")
     oq.add_argument("out")
-    oq.add_argument("--bits", type=int, choices=[8, 4, 2, 1], default=8)
+    oq.add_argument("--bits", choices=["bf16", "8", "4", "2", "1"], default="8",
+                    help="bf16 weights (fp32 activations and accumulation), or int8 / 4 / 2 / 1-bit weight codes")
     oq.set_defaults(func=_ocr_quantize)
     oe = ocr_sub.add_parser("eval", help="character error rate on freshly rendered held-out lines, and speed")
     oe.add_argument("model")
@@ -552,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     imo.add_argument("out", help="output .safetensors path")
     imo.set_defaults(func=_import_onnx)
 
-    info = sub.add_parser("info", help="print a model file's architecture")
-    info.add_argument("model")
+    info = sub.add_parser("info", help="print the CPU and the kernel path that runs, and a model file's architecture")
+    info.add_argument("model", nargs="?")
     info.set_defaults(func=_info)
     return parser
 

@@ -14,22 +14,35 @@ from cellserve.models.rnn import RNN
 CELL_KINDS = ("lstm", "gru", "sru")
 
 
-def _torch_step(kind: str, cell, torch):
-    """A torch eager step function for our cell's weights."""
+def _torch_step(kind: str, cell, torch, dtype=None):
+    """A torch eager step function for our cell's weights (in `dtype`, such as torch.bfloat16, if given)."""
+    step = _torch_step_fp32(kind, cell, torch)
+    if dtype is None:
+        return step
+    step.module.to(dtype)
+    return step
+
+
+def _torch_step_fp32(kind: str, cell, torch):
     from cellserve.models.torch_reference import TorchSRU
 
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     if kind == "sru":
         ref = TorchSRU(cell.input_size, cell.hidden_size)
         ref.load_state_dict({k: t(v) for k, v in cell.tensors().items()})
-        return lambda x, h, c: ref(x[None], c)
+        step = lambda x, h, c: ref(x[None], c)  # noqa: E731
+        step.module = ref
+        return step
     module = (torch.nn.LSTMCell if kind == "lstm" else torch.nn.GRUCell)(cell.input_size, cell.hidden_size)
     module.weight_ih.data, module.weight_hh.data = t(cell.ih.weight), t(cell.hh.weight)
     if kind == "lstm":
         module.bias_ih.data, module.bias_hh.data = t(cell.bias), torch.zeros_like(module.bias_hh)
-        return lambda x, h, c: module(x, (h, c))
-    module.bias_ih.data, module.bias_hh.data = t(cell.b_ih), t(cell.b_hh)
-    return lambda x, h, c: module(x, h)
+        step = lambda x, h, c: module(x, (h, c))  # noqa: E731
+    else:
+        module.bias_ih.data, module.bias_hh.data = t(cell.b_ih), t(cell.b_hh)
+        step = lambda x, h, c: module(x, h)  # noqa: E731
+    step.module = module
+    return step
 
 
 def _ort_step(kind: str, cell, batch: int):
@@ -74,6 +87,10 @@ def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads, 
         torch_step = _torch_step(kind, base, torch)
         tx, th, tc = (torch.from_numpy(a) for a in (x, state[0], state[-1]))
         fns["torch_us"] = lambda: torch_step(tx, th, tc)
+        if 16 in bits:  # bf16 rows: torch on bf16 weights and inputs (oneDNN) as their peer
+            bf16_step = _torch_step(kind, base, torch, torch.bfloat16)
+            bx, bh, bc = (a.to(torch.bfloat16) for a in (tx, th, tc))
+            fns["torch_bf16_us"] = lambda: bf16_step(bx, bh, bc)
     if with_ort:
         fns["ort_us"] = _ort_step(kind, base, batch)
     try:
@@ -82,7 +99,11 @@ def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads, 
         kernels.set_threads(1)
     rows = []
     for b, cell in cells.items():
-        row = {"cell": kind, "hidden": hidden, "batch": batch, "bits": b, "ours_us": times[f"ours_{b}"]}
+        row = {"cell": kind, "hidden": hidden, "batch": batch, "bits": "bf16" if b == 16 else b,
+               "ours_us": times[f"ours_{b}"]}
+        if b == 16 and "torch_bf16_us" in times:
+            row["torch_us"] = times["torch_bf16_us"]
+            row["speedup_vs_torch"] = times["torch_bf16_us"] / row["ours_us"]
         if b == 32:
             for peer, key in (("torch_us", "speedup_vs_torch"), ("ort_us", "speedup_vs_ort")):
                 if peer in times:
@@ -101,7 +122,8 @@ def _measure(kind, hidden, batch, seconds, torch, with_ort, bandwidth, threads, 
 
 def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), seconds: float = 0.6,
         json_path=None, with_torch: bool = True, with_ort: bool = True, threads: int = 1, bits=(32,)) -> list[dict]:
-    """bits: weight widths to time (32 = fp32; 8/4/2/1 = our integer kernels with int8 activations)."""
+    """bits: weight widths to time (32 = fp32; 16 = bf16, torch bf16 its peer; 8/4/2/1 = our integer kernels
+    with int8 activations)."""
     import contextlib
 
     torch, no_grad = None, contextlib.nullcontext()
@@ -109,6 +131,9 @@ def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), sec
         import torch
 
         no_grad = torch.no_grad()  # for the measurement only: not the caller's process-wide setting
+    from cellserve.bench.common import machine_line
+
+    console.print(machine_line())
     with limit_threads(1), no_grad:
         bandwidth = memory_bandwidth_gbs()
         rows = [row for kind in cells for hidden in hiddens for batch in batches

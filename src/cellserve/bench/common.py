@@ -75,6 +75,26 @@ def interleaved_us(fns: dict, seconds: float = 0.3, rounds: int = 9) -> dict[str
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    """What a figure was measured on: the CPU, its cores, and the kernel path that ran."""
+    from cellserve.kernels import _native
+
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores; kernel path: {_native.isa()} (of {', '.join(_native.isas())})"
+
+
 def memory_bandwidth_gbs(megabytes: int = 256) -> float:
     """Streaming copy bandwidth (bytes read + written per second), median of 5, in GB/s."""
     src = np.ones(megabytes * 2**20 // 4, dtype=np.float32)

@@ -8,6 +8,9 @@ in this process on the same inputs, each with its weights prepacked where the li
   onnxruntime       MLAS: a MatMul node with W as an initializer (prepacked by the session)
   blis              the `blis` package, if installed
 
+--dtype bf16 times bf16 weights (products accumulating in fp32): ours (Bf16Dense; x is fp32 and rounded per
+call) beside torch's bf16 linear (oneDNN; x already bf16) and oneDNN's matmul on bf16 weights reordered once.
+
 Implementations are timed in interleaved rounds (every round times each once), so drift on a shared
 machine hits all alike; the table quotes medians. The measured peak is the best GF/s of any
 implementation at any shape: the roofline the other rows are read against."""
@@ -21,6 +24,7 @@ from cellserve.bench.common import console, interleaved_us, limit_threads, print
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHAPES = ((256, 1024), (512, 2048), (1024, 4096))
 IMPLS = ("cellserve", "numpy", "torch", "torch-mkl-packed", "onednn", "onnxruntime", "blis")
+DTYPES = {"fp32": IMPLS, "bf16": ("cellserve", "torch", "onednn")}  # the implementations each dtype has
 
 
 def _available(impl: str) -> bool:
@@ -31,11 +35,13 @@ def _available(impl: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def _product(impl: str, w: np.ndarray, m: int):
+def _product(impl: str, w: np.ndarray, m: int, dtype: str = "fp32"):
     """A function computing x @ w.T for one fixed x of m rows, with whatever the library prepacks done now."""
     n, k = w.shape
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     out = np.empty((m, n), np.float32)
+    if dtype == "bf16":
+        return _bf16_product(impl, w, x, out)
     if impl == "cellserve":
         from cellserve.kernels import Dense
 
@@ -68,39 +74,67 @@ def _product(impl: str, w: np.ndarray, m: int):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def run(ms=MS, shapes=SHAPES, impls=IMPLS, seconds: float = 0.4, json_path=None) -> dict:
-    impls = [i for i in impls if _available(i)]
+def _bf16_product(impl: str, w: np.ndarray, x: np.ndarray, out: np.ndarray):
+    if impl == "cellserve":
+        from cellserve.kernels import Bf16Dense
+
+        dense = Bf16Dense(w)
+        return lambda: dense(x, out)
+    import torch
+
+    tx, tw = torch.from_numpy(x).to(torch.bfloat16), torch.from_numpy(w).to(torch.bfloat16)
+    if impl == "torch":
+        return lambda: torch.nn.functional.linear(tx, tw)
+    if impl == "onednn":
+        packed = torch.ops.mkldnn._reorder_linear_weight(tw, x.shape[0])
+        return lambda: torch.ops.mkldnn._linear_pointwise(tx, packed, None, "none", [], "")
+    raise ValueError(f"no bf16 product for {impl!r}")
+
+
+def run(ms=MS, shapes=SHAPES, impls=IMPLS, seconds: float = 0.4, json_path=None, dtypes=("fp32",)) -> dict:
+    from cellserve.bench.common import machine_line
+
+    console.print(machine_line())
     no_grad = None
     if any(i.startswith(("torch", "onednn")) for i in impls):
         import torch
 
         no_grad = torch.no_grad()
         no_grad.__enter__()
-    rows = []
+    result = {"dtypes": {}}
     try:
-        with limit_threads(1):
-            for k, n in shapes:
-                w = np.random.default_rng(k).standard_normal((n, k)).astype(np.float32)
-                for m in ms:
-                    times = interleaved_us({impl: _product(impl, w, m) for impl in impls}, seconds)
-                    rows += [{"impl": impl, "m": m, "k": k, "n": n, "us": us, "gflops": 2 * m * k * n / us / 1e3}
-                             for impl, us in times.items()]
+        for dtype in dtypes:
+            result["dtypes"][dtype] = _run_dtype(dtype, [i for i in impls if i in DTYPES[dtype] and _available(i)],
+                                                 ms, shapes, seconds)
     finally:
         if no_grad is not None:
             no_grad.__exit__(None, None, None)
-    peak = max(r["gflops"] for r in rows)
-    table = _summary(rows, impls, peak)
-    print_table("x @ W^T, 1 thread: GF/s (median of interleaved rounds)", table,
-                [("shape", "K x N"), ("m", "M"), ("ours_us", "ours us"), *[(i, i) for i in impls],
-                 ("best_lib", "best library"), ("ratio", "ours / best"), ("of_peak", "ours % of peak")],
-                caption=f"measured peak: {peak:.1f} GF/s (best of any implementation at any shape)")
-    compared = [t for t in table if "ratio" in t]
-    misses = ", ".join("{shape} M={m} ({ratio:.2f})".format(**t) for t in compared if t["ratio"] < 0.95)
-    console.print(f"ours >= 0.95x the best library at {sum(t['ratio'] >= 0.95 for t in compared)} of "
-                  f"{len(compared)} shapes" + (f"; below at {misses}" if misses else ""))
-    result = {"peak_gflops": peak, "rows": rows}
+    first = result["dtypes"][dtypes[0]]
+    result.update(peak_gflops=first["peak_gflops"], rows=first["rows"])  # the first dtype's, as before
     write_json(json_path, result)
     return result
+
+
+def _run_dtype(dtype: str, impls: list[str], ms, shapes, seconds: float) -> dict:
+    rows = []
+    with limit_threads(1):
+        for k, n in shapes:
+            w = np.random.default_rng(k).standard_normal((n, k)).astype(np.float32)
+            for m in ms:
+                times = interleaved_us({impl: _product(impl, w, m, dtype) for impl in impls}, seconds)
+                rows += [{"impl": impl, "dtype": dtype, "m": m, "k": k, "n": n, "us": us,
+                          "gflops": 2 * m * k * n / us / 1e3} for impl, us in times.items()]
+    peak = max(r["gflops"] for r in rows)
+    table = _summary(rows, impls, peak)
+    print_table(f"x @ W^T, {dtype} weights, 1 thread: GF/s (median of interleaved rounds)", table,
+                [("shape", "K x N"), ("m", "M"), ("ours_us", "ours us"), *[(i, i) for i in impls],
+                 ("best_lib", "best library"), ("ratio", "ours / best"), ("of_peak", "ours % of peak")],
+                caption=f"measured {dtype} peak: {peak:.1f} GF/s (best of any implementation at any shape)")
+    compared = [t for t in table if "ratio" in t]
+    misses = ", ".join("{shape} M={m} ({ratio:.2f})".format(**t) for t in compared if t["ratio"] < 0.95)
+    console.print(f"{dtype}: ours >= 0.95x the best library at {sum(t['ratio'] >= 0.95 for t in compared)} of "
+                  f"{len(compared)} shapes" + (f"; below at {misses}" if misses else ""))
+    return {"peak_gflops": peak, "rows": rows}
 
 
 def _summary(rows: list[dict], impls: list[str], peak: float) -> list[dict]:

@@ -329,16 +329,18 @@ def silero_rows(concurrency, requests: int, triton_env) -> list[dict]:
                           clients)
                 messages = _silero_requests(model, requests, clients, f"run{clients}", server_state)
                 with StolenTime() as stolen:
-                    cpu0, start = tree_cpu_seconds(server.pid), time.perf_counter()
+                    cpu0, start, client0 = tree_cpu_seconds(server.pid), time.perf_counter(), time.process_time()
                     latencies = _run_grpc(server.grpc_port, messages, clients)
                     wall, cpu = time.perf_counter() - start, tree_cpu_seconds(server.pid) - cpu0
+                    client = time.process_time() - client0
                 rows.append({"server": name, "clients": clients, "requests": requests,
                              "requests_per_s": requests / wall, "p50_ms": float(np.percentile(latencies, 50)),
                              "p99_ms": float(np.percentile(latencies, 99)), "server_cpu_ms": cpu / requests * 1000,
-                             "steal_share": stolen.share})
+                             "client_cpu_ms": client / requests * 1000, "steal_share": stolen.share})
     print_table("Silero VAD over gRPC, one 32 ms chunk per ModelInfer", rows,
                 [("server", "server"), ("clients", "clients"), ("requests_per_s", "req/s"), ("p50_ms", "p50 ms"),
-                 ("p99_ms", "p99 ms"), ("server_cpu_ms", "server CPU ms/req"), ("steal_share", "CPU stolen")],
+                 ("p99_ms", "p99 ms"), ("server_cpu_ms", "server CPU ms/req"), ("client_cpu_ms", "client CPU ms/req"),
+                 ("steal_share", "CPU stolen")],
                 caption="cellserve: vad-cellular, each client a session held by the server (sequence_id); Triton: "
                         "the nvidia-pytriton wheel's tritonserver, ONNX Runtime in its Python backend, dynamic "
                         "batching up to 64, context and state sent with each chunk; calls in flight = clients, from "

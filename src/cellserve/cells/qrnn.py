@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense
+from cellserve.kernels import Dense, load_dense
+from cellserve.kernels.dense import PackedMatrix
 from cellserve.kernels.recurrence import qrnn_steps
 
 
@@ -18,11 +19,13 @@ class QRNNCell(Cell):
     kind = "qrnn"
 
     def __init__(self, weight, bias, window: int = 1):
+        """weight: an fp32 array, or a packed matrix (Bf16Dense, ...) kept as it is."""
         if window not in (1, 2):
             raise ValueError(f"QRNN window must be 1 or 2, got {window}")
         hidden = bias.shape[0] // 3
-        super().__init__(weight.shape[1] // window, hidden)
-        self.w = Dense(weight)  # rows [z, f, o]; columns [x_{t-1} (window 2 only), x_t]
+        w = weight if isinstance(weight, PackedMatrix) else Dense(weight)
+        super().__init__(w.in_features // window, hidden)
+        self.w = w  # rows [z, f, o]; columns [x_{t-1} (window 2 only), x_t]
         self.bias = f32(bias)
         self.window = window
 
@@ -50,7 +53,7 @@ class QRNNCell(Cell):
         return {"window": self.window}
 
     def tensors(self):
-        return {"weight": self.w.weight, "bias": self.bias}
+        return {**self.w.tensors("weight"), "bias": self.bias}
 
     @classmethod
     def tensor_shapes(cls, input_size, hidden_size, window=1, **options):
@@ -58,4 +61,4 @@ class QRNNCell(Cell):
 
     @classmethod
     def from_tensors(cls, input_size, hidden_size, tensors, window=1, **options):
-        return cls(tensors["weight"], tensors["bias"], window)
+        return cls(load_dense("weight", tensors), tensors["bias"], window)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from cellserve.cells.base import Cell, f32
-from cellserve.kernels import Dense
+from cellserve.kernels import Dense, load_dense
+from cellserve.kernels.dense import PackedMatrix
 from cellserve.kernels.recurrence import sru_steps
 
 
@@ -18,14 +19,17 @@ class SRUCell(Cell):
     kind = "sru"
 
     def __init__(self, weight, v_f, v_r, b_f, b_r, activation: str = "tanh"):
+        """weight: an fp32 array, or a packed matrix (Bf16Dense, ...) kept as it is."""
+        w = weight if isinstance(weight, PackedMatrix) else Dense(weight)
         hidden = v_f.shape[0]
-        super().__init__(weight.shape[1], hidden)
+        super().__init__(w.in_features, hidden)
         if activation not in ("tanh", "identity"):
             raise ValueError(f"SRU activation must be 'tanh' or 'identity', got {activation!r}")
         blocks = 3 if self.input_size == hidden else 4
-        if weight.shape[0] != blocks * hidden:
-            raise ValueError(f"SRU weight needs {blocks}*hidden rows for input {self.input_size}, got {weight.shape}")
-        self.w = Dense(weight)
+        if w.out_features != blocks * hidden:
+            raise ValueError(f"SRU weight needs {blocks}*hidden rows for input {self.input_size}, got "
+                             f"{(w.out_features, w.in_features)}")
+        self.w = w
         self.v_f, self.v_r, self.b_f, self.b_r = f32(v_f), f32(v_r), f32(b_f), f32(b_r)
         self.activation = activation
 
@@ -45,7 +49,7 @@ class SRUCell(Cell):
         return {"activation": self.activation}
 
     def tensors(self):
-        return {"weight": self.w.weight, "v_f": self.v_f, "v_r": self.v_r, "b_f": self.b_f, "b_r": self.b_r}
+        return {**self.w.tensors("weight"), "v_f": self.v_f, "v_r": self.v_r, "b_f": self.b_f, "b_r": self.b_r}
 
     @classmethod
     def tensor_shapes(cls, input_size, hidden_size, **options):
@@ -55,4 +59,4 @@ class SRUCell(Cell):
 
     @classmethod
     def from_tensors(cls, input_size, hidden_size, tensors, activation="tanh", **options):
-        return cls(tensors["weight"], tensors["v_f"], tensors["v_r"], tensors["b_f"], tensors["b_r"], activation)
+        return cls(load_dense("weight", tensors), tensors["v_f"], tensors["v_r"], tensors["b_f"], tensors["b_r"], activation)

@@ -1,12 +1,13 @@
 """Post-training quantization: every recurrent weight matrix of a model becomes int8 (per output
-channel), activations are quantized per row at run time, and the products run on int8 kernels."""
+channel), activations are quantized per row at run time, and the products run on int8 kernels; or every
+fp32 matrix becomes bf16 (bf16_weights)."""
 
 from __future__ import annotations
 
 import copy
 
 from cellserve.cells import LSTMCell
-from cellserve.kernels import Dense, QuantizedDense
+from cellserve.kernels import Bf16Dense, Dense, QuantizedDense
 from cellserve.models.rnn import rnns_of
 
 
@@ -31,8 +32,10 @@ def quantize_head(model) -> None:
 
 
 def quantize_matrices(cell, bits: int):
-    """A copy of a recurrent cell whose weight matrices are `bits`-bit (dynamic int8 activations), for
-    timing each width on the same shapes (bench cells --bits)."""
+    """A copy of a recurrent cell whose weight matrices are `bits`-bit (16: bf16; 8 and fewer: integer codes
+    with dynamic int8 activations), for timing each width on the same shapes (bench cells --bits)."""
+    if bits == 16:
+        return bf16_weights(cell)
     cell = copy.deepcopy(cell)
     for name in ("ih", "hh", "w"):
         dense = getattr(cell, name, None)
@@ -52,3 +55,33 @@ def quantize_cells(cells: list[LSTMCell], bits: int, act_scale: float = 0.0, cel
                 setattr(cell, name, QuantizedDense.from_float(dense.weight, bits, act_scale))
         if cell_quant is not None:
             cell.cell_quant = cell_quant
+
+
+def bf16_weights(model, in_place: bool = False):
+    """`model` (a copy, unless in_place: an imported graph's ONNX Runtime sessions cannot be copied) with
+    its fp32 weight matrices (cells, k-step blocks, heads: every Dense it holds) in bf16. Gates, cell state
+    and accumulation stay fp32; embeddings and biases are untouched. Works on any architecture, imported
+    graphs included, since it finds the matrices wherever the model keeps them."""
+    if not in_place:
+        model = copy.deepcopy(model)
+    seen: set[int] = set()
+
+    def convert(value):
+        if type(value) is Dense:
+            return Bf16Dense(value.weight)
+        if id(value) in seen:
+            return value
+        seen.add(id(value))
+        if isinstance(value, list):
+            value[:] = [convert(v) for v in value]
+        elif isinstance(value, dict):
+            for key in value:
+                value[key] = convert(value[key])
+        elif type(value).__module__.startswith("cellserve.") and hasattr(value, "__dict__"):
+            for key, v in vars(value).items():
+                new = convert(v)
+                if new is not v:
+                    setattr(value, key, new)
+        return value
+
+    return convert(model)

@@ -14,10 +14,10 @@ except ImportError as exc:  # a source checkout that was never built
                       f"which compiles it with the system's C++ compiler ({exc})") from exc
 
 from cellserve.kernels import treelstm
-from cellserve.kernels.dense import BlockSparseDense, Dense
+from cellserve.kernels.dense import Bf16Dense, BlockSparseDense, Dense
 from cellserve.kernels.quantized import QuantizedDense
 
-isa = _native.isa  # the instruction-set path in use: avx512-vbmi, avx512, avx2 or portable
+isa = _native.isa  # the instruction-set path in use: avx512-vbmi-bf16, avx512-bf16, avx512-vbmi, avx512, avx2, portable
 isas = _native.isas  # the paths this CPU can run, best first
 set_isa = _native.set_isa  # force a path (CELLSERVE_ISA does the same at import)
 set_threads = _native.set_threads
@@ -25,11 +25,14 @@ get_threads = _native.get_threads
 
 
 def load_dense(name: str, tensors: dict):
-    """The matrix saved under `name` by Dense.tensors, BlockSparseDense.tensors or QuantizedDense.tensors."""
+    """The matrix saved under `name` by Dense.tensors, BlockSparseDense.tensors, Bf16Dense.tensors or
+    QuantizedDense.tensors."""
     if f"{name}.blocks" in tensors:
         return BlockSparseDense.from_tensors(name, tensors)
+    if f"{name}.bf16" in tensors:
+        return Bf16Dense.from_tensors(name, tensors)
     return Dense(tensors[name]) if name in tensors else QuantizedDense.from_tensors(name, tensors)
 
 
-__all__ = ["BlockSparseDense", "Dense", "QuantizedDense", "load_dense", "treelstm", "isa", "isas", "set_isa", "set_threads",
+__all__ = ["Bf16Dense", "BlockSparseDense", "Dense", "QuantizedDense", "load_dense", "treelstm", "isa", "isas", "set_isa", "set_threads",
            "get_threads"]

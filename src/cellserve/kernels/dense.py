@@ -36,7 +36,8 @@ class PackedMatrix:
 
 
 class Dense(PackedMatrix):
-    """An fp32 weight matrix a cell multiplies by. QuantizedDense and BlockSparseDense have the same face."""
+    """An fp32 weight matrix a cell multiplies by. QuantizedDense, BlockSparseDense and Bf16Dense have the same
+    face."""
 
     bits = 32
     _pack = staticmethod(_native.pack_f32)  # the native layout the product streams
@@ -104,3 +105,24 @@ class BlockSparseDense(Dense):
         blocks[coords[:, 0], coords[:, 1]] = tensors[f"{name}.blocks"]
         weight = blocks.transpose(0, 2, 1).reshape(-1, in_features)[:out_features]
         return cls(np.ascontiguousarray(weight))
+
+
+class Bf16Dense(Dense):
+    """A Dense held as bf16 (each weight rounded to the nearest even bf16 once, at load): half the bytes.
+    Activations are rounded to bf16 per product and the products accumulate in fp32, on AVX512-BF16's
+    vdpbf16ps where the CPU has it, else widened to fp32 on the vector FMAs. Gates and cell state stay fp32."""
+
+    bits = 16
+    _pack = staticmethod(_native.pack_bf16)
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * 2
+
+    def tensors(self, name: str) -> dict[str, np.ndarray]:
+        """The bf16 bit patterns as uint16 (safetensors' own BF16 type needs a reader that has it)."""
+        return {f"{name}.bf16": (self.weight.view(np.uint32) >> 16).astype(np.uint16)}
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict) -> "Bf16Dense":
+        return cls((tensors[f"{name}.bf16"].astype(np.uint32) << 16).view(np.float32))

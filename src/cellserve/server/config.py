@@ -17,6 +17,9 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     weights: str = "model.safetensors"
+    weight_dtype: Literal["fp32", "bf16"] = Field("fp32", description="the dtype of the model's weight matrices "
+                                                  "as served: bf16 halves their bytes and runs on AVX512-BF16 where "
+                                                  "the CPU has it (accumulation, gates and state stay fp32)")
     policy: Literal["cellular", "graph", "none"] = "cellular"
     max_batch: int = Field(64, ge=1, le=4096)
     max_queue: int = Field(1024, ge=1)

@@ -228,7 +228,17 @@ def load_folder(folder: Path) -> ServedModel:
 
 
 def _load_model(path: Path, config: ModelConfig):
-    """Our model file, or an ONNX graph imported on the spot (specialized as its config says)."""
+    """Our model file, or an ONNX graph imported on the spot (specialized as its config says), with its
+    matrices in the config's weight dtype."""
+    model = _read_model(path, config)
+    if config.weight_dtype == "bf16":
+        from cellserve.compress.quantize import bf16_weights
+
+        model = bf16_weights(model, in_place=True)  # freshly loaded: nobody else holds it
+    return model
+
+
+def _read_model(path: Path, config: ModelConfig):
     if path.suffix == ".onnx":
         from cellserve.interop.onnx_import import import_onnx
 

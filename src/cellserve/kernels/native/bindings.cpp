@@ -6,8 +6,8 @@
  * arguments and calls packing.cpp and drivers.cpp; every call releases the GIL while it computes, so the
  * server's event loop keeps running.
  *
- * ISA paths (platform.cpp): the best the CPU supports (avx512-vbmi > avx512 > avx2 > portable) is chosen
- * at import; CELLSERVE_ISA=portable|avx2|avx512|avx512-vbmi forces one, and set_isa() switches at run time
+ * ISA paths (platform.cpp): the best the CPU supports (avx512-vbmi-bf16 > avx512-bf16 > avx512-vbmi > avx512 > avx2 > portable) is chosen
+ * at import; CELLSERVE_ISA=<a path's name> forces one, and set_isa() switches at run time
  * (tests).
  *
  * Why one file of ~580 lines: it is one concern, the CPython surface. Most of it is argument checking,
@@ -163,7 +163,7 @@ PyObject *packed_or_error(PackedObject *obj, int rc) {
     return PyErr_NoMemory();
 }
 
-/* An fp32 (n, k) weight packed by `pack` (pack_f32 or pack_bsr). */
+/* An fp32 (n, k) weight packed by `pack` (pack_f32, pack_bsr or pack_bf16). */
 PyObject *pack_fp32(PyObject *const *args, Py_ssize_t nargs, const char *fname,
                     int (*pack)(packed_t *, const float *, ptrdiff_t, int, int)) {
     Buf w;
@@ -176,6 +176,11 @@ PyObject *pack_fp32(PyObject *const *args, Py_ssize_t nargs, const char *fname,
 /* pack_f32(weight (n, k) float32) */
 PyObject *py_pack_f32(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     return pack_fp32(args, nargs, "pack_f32", pack_f32);
+}
+
+/* pack_bf16(weight (n, k) float32): rounded to the nearest even bf16, in the bf16 panel layout. */
+PyObject *py_pack_bf16(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+    return pack_fp32(args, nargs, "pack_bf16", pack_bf16);
 }
 
 /* pack_bsr(weight (n, k) float32): a block-sparse matrix (all-zero blocks of BR rows x 1 column dropped). */
@@ -220,7 +225,8 @@ PyObject *py_unpack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 PyObject *packed_get_n(PackedObject *self, void *) { return PyLong_FromLong(self->p.n); }
 PyObject *packed_get_k(PackedObject *self, void *) { return PyLong_FromLong(self->p.k); }
 PyObject *packed_get_kind(PackedObject *self, void *) {
-    return PyUnicode_FromString(self->p.kind == PACK_F32 ? "f32" : self->p.kind == PACK_BSR ? "bsr" : "s8");
+    static const char *names[] = {"f32", "s8", "bsr", "bf16"};
+    return PyUnicode_FromString(names[self->p.kind]);
 }
 PyObject *packed_get_act_scale(PackedObject *self, void *) { return PyFloat_FromDouble(self->p.act_scale); }
 PyObject *packed_get_bits(PackedObject *self, void *) { return PyLong_FromLong(self->p.kind == PACK_F32 ? 32 : self->p.bits); }
@@ -494,7 +500,7 @@ PyObject *py_isas(PyObject *, PyObject *) {
 bool select_isa(const char *name) {
     const int rc = platform_select(name);
     if (rc == -1) {
-        PyErr_Format(PyExc_ValueError, "unknown ISA path %s (choose portable, avx2, avx512 or avx512-vbmi)", name);
+        PyErr_Format(PyExc_ValueError, "unknown ISA path %s (choose portable, avx2, avx512, avx512-vbmi, avx512-bf16 or avx512-vbmi-bf16)", name);
         return false;
     }
     if (rc == -2) {
@@ -518,15 +524,16 @@ PyMethodDef PACKED_METHODS[] = {
 PyGetSetDef PACKED_GETSET[] = {
     {"n", (getter)packed_get_n, nullptr, "output features (rows of W)", nullptr},
     {"k", (getter)packed_get_k, nullptr, "input features (columns of W)", nullptr},
-    {"kind", (getter)packed_get_kind, nullptr, "'f32' or 's8'", nullptr},
+    {"kind", (getter)packed_get_kind, nullptr, "'f32', 'bsr', 'bf16' or 's8'", nullptr},
     {"act_scale", (getter)packed_get_act_scale, nullptr, "int8: fixed activation step (0: dynamic)", nullptr},
-    {"bits", (getter)packed_get_bits, nullptr, "bits per weight: 32, 8, 4, 2 or 1", nullptr},
+    {"bits", (getter)packed_get_bits, nullptr, "bits per weight: 32, 16 (bf16), 8, 4, 2 or 1", nullptr},
     {"nbytes", (getter)packed_get_nbytes, nullptr, "bytes held, panels padded", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, doc}
 PyMethodDef METHODS[] = {
     FAST(pack_f32, "pack_f32(weight (n, k) float32) -> Packed"),
+    FAST(pack_bf16, "pack_bf16(weight (n, k) float32) -> Packed: bf16 weights, products accumulating in fp32"),
     FAST(pack_s8, "pack_s8(codes (n, k) int8, scales (n,) float32, act_scale, bits=8) -> Packed"),
     FAST(pack_bsr, "pack_bsr(weight (n, k) float32) -> Packed: all-zero blocks of 16 rows x 1 column dropped"),
     FAST(gemm, "gemm(x, w, out, addend=None, bias=None): out = [addend +] x @ W^T [+ bias]"),
@@ -542,7 +549,7 @@ PyMethodDef METHODS[] = {
     {"get_threads", py_get_threads, METH_NOARGS, "the calling thread's thread count"},
     {"isa", py_isa, METH_NOARGS, "the instruction-set path in use"},
     {"isas", py_isas, METH_NOARGS, "the paths this CPU can run, best first"},
-    {"set_isa", py_set_isa, METH_O, "switch the instruction-set path (portable, avx2, avx512, avx512-vbmi)"},
+    {"set_isa", py_set_isa, METH_O, "switch the instruction-set path (a name from isas)"},
     {nullptr, nullptr, 0, nullptr}};
 #undef FAST
 

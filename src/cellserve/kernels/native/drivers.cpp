@@ -42,7 +42,8 @@ void over_time(const float *h0, ptrdiff_t ldh0, float *hs, int steps, int batch,
 
 }  // namespace
 
-/* c = [addend +] x @ W^T [+ bias] for fp32, block-sparse or int8 W (x quantized per row on the way in). */
+/* c = [addend +] x @ W^T [+ bias] for fp32, block-sparse, bf16 or int8 W (x rounded to bf16, or quantized per
+ * row, on the way in). */
 void linear(const packed_t *w, const float *x, ptrdiff_t ldx, int m, float *c, ptrdiff_t ldc, const float *addend,
             ptrdiff_t ld_add, const float *bias) {
     if (m == 0) return;
@@ -51,6 +52,8 @@ void linear(const packed_t *w, const float *x, ptrdiff_t ldx, int m, float *c, p
         gemm_t g = {x, ldx, w, m, c, ldc, addend, ld_add, bias};
         if (w->kind == PACK_BSR)
             isa->gemm_bsr(&g, threads_for((double)m * w->nnz * BR, w->panels));
+        else if (w->kind == PACK_BF16)
+            isa->gemm_bf16(&g, threads_for((double)m * w->n * w->k, w->panels));
         else
             isa->gemm_f32(&g, threads_for((double)m * w->n * w->k, w->panels));
         return;

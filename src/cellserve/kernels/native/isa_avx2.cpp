@@ -64,6 +64,6 @@ int supported() {
 
 }  // namespace
 
-extern const isa_t ISA_AVX2 = {"avx2", supported, gemm_f32, gemm_bsr, gemm_s8, 0, quantize_rows,
+extern const isa_t ISA_AVX2 = {"avx2", supported, gemm_f32, gemm_bsr, gemm_s8, gemm_bf16, 0, quantize_rows,
                                lstm_gates, gru_gates, sru_scan, qrnn_scan, max_sumexp_rows,
                                child_sum_gates};

@@ -24,15 +24,15 @@
 
 #define BR 16      /* rows of W (output columns) per block of a block-sparse matrix */
 
-enum { PACK_F32 = 0, PACK_S8 = 1, PACK_BSR = 2 };  /* fp32 panels, int8/low-bit panels, block-sparse fp32 */
+enum { PACK_F32 = 0, PACK_S8 = 1, PACK_BSR = 2, PACK_BF16 = 3 };  /* fp32, int8/low-bit, block-sparse fp32, bf16 */
 
 typedef struct {
-    int kind;            /* PACK_F32, PACK_S8 or PACK_BSR */
-    int bits;            /* PACK_S8: 8, or 4/2/1 (fields packed several to a byte) */
+    int kind;            /* PACK_F32, PACK_S8, PACK_BSR or PACK_BF16 */
+    int bits;            /* 32, 16 (bf16), PACK_S8: 8, or 4/2/1 (fields packed several to a byte) */
     int n, k;            /* logical shape: the matrix is (n, k), computed as x @ W^T */
     int panels;          /* ceil(n / NR) */
-    int kpad;            /* k rounded up: to 4 for int8, k itself for fp32 */
-    size_t panel_stride; /* elements (floats or bytes) per panel */
+    int kpad;            /* k rounded up: to 4 for int8, 2 for bf16, k itself for fp32 */
+    size_t panel_stride; /* elements (floats, bf16 or bytes) per panel */
     void *data;
     float *scale;        /* int8: per column, padded to panels * NR */
     int32_t *colsum128;  /* int8: 128 x each column's sum of stored fields u: the correction for VNNI's
@@ -93,6 +93,7 @@ typedef struct {
     void (*gemm_f32)(const gemm_t *g, int threads);
     void (*gemm_bsr)(const gemm_t *g, int threads);
     void (*gemm_s8)(const qgemm_t *g, int threads);
+    void (*gemm_bf16)(const gemm_t *g, int threads); /* bf16 weights; a is fp32, rounded to bf16 on the way in */
     /* int8 activations: codes as this path's kernel wants them (signed, or +128 for VNNI) */
     int s8_unsigned;      /* its kernel for int8 weights wants activation codes + 128 (VNNI); low-bit weights
                              always take signed codes */
@@ -122,7 +123,19 @@ extern const isa_t ISA_AVX512;
  * table-lookup kernel for binary weights (platform.cpp puts it over the AVX-512 table). */
 int avx512_vbmi_supported(void);
 void avx512_vbmi_gemm_s8(const qgemm_t *g, int threads);
+/* AVX512-BF16 (Cooper Lake, Sapphire Rapids and later Xeons, Zen 4) adds vdpbf16ps: its bf16 product is put
+ * over the AVX-512 table. */
+int avx512_bf16_supported(void);
+void avx512_bf16_gemm(const gemm_t *g, int threads);
 #endif
+
+/* fp32 -> bf16, rounded to nearest even as vcvtneps2bf16 does (a NaN stays a quiet NaN). */
+static inline uint16_t to_bf16(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
 
 static inline int unsigned_codes(const isa_t *isa, const packed_t *w) { return isa->s8_unsigned && w->bits == 8; }
 
@@ -146,10 +159,11 @@ void pool_run(int nthreads, task_fn fn, void *ctx);
  * memory (the packed_t then holds what was allocated: packed_free it). */
 int pack_f32(packed_t *p, const float *w, ptrdiff_t ld, int n, int k);
 int pack_bsr(packed_t *p, const float *w, ptrdiff_t ld, int n, int k);
+int pack_bf16(packed_t *p, const float *w, ptrdiff_t ld, int n, int k); /* rounded to nearest even */
 long off_grid(const int8_t *codes, ptrdiff_t ld, int n, int k, int bits); /* first code not on the grid, or -1 */
 int pack_s8(packed_t *p, const int8_t *codes, ptrdiff_t ld, int n, int k, const float *scales, float act_scale,
             int bits);
-void unpack(const packed_t *p, void *out, ptrdiff_t ld); /* fp32 weights, or int8 codes */
+void unpack(const packed_t *p, void *out, ptrdiff_t ld); /* fp32 weights (bf16 ones widened), or int8 codes */
 size_t packed_nbytes(const packed_t *p);
 void packed_free(packed_t *p);
 

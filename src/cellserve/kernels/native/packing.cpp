@@ -33,6 +33,25 @@ int pack_f32(packed_t *p, const float *w, ptrdiff_t ld, int n, int k) {
     return 0;
 }
 
+int pack_bf16(packed_t *p, const float *w, ptrdiff_t ld, int n, int k) {
+    p->kind = PACK_BF16;
+    p->bits = 16;
+    p->n = n;
+    p->k = k;
+    p->kpad = (k + 1) / 2 * 2;
+    p->panels = (n + NR - 1) / NR;
+    p->panel_stride = (size_t)p->kpad * NR;
+    p->data = aligned_zeros(p->panels * p->panel_stride * sizeof(uint16_t));
+    if (!p->data) return -1;
+    uint16_t *dst = (uint16_t *)p->data;
+    for (int col = 0; col < n; col++) {
+        uint16_t *panel = dst + (size_t)(col / NR) * p->panel_stride + (col % NR) * 2;
+        const float *row = w + col * ld;
+        for (int kk = 0; kk < k; kk++) panel[(size_t)(kk / 2) * NR * 2 + kk % 2] = to_bf16(row[kk]);
+    }
+    return 0;
+}
+
 /* Blocks of BR rows x 1 column that are all zero are dropped; the product visits only the others. */
 int pack_bsr(packed_t *p, const float *w, ptrdiff_t ld, int n, int k) {
     const int groups = (n + BR - 1) / BR;
@@ -134,7 +153,14 @@ void unpack(const packed_t *p, void *out, ptrdiff_t ld) {
         return;
     }
     for (int col = 0; col < p->n; col++) {
-        if (p->kind == PACK_F32) {
+        if (p->kind == PACK_BF16) {
+            const uint16_t *panel = (const uint16_t *)p->data + (size_t)(col / NR) * p->panel_stride + (col % NR) * 2;
+            float *row = (float *)out + col * ld;
+            for (int kk = 0; kk < p->k; kk++) {
+                const uint32_t bits = (uint32_t)panel[(size_t)(kk / 2) * NR * 2 + kk % 2] << 16;
+                memcpy(row + kk, &bits, 4);
+            }
+        } else if (p->kind == PACK_F32) {
             const float *panel = (const float *)p->data + (size_t)(col / NR) * p->panel_stride + col % NR;
             float *row = (float *)out + col * ld;
             for (int kk = 0; kk < p->k; kk++) row[kk] = panel[(size_t)kk * NR];
@@ -156,7 +182,7 @@ void unpack(const packed_t *p, void *out, ptrdiff_t ld) {
 size_t packed_nbytes(const packed_t *p) {
     if (p->kind == PACK_BSR)
         return (size_t)p->nnz * (BR * sizeof(float) + sizeof(int32_t)) + (p->panels + 1) * sizeof(int32_t);
-    size_t bytes = p->panels * p->panel_stride * (p->kind == PACK_F32 ? sizeof(float) : 1);
+    size_t bytes = p->panels * p->panel_stride * (p->kind == PACK_F32 ? sizeof(float) : p->kind == PACK_BF16 ? 2 : 1);
     if (p->kind == PACK_S8) bytes += p->panels * NR * (sizeof(float) + sizeof(int32_t));
     return bytes;
 }

@@ -2,8 +2,8 @@
  *
  * Per-kernel dispatch, as MLAS builds its platform: each path is the table of a base ISA with only the
  * kernels that a newer extension adds put over it, so AVX-512 VBMI is the AVX-512 table with one entry
- * (binary weights by table lookup) replaced. The best path the CPU supports is chosen when the module
- * loads; CELLSERVE_ISA or platform_select() (tests, benchmarks) force another. */
+ * (binary weights by table lookup) replaced, and AVX512-BF16 puts its bf16 product over it. The best path
+ * the CPU supports is chosen when the module loads; CELLSERVE_ISA or platform_select() (tests, benchmarks) force another. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,17 +15,34 @@ struct Path {
     isa_t table;
 };
 
-/* The paths, best first; built once, on first use. */
+#if defined(__x86_64__) || defined(_M_X64)
+int avx512_vbmi_bf16_supported() { return avx512_vbmi_supported() && avx512_bf16_supported(); }
+#endif
+
+/* The paths, best first; built once, on first use. The AVX-512 extensions each put their kernels over the
+ * AVX-512 table: VBMI binary weights by table lookup, BF16 the bf16 product on vdpbf16ps. Every combination
+ * the CPU has is a path of its own, so the tests can run each kernel on one machine. */
 struct Paths {
-    Path path[4];
+    Path path[8];
     int count = 0;
 
-    void add(const isa_t &base) { path[count++].table = base; }
+    isa_t &add(const isa_t &base) {
+        path[count].table = base;
+        return path[count++].table;
+    }
 
     Paths() {
 #if defined(__x86_64__) || defined(_M_X64)
-        add(ISA_AVX512);  /* AVX-512 VBMI: the AVX-512 table with the one kernel VBMI adds */
-        isa_t &vbmi = path[count - 1].table;
+        isa_t &both = add(ISA_AVX512);
+        both.name = "avx512-vbmi-bf16";
+        both.supported = avx512_vbmi_bf16_supported;
+        both.gemm_s8 = avx512_vbmi_gemm_s8;
+        both.gemm_bf16 = avx512_bf16_gemm;
+        isa_t &bf16 = add(ISA_AVX512);
+        bf16.name = "avx512-bf16";
+        bf16.supported = avx512_bf16_supported;
+        bf16.gemm_bf16 = avx512_bf16_gemm;
+        isa_t &vbmi = add(ISA_AVX512);
         vbmi.name = "avx512-vbmi";
         vbmi.supported = avx512_vbmi_supported;
         vbmi.gemm_s8 = avx512_vbmi_gemm_s8;
