@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cellserve import kernels
-from cellserve.compress.quantize import quantize_cells, quantize_dynamic
+from cellserve.compress.quantize import bf16_weights, quantize_cells, quantize_dynamic
 from cellserve.engine import Engine
 from cellserve.families import make_runner
 from cellserve.bench.workloads import binary_tree
@@ -20,7 +20,7 @@ VOCAB = 40
 
 def models():
     """Every stack the native loop runs: fp32 LSTM, GRU, SRU (input size 8 into 12: a highway block; 12
-    into 12: x itself) and QRNN, int8 and 4-bit weights, an LSTM with its cell state on a grid (QAT)."""
+    into 12: x itself) and QRNN, bf16, int8 and 4-bit weights, an LSTM with its cell state on a grid (QAT)."""
     lstm = Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, seed=2)
     grid = quantize_dynamic(Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, seed=4))
     quantize_cells(grid.encoder.cells + grid.decoder.cells, 4, cell_quant=(1 / 64, 4.0))
@@ -30,6 +30,8 @@ def models():
         "s2s-sru": Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, cell="sru", seed=6),
         "s2s-qrnn": Seq2Seq.random(VOCAB, VOCAB, 8, 12, num_layers=2, cell="qrnn", seed=8),
         "s2s-int8": quantize_dynamic(lstm),
+        "s2s-bf16": bf16_weights(lstm),
+        "lm-sru-bf16": bf16_weights(LanguageModel.random(VOCAB, 8, 12, num_layers=2, cell="sru", seed=10)),
         "s2s-4bit-grid": grid,
         "lm-lstm": LanguageModel.random(VOCAB, 8, 12, num_layers=3, seed=1),
         "lm-gru": LanguageModel.random(VOCAB, 8, 12, num_layers=1, cell="gru", seed=5),
