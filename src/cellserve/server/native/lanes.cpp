@@ -102,16 +102,28 @@ struct Lane {
   std::vector<int> refusals;  // the HTTP statuses of requests refused since the last step, for the statistics
   bool stopping = false, draining = false;
   std::vector<std::thread> workers;  // each takes its own steps; a session is in one step at a time
+  // Worker 0 takes whatever is ready; the others (helpers, on their own condition) only once this many
+  // messages are ready, so at light load every step runs on the one warm thread, and two half-full steps
+  // never cost twice the per-step work (Python, ONNX Runtime's calls, wake-ups) for the same rows. Silero VAD,
+  // 16 unary clients, alternating runs: one worker 9529 / 8254 req/s against two taking alike 6834 / 7177
+  // (133-153 against 155-162 us of server CPU per request); a loaded stream server still gets all of them.
+  std::condition_variable helpers_cv;
+  int join_rows = 1;
+  bool helpers_wanted() const { return static_cast<int>(ready.size()) >= join_rows; }
+  void wake() {
+    cv.notify_one();
+    if (helpers_wanted()) helpers_cv.notify_one();
+  }
 
   Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
   // refused(), counted (the worker tells Python, with its next step or alone); under mu
   Offer refuse(const inference::ModelInferRequest &request, bool stream, grpc::StatusCode code,
                const std::string &text) {
     refusals.push_back(code == grpc::StatusCode::UNAVAILABLE ? 503 : 400);
-    cv.notify_one();
+    cv.notify_one();  // (worker 0 counts them)
     return refused(request, stream, code, text);
   }
-  void run();
+  void run(int index);
   void finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector<std::vector<float>> &outs,
               std::vector<std::string> &snapshots, const std::string &error, std::vector<float> &x, int width_x,
               int most);
@@ -247,7 +259,7 @@ Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bo
     } else {
       session.busy = true;
       ready.push_back(std::move(job));
-      cv.notify_one();
+      wake();
     }
   }
   return taken;
@@ -296,7 +308,7 @@ std::string python_error() {
 
 }  // namespace
 
-void Lane::run() {
+void Lane::run(int index) {
   const double sweep = std::max(0.01, std::min(1.0, idle_timeout / 4));
   double next_sweep = now_s() + sweep;
   std::vector<Job> jobs;
@@ -308,8 +320,11 @@ void Lane::run() {
     int most = 0;  // the most chunks of a message in this step
     {
       std::unique_lock<std::mutex> lock(mu);
-      cv.wait_for(lock, std::chrono::duration<double>(sweep),
-                  [&] { return stopping || !ready.empty() || !refusals.empty(); });
+      if (index == 0)
+        cv.wait_for(lock, std::chrono::duration<double>(sweep),
+                    [&] { return stopping || !ready.empty() || !refusals.empty(); });
+      else
+        helpers_cv.wait_for(lock, std::chrono::duration<double>(sweep), [&] { return stopping || helpers_wanted(); });
       if (ready.empty() && stopping) return;
       double now = now_s();
       if (now >= next_sweep) {  // idle sessions expire
@@ -322,8 +337,10 @@ void Lane::run() {
         jobs.push_back(std::move(ready.front()));
         ready.pop_front();
       }
-      refused_now.swap(refusals);
-      refusals.clear();
+      if (index == 0) {
+        refused_now.swap(refusals);
+        refusals.clear();
+      }
       if (jobs.empty() && refused_now.empty()) continue;
       for (auto &job : jobs) most = std::max(most, job.chunks);
       const int n = static_cast<int>(jobs.size()), row = context + chunk;
@@ -476,6 +493,7 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
         session.busy = false;
       }
     }
+    if (!ready.empty()) wake();  // (this worker may be a helper, which would not take them alone)
   }
   std::string bytes;
   for (int i = 0; i < n; i++) {
@@ -555,6 +573,7 @@ void lanes_stop(Lanes *lanes) {
       lane->stopping = true;
     }
     lane->cv.notify_all();
+    lane->helpers_cv.notify_all();
     for (auto &worker : lane->workers) worker.join();
   }
 }
@@ -590,6 +609,7 @@ PyObject *lanes_add(Lanes *lanes, PyObject *args) {
   lane->context = context;
   lane->width = width;
   lane->max_rows = max_rows;
+  lane->join_rows = std::max(1, max_rows / 4);
   lane->max_sessions = max_sessions;
   lane->max_pending = max_pending;
   lane->idle_timeout = idle_timeout;
@@ -635,7 +655,7 @@ PyObject *lanes_add(Lanes *lanes, PyObject *args) {
     }
     lanes->by_model[model] = std::move(lane);
   }
-  for (int i = 0; i < workers; i++) raw->workers.emplace_back([raw] { raw->run(); });
+  for (int i = 0; i < workers; i++) raw->workers.emplace_back([raw, i] { raw->run(i); });
   Py_RETURN_NONE;
 }
 
