@@ -137,7 +137,8 @@ def test_lane_streams_beside_cut_and_stalled_clients_then_idle_expiry_and_drain(
     from test_overload import unpaced_streams
     from test_silero import CHUNKS, audio, reference
 
-    app = create_app(make_repository(tmp_path, max_pending_chunks=4, idle_timeout_s=1.0), grpc_port=0,
+    # idle_timeout_s outlasts the four streams, which take a few seconds under the sanitizers
+    app = create_app(make_repository(tmp_path, max_pending_chunks=4, idle_timeout_s=4.0), grpc_port=0,
                      grpc_frontend="native")
     served = app.state.backend.repository.get("vad")
     with BackgroundServer(app):
@@ -161,7 +162,7 @@ def test_lane_streams_beside_cut_and_stalled_clients_then_idle_expiry_and_drain(
         assert served.lane_sessions() >= 2  # the stalled and the cut session, until they expire
         stalled.close()
         cut.close()
-        deadline = time.time() + 10
+        deadline = time.time() + 15
         while served.sessions and time.time() < deadline:
             time.sleep(0.1)
         assert served.sessions == 0
