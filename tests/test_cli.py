@@ -78,6 +78,8 @@ def test_stolen_time_is_steals_share_of_all_cpu_time(monkeypatch):
 @pytest.mark.parametrize("argv", [
     ["bench", "cells", "--cells", "transformer"],
     ["bench", "cells", "--hidden", "abc"],
+    ["bench", "cells", "--bits", "16"],
+    ["bench", "gemm", "--dtype", "fp16"],
     ["bench", "serving", "--workloads", "nope"],
     ["bench", "serving", "--duration", "-1"],
     ["bench", "serving", "--min-requests", "-1"],
@@ -117,6 +119,20 @@ def test_bench_multistep_writes_rows(tmp_path):
     assert {(r["cell"], r["k"]) for r in blocks} == {("sru", 1), ("sru", 4), ("qrnn", 1), ("qrnn", 4)}
     assert all({"cell", "layers", "hidden", "k", "us_per_step", "speedup_vs_k1"} <= set(r) for r in rows)
     assert any(r["cell"] == "sru" and r.get("ort_us_per_step") for r in rows)
+
+
+def test_bench_gemm_times_each_dtype_against_its_peers(tmp_path):
+    """fp32, bf16 and int8 rows, each dtype with its own peers and its own measured peak."""
+    out = tmp_path / "gemm.json"
+    assert main(["bench", "gemm", "--dtype", "fp32,bf16,int8", "--m", "1,3", "--shapes", "64x96",
+                 "--impls", "cellserve,torch,onnxruntime,onednn", "--seconds", "0.01", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["dtypes"]
+    impls = {dtype: {r["impl"] for r in result[dtype]["rows"]} for dtype in result}
+    assert impls == {"fp32": {"cellserve", "torch", "onnxruntime", "onednn"}, "bf16": {"cellserve", "torch", "onednn"},
+                     "int8": {"cellserve", "torch", "onnxruntime"}}
+    for dtype, part in result.items():
+        assert part["peak_gflops"] == max(r["gflops"] for r in part["rows"])
+        assert {(r["m"], r["k"], r["n"]) for r in part["rows"]} == {(1, 64, 96), (3, 64, 96)}
 
 
 @pytest.mark.parametrize("argv", [

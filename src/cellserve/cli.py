@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "onnxruntime", "blis"], help="implementations to time")
     bg.add_argument("--seconds", type=float, default=0.4, help="time budget per shape (all implementations)")
     bg.add_argument("--dtype", type=_words, default=["fp32"], help="weight dtypes to time: fp32, bf16 (torch bf16 and "
-                    "oneDNN as the peers)")
+                    "oneDNN as the peers), int8 (torch's dynamic quantized Linear and ONNX Runtime's MatMulInteger)")
     bg.set_defaults(func=_bench_gemm)
 
     sv = bench_sub.add_parser("serving", help="cellular vs graph vs no batching under open-loop Poisson load")

@@ -10,6 +10,9 @@ in this process on the same inputs, each with its weights prepacked where the li
 
 --dtype bf16 times bf16 weights (products accumulating in fp32): ours (Bf16Dense; x is fp32 and rounded per
 call) beside torch's bf16 linear (oneDNN; x already bf16) and oneDNN's matmul on bf16 weights reordered once.
+--dtype int8 times int8 weights (per output row) with activations quantized per call, as every dynamic
+int8 product does: ours (QuantizedDense, vpdpbusd), torch's dynamic quantized Linear (FBGEMM) and ONNX
+Runtime's dynamically quantized MatMul (DynamicQuantizeLinear + MatMulInteger, per-channel weights).
 
 Implementations are timed in interleaved rounds (every round times each once), so drift on a shared
 machine hits all alike; the table quotes medians. The measured peak is the best GF/s of any
@@ -24,7 +27,8 @@ from cellserve.bench.common import console, interleaved_us, limit_threads, print
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHAPES = ((256, 1024), (512, 2048), (1024, 4096))
 IMPLS = ("cellserve", "numpy", "torch", "torch-mkl-packed", "onednn", "onnxruntime", "blis")
-DTYPES = {"fp32": IMPLS, "bf16": ("cellserve", "torch", "onednn")}  # the implementations each dtype has
+DTYPES = {"fp32": IMPLS, "bf16": ("cellserve", "torch", "onednn"),  # the implementations each dtype has
+          "int8": ("cellserve", "torch", "onnxruntime")}
 
 
 def _available(impl: str) -> bool:
@@ -42,6 +46,8 @@ def _product(impl: str, w: np.ndarray, m: int, dtype: str = "fp32"):
     out = np.empty((m, n), np.float32)
     if dtype == "bf16":
         return _bf16_product(impl, w, x, out)
+    if dtype == "int8":
+        return _int8_product(impl, w, x, out)
     if impl == "cellserve":
         from cellserve.kernels import Dense
 
@@ -91,6 +97,34 @@ def _bf16_product(impl: str, w: np.ndarray, x: np.ndarray, out: np.ndarray):
     raise ValueError(f"no bf16 product for {impl!r}")
 
 
+def _int8_product(impl: str, w: np.ndarray, x: np.ndarray, out: np.ndarray):
+    if impl == "cellserve":
+        from cellserve.kernels import QuantizedDense
+
+        dense = QuantizedDense.from_float(w, 8)
+        return lambda: dense(x, out)
+    if impl == "onnxruntime":
+        from cellserve.cells.onnxruntime import ort_session
+        from cellserve.interop.onnx_export import matmul_to_onnx, quantize_onnx_int8
+
+        session, feeds = ort_session(quantize_onnx_int8(matmul_to_onnx(w), ("MatMul",))), {"x": x}
+        return lambda: session.run(None, feeds)
+    import torch
+
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data = torch.from_numpy(w)
+    import warnings
+
+    with warnings.catch_warnings():  # torch deprecates its quantized tensors in favour of torchao, not installed here
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
+                                                           torch.qint8)
+    tx = torch.from_numpy(x)
+    if impl == "torch":
+        return lambda: quantized(tx)
+    raise ValueError(f"no int8 product for {impl!r}")
+
+
 def run(ms=MS, shapes=SHAPES, impls=IMPLS, seconds: float = 0.4, json_path=None, dtypes=("fp32",)) -> dict:
     from cellserve.bench.common import machine_line
 
@@ -126,10 +160,11 @@ def _run_dtype(dtype: str, impls: list[str], ms, shapes, seconds: float) -> dict
                           "gflops": 2 * m * k * n / us / 1e3} for impl, us in times.items()]
     peak = max(r["gflops"] for r in rows)
     table = _summary(rows, impls, peak)
-    print_table(f"x @ W^T, {dtype} weights, 1 thread: GF/s (median of interleaved rounds)", table,
+    unit = "GOP/s" if dtype == "int8" else "GF/s"
+    print_table(f"x @ W^T, {dtype} weights, 1 thread: {unit} (median of interleaved rounds)", table,
                 [("shape", "K x N"), ("m", "M"), ("ours_us", "ours us"), *[(i, i) for i in impls],
                  ("best_lib", "best library"), ("ratio", "ours / best"), ("of_peak", "ours % of peak")],
-                caption=f"measured {dtype} peak: {peak:.1f} GF/s (best of any implementation at any shape)")
+                caption=f"measured {dtype} peak: {peak:.1f} {unit} (best of any implementation at any shape)")
     compared = [t for t in table if "ratio" in t]
     misses = ", ".join("{shape} M={m} ({ratio:.2f})".format(**t) for t in compared if t["ratio"] < 0.95)
     console.print(f"{dtype}: ours >= 0.95x the best library at {sum(t['ratio'] >= 0.95 for t in compared)} of "

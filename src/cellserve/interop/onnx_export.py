@@ -144,9 +144,10 @@ def matmul_to_onnx(weight: np.ndarray) -> onnx.ModelProto:
                   [numpy_helper.from_array(np.ascontiguousarray(weight.T, dtype=np.float32), "wt")], "matmul")
 
 
-def quantize_onnx_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's dynamic int8 quantization of the LSTM/GRU operators (per-channel weights; at run
-    time DynamicQuantizeLSTM quantizes activations per call and uses its VNNI/AVX2 int8 GEMM)."""
+def quantize_onnx_int8(model: onnx.ModelProto, op_types=("LSTM", "GRU")) -> onnx.ModelProto:
+    """ONNX Runtime's dynamic int8 quantization of the LSTM/GRU operators, or of the others named
+    (per-channel weights; at run time DynamicQuantizeLSTM, or DynamicQuantizeLinear + MatMulInteger, quantize
+    activations per call and use its VNNI/AVX2 int8 GEMM)."""
     import tempfile
     from pathlib import Path
 
@@ -162,7 +163,7 @@ def quantize_onnx_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         root.setLevel(logging.ERROR)  # its advice to run shape-inference pre-processing is for CNN graphs
         try:
             quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["LSTM", "GRU"])
+                             op_types_to_quantize=list(op_types))
         finally:
             root.setLevel(level)
         return onnx.load(target)
