@@ -37,6 +37,16 @@ def test_bench_serving_writes_rows_and_plot(tmp_path):
     assert (tmp_path / "serving_treelstm.png").stat().st_size > 0
 
 
+def test_bench_serving_runs_the_bf16_model_beside_the_fp32_one(tmp_path):
+    out = tmp_path / "serving.json"
+    assert main(["bench", "serving", "--workloads", "speller", "--policies", "cellular", "--rates", "50",
+                 "--backends", "cellserve,cellserve-bf16", "--step-loops", "native", "--duration", "0.5",
+                 "--min-requests", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted(r["backend"] for r in rows) == ["cellserve", "cellserve-bf16"]
+    assert all(r["lost"] == 0 and r["failed"] == 0 and r["completed"] > 0 for r in rows)
+
+
 def test_repeated_traces_merge_into_medians_and_every_lost_request_counts():
     """bench serving --repeats: a row is the median of its traces, so one slow trace moves one vote; lost
     requests add up (one anywhere is a defect), and sustained is judged on the medians."""

@@ -132,8 +132,8 @@ def _bench_serving(args):
         raise UsageError("--min-requests must be >= 0")
     if args.repeats < 1:
         raise UsageError("--repeats must be >= 1")
-    if set(args.backends) - {"cellserve", "onnxruntime"}:
-        raise UsageError("--backends takes cellserve and/or onnxruntime")
+    if set(args.backends) - {"cellserve", "onnxruntime", "cellserve-bf16"}:
+        raise UsageError("--backends takes cellserve, onnxruntime and cellserve-bf16 (our kernels on bf16 weights)")
     if not args.step_loops or set(args.step_loops) - {"native", "python"}:
         raise UsageError("--step-loops takes native and/or python")
     serving.run(args.workloads, args.policies, args.rates, args.duration, args.seed, args.max_batch,
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-delay-ms", type=float, default=5.0, help="graph policy: batching window")
     sv.add_argument("--buckets", type=_ints, default=[], help="graph policy: length bucket bounds, e.g. 10,20,40")
     sv.add_argument("--backends", type=_words, default=["cellserve"],
-                    help="who runs the cells: cellserve and/or onnxruntime (LSTM workloads)")
+                    help="who runs the cells: cellserve, onnxruntime (LSTM workloads), cellserve-bf16 (ours on bf16 weights)")
     sv.add_argument("--step-loops", type=_words, default=["native", "python"],
                     help="who runs the engine's steps: the first runs every policy, the others cellular only")
     sv.add_argument("--python-gc", action="store_true", help="leave Python's garbage collector at its defaults "

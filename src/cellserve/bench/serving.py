@@ -70,7 +70,8 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
     ~35 requests is noise: one light-load trace of seq2seq gave cellular/graph 1.14, then 0.47). repeats: each
     rate runs this many traces (seeds seed, seed+1, ...), every policy on each before the next, and a row holds
     their medians (merged_row): one slow spell of a shared host then moves one vote, not the row. backends: who
-    runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers. Without
+    runs the cells; 'onnxruntime' adds rows with ORT executing the LSTM layers, 'cellserve-bf16' rows with our
+    kernels on bf16 weights. Without
     explicit rates, a coarse doubling grid runs until every policy saturates, then each of cellular and
     graph is refined near its saturation (steps of at most 1.25x; graph's points run both policies, since
     their latencies are compared there)."""
@@ -95,6 +96,10 @@ def run(workloads=tuple(WORKLOADS), policies=POLICIES, rates=None, duration: flo
                 from cellserve.interop.onnx_export import use_onnxruntime
 
                 models["onnxruntime"] = use_onnxruntime(workload.make_model())
+            if "cellserve-bf16" in backends:  # the same model with bf16 weight matrices (weight_dtype: bf16)
+                from cellserve.compress.quantize import bf16_weights
+
+                models["cellserve-bf16"] = bf16_weights(models["cellserve"])
             base = unbatched_capacity(workload, models["cellserve"], seed)
             grid = list(rates) if rates else rate_grid(base)
             console.print(f"[bold]{name}[/]: {workload.description}; unbatched capacity ~{base:.1f} req/s; "
