@@ -183,14 +183,14 @@ def test_bench_compress_writes_the_rows_and_plot(tmp_path):
                  "10", "--hidden", "8", "--train-seconds", "1", "--finetune-seconds", "1", "--qat", "4/4",
                  "--sparsities", "0.5", "--student-hidden", "4", "--student-epochs", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {"fp32", "int8-ptq", "int8-ptq-onnxruntime", "qat-w4a4", "prune-magnitude-50", "prune-blocks-75",
+    assert {"fp32", "bf16", "int8-ptq", "int8-ptq-onnxruntime", "qat-w4a4", "prune-magnitude-50", "prune-blocks-75",
             "prune-units-half", "distilled-bilstm4"} <= {r["scheme"] for r in rows}
     keys = {"scheme", "weight_bits", "act_bits", "sparsity", "cer", "weight_bytes", "us_per_line", "speedup"}
     assert all(keys <= set(r) for r in rows)
     by_scheme = {r["scheme"]: r for r in rows}
     assert by_scheme["fp32"]["speedup"] == 1.0
-    sizes = [by_scheme[s]["weight_bytes"] for s in ("qat-w4a4", "int8-ptq", "fp32")]
-    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    sizes = [by_scheme[s]["weight_bytes"] for s in ("qat-w4a4", "int8-ptq", "bf16", "fp32")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
     assert out.with_suffix(".png").stat().st_size > 0
     assert (tmp_path / "work" / "ocr_qat-w4a4.safetensors").exists()
 

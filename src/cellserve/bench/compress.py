@@ -55,15 +55,16 @@ def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int =
     from cellserve.tasks import ocr_train as ot
     from cellserve.tasks.ocr_data import make_datasets
     from cellserve.compress.qat import QuantSpec
-    from cellserve.compress.quantize import quantize_dynamic
+    from cellserve.compress.quantize import bf16_weights, quantize_dynamic
     from cellserve.interop.onnx_export import use_onnxruntime
 
     torch.set_num_threads(2)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: console.log(msg)  # noqa: E731
-    # models added (fp32, int8, 2 ONNX Runtime, fine-tuned fp32, QAT, pruned, 3 unit-pruned, 2 students), then timing
-    planned = 10 + len(qat) + len(sparsities) + len(block_sparsities) + 1
+    # models added (fp32, bf16, int8, 2 ONNX Runtime, fine-tuned fp32, QAT, pruned, 3 unit-pruned, 2 students), then
+    # timing
+    planned = 11 + len(qat) + len(sparsities) + len(block_sparsities) + 1
     with bar("compress", planned) as shown:
         log(f"rendering {train_lines} training and {test_lines} held-out lines")
         train_set, test_set = make_datasets(train_lines, test_lines, seed)
@@ -94,6 +95,7 @@ def run(workdir="cellserve-compress", train_lines: int = 4000, test_lines: int =
             torch.save(teacher.state_dict(), checkpoint)
         teacher.eval()
         fp32 = add("fp32", teacher, hidden=hidden)
+        add("bf16", bf16_weights(fp32), 16, 16, hidden=hidden)  # activations rounded to bf16 per product
         add("int8-ptq", quantize_dynamic(fp32), 8, 8, hidden=hidden)
         # the peer: the same model in ONNX Runtime, fp32 and with its dynamic int8 LSTM operator
         add("fp32-onnxruntime", use_onnxruntime(copy.deepcopy(fp32)), save=False, hidden=hidden, backend="onnxruntime")
