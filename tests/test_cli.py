@@ -8,6 +8,8 @@ import torch
 
 from cellserve import models
 from cellserve.cli import main
+from cellserve.kernels import Bf16Dense
+from cellserve.models.rnn import rnns_of
 
 
 def test_bench_cells_writes_rows(tmp_path):
@@ -174,6 +176,17 @@ def test_ocr_quantize_and_read(tmp_path, capsys):
     lm = tmp_path / "lm.safetensors"
     models.save(models.LanguageModel.random(10, 4, 8, seed=0), lm)
     assert main(["ocr", "read", str(lm), str(tmp_path / "line.png")]) == 2
+    # bf16: the file holds bf16 matrices (loaded back as such) and reads the line as fp32 does
+    half = tmp_path / "bf16.safetensors"
+    assert main(["ocr", "quantize", str(fp32), str(half), "--bits", "bf16"]) == 0
+    assert "bf16 weights" in capsys.readouterr().out
+    loaded = models.load(half)
+    assert all(isinstance(c.ih, Bf16Dense) for rnn in rnns_of(loaded) for c in rnn.cells)
+    capsys.readouterr()
+    main(["ocr", "read", str(fp32), str(tmp_path / "line.png")])
+    main(["ocr", "read", str(half), str(tmp_path / "line.png")])
+    fp32_line, bf16_line = capsys.readouterr().out.strip().splitlines()
+    assert fp32_line == bf16_line
 
 
 def test_bench_compress_writes_the_rows_and_plot(tmp_path):
