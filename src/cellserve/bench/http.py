@@ -136,12 +136,12 @@ def _run(call, items, clients: int) -> np.ndarray:
         return np.array(list(pool.map(timed, items)))
 
 
-def _measured(run, count: int, server_pid: int) -> tuple[np.ndarray, float, float]:
+def _measured(run, count: int, server_pid: int, cpu_of=process_cpu_seconds) -> tuple[np.ndarray, float, float]:
     """Latencies (ms) of the `count` calls run() makes, and the CPU each call cost the client process and the
-    server process (ms)."""
-    client0, server0 = time.process_time(), process_cpu_seconds(server_pid)
+    server (ms): its process, or what cpu_of counts (tree_cpu_seconds: with its children)."""
+    client0, server0 = time.process_time(), cpu_of(server_pid)
     latencies = run()
-    client, server = time.process_time() - client0, process_cpu_seconds(server_pid) - server0
+    client, server = time.process_time() - client0, cpu_of(server_pid) - server0
     return latencies, client / count * 1000, server / count * 1000
 
 
@@ -329,14 +329,14 @@ def silero_rows(concurrency, requests: int, triton_env) -> list[dict]:
                           clients)
                 messages = _silero_requests(model, requests, clients, f"run{clients}", server_state)
                 with StolenTime() as stolen:
-                    cpu0, start, client0 = tree_cpu_seconds(server.pid), time.perf_counter(), time.process_time()
-                    latencies = _run_grpc(server.grpc_port, messages, clients)
-                    wall, cpu = time.perf_counter() - start, tree_cpu_seconds(server.pid) - cpu0
-                    client = time.process_time() - client0
+                    start = time.perf_counter()
+                    latencies, client_ms, server_ms = _measured(
+                        lambda: _run_grpc(server.grpc_port, messages, clients), requests, server.pid, tree_cpu_seconds)
+                    wall = time.perf_counter() - start
                 rows.append({"server": name, "clients": clients, "requests": requests,
                              "requests_per_s": requests / wall, "p50_ms": float(np.percentile(latencies, 50)),
-                             "p99_ms": float(np.percentile(latencies, 99)), "server_cpu_ms": cpu / requests * 1000,
-                             "client_cpu_ms": client / requests * 1000, "steal_share": stolen.share})
+                             "p99_ms": float(np.percentile(latencies, 99)), "server_cpu_ms": server_ms,
+                             "client_cpu_ms": client_ms, "steal_share": stolen.share})
     print_table("Silero VAD over gRPC, one 32 ms chunk per ModelInfer", rows,
                 [("server", "server"), ("clients", "clients"), ("requests_per_s", "req/s"), ("p50_ms", "p50 ms"),
                  ("p99_ms", "p99 ms"), ("server_cpu_ms", "server CPU ms/req"), ("client_cpu_ms", "client CPU ms/req"),

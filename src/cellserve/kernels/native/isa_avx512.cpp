@@ -338,8 +338,7 @@ BF16_TARGET void pack_rows_dpbf16(const float *a, ptrdiff_t lda, int rows, int k
 #pragma GCC unroll 16
             for (int j = 0; j < 16; j++) dst[(kk / 2 + j) * rows + i] = words[j];
         }
-        for (; kk < k; kk += 2)
-            dst[(kk / 2) * rows + i] = to_bf16(row[kk]) | (kk + 1 < k ? (uint32_t)to_bf16(row[kk + 1]) << 16 : 0u);
+        for (; kk < k; kk += 2) dst[(kk / 2) * rows + i] = bf16_pair(row, kk, k);
     }
 }
 
