@@ -8,6 +8,7 @@ import torch
 
 from cellserve import models
 from cellserve.cli import main
+from cellserve import kernels
 from cellserve.kernels import Bf16Dense
 from cellserve.models.rnn import rnns_of
 
@@ -138,7 +139,9 @@ def test_bench_gemm_times_each_dtype_against_its_peers(tmp_path):
     out = tmp_path / "gemm.json"
     assert main(["bench", "gemm", "--dtype", "fp32,bf16,int8", "--m", "1,3", "--shapes", "64x96",
                  "--impls", "cellserve,torch,onnxruntime,onednn", "--seconds", "0.01", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())["dtypes"]
+    payload = json.loads(out.read_text())
+    assert f"kernel path: {kernels.isa()}" in payload["machine"]  # every bench's JSON names CPU and path
+    result = payload["dtypes"]
     impls = {dtype: {r["impl"] for r in result[dtype]["rows"]} for dtype in result}
     assert impls == {"fp32": {"cellserve", "torch", "onnxruntime", "onednn"}, "bf16": {"cellserve", "torch", "onednn"},
                      "int8": {"cellserve", "torch", "onnxruntime"}}

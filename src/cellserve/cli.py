@@ -578,6 +578,10 @@ def main(argv: list[str] | None = None) -> int:
 
         progress.QUIET = True
     try:
+        if args.command == "bench":  # every figure names what it was measured on
+            from cellserve.bench.common import console, machine_line
+
+            console.print(machine_line())
         args.func(args)
     except UsageError as exc:
         print(f"cellserve: error: {exc}", file=sys.stderr)

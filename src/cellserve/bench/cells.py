@@ -131,9 +131,6 @@ def run(cells=CELL_KINDS, hiddens=(256, 512, 1024), batches=(1, 8, 32, 128), sec
         import torch
 
         no_grad = torch.no_grad()  # for the measurement only: not the caller's process-wide setting
-    from cellserve.bench.common import machine_line
-
-    console.print(machine_line())
     with limit_threads(1), no_grad:
         bandwidth = memory_bandwidth_gbs()
         rows = [row for kind in cells for hidden in hiddens for batch in batches

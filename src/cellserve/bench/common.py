@@ -164,7 +164,7 @@ def write_json(path: str | Path | None, payload: dict) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps({"machine": machine_line(), **payload}, indent=2))
     console.print(f"wrote {path}")
 
 

@@ -126,9 +126,6 @@ def _int8_product(impl: str, w: np.ndarray, x: np.ndarray, out: np.ndarray):
 
 
 def run(ms=MS, shapes=SHAPES, impls=IMPLS, seconds: float = 0.4, json_path=None, dtypes=("fp32",)) -> dict:
-    from cellserve.bench.common import machine_line
-
-    console.print(machine_line())
     no_grad = None
     if any(i.startswith(("torch", "onednn")) for i in impls):
         import torch
