@@ -16,33 +16,23 @@ CELL_KINDS = ("lstm", "gru", "sru")
 
 def _torch_step(kind: str, cell, torch, dtype=None):
     """A torch eager step function for our cell's weights (in `dtype`, such as torch.bfloat16, if given)."""
-    step = _torch_step_fp32(kind, cell, torch)
-    if dtype is None:
-        return step
-    step.module.to(dtype)
-    return step
-
-
-def _torch_step_fp32(kind: str, cell, torch):
     from cellserve.models.torch_reference import TorchSRU
 
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    dtype = dtype or torch.float32
     if kind == "sru":
         ref = TorchSRU(cell.input_size, cell.hidden_size)
         ref.load_state_dict({k: t(v) for k, v in cell.tensors().items()})
-        step = lambda x, h, c: ref(x[None], c)  # noqa: E731
-        step.module = ref
-        return step
+        ref.to(dtype)
+        return lambda x, h, c: ref(x[None], c)
     module = (torch.nn.LSTMCell if kind == "lstm" else torch.nn.GRUCell)(cell.input_size, cell.hidden_size)
     module.weight_ih.data, module.weight_hh.data = t(cell.ih.weight), t(cell.hh.weight)
     if kind == "lstm":
         module.bias_ih.data, module.bias_hh.data = t(cell.bias), torch.zeros_like(module.bias_hh)
-        step = lambda x, h, c: module(x, (h, c))  # noqa: E731
     else:
         module.bias_ih.data, module.bias_hh.data = t(cell.b_ih), t(cell.b_hh)
-        step = lambda x, h, c: module(x, h)  # noqa: E731
-    step.module = module
-    return step
+    module.to(dtype)
+    return (lambda x, h, c: module(x, (h, c))) if kind == "lstm" else (lambda x, h, c: module(x, h))
 
 
 def _ort_step(kind: str, cell, batch: int):

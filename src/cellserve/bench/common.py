@@ -159,13 +159,14 @@ class StolenTime:
         return False
 
 
-def write_json(path: str | Path | None, payload: dict) -> None:
+def write_json(path: str | Path | None, payload: dict, quiet: bool = False) -> None:
     if path is None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine_line(), **payload}, indent=2))
-    console.print(f"wrote {path}")
+    if not quiet:
+        console.print(f"wrote {path}")
 
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]], caption: str | None = None) -> None:

@@ -368,9 +368,7 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
     result = {"ceiling_streams": ceiling, "per_chunk_us_batch64": per_chunk_us, "rows": rows}
 
     def save() -> None:  # after every row: a sweep of hours that fails late keeps what it measured
-        if json_path:
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps(result, indent=2))
+        write_json(json_path, result, quiet=True)
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         _repository(Path(tmp), path)

@@ -33,6 +33,11 @@ int pack_f32(packed_t *p, const float *w, ptrdiff_t ld, int n, int k) {
     return 0;
 }
 
+/* Where weight (col, kk) of a bf16 matrix sits: its panel, its pair row, its column, its half. */
+static size_t bf16_at(const packed_t *p, int col, int kk) {
+    return (size_t)(col / NR) * p->panel_stride + (size_t)(kk / 2) * NR * 2 + (col % NR) * 2 + kk % 2;
+}
+
 int pack_bf16(packed_t *p, const float *w, ptrdiff_t ld, int n, int k) {
     p->kind = PACK_BF16;
     p->bits = 16;
@@ -44,11 +49,8 @@ int pack_bf16(packed_t *p, const float *w, ptrdiff_t ld, int n, int k) {
     p->data = aligned_zeros(p->panels * p->panel_stride * sizeof(uint16_t));
     if (!p->data) return -1;
     uint16_t *dst = (uint16_t *)p->data;
-    for (int col = 0; col < n; col++) {
-        uint16_t *panel = dst + (size_t)(col / NR) * p->panel_stride + (col % NR) * 2;
-        const float *row = w + col * ld;
-        for (int kk = 0; kk < k; kk++) panel[(size_t)(kk / 2) * NR * 2 + kk % 2] = to_bf16(row[kk]);
-    }
+    for (int col = 0; col < n; col++)
+        for (int kk = 0; kk < k; kk++) dst[bf16_at(p, col, kk)] = to_bf16(w[col * ld + kk]);
     return 0;
 }
 
@@ -154,10 +156,9 @@ void unpack(const packed_t *p, void *out, ptrdiff_t ld) {
     }
     for (int col = 0; col < p->n; col++) {
         if (p->kind == PACK_BF16) {
-            const uint16_t *panel = (const uint16_t *)p->data + (size_t)(col / NR) * p->panel_stride + (col % NR) * 2;
             float *row = (float *)out + col * ld;
             for (int kk = 0; kk < p->k; kk++) {
-                const uint32_t bits = (uint32_t)panel[(size_t)(kk / 2) * NR * 2 + kk % 2] << 16;
+                const uint32_t bits = (uint32_t)((const uint16_t *)p->data)[bf16_at(p, col, kk)] << 16;
                 memcpy(row + kk, &bits, 4);
             }
         } else if (p->kind == PACK_F32) {
