@@ -30,7 +30,8 @@ MISSING_COMPILER = ("cellserve builds its native kernels with a C++17 compiler, 
 
 
 GRPC_FRONT = "src/cellserve/server/native/grpc_front.cpp"
-LANES = "src/cellserve/server/native/lanes.cpp"
+LANES = ["src/cellserve/server/native/lanes.cpp", "src/cellserve/server/native/token_lanes.cpp"]
+LOOP_FACE = "src/cellserve/engine/native/loop_face.h"
 FRONT_HEADER = "src/cellserve/server/native/front.h"
 LOADGEN = "src/cellserve/bench/native/loadgen.cpp"
 PROTOCOL_FILES = ("model_config.proto", "grpc_service.proto")
@@ -66,8 +67,9 @@ def grpc_extensions():
         protocol = False
         print("cellserve: tritonclient is not importable here (an isolated build): building the gRPC front end "
               "without its stream lanes, and without the benches' native load generator", file=sys.stderr)
-    front = Extension("cellserve.server.native._grpc_front", sources=[GRPC_FRONT, *([LANES] if protocol else [])],
-                      depends=[FRONT_HEADER], extra_compile_args=compile_flags + (["-DCELLSERVE_LANES"] if protocol else []),
+    front = Extension("cellserve.server.native._grpc_front", sources=[GRPC_FRONT, *(LANES if protocol else [])],
+                      depends=[FRONT_HEADER, LOOP_FACE], include_dirs=[os.path.dirname(LOOP_FACE)],
+                      extra_compile_args=compile_flags + (["-DCELLSERVE_LANES"] if protocol else []),
                       extra_link_args=link_flags, language="c++")
     front.protocol = protocol
     units = [front]
@@ -133,7 +135,7 @@ setup(
     ), Extension(  # the engine's step loop: calls the kernel core through its C face (kernels/native/api.h)
         "cellserve.engine._steploop",
         sources=["src/cellserve/engine/native/steploop.cpp"],
-        depends=[f"{NATIVE}/api.h", f"{NATIVE}/native.h"],
+        depends=[f"{NATIVE}/api.h", f"{NATIVE}/native.h", LOOP_FACE],
         include_dirs=[NATIVE],
         extra_compile_args=COMMON,
         extra_link_args=SANITIZE,

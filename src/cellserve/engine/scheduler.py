@@ -375,12 +375,18 @@ class Engine:
         to result."""
         with self._cv:
             self._count_steps([("lane", rows, 0, seconds, kernel, time.perf_counter(), self.stats.steps + 1)])
+        self._account(seconds, kernel, 1)
+        self.count_lane_requests(latencies, ok)
+
+    def count_lane_requests(self, latencies, ok: bool = True) -> None:
+        """Requests a native front end answered itself (a lane's step, or rows it admitted into this engine's
+        loop): submitted and completed (or failed), their latencies observed."""
+        with self._cv:
             self.stats.submitted += len(latencies)
             if ok:
                 self.stats.completed += len(latencies)
             else:
                 self.stats.failed += len(latencies)
-        self._account(seconds, kernel, 1)
         if ok and self.observer and hasattr(self.observer, "on_latencies"):
             self.observer.on_latencies(latencies)
 

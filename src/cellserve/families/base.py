@@ -53,6 +53,12 @@ class Family:
         """The engine's results (one per row) as output tensors."""
         raise NotImplementedError
 
+    def lane_spec(self, runner: Runner) -> dict | None:
+        """What a native front end needs to take this family's stateless requests into `runner`'s native step
+        loop and answer them without Python (server/native/token_lanes.cpp: the stage, EOS, the default
+        output length, a text codec's native form), or None where it cannot."""
+        return None
+
     @functools.cached_property
     def _input_names(self) -> tuple[frozenset, list]:
         """(every input's name, the required ones'): checked on every request."""

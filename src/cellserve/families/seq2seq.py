@@ -17,11 +17,12 @@ from cellserve.models import Seq2Seq
 
 
 def codec_named(name: str):
-    """(encode, decode) of a named text codec: text -> source tokens, target tokens -> text."""
+    """(encode, decode, native form or None) of a named text codec: text -> source tokens, target tokens ->
+    text, and the same as a native front end runs it (server/native/token_lanes.cpp)."""
     if name == "number-speller":
-        from cellserve.tasks.speller import decode_words, encode_number
+        from cellserve.tasks.speller import NATIVE_CODEC, decode_words, encode_number
 
-        return encode_number, decode_words
+        return encode_number, decode_words, NATIVE_CODEC
     raise ValueError(f"unknown text codec {name!r} (number-speller)")
 
 
@@ -59,7 +60,7 @@ class Seq2SeqFamily(Family):
 
     def __init__(self, model: Seq2Seq, text_codec: str | None = None):
         super().__init__(model)
-        self.codec = codec_named(text_codec) if text_codec else None  # (encode, decode)
+        self.codec = codec_named(text_codec) if text_codec else None  # (encode, decode, native form)
         self._pick = None  # cellular's default stage pick, measured on the first runner
         self.inputs = [TensorSpec("tokens", "INT64", [-1, -1], optional=bool(self.codec)),
                        TensorSpec("max_output_tokens", "INT64", [-1], optional=True)]
@@ -79,6 +80,12 @@ class Seq2SeqFamily(Family):
             self._pick = stage_pick(model)
         runner.default_pick = self._pick
         return runner
+
+    def lane_spec(self, runner) -> dict | None:
+        if not isinstance(runner, NativeSeq2SeqRunner) or (self.codec and self.codec[2] is None):
+            return None
+        spec = {"stage": 0, "eos": int(self.model.eos_id), "default_max_len": 16 if self.codec else -1}
+        return {**spec, **(self.codec[2] if self.codec else {})}
 
     def requests(self, tensors):
         self.check_names(tensors)

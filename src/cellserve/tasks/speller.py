@@ -48,6 +48,12 @@ def decode_words(tokens: list[int]) -> str:
     return " ".join([WORDS[t] for t in tokens if t not in _UNSPOKEN])
 
 
+# The codec above in the form a native front end runs (server/native/token_lanes.cpp): ASCII digits in, after
+# stripping, at most 6 of them and at most MAX_NUMBER, the number's digits as the source; words out, joined by
+# spaces, the unspoken ones skipped. What it does not take (Unicode digits, say) goes to encode_number.
+NATIVE_CODEC = {"digits_max": MAX_NUMBER, "digits_chars": 6, "words": WORDS, "unspoken": list(_UNSPOKEN)}
+
+
 def load_default() -> Seq2Seq:
     with resources.as_file(resources.files("cellserve.assets") / ASSET) as path:
         return load(path)

@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "api.h"
+#include "loop_face.h"
 
 namespace {
 
@@ -248,10 +249,17 @@ struct Core {
     std::vector<Left> outbox;
     std::vector<StepRecord> out_records;
     bool stopping = false, kicked = false;
+    /* A native front end's listener (loop_face.h): its rows (ids >= listen_from) leave through on_left, called
+     * under listen_mu (never with io), so listen() can wait out a call under way. */
+    std::mutex listen_mu;
+    cs_loop_on_left on_left = nullptr;
+    void *on_left_ctx = nullptr;
+    std::atomic<long long> listen_from{-1};
+    cs_loop_face_t face{};
     std::thread worker;
     Plan worker_plan;
     Py_buffer worker_cancel, worker_queued;
-    bool worker_running = false;
+    std::atomic<bool> worker_running{false};  // (read by a front end's threads: loop_face.h's running)
 
     /* Take rows out (sorted, unique); the stage's last rows move into the holes, as engine/batch.py does. */
     void remove(int s, const std::vector<int> &gone) {
@@ -861,6 +869,7 @@ struct Core {
         std::vector<StepRecord> records;
         double mark = now();
         while (true) {
+            if (!left.empty() && listen_from.load() >= 0) hand_to_listener(left);
             if (!left.empty()) {  // hand over, then wake the collector with the lock released
                 {
                     std::lock_guard<std::mutex> g(io);
@@ -869,6 +878,7 @@ struct Core {
                 }
                 left.clear();
                 records.clear();
+                handed = now();
                 wake_collector.notify_one();
             }
             {
@@ -877,8 +887,17 @@ struct Core {
                     out_records.insert(out_records.end(), records.begin(), records.end());
                     records.clear();
                 }
+                // Steps whose rows all left through a listener wake nobody: the engine counts them when it
+                // next collects, woken every RECORDS_EVERY_S while busy and once the loop idles IDLE_HAND_S.
+                if (!out_records.empty() && now() - handed >= RECORDS_EVERY_S) hand_records();
                 while (!stopping && inbox.empty() && drops.empty() && !has_rows()) {
-                    wake_worker.wait(g);
+                    if (!out_records.empty() && !records_due) {
+                        if (wake_worker.wait_for(g, std::chrono::duration<double>(IDLE_HAND_S)) ==
+                            std::cv_status::timeout)
+                            hand_records();
+                    } else {
+                        wake_worker.wait(g);
+                    }
                     mark = now();  // idle time is nobody's overhead
                 }
                 if (stopping) return;
@@ -891,8 +910,80 @@ struct Core {
         }
     }
 
+    /* The collector takes the step records (under io). */
+    double handed = 0.0;
+    bool records_due = false;
+    static constexpr double RECORDS_EVERY_S = 0.02, IDLE_HAND_S = 0.005;
+    void hand_records() {
+        records_due = true;
+        handed = now();
+        wake_collector.notify_one();
+    }
+
+    /* The listener's rows out of `left`, to it (the rest stay for the outbox). */
+    void hand_to_listener(std::vector<Left> &left) {
+        std::lock_guard<std::mutex> g(listen_mu);
+        const long long from = listen_from.load();
+        if (!on_left || from < 0) return;
+        std::vector<cs_loop_left_t> mine;
+        for (const Left &l : left)
+            if (l.id >= from && l.code == LEFT_FINISHED)
+                mine.push_back({l.id, l.tokens.data(), (int)l.tokens.size(), l.score});
+        if (mine.empty()) return;
+        on_left(on_left_ctx, mine.data(), (int)mine.size());
+        left.erase(std::remove_if(left.begin(), left.end(),
+                                  [from](const Left &l) { return l.id >= from && l.code == LEFT_FINISHED; }),
+                   left.end());
+    }
+
     bool pad_error = false;
 };
+
+/* ---------------------------------------------------------------- the C face (loop_face.h) */
+
+int face_vocab(void *loop, int stage) {
+    Core &c = *(Core *)loop;
+    if (stage < 0 || stage >= (int)c.stages.size() || c.stages[stage].kind > GENERATE) return -1;
+    return c.stages[stage].vocab;
+}
+
+int face_admit(void *loop, const cs_loop_row_t *rows, int count) {
+    Core &c = *(Core *)loop;
+    std::vector<std::pair<int, Row>> in;
+    for (int i = 0; i < count; i++) {
+        const cs_loop_row_t &r = rows[i];
+        if (face_vocab(loop, r.stage) < 0 || r.id < 0 || r.count < 0 || r.max_len < 1 ||
+            (c.stages[r.stage].kind == READ && r.count < 1))
+            return 0;
+        Row row;
+        row.id = r.id;
+        row.ticket = -1;
+        row.arrival = r.arrival;
+        row.tokens.assign(r.tokens, r.tokens + r.count);
+        for (int64_t t : row.tokens)
+            if (t < 0 || t >= c.stages[r.stage].vocab) return 0;
+        row.max_len = r.max_len;
+        row.stop = r.stop_at_eos != 0;
+        in.push_back({r.stage, std::move(row)});
+    }
+    c.active += count;
+    {
+        std::lock_guard<std::mutex> g(c.io);
+        for (auto &p : in) c.inbox.push_back(std::move(p));
+    }
+    c.wake_worker.notify_one();
+    return 1;
+}
+
+void face_listen(void *loop, long long first_id, cs_loop_on_left on_left, void *ctx) {
+    Core &c = *(Core *)loop;
+    std::lock_guard<std::mutex> g(c.listen_mu);  // (waits out a call under way)
+    c.on_left = on_left;
+    c.on_left_ctx = ctx;
+    c.listen_from = on_left ? first_id : -1;
+}
+
+int face_running(void *loop) { return ((Core *)loop)->worker_running ? 1 : 0; }
 
 /* ---------------------------------------------------------------- the Python object */
 
@@ -1489,10 +1580,10 @@ PyObject *loop_collect(LoopObject *self, PyObject *arg) {
     std::vector<StepRecord> records;
     Py_BEGIN_ALLOW_THREADS {
         std::unique_lock<std::mutex> g(c.io);
-        if (c.outbox.empty() && !c.kicked && timeout > 0)
+        if (c.outbox.empty() && !c.kicked && !c.records_due && timeout > 0)
             c.wake_collector.wait_for(g, std::chrono::duration<double>(timeout),
-                                      [&c] { return !c.outbox.empty() || c.kicked; });
-        c.kicked = false;
+                                      [&c] { return !c.outbox.empty() || c.kicked || c.records_due; });
+        c.kicked = c.records_due = false;
         left.swap(c.outbox);
         records.swap(c.out_records);
     }
@@ -1509,6 +1600,14 @@ PyObject *loop_wake(LoopObject *self, PyObject *) {
     }
     c.wake_collector.notify_all();
     Py_RETURN_NONE;
+}
+
+/* lane_face(): the loop's C face for a native front end (loop_face.h), in a capsule; valid while the loop
+ * lives (the front end keeps a reference to it). */
+PyObject *loop_lane_face(LoopObject *self, PyObject *) {
+    Core &c = *self->core;
+    c.face = {CELLSERVE_LOOP_FACE_VERSION, &c, face_vocab, face_admit, face_listen, face_running};
+    return PyCapsule_New(&c.face, CELLSERVE_LOOP_FACE, nullptr);
 }
 
 PyObject *loop_get_used(LoopObject *self, void *) { return PyLong_FromLong(self->core->active.load()); }
@@ -1532,6 +1631,7 @@ PyMethodDef LOOP_METHODS[] = {
     {"stop", (PyCFunction)loop_stop, METH_NOARGS, "stop the worker thread"},
     {"collect", (PyCFunction)loop_collect, METH_O, "the worker's finished requests and steps, waiting up to a timeout"},
     {"wake", (PyCFunction)loop_wake, METH_NOARGS, "make collect() return now"},
+    {"lane_face", (PyCFunction)loop_lane_face, METH_NOARGS, "the loop's C face for a native front end (a capsule)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef LOOP_GETSET[] = {

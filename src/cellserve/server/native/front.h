@@ -115,12 +115,16 @@ struct Front : grpc::CallbackGenericService {
   }
 };
 
+// token_lanes.cpp: the stateless requests of a model on a native step loop (the lanes' registry offers them)
+struct TokenLane;
+
 // lanes.cpp (only where the protocol's messages were generated: CELLSERVE_LANES)
 Lanes *lanes_new(Front *front);
 Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload);  // under the call's lock
 void lanes_stop(Lanes *lanes);     // without the GIL: the workers finish their steps and end
 void lanes_delete(Lanes *lanes);   // with the GIL (drops the step functions)
 PyObject *lanes_add(Lanes *lanes, PyObject *args);  // with the GIL: Front.add_lane's arguments
+PyObject *lanes_add_tokens(Lanes *lanes, PyObject *args);  // with the GIL: Front.add_token_lane's arguments
 void lanes_drain(Lanes *lanes);
 long lanes_sessions(Lanes *lanes, const std::string &model);
 

@@ -384,6 +384,14 @@ PyObject *front_add_lane(FrontObject *self, PyObject *args) {
   return lanes_add(self->front->lanes, args);
 }
 
+PyObject *front_add_token_lane(FrontObject *self, PyObject *args) {
+  if (!self->front->lanes) {
+    PyErr_SetString(PyExc_RuntimeError, "this build has no lanes (the protocol's messages were not generated)");
+    return nullptr;
+  }
+  return lanes_add_tokens(self->front->lanes, args);
+}
+
 PyObject *front_drain(FrontObject *self, PyObject *) {
   if (self->front->lanes) {
     Py_BEGIN_ALLOW_THREADS
@@ -423,7 +431,11 @@ PyMethodDef front_methods[] = {
     {"add_lane", reinterpret_cast<PyCFunction>(front_add_lane), METH_VARARGS,
      "add_lane(model, version, input, chunk, context, width, max_rows, max_sessions, max_pending_chunks, "
      "idle_timeout_s, outputs, step): answer the model's session messages natively (lanes.cpp)"},
-    {"drain", reinterpret_cast<PyCFunction>(front_drain), METH_NOARGS, "drain(): lanes open no new sessions"},
+    {"add_token_lane", reinterpret_cast<PyCFunction>(front_add_token_lane), METH_VARARGS,
+     "add_token_lane(model, version, loop, spec, record): answer the model's stateless requests natively, on its "
+     "engine's step loop (token_lanes.cpp)"},
+    {"drain", reinterpret_cast<PyCFunction>(front_drain), METH_NOARGS,
+     "drain(): lanes open no new sessions and take no new requests"},
     {"lane_sessions", reinterpret_cast<PyCFunction>(front_lane_sessions), METH_O,
      "lane_sessions(model): the sessions its lane holds (-1: no lane)"},
     {"shutdown", reinterpret_cast<PyCFunction>(front_shutdown), METH_O,

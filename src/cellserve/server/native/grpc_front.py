@@ -17,8 +17,11 @@ open session.
 Lanes: the session messages of a streaming imported graph (engine/lane.py says which qualify) never reach
 this dispatcher. lanes.cpp parses and checks them, holds their sessions, batches them and calls the model's
 StreamStep once per step (_LaneStep: arrays in and out, and the step's statistics, metrics and access
-lines in one go). Lanes are off where a request must pass through Python: restricted API groups, tracing,
-model control (a model may be replaced), the Ray router, or CELLSERVE_STREAM_LANES=0.
+lines in one go). Nor do the stateless requests of a token model on a native step loop (the speller: its
+family's lane_spec): token_lanes.cpp admits them into the engine's running loop and answers them as they
+leave it (_TokenLaneRecord: their statistics once per step). Lanes are off where a request must pass through
+Python: restricted API groups, tracing, model control (a model may be replaced), the Ray router, or
+CELLSERVE_STREAM_LANES=0.
 """
 
 from __future__ import annotations
@@ -122,6 +125,14 @@ class NativeGrpcServer:
             return []
         names = []
         for served in backend.repository.models.values():
+            engine = served.engine
+            spec = served.family.lane_spec(engine.runner) if engine.native and engine.policy == "cellular" else None
+            if spec is not None:
+                spec["max_inflight"] = engine.max_running + engine.max_queue
+                self.front.add_token_lane(served.name, served.version, engine.runner.loop, spec,
+                                          _TokenLaneRecord(backend, served))
+                names.append(served.name)
+                continue
             step = StreamStep.of(served.family, served.engine.runner, served.config.policy)
             if isinstance(step, str):
                 log.debug("model %s: no native stream lane (%s)", served.name, step)
@@ -136,7 +147,7 @@ class NativeGrpcServer:
             names.append(served.name)
         if names:
             backend.drain_hooks.append(self.front.drain)
-            log.info("gRPC stream lanes (sessions answered natively): %s", ", ".join(names))
+            log.info("gRPC lanes (requests answered natively): %s", ", ".join(names))
         return names
 
     async def stop(self, grace: float | None = None) -> None:
@@ -380,6 +391,25 @@ class _LaneStep:
         for status, count in collections.Counter(statuses).items():
             self.served.stats.record(False, 0.0, requests=count)
             self.backend.metrics.requests.labels(self.served.name, f"http_{status}").inc(count)
+
+
+class _TokenLaneRecord:
+    """The statistics, metrics and access lines of the requests a token lane (token_lanes.cpp) answered after
+    one step of its model's loop, recorded together."""
+
+    def __init__(self, backend: LocalBackend, served):
+        self.served = served
+        self.success = backend.metrics.requests.labels(served.name, "success")
+
+    def __call__(self, latencies: list, rows: list, ids: list) -> None:
+        served, n, total = self.served, len(latencies), sum(latencies)
+        served.stats.record(True, total, infer=total, rows=sum(rows), requests=n)
+        self.success.inc(n)
+        served.engine.count_lane_requests(latencies)
+        if ACCESS.isEnabledFor(logging.INFO):
+            for rid, seconds, count in zip(ids, latencies, rows):
+                access_line(rid or new_request_id(), served.name, "grpc", 200, seconds,
+                            {"rows": count, "parse_s": 0.0, "queue_s": 0.0, "compute_s": seconds})
 
 
 async def start_native_grpc(backend, host: str, port: int, max_message_bytes: int = 64 * 2**20, restricted=(),

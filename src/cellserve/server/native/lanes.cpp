@@ -129,27 +129,42 @@ struct Lane {
               int most);
 };
 
+// token_lanes.cpp's face
+Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream);
+TokenLane *token_lane_new(Front *front, PyObject *args);
+const std::string &token_lane_model(const TokenLane *lane);
+void token_lane_drain(TokenLane *lane);
+void token_lane_stop(TokenLane *lane);
+void token_lane_delete(TokenLane *lane);
+
 struct Lanes {
   Front *front;
-  std::mutex mu;  // the map; lanes are added before serving and live until the front is deleted
+  std::mutex mu;  // the maps; lanes are added before serving and live until the front is deleted
   std::unordered_map<std::string, std::unique_ptr<Lane>> by_model;
+  std::unordered_map<std::string, TokenLane *> tokens;  // a model's stateless requests (token_lanes.cpp)
 };
 
-Lanes *lanes_new(Front *front) { return new Lanes{front, {}, {}}; }
+Lanes *lanes_new(Front *front) { return new Lanes{front, {}, {}, {}}; }
 
 // --- taking a message --------------------------------------------------------------------------------------
 
 Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload) {
   inference::ModelInferRequest request;
   if (!request.ParseFromString(payload)) return Offer{};  // Python words the error
-  Lane *lane;
+  Lane *lane = nullptr;
+  TokenLane *tokens = nullptr;
   {
     std::lock_guard<std::mutex> lock(lanes->mu);
     auto it = lanes->by_model.find(request.model_name());
-    if (it == lanes->by_model.end()) return Offer{};
-    lane = it->second.get();
+    if (it != lanes->by_model.end()) {
+      lane = it->second.get();
+    } else {
+      auto t = lanes->tokens.find(request.model_name());
+      if (t == lanes->tokens.end()) return Offer{};
+      tokens = t->second;
+    }
   }
-  return lane->offer(request, call, stream);
+  return lane ? lane->offer(request, call, stream) : token_lane_offer(tokens, request, call, stream);
 }
 
 Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream) {
@@ -576,10 +591,17 @@ void lanes_stop(Lanes *lanes) {
     lane->helpers_cv.notify_all();
     for (auto &worker : lane->workers) worker.join();
   }
+  std::vector<TokenLane *> tokens;
+  {
+    std::lock_guard<std::mutex> lock(lanes->mu);
+    for (auto &kv : lanes->tokens) tokens.push_back(kv.second);
+  }
+  for (TokenLane *t : tokens) token_lane_stop(t);
 }
 
 void lanes_delete(Lanes *lanes) {
   for (auto &kv : lanes->by_model) Py_XDECREF(kv.second->step);
+  for (auto &kv : lanes->tokens) token_lane_delete(kv.second);
   delete lanes;
 }
 
@@ -659,9 +681,30 @@ PyObject *lanes_add(Lanes *lanes, PyObject *args) {
   Py_RETURN_NONE;
 }
 
-// drain(): lanes open no new sessions (the server is shutting down); open ones go on.
+// add_token_lane(model, version, loop, spec, record): see token_lanes.cpp.
+PyObject *lanes_add_tokens(Lanes *lanes, PyObject *args) {
+  TokenLane *lane = token_lane_new(lanes->front, args);
+  if (!lane) return nullptr;
+  const std::string &model = token_lane_model(lane);
+  {
+    std::lock_guard<std::mutex> lock(lanes->mu);
+    if (!lanes->by_model.count(model) && !lanes->tokens.count(model)) {
+      lanes->tokens[model] = lane;
+      Py_RETURN_NONE;
+    }
+  }
+  Py_BEGIN_ALLOW_THREADS
+  token_lane_stop(lane);
+  Py_END_ALLOW_THREADS
+  token_lane_delete(lane);
+  PyErr_Format(PyExc_ValueError, "model %s already has a lane", model.c_str());
+  return nullptr;
+}
+
+// drain(): lanes open no new sessions and take no new requests (the server is shutting down); open ones go on.
 void lanes_drain(Lanes *lanes) {
   std::lock_guard<std::mutex> lock(lanes->mu);
+  for (auto &kv : lanes->tokens) token_lane_drain(kv.second);
   for (auto &kv : lanes->by_model) {
     std::lock_guard<std::mutex> lane_lock(kv.second->mu);
     kv.second->draining = true;

@@ -1,0 +1,439 @@
+// Token lanes: the stateless requests of a token model whose step loop is native (the number speller, a
+// seq2seq model decoding greedily), parsed, checked, admitted into the engine's running loop and answered
+// here, without Python per request.
+//
+// The path: grpc++'s thread parses the ModelInferRequest and checks it against the model's inputs; its rows
+// join the loop at the worker's next step (engine/native/loop_face.h), beside the rows the Python engine
+// admits; the worker hands their tokens back when they finish, and this file builds the answer there and
+// writes it. Python runs once per step that finishes any of them (the statistics, metrics and access lines of
+// all of them in one call), never per request.
+//
+// A family whose text codec has a native form (the speller's digits in, words out: families/seq2seq.py says)
+// has its text coded here; other families come with tokens only. Anything this lane does not take exactly as
+// the Python path would goes to Python, which words the error or serves it: other parameters (sessions,
+// priorities), unusual datatypes, ids outside the vocabulary, text the native codec does not accept, outputs
+// the model lacks. So both paths give the same answers and the same errors, and Python stays the reference.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <chrono>
+#include <cstring>
+#include <unordered_map>
+
+#include "front.h"
+#include "grpc_service.pb.h"
+#include "loop_face.h"
+
+namespace cellserve_front {
+
+namespace {
+
+double clock_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+const long long FIRST_ID = 1LL << 62;  // the engine's runner counts its row ids from 0
+
+// One request: its call, its rows' tokens as they finish, and what it asked for.
+struct Pending {
+  uint64_t call;
+  bool stream;
+  std::string id;
+  std::vector<std::string> wanted;  // output names, in order, without repeats
+  std::vector<std::vector<int64_t>> out;
+  int left;
+  double arrival;
+};
+
+bool ascii_space(char ch) { return ch == ' ' || (ch >= '\t' && ch <= '\r'); }
+
+}  // namespace
+
+struct TokenLane {
+  Front *front;
+  std::string model, version;
+  PyObject *loop_ref = nullptr;  // the engine's Loop: keeps its face valid
+  const cs_loop_face_t *face = nullptr;
+  int stage = 0, vocab = 0;
+  int64_t eos = -1;
+  int default_max_len = -1;      // -1: twice the source plus 10 (the runner's default)
+  int max_inflight = 0;          // requests under way here; past it Python queues or refuses them
+  // the text codec's native form (digits_max < 0: none): digits in, at most digits_chars after stripping and
+  // at most digits_max; the source is the number's digits; out: words joined by spaces, unspoken ids skipped
+  long long digits_max = -1;
+  int digits_chars = 0;
+  std::vector<std::string> words;
+  std::vector<char> unspoken;
+  PyObject *record = nullptr;  // record(latencies, rows, ids): statistics of the requests just answered
+
+  std::mutex mu;
+  std::unordered_map<long long, std::pair<std::shared_ptr<Pending>, int>> rows;  // row id -> (request, index)
+  long long next_id = FIRST_ID;
+  int inflight = 0;
+  bool draining = false, stopped = false;
+
+  bool codec() const { return digits_max >= 0; }
+  Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
+  void finished(const cs_loop_left_t *left, int count);
+  std::string answer(const Pending &p) const;
+};
+
+namespace {
+
+void on_left(void *ctx, const cs_loop_left_t *left, int count) { static_cast<TokenLane *>(ctx)->finished(left, count); }
+
+// A tensor's values: raw contents when the request carries them (one per input), else the typed contents.
+// False where they do not match the shape exactly (Python words that error).
+bool int64_values(const inference::ModelInferRequest &request, int index, size_t count, std::vector<int64_t> &out) {
+  if (request.raw_input_contents_size()) {
+    const std::string &raw = request.raw_input_contents(index);
+    if (raw.size() != count * sizeof(int64_t)) return false;
+    out.resize(count);
+    memcpy(out.data(), raw.data(), raw.size());
+    return true;
+  }
+  const auto &values = request.inputs(index).contents().int64_contents();
+  if (static_cast<size_t>(values.size()) != count) return false;
+  out.assign(values.begin(), values.end());
+  return true;
+}
+
+bool bytes_values(const inference::ModelInferRequest &request, int index, size_t count, std::vector<std::string> &out) {
+  out.clear();
+  if (request.raw_input_contents_size()) {  // each element after its 4-byte little-endian length
+    const std::string &raw = request.raw_input_contents(index);
+    size_t at = 0;
+    while (at < raw.size()) {
+      uint32_t size;
+      if (raw.size() - at < sizeof(size)) return false;
+      memcpy(&size, raw.data() + at, sizeof(size));
+      at += sizeof(size);
+      if (raw.size() - at < size) return false;
+      out.emplace_back(raw.data() + at, size);
+      at += size;
+    }
+    return out.size() == count;
+  }
+  const auto &values = request.inputs(index).contents().bytes_contents();
+  if (static_cast<size_t>(values.size()) != count) return false;
+  out.assign(values.begin(), values.end());
+  return true;
+}
+
+}  // namespace
+
+// The speller's source from its text, as families/seq2seq.py's codec makes it; false where the codec would
+// refuse it, or where Python's reading (Unicode digits and spaces) could differ from this one.
+static bool digits_source(const TokenLane &lane, const std::string &text, std::vector<int64_t> &source) {
+  size_t a = 0, b = text.size();
+  while (a < b && ascii_space(text[a])) a++;
+  while (b > a && ascii_space(text[b - 1])) b--;
+  if (b == a || b - a > static_cast<size_t>(lane.digits_chars)) return false;
+  long long value = 0;
+  for (size_t i = a; i < b; i++) {
+    if (text[i] < '0' || text[i] > '9') return false;
+    value = value * 10 + (text[i] - '0');
+  }
+  if (value > lane.digits_max) return false;
+  source.clear();
+  const std::string digits = std::to_string(value);
+  for (char ch : digits) source.push_back(ch - '0');
+  return true;
+}
+
+Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream) {
+  if (!request.model_version().empty() && request.model_version() != version) return Offer{};
+  if (!request.parameters().empty()) return Offer{};  // sessions and every other parameter: Python's
+  const int n_inputs = request.inputs_size();
+  if (n_inputs < 1 || n_inputs > 2) return Offer{};
+  if (request.raw_input_contents_size() && request.raw_input_contents_size() != n_inputs) return Offer{};
+  std::vector<std::vector<int64_t>> sources;
+  std::vector<int64_t> limits;
+  bool has_source = false, has_limit = false;
+  for (int i = 0; i < n_inputs; i++) {
+    const auto &tensor = request.inputs(i);
+    if (!tensor.parameters().empty()) return Offer{};
+    size_t count = 1;
+    for (int64_t d : tensor.shape()) {
+      if (d < 1 || d > (1 << 24)) return Offer{};
+      count *= static_cast<size_t>(d);
+      if (count > (1 << 24)) return Offer{};
+    }
+    if (tensor.name() == "tokens" && !has_source) {
+      has_source = true;
+      if (tensor.datatype() != "INT64" || tensor.shape_size() < 1 || tensor.shape_size() > 2) return Offer{};
+      const size_t length = static_cast<size_t>(tensor.shape(tensor.shape_size() - 1));
+      std::vector<int64_t> values;
+      if (!int64_values(request, i, count, values)) return Offer{};
+      for (int64_t t : values)
+        if (t < 0 || t >= vocab) return Offer{};
+      for (size_t at = 0; at < count; at += length) sources.emplace_back(values.begin() + at, values.begin() + at + length);
+    } else if (tensor.name() == "text" && codec() && !has_source) {
+      has_source = true;
+      if (tensor.datatype() != "BYTES" || tensor.shape_size() < 1) return Offer{};
+      std::vector<std::string> texts;
+      if (!bytes_values(request, i, count, texts)) return Offer{};
+      sources.resize(texts.size());
+      for (size_t r = 0; r < texts.size(); r++)
+        if (!digits_source(*this, texts[r], sources[r])) return Offer{};
+    } else if (tensor.name() == "max_output_tokens" && !has_limit) {
+      has_limit = true;
+      if (tensor.datatype() != "INT64" || tensor.shape_size() < 1) return Offer{};
+      if (!int64_values(request, i, count, limits)) return Offer{};
+      for (int64_t v : limits)
+        if (v < 1 || v > 4096) return Offer{};
+    } else {
+      return Offer{};
+    }
+  }
+  if (!has_source || sources.empty()) return Offer{};
+  if (has_limit && limits.size() != 1 && limits.size() != sources.size()) return Offer{};
+  auto pending = std::make_shared<Pending>();
+  for (const auto &asked : request.outputs()) {
+    const std::string &name = asked.name();
+    if (!asked.parameters().empty() || !(name == "tokens" || name == "lengths" || (name == "text" && codec())))
+      return Offer{};
+    if (std::find(pending->wanted.begin(), pending->wanted.end(), name) == pending->wanted.end())
+      pending->wanted.push_back(name);
+  }
+  if (pending->wanted.empty()) {
+    pending->wanted = {"tokens", "lengths"};
+    if (codec()) pending->wanted.push_back("text");
+  }
+  const int n = static_cast<int>(sources.size());
+  pending->call = call;
+  pending->stream = stream;
+  pending->id = request.id();
+  pending->out.resize(n);
+  pending->left = n;
+  pending->arrival = clock_s();
+  std::vector<cs_loop_row_t> admitted(n);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (draining || stopped || inflight >= max_inflight || !face->running(face->loop)) return Offer{};
+    for (int r = 0; r < n; r++) {
+      int max_len = has_limit ? static_cast<int>(limits[limits.size() == 1 ? 0 : r])
+                              : default_max_len > 0 ? default_max_len : 2 * static_cast<int>(sources[r].size()) + 10;
+      admitted[r] = {stage, next_id + r, sources[r].data(), static_cast<int>(sources[r].size()), max_len, 1,
+                     pending->arrival};
+    }
+    if (!face->admit(face->loop, admitted.data(), n)) return Offer{};
+    for (int r = 0; r < n; r++) rows[next_id + r] = {pending, r};
+    next_id += n;
+    inflight++;
+  }
+  Offer taken;
+  taken.what = Offer::TAKEN;
+  return taken;
+}
+
+// On the loop's worker: the rows that finished; the requests whose last row this was are answered.
+void TokenLane::finished(const cs_loop_left_t *left, int count) {
+  std::vector<std::shared_ptr<Pending>> done;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < count; i++) {
+      auto it = rows.find(left[i].id);
+      if (it == rows.end()) continue;
+      auto pending = it->second.first;
+      pending->out[it->second.second].assign(left[i].tokens, left[i].tokens + left[i].count);
+      rows.erase(it);
+      if (--pending->left == 0) {
+        done.push_back(std::move(pending));
+        inflight--;
+      }
+    }
+  }
+  if (done.empty()) return;
+  const double now = clock_s();
+  {  // Python once for all of them: statistics, metrics, access lines (before the answers, so a client that
+     // reads the statistics after its answer finds its request counted)
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *latencies = PyList_New(static_cast<Py_ssize_t>(done.size()));
+    PyObject *counts = PyList_New(static_cast<Py_ssize_t>(done.size()));
+    PyObject *ids = PyList_New(static_cast<Py_ssize_t>(done.size()));
+    for (size_t i = 0; latencies && counts && ids && i < done.size(); i++) {
+      PyList_SET_ITEM(latencies, i, PyFloat_FromDouble(now - done[i]->arrival));
+      PyList_SET_ITEM(counts, i, PyLong_FromSize_t(done[i]->out.size()));
+      PyList_SET_ITEM(ids, i, PyUnicode_DecodeUTF8(done[i]->id.data(), static_cast<Py_ssize_t>(done[i]->id.size()),
+                                                   "replace"));
+    }
+    PyObject *result = latencies && counts && ids && !PyErr_Occurred()
+                           ? PyObject_CallFunctionObjArgs(record, latencies, counts, ids, nullptr)
+                           : nullptr;
+    if (!result) PyErr_WriteUnraisable(record);  // (statistics lost; the answers still go out)
+    Py_XDECREF(result);
+    Py_XDECREF(latencies);
+    Py_XDECREF(counts);
+    Py_XDECREF(ids);
+    PyGILState_Release(gil);
+  }
+  for (const auto &pending : done) {
+    const std::string bytes = answer(*pending);
+    front->with_call(pending->call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !pending->stream); });
+  }
+}
+
+// The answer as the Python path encodes it (families/seq2seq.py's outputs_of, grpc_service.encode_response).
+std::string TokenLane::answer(const Pending &p) const {
+  inference::ModelStreamInferResponse stream_answer;
+  inference::ModelInferResponse unary_answer;
+  inference::ModelInferResponse &out = p.stream ? *stream_answer.mutable_infer_response() : unary_answer;
+  out.set_model_name(model);
+  out.set_model_version(version);
+  out.set_id(p.id);
+  const int n = static_cast<int>(p.out.size());
+  size_t longest = 0;
+  for (const auto &row : p.out) longest = std::max(longest, row.size());
+  for (const std::string &name : p.wanted) {
+    auto *tensor = out.add_outputs();
+    tensor->set_name(name);
+    std::string raw;
+    if (name == "tokens") {  // [rows, longest], shorter rows padded with EOS
+      tensor->set_datatype("INT64");
+      tensor->add_shape(n);
+      tensor->add_shape(static_cast<int64_t>(longest));
+      std::vector<int64_t> padded(static_cast<size_t>(n) * longest, eos);
+      for (int r = 0; r < n; r++) std::copy(p.out[r].begin(), p.out[r].end(), padded.begin() + r * longest);
+      raw.assign(reinterpret_cast<const char *>(padded.data()), padded.size() * sizeof(int64_t));
+    } else if (name == "lengths") {
+      tensor->set_datatype("INT64");
+      tensor->add_shape(n);
+      for (const auto &row : p.out) {
+        const int64_t length = static_cast<int64_t>(row.size());
+        raw.append(reinterpret_cast<const char *>(&length), sizeof(length));
+      }
+    } else {  // text: each row's words, BYTES (each after its 4-byte length)
+      tensor->set_datatype("BYTES");
+      tensor->add_shape(n);
+      for (const auto &row : p.out) {
+        std::string text;
+        for (int64_t t : row) {
+          if (t < 0 || t >= static_cast<int64_t>(words.size()) || unspoken[t]) continue;
+          if (!text.empty()) text += ' ';
+          text += words[t];
+        }
+        const uint32_t size = static_cast<uint32_t>(text.size());
+        raw.append(reinterpret_cast<const char *>(&size), sizeof(size));
+        raw += text;
+      }
+    }
+    out.add_raw_output_contents(std::move(raw));
+  }
+  std::string bytes;
+  if (p.stream)
+    stream_answer.SerializeToString(&bytes);
+  else
+    unary_answer.SerializeToString(&bytes);
+  return bytes;
+}
+
+// --- the registry's hooks (lanes.cpp) ---------------------------------------------------------------------
+
+Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream) {
+  return lane->offer(request, call, stream);
+}
+
+// add_token_lane(model, version, loop, spec, record) with the GIL; spec (families' lane_spec): stage, eos,
+// max_inflight, default_max_len, and for a text codec digits_max, digits_chars, words, unspoken.
+TokenLane *token_lane_new(Front *front, PyObject *args) {
+  const char *model, *version;
+  PyObject *loop, *spec, *record;
+  if (!PyArg_ParseTuple(args, "ssOO!O", &model, &version, &loop, &PyDict_Type, &spec, &record)) return nullptr;
+  if (!PyCallable_Check(record)) {
+    PyErr_SetString(PyExc_TypeError, "add_token_lane: record must be callable");
+    return nullptr;
+  }
+  PyObject *capsule = PyObject_CallMethod(loop, "lane_face", nullptr);
+  if (!capsule) return nullptr;
+  auto *face = static_cast<const cs_loop_face_t *>(PyCapsule_GetPointer(capsule, CELLSERVE_LOOP_FACE));
+  Py_DECREF(capsule);  // (the face lives in the loop, which the lane holds)
+  if (!face) return nullptr;
+  if (face->version != CELLSERVE_LOOP_FACE_VERSION) {
+    PyErr_Format(PyExc_ImportError, "the step loop's face is version %d, the front end needs %d: rebuild",
+                 face->version, CELLSERVE_LOOP_FACE_VERSION);
+    return nullptr;
+  }
+  auto integer = [&](const char *key, long long fallback) -> long long {
+    PyObject *v = PyDict_GetItemString(spec, key);
+    return v ? PyLong_AsLongLong(v) : fallback;
+  };
+  auto lane = std::make_unique<TokenLane>();
+  lane->front = front;
+  lane->model = model;
+  lane->version = version;
+  lane->face = face;
+  lane->stage = static_cast<int>(integer("stage", 0));
+  lane->eos = integer("eos", -1);
+  lane->max_inflight = static_cast<int>(integer("max_inflight", 0));
+  lane->default_max_len = static_cast<int>(integer("default_max_len", -1));
+  lane->digits_max = integer("digits_max", -1);
+  lane->digits_chars = static_cast<int>(integer("digits_chars", 0));
+  if (PyErr_Occurred()) return nullptr;
+  lane->vocab = face->vocab(face->loop, lane->stage);
+  if (lane->vocab < 1 || lane->max_inflight < 1 || (lane->codec() && lane->digits_chars < 1)) {
+    PyErr_SetString(PyExc_ValueError, "add_token_lane: no such token stage, or limits that are not positive");
+    return nullptr;
+  }
+  if (lane->codec()) {
+    PyObject *words = PyDict_GetItemString(spec, "words"), *unspoken = PyDict_GetItemString(spec, "unspoken");
+    PyObject *seq = words ? PySequence_Fast(words, "add_token_lane: words is a list of str") : nullptr;
+    if (!seq) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "add_token_lane: a text codec needs its words");
+      return nullptr;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+      Py_ssize_t size;
+      const char *word = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, i), &size);
+      if (!word) {
+        Py_DECREF(seq);
+        return nullptr;
+      }
+      lane->words.emplace_back(word, size);
+    }
+    Py_DECREF(seq);
+    lane->unspoken.assign(lane->words.size(), 0);
+    PyObject *useq = unspoken ? PySequence_Fast(unspoken, "add_token_lane: unspoken is a list of ids") : nullptr;
+    for (Py_ssize_t i = 0; useq && i < PySequence_Fast_GET_SIZE(useq); i++) {
+      long long t = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(useq, i));
+      if (t >= 0 && t < static_cast<long long>(lane->unspoken.size())) lane->unspoken[t] = 1;
+    }
+    Py_XDECREF(useq);
+    if (PyErr_Occurred()) return nullptr;
+  }
+  Py_INCREF(loop);
+  Py_INCREF(record);
+  lane->loop_ref = loop;
+  lane->record = record;
+  TokenLane *raw = lane.release();
+  Py_BEGIN_ALLOW_THREADS  // (listen waits out a call of the worker's, which may want the GIL)
+  face->listen(face->loop, FIRST_ID, on_left, raw);
+  Py_END_ALLOW_THREADS
+  return raw;
+}
+
+const std::string &token_lane_model(const TokenLane *lane) { return lane->model; }
+
+void token_lane_drain(TokenLane *lane) {
+  std::lock_guard<std::mutex> lock(lane->mu);
+  lane->draining = true;
+}
+
+// Without the GIL: the loop forgets this lane (its rows still running leave through the engine's outbox,
+// which drops them unknown) and the lane takes no more.
+void token_lane_stop(TokenLane *lane) {
+  {
+    std::lock_guard<std::mutex> lock(lane->mu);
+    if (lane->stopped) return;
+    lane->stopped = true;
+  }
+  lane->face->listen(lane->face->loop, 0, nullptr, nullptr);
+}
+
+void token_lane_delete(TokenLane *lane) {  // with the GIL, after token_lane_stop
+  Py_XDECREF(lane->record);
+  Py_XDECREF(lane->loop_ref);
+  delete lane;
+}
+
+}  // namespace cellserve_front
