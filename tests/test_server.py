@@ -335,3 +335,22 @@ def test_json_tensors_are_converted_and_checked_and_answers_keep_every_value():
     assert (got["big_endian"]["data"], got["big_endian"]["datatype"]) == ([0, 1, 2], "INT32")
     assert got["b"]["data"] == [True, False] and got["s"]["data"] == ["hé"]
     assert headers == {"Content-Type": "application/json"}
+
+
+@given(st.lists(st.one_of(st.integers(0, 600), st.floats(0, 20, allow_nan=False)), max_size=40))
+def test_observing_many_values_at_once_exposes_what_one_at_a_time_does(values):
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from cellserve.server.metrics import BATCH_BUCKETS, observe_all
+
+    exposed = []
+    for together in (False, True):
+        registry = CollectorRegistry()
+        child = Histogram("h", "h", ["model"], buckets=BATCH_BUCKETS, registry=registry).labels("m")
+        if together:
+            observe_all(child, values)
+        else:
+            for value in values:
+                child.observe(value)
+        exposed.append([line for line in generate_latest(registry).decode().splitlines() if "_created" not in line])
+    assert exposed[0] == exposed[1]

@@ -59,7 +59,8 @@ class Engine:
     def __init__(self, runner: Runner, policy: str = "cellular", config: EngineConfig | None = None, observer=None,
                  **settings):
         """config: the engine's settings (EngineConfig); without one, `policy` and any EngineConfig fields
-        given as keywords make it. observer (optional): on_batch(cell_type, size, seconds), on_done(req),
+        given as keywords make it. observer (optional): on_batch(cell_type, size, seconds) (or on_batches(cell_type,
+        sizes, seconds) for a native loop's steps together), on_done(req),
         on_step(overhead per step, seconds, kernel seconds)."""
         config = config or EngineConfig(policy=policy, **settings)
         self.config = config
@@ -357,7 +358,8 @@ class Engine:
     def _count_steps(self, steps: list[tuple]) -> None:
         """run()'s bookkeeping for steps a native loop ran: (cell type, rows, padded rows, seconds, kernel, end,
         number)."""
-        stats = self.stats
+        stats, batched = self.stats, {}  # cell type -> (sizes, seconds), for an observer that takes them together
+        together = hasattr(self.observer, "on_batches")
         for cell_type, rows, padded, seconds, _, end, number in steps:
             self.step_log.append((end, seconds, cell_type, rows + padded, number))
             stats.steps += 1
@@ -365,8 +367,14 @@ class Engine:
             stats.batch_sizes[(cell_type, rows + padded)] += 1
             stats.rows_run += rows + padded
             stats.rows_padded += padded
-            if self.observer:
+            if together:
+                sizes, times = batched.setdefault(cell_type, ([], []))
+                sizes.append(rows + padded)
+                times.append(seconds)
+            elif self.observer:
                 self.observer.on_batch(cell_type, rows + padded, seconds)
+        for cell_type, (sizes, times) in batched.items():
+            self.observer.on_batches(cell_type, sizes, times)
 
     def count_lane_step(self, rows: int, seconds: float, kernel: float, latencies, ok: bool = True) -> None:
         """A step that a native front end's lane (engine/lane.py) ran for this model, outside this engine:

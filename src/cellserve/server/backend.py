@@ -87,6 +87,7 @@ class LocalBackend:
         self.model_control = model_control
         self.draining = False  # shutting down: not ready, new work refused, accepted work finishes
         self.drain_hooks: list[Callable[[], None]] = []  # what else stops opening sessions then (native lanes)
+        self.read_hooks: list[Callable[[], None]] = []  # what hands over figures before they are read (native lanes)
         self.metrics = Metrics()
         self.live_view = LiveView()
         for served in repository.models.values():
@@ -133,14 +134,21 @@ class LocalBackend:
     async def model_config(self, name: str, version: str | None = None) -> dict:
         return self._model(name, version).model_config()
 
+    def _read(self) -> None:
+        for hook in self.read_hooks:
+            hook()
+
     async def statistics(self, name: str | None = None, version: str | None = None) -> dict:
         served = [self._model(name, version)] if name else list(self.repository.models.values())
+        self._read()
         return {"model_stats": [m.stats.triton(m.name, m.version, m.engine.stats.steps) for m in served]}
 
     async def metrics_text(self) -> bytes:
+        self._read()
         return generate_latest(self.metrics.registry)
 
     async def live(self, window_s: float | None = None) -> dict:
+        self._read()
         return self.live_view.snapshot(window_s)
 
     # --- repository -----------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ void lanes_delete(Lanes *lanes);   // with the GIL (drops the step functions)
 PyObject *lanes_add(Lanes *lanes, PyObject *args);  // with the GIL: Front.add_lane's arguments
 PyObject *lanes_add_tokens(Lanes *lanes, PyObject *args);  // with the GIL: Front.add_token_lane's arguments
 void lanes_drain(Lanes *lanes);
+void lanes_flush(Lanes *lanes);  // with the GIL: what token lanes answered, to their statistics now
 long lanes_sessions(Lanes *lanes, const std::string &model);
 
 }  // namespace cellserve_front

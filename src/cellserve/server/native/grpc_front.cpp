@@ -192,7 +192,8 @@ void Call::OnDone() {
     std::lock_guard<std::mutex> lock(front_->registry_mu);
     front_->calls.erase(id_);
   }
-  front_->inbox.push(Inbound{id_, CALL_ENDED, {}, {}, {}});  // Python forgets it (and cancels its work)
+  if (sent_metadata_)  // Python forgets it (and cancels its work); a call only lanes answered, it never knew
+    front_->inbox.push(Inbound{id_, CALL_ENDED, {}, {}, {}});
   delete this;
 }
 
@@ -401,6 +402,12 @@ PyObject *front_drain(FrontObject *self, PyObject *) {
   Py_RETURN_NONE;
 }
 
+PyObject *front_flush_lanes(FrontObject *self, PyObject *) {
+  if (self->front->lanes) lanes_flush(self->front->lanes);
+  if (PyErr_Occurred()) return nullptr;
+  Py_RETURN_NONE;
+}
+
 PyObject *front_lane_sessions(FrontObject *self, PyObject *arg) {
   const char *model = PyUnicode_AsUTF8(arg);
   if (!model) return nullptr;
@@ -436,6 +443,8 @@ PyMethodDef front_methods[] = {
      "engine's step loop (token_lanes.cpp)"},
     {"drain", reinterpret_cast<PyCFunction>(front_drain), METH_NOARGS,
      "drain(): lanes open no new sessions and take no new requests"},
+    {"flush_lanes", reinterpret_cast<PyCFunction>(front_flush_lanes), METH_NOARGS,
+     "flush_lanes(): the requests token lanes answered, recorded in their statistics now"},
     {"lane_sessions", reinterpret_cast<PyCFunction>(front_lane_sessions), METH_O,
      "lane_sessions(model): the sessions its lane holds (-1: no lane)"},
     {"shutdown", reinterpret_cast<PyCFunction>(front_shutdown), METH_O,

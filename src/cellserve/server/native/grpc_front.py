@@ -147,6 +147,7 @@ class NativeGrpcServer:
             names.append(served.name)
         if names:
             backend.drain_hooks.append(self.front.drain)
+            backend.read_hooks.append(self.front.flush_lanes)
             log.info("gRPC lanes (requests answered natively): %s", ", ".join(names))
         return names
 
@@ -394,8 +395,8 @@ class _LaneStep:
 
 
 class _TokenLaneRecord:
-    """The statistics, metrics and access lines of the requests a token lane (token_lanes.cpp) answered after
-    one step of its model's loop, recorded together."""
+    """The statistics, metrics and access lines of the requests a token lane (token_lanes.cpp) answered, in
+    one call every 20 ms and before statistics or metrics are read (LocalBackend.read_hooks)."""
 
     def __init__(self, backend: LocalBackend, served):
         self.served = served

@@ -134,6 +134,7 @@ Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &requ
 TokenLane *token_lane_new(Front *front, PyObject *args);
 const std::string &token_lane_model(const TokenLane *lane);
 void token_lane_drain(TokenLane *lane);
+void token_lane_flush(TokenLane *lane);
 void token_lane_stop(TokenLane *lane);
 void token_lane_delete(TokenLane *lane);
 
@@ -699,6 +700,16 @@ PyObject *lanes_add_tokens(Lanes *lanes, PyObject *args) {
   token_lane_delete(lane);
   PyErr_Format(PyExc_ValueError, "model %s already has a lane", model.c_str());
   return nullptr;
+}
+
+// flush(): the token lanes' answered requests to their statistics now (with the GIL).
+void lanes_flush(Lanes *lanes) {
+  std::vector<TokenLane *> tokens;
+  {
+    std::lock_guard<std::mutex> lock(lanes->mu);
+    for (auto &kv : lanes->tokens) tokens.push_back(kv.second);
+  }
+  for (TokenLane *t : tokens) token_lane_flush(t);
 }
 
 // drain(): lanes open no new sessions and take no new requests (the server is shutting down); open ones go on.

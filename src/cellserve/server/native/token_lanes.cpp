@@ -33,6 +33,9 @@ double clock_s() {
 }
 
 const long long FIRST_ID = 1LL << 62;  // the engine's runner counts its row ids from 0
+// Statistics go to Python in batches: one call (the GIL, and Python's allocator returning arenas) per finishing
+// step cost the worker a tenth of its time at 16 clients, and stalled its steps while another thread held the GIL
+const double RECORD_EVERY_S = 0.02;
 
 // One request: its call, its rows' tokens as they finish, and what it asked for.
 struct Pending {
@@ -68,6 +71,12 @@ struct TokenLane {
 
   std::mutex mu;
   std::unordered_map<long long, std::pair<std::shared_ptr<Pending>, int>> rows;  // row id -> (request, index)
+  // answered, not yet recorded: handed to `record` at most every RECORD_EVERY_S by the worker, and whenever
+  // Python reads statistics or metrics (flush, through the backend's read hooks)
+  std::vector<double> answered_latency;
+  std::vector<long> answered_rows;
+  std::vector<std::string> answered_ids;
+  double recorded_at = 0.0;
   long long next_id = FIRST_ID;
   int inflight = 0;
   bool draining = false, stopped = false;
@@ -75,6 +84,7 @@ struct TokenLane {
   bool codec() const { return digits_max >= 0; }
   Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
   void finished(const cs_loop_left_t *left, int count);
+  void flush();
   std::string answer(const Pending &p) const;
 };
 
@@ -246,32 +256,54 @@ void TokenLane::finished(const cs_loop_left_t *left, int count) {
   }
   if (done.empty()) return;
   const double now = clock_s();
-  {  // Python once for all of them: statistics, metrics, access lines (before the answers, so a client that
-     // reads the statistics after its answer finds its request counted)
-    PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *latencies = PyList_New(static_cast<Py_ssize_t>(done.size()));
-    PyObject *counts = PyList_New(static_cast<Py_ssize_t>(done.size()));
-    PyObject *ids = PyList_New(static_cast<Py_ssize_t>(done.size()));
-    for (size_t i = 0; latencies && counts && ids && i < done.size(); i++) {
-      PyList_SET_ITEM(latencies, i, PyFloat_FromDouble(now - done[i]->arrival));
-      PyList_SET_ITEM(counts, i, PyLong_FromSize_t(done[i]->out.size()));
-      PyList_SET_ITEM(ids, i, PyUnicode_DecodeUTF8(done[i]->id.data(), static_cast<Py_ssize_t>(done[i]->id.size()),
-                                                   "replace"));
+  bool due;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto &pending : done) {
+      answered_latency.push_back(now - pending->arrival);
+      answered_rows.push_back(static_cast<long>(pending->out.size()));
+      answered_ids.push_back(pending->id);
     }
-    PyObject *result = latencies && counts && ids && !PyErr_Occurred()
-                           ? PyObject_CallFunctionObjArgs(record, latencies, counts, ids, nullptr)
-                           : nullptr;
-    if (!result) PyErr_WriteUnraisable(record);  // (statistics lost; the answers still go out)
-    Py_XDECREF(result);
-    Py_XDECREF(latencies);
-    Py_XDECREF(counts);
-    Py_XDECREF(ids);
-    PyGILState_Release(gil);
+    due = now - recorded_at >= RECORD_EVERY_S;
   }
+  if (due) flush();
   for (const auto &pending : done) {
     const std::string bytes = answer(*pending);
     front->with_call(pending->call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !pending->stream); });
   }
+}
+
+// The requests answered since the last call, to Python's record(latencies, rows, ids): statistics, metrics and
+// access lines. From any thread, with or without the GIL.
+void TokenLane::flush() {
+  std::vector<double> latency;
+  std::vector<long> counts;
+  std::vector<std::string> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    latency.swap(answered_latency);
+    counts.swap(answered_rows);
+    ids.swap(answered_ids);
+    recorded_at = clock_s();
+  }
+  if (latency.empty()) return;
+  PyGILState_STATE gil = PyGILState_Ensure();
+  const Py_ssize_t n = static_cast<Py_ssize_t>(latency.size());
+  PyObject *latencies = PyList_New(n), *rows_list = PyList_New(n), *id_list = PyList_New(n);
+  for (Py_ssize_t i = 0; latencies && rows_list && id_list && i < n; i++) {
+    PyList_SET_ITEM(latencies, i, PyFloat_FromDouble(latency[i]));
+    PyList_SET_ITEM(rows_list, i, PyLong_FromLong(counts[i]));
+    PyList_SET_ITEM(id_list, i, PyUnicode_DecodeUTF8(ids[i].data(), static_cast<Py_ssize_t>(ids[i].size()), "replace"));
+  }
+  PyObject *result = latencies && rows_list && id_list && !PyErr_Occurred()
+                         ? PyObject_CallFunctionObjArgs(record, latencies, rows_list, id_list, nullptr)
+                         : nullptr;
+  if (!result) PyErr_WriteUnraisable(record);  // (these statistics are lost; the answers went out)
+  Py_XDECREF(result);
+  Py_XDECREF(latencies);
+  Py_XDECREF(rows_list);
+  Py_XDECREF(id_list);
+  PyGILState_Release(gil);
 }
 
 // The answer as the Python path encodes it (families/seq2seq.py's outputs_of, grpc_service.encode_response).
@@ -413,6 +445,8 @@ TokenLane *token_lane_new(Front *front, PyObject *args) {
 }
 
 const std::string &token_lane_model(const TokenLane *lane) { return lane->model; }
+
+void token_lane_flush(TokenLane *lane) { lane->flush(); }
 
 void token_lane_drain(TokenLane *lane) {
   std::lock_guard<std::mutex> lock(lane->mu);
