@@ -242,3 +242,39 @@ def test_progress_bars_show_on_a_terminal_only_and_quiet_turns_them_off(monkeypa
     with progress.bar("sweep", 4) as silent:
         silent.advance()
         assert silent.progress is None
+
+
+def _silero_file():
+    silero_vad = pytest.importorskip("silero_vad")
+    import pathlib
+
+    return str(pathlib.Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx")
+
+
+@pytest.mark.parametrize("extra, says", [
+    ([], "--set KEY=VALUE"),  # the newcomer's first try: the error says where the shape goes
+    (["--set", "policy"], "expected KEY=VALUE"),
+    (["--set", "bogus=1", "--set", "controls.sr=16000", "--set", "input_shapes.input=[-1,576]"], "bogus"),
+    (["--config", "/nonexistent/config.json"], "--config /nonexistent/config.json"),
+])
+def test_a_single_file_without_its_config_or_with_a_bad_one_exits_2_saying_what_to_give(extra, says, capsys):
+    assert main(["serve", _silero_file(), "--grpc-port", "0", *extra]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_serve_names_a_folder_or_file_or_packaged_model_and_config_goes_with_a_file_only(tmp_path, capsys):
+    assert main(["serve", "no-such-model", "--grpc-port", "0"]) == 2
+    assert "silero-vad" in capsys.readouterr().err  # (the packaged models are listed)
+    assert main(["serve", str(tmp_path), "--grpc-port", "0", "--set", "max_batch=8"]) == 2
+    assert "single model file" in capsys.readouterr().err
+
+
+def test_command_line_config_sets_dotted_keys_over_the_file_with_json_values(tmp_path):
+    from cellserve.server.config import command_line_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"controls": {"sr": 8000}, "policy": "graph", "max_batch": 4}))
+    got = command_line_config(str(path), ["controls.sr=16000", "input_shapes.input=[-1,576]", "policy=cellular",
+                                          "context.input=64", "step_loop=python"])
+    assert got == {"controls": {"sr": 16000}, "policy": "cellular", "max_batch": 4,
+                   "input_shapes": {"input": [-1, 576]}, "context": {"input": 64}, "step_loop": "python"}

@@ -349,3 +349,17 @@ def test_a_message_of_several_chunks_equals_its_chunks_sent_one_by_one(server):
     assert got.shape == (CHUNKS, 1) and got.tobytes() == expected.tobytes()
     np.testing.assert_allclose(got[:, 0], reference(name, sr, samples), rtol=1e-4, atol=1e-5)
     assert merged[-1][1][0] == single[-1][1][0]  # the snapshots
+
+
+def test_the_packaged_preset_serves_silero_vad_by_name_with_its_config():
+    """`cellserve serve silero-vad`: the silero-vad package's graph, configured (sample rate, chunk, context),
+    whose sessions equal ONNX Runtime with state and context threaded by hand."""
+    from cellserve.server.main import repository_for
+
+    repository = repository_for("silero-vad", settings={"max_batch": 8})
+    served = repository.models["silero-vad"]
+    assert served.config.context == {"input": 64} and served.config.max_batch == 8 and served.stateful
+    samples = audio(3, 16000)
+    with BackgroundServer(create_app(repository)) as server:
+        got = http_stream(server.url, "silero-vad", "preset", samples, 16000)
+    np.testing.assert_allclose(got, reference("silero_vad.onnx", 16000, samples), rtol=1e-4, atol=1e-5)

@@ -29,11 +29,16 @@ def _words(text: str) -> list[str]:
 
 def _serve(args):
     from cellserve.server import main
+    from cellserve.server.config import command_line_config
     from cellserve.server.telemetry import configure_telemetry
 
     try:
         configure_telemetry(**_telemetry(args))
-        repository = main.repository_for(args.model_dir, args.model_control_mode, args.load_model)
+        settings = command_line_config(args.config, args.settings)
+        if args.ray and settings:
+            raise ValueError("--config and --set are not taken with --ray: give the model a folder with its "
+                             "config.json")
+        repository = main.repository_for(args.model_dir, args.model_control_mode, args.load_model, settings)
         if args.ray:
             return _serve_on_ray(args, f"http://{args.host}:{args.port}")
         main.serve(repository, args.host, args.port, args.grpc_port, args.max_body_mb * 2**20,
@@ -363,8 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve models over the Open Inference Protocol (KServe v2) HTTP API")
     serve.add_argument("model_dir", nargs="?", help="model repository: one folder per model (ours: weights + "
-                       "config.json; Triton's: <name>/<version>/model.onnx|model.safetensors + config.pbtxt), or "
-                       "one model file (model.onnx or .safetensors); the embedded models when omitted")
+                       "config.json; Triton's: <name>/<version>/model.onnx|model.safetensors + config.pbtxt), "
+                       "one model file (model.onnx or .safetensors), or a packaged model by name (silero-vad: the "
+                       "silero-vad package's, configured); the embedded models when omitted")
+    serve.add_argument("--config", metavar="FILE", help="a single model file's config.json (server/config.py keys)")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                       help="a single model file's config key, over --config (repeatable; dotted keys set inside "
+                       "objects: --set controls.sr=16000 --set input_shapes.input=[-1,576])")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC (KServe v2 / Triton) port; 0 turns it off")

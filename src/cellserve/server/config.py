@@ -82,6 +82,38 @@ class ModelConfig(BaseModel):
                 "backend": self.backend, "context": self.context}
 
 
+def command_line_config(path: str | None = None, assignments=()) -> dict:
+    """A model config from the command line: a config.json file, then KEY=VALUE assignments over it. A dotted
+    key sets inside an object (controls.sr=16000); a value is JSON where it parses as JSON ([-1,576], 64,
+    true), else a string (policy=graph)."""
+    settings: dict = {}
+    if path:
+        try:
+            settings = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"--config {path}: {exc.strerror or exc}")
+        except ValueError as exc:
+            raise ValueError(f"--config {path}: not JSON ({exc})")
+        if not isinstance(settings, dict):
+            raise ValueError(f"--config {path}: expected a JSON object of config keys")
+    for text in assignments:
+        key, sep, raw = text.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"--set {text!r}: expected KEY=VALUE, such as controls.sr=16000")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, last = key.split(".")
+        node = settings
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {text!r}: {part!r} is not an object")
+        node[last] = value
+    return settings
+
+
 TRITON_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT32": "TYPE_INT32",
                 "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64",
                 "BYTES": "TYPE_STRING"}

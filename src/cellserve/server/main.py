@@ -12,16 +12,31 @@ import uvicorn
 from cellserve.server.app import create_app
 from cellserve.server.auth import parse_restriction
 from cellserve.server.background import DrainingServer
+from cellserve.server.presets import PRESETS, preset
 from cellserve.server.repository import Repository
 
 
-def repository_for(model_dir: str | None, model_control: str = "none", load_models=()) -> Repository:
+def repository_for(model_dir: str | None, model_control: str = "none", load_models=(),
+                   settings: dict | None = None) -> Repository:
+    """What `serve` serves: a repository folder, one model file (configured by `settings`), a preset's model
+    (server/presets.py: `silero-vad`), or the embedded models."""
     if load_models and model_control != "explicit":
         raise ValueError("--load-model goes with --model-control-mode explicit")
     try:
+        if model_dir and not Path(model_dir).exists():
+            found = preset(model_dir)
+            if found is None:
+                raise ValueError(f"{model_dir}: no such file or folder, nor a packaged model "
+                                 f"({', '.join(sorted(PRESETS))})")
+            path, config = found
+            return Repository.from_path(path, {**config, **(settings or {})}, name=model_dir)
         if model_dir and model_control == "explicit" and Path(model_dir).is_dir():
+            if settings:
+                raise ValueError("--config and --set configure a single model file, not a repository folder")
             return Repository.from_directory(model_dir, only=list(load_models))
-        return Repository.from_path(model_dir) if model_dir else Repository.defaults()
+        if not model_dir and settings:
+            raise ValueError("--config and --set configure a single model file: name one")
+        return Repository.from_path(model_dir, settings) if model_dir else Repository.defaults()
     except OSError as exc:
         raise ValueError(str(exc))
 

@@ -146,12 +146,26 @@ class Repository:
         threading.Thread(target=stop, name=f"retire-{served.name}", daemon=True).start()
 
     @classmethod
-    def from_path(cls, path: str | Path) -> "Repository":
-        """A repository folder, or a single model file (model.onnx or ours) served under its stem."""
+    def from_path(cls, path: str | Path, settings: dict | None = None, name: str | None = None) -> "Repository":
+        """A repository folder, or a single model file (model.onnx or ours) served under `name` (default: its
+        stem) with `settings` as its config.json (a folder's models keep their own)."""
         path = Path(path)
-        if path.is_file():
-            return cls([serve_model(path.stem, _load_model(path, ModelConfig()), ModelConfig())])
-        return cls.from_directory(path)
+        if not path.is_file():
+            if settings:
+                raise ValueError("--config and --set configure a single model file; a repository folder keeps "
+                                 "each model's config.json")
+            return cls.from_directory(path)
+        try:
+            config = ModelConfig(**(settings or {}))
+        except ValidationError as exc:
+            raise ValueError("the model config: " + "; ".join(
+                f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()))
+        try:
+            model = _load_model(path, config)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (a single model file takes its config on the command line: --config "
+                             "config.json, or --set KEY=VALUE such as --set input_shapes.input=[-1,576])")
+        return cls([serve_model(name or path.stem, model, config)])
 
     @classmethod
     def from_directory(cls, root: str | Path, only: list[str] | None = None) -> "Repository":
