@@ -224,6 +224,17 @@ class Engine:
                     self._remember(session.id, f"sequence {session.id!r} expired after {self.idle_timeout:g} s idle; "
                                                "start a new one with sequence_start")
 
+    def end_session(self, sequence_id: str, reason: str) -> bool:
+        """Close an open session now (its client went away: a WebSocket closed); its later chunks hear
+        `reason`. False where it is unknown or still has chunks queued or running."""
+        with self._cv:
+            session = self._sessions.get(str(sequence_id))
+            if session is None or session.busy:
+                return False
+            self._close_session(session)
+            self._remember(session.id, reason)
+            return True
+
     @property
     def sessions(self) -> int:
         return len(self._sessions)

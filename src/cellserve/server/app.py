@@ -27,6 +27,7 @@ from cellserve.server.repository import Repository
 from cellserve.server.auth import http_group, refusal
 from cellserve.server.backend import DEFAULT_MAX_BODY_BYTES, LocalBackend, ServiceError
 from cellserve.server.telemetry import log, observed_infer
+from cellserve.server.websocket import add_stream_routes
 
 LIVE_PAGE = (resources.files("cellserve.assets") / "live.html").read_text()
 INFER_DOC = {
@@ -169,6 +170,7 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
         return Response(content, status_code=status, headers=headers)
 
     app.state.direct_infer = (answer_infer, max_body_bytes, list(restricted))
+    add_stream_routes(app, current, restricted, max_body_bytes)
 
     @app.post("/v2/repository/index", summary="Models in the repository and their state")
     async def repository_index(request: Request):

@@ -121,6 +121,11 @@ class LocalBackend:
         for hook in self.drain_hooks:
             hook()
 
+    def end_session(self, name: str, sequence_id: str, reason: str) -> bool:
+        """A session whose connection closed ends (engine.end_session); False where there is none to end."""
+        served = self.repository.get(name)
+        return served is not None and served.engine.end_session(sequence_id, reason)
+
     def pending_limit(self, name: str) -> int:
         served = self.repository.get(name)
         return served.config.max_pending_chunks if served is not None else DEFAULT_PENDING_CHUNKS
