@@ -151,3 +151,15 @@ def test_an_unknown_model_or_input_is_refused_with_a_message(server):
             with pytest.raises(ConnectionClosed) as closed:
                 ws.recv(timeout=30)
             assert closed.value.rcvd.code == 1008
+
+
+def test_bench_streams_drives_the_websocket_deployment_and_writes_its_row(tmp_path):
+    from cellserve.bench import streams
+
+    out = tmp_path / "streams.json"
+    result = streams.run(message_ms=(96,), streams=(4,), deployments=("cellular-ws",), seconds=1.0, idle_sessions=0,
+                         json_path=out)
+    (row,) = result["rows"]
+    assert row["deployment"] == "cellular-ws" and row["sustained"] and row["lost"] == 0 and row["refused"] == 0
+    assert row["client_cpu_us_per_message"] > 0 and row["server_cpu_us_per_message"] > 0
+    assert json.loads(out.read_text())["rows"][0]["streams"] == 4

@@ -491,9 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--streams", type=_ints, default=None,
                     help="stream counts to sweep, each until a deployment stops sustaining it (default: doublings to "
                     "64, then steps of at most 1.25x to 2048)")
-    st.add_argument("--deployments", type=_words, default=["per-stream-ort", "graph", "cellular", "cellular-python"],
-                    help="cellular: the native gRPC front end (where built); cellular-python: grpcio's; triton: "
-                    "Triton Inference Server with ONNX Runtime in its Python backend (needs make triton-env)")
+    st.add_argument("--deployments", type=_words,
+                    default=["per-stream-ort", "graph", "cellular", "cellular-python", "cellular-ws"],
+                    help="cellular: the native gRPC front end (where built); cellular-python: grpcio's; cellular-ws: "
+                    "WebSockets on the HTTP port; triton: Triton Inference Server with ONNX Runtime in its Python "
+                    "backend (needs make triton-env)")
     st.add_argument("--triton-env", default=".venv-triton", help="the Python environment with nvidia-pytriton, "
                     "numpy < 2 and onnxruntime that the triton deployment runs (make triton-env)")
     st.add_argument("--seconds", type=float, default=5.0, help="seconds of load per point")

@@ -11,6 +11,9 @@ swept upward until a deployment no longer sustains it (p99 <= 100 ms, nothing re
                   head batched per step; a message is one request whose rows are its chunks (run in order).
                   On the native gRPC front end where it was built;
   cellular-python the same on the Python gRPC front end (grpcio), the reference;
+  cellular-ws     the same over WebSockets on the HTTP port (server/websocket.py, the Python front end): one
+                  connection per stream, each message one binary frame of its chunks' samples, answered with
+                  their probabilities; driven by an asyncio client of the `websockets` library;
   triton          Triton Inference Server (the nvidia-pytriton wheel's tritonserver), ONNX Runtime in its
                   Python backend under dynamic batching up to 64, the state carried by the client as for
                   graph: what a Triton user deploys today (bench/triton/; its environment, with numpy < 2
@@ -49,8 +52,9 @@ SR, CHUNK, CONTEXT = 16000, 512, 64
 # S swept: doublings while far from saturation, then steps of at most 1.25x up to 2048 (a deployment's sweep
 # stops at its first S it does not sustain, so the fine steps cost only where they matter)
 STREAMS = (8, 16, 32, 64, 80, 100, 125, 160, 200, 250, 320, 400, 500, 640, 800, 1000, 1250, 1600, 2048)
-DEPLOYMENTS = ("per-stream-ort", "graph", "cellular", "cellular-python", "triton")
-MODELS = {"graph": "vad-graph", "cellular": "vad-cellular", "cellular-python": "vad-cellular", "triton": "vad"}
+DEPLOYMENTS = ("per-stream-ort", "graph", "cellular", "cellular-python", "cellular-ws", "triton")
+MODELS = {"graph": "vad-graph", "cellular": "vad-cellular", "cellular-python": "vad-cellular",
+          "cellular-ws": "vad-cellular", "triton": "vad"}
 TRITON_ENV = Path(".venv-triton")  # `make triton-env`
 FRONTENDS = {"cellular-python": "python"}  # a deployment's gRPC front end (the default for the others)
 SLO_MS = 100.0
@@ -283,6 +287,50 @@ def _drive_native(port: int, model: str, streams: int, message_ms: int, seconds:
     return row
 
 
+async def _drive_ws(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int) -> dict:
+    """cellular-ws: a WebSocket per stream (its session), each message one binary frame sent at its scheduled
+    time; a message's latency runs from that time to its answer (answers come in order on a connection)."""
+    from websockets.asyncio.client import connect
+
+    per = message_ms * SR // 1000 // CHUNK
+    schedule = _schedule(streams, message_ms, seconds, seed)
+    audio = _audio(streams, (len(schedule) // streams + 2) * per * CHUNK, seed)
+    plan: list[list[tuple[float, bytes]]] = [[] for _ in range(streams)]
+    for at, s, k in schedule:
+        plan[s].append((at, audio[s, k * per * CHUNK:(k + 1) * per * CHUNK].tobytes()))
+    loop = asyncio.get_running_loop()
+    url = f"ws://127.0.0.1:{port}/v2/models/{model}/stream"
+    sockets = [await connect(f"{url}?sequence_id=ws-{s}-{seed}", max_queue=None, compression=None)
+               for s in range(streams)]
+    latencies, failed = [], [0]
+    start = loop.time() + 0.2
+    deadline = start + seconds + 30
+
+    async def send(ws, messages) -> None:
+        for at, payload in messages:
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            await ws.send(payload)
+
+    async def receive(ws, messages) -> None:
+        for at, _ in messages:
+            answer = await asyncio.wait_for(ws.recv(), max(0.01, deadline - loop.time()))
+            if isinstance(answer, str):
+                failed[0] += 1
+            else:
+                latencies.append(loop.time() - (start + at))
+
+    cpu = time.process_time()
+    tasks = [asyncio.ensure_future(f(ws, plan[s])) for s, ws in enumerate(sockets) for f in (send, receive)]
+    await asyncio.gather(*tasks, return_exceptions=True)
+    client_cpu = time.process_time() - cpu
+    for ws in sockets:
+        await ws.close()
+    lost = len(schedule) - len(latencies) - failed[0]
+    row = _row("cellular-ws", message_ms, streams, latencies, 0, lost, failed[0])
+    row["client_cpu_us_per_message"] = client_cpu / len(schedule) * 1e6
+    return row
+
+
 def _repository(root: Path, path: Path) -> None:
     shared = {"controls": {"sr": SR}, "max_batch": 64, "capacity": 16384, "max_sessions": 16384,
               "max_queue": 65536}
@@ -357,7 +405,7 @@ def bytes_per_session(server: ServeProcess, sessions: int) -> float:
     return (after - before) / sessions
 
 
-def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
+def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:5],
         seconds: float = 5.0, idle_sessions: int = 10_000, seed: int = 0, json_path=None,
         triton_env: Path = TRITON_ENV) -> dict:
     path = silero_file()
@@ -406,6 +454,8 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:4],
                             elif deployment == "triton":
                                 row = asyncio.run(_drive_server(server.grpc_port, MODELS[deployment], s, ms, seconds,
                                                                 seed, server_state=False, state_shape=(1, 2, 128)))
+                            elif deployment == "cellular-ws":
+                                row = asyncio.run(_drive_ws(server.port, MODELS[deployment], s, ms, seconds, seed + i))
                             elif deployment != "graph" and _loadgen is not None:
                                 row = _drive_native(server.grpc_port, MODELS[deployment], s, ms, seconds, seed + i)
                             else:
