@@ -68,3 +68,95 @@ def test_the_live_page_shows_the_batcher_moving_under_load(tmp_path):
     for shown in (first, second):
         assert float(shown["throughput"]) > 0 and float(shown["p50"]) > 0 and float(shown["p99"]) >= float(shown["p50"])
         assert shown["occupancy"].endswith("%") and shown["queue"].isdigit() and shown["sessions"] == "0"
+
+
+def _evaluate(debug_port: int, expression: str, deadline: float):
+    """The value of a JavaScript expression in the browser's page, over the DevTools protocol."""
+    import json
+
+    from websockets.sync.client import connect
+
+    while True:
+        try:
+            pages = [t for t in httpx.get(f"http://127.0.0.1:{debug_port}/json", timeout=5).json() if t["type"] == "page"]
+            if pages:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail("Chromium's DevTools never listed the page")
+        time.sleep(0.2)
+    with connect(pages[0]["webSocketDebuggerUrl"], max_size=None) as ws:
+        ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate",
+                            "params": {"expression": expression, "returnByValue": True}}))
+        while True:
+            answer = json.loads(ws.recv(timeout=30))
+            if answer.get("id") == 1:
+                return answer["result"]["result"].get("value")
+
+
+def test_the_page_listens_through_the_microphone_and_shows_silero_vads_segments(tmp_path, monkeypatch):
+    """Chromium's fake microphone plays tests/data/speech_16k.wav into the live page's panel for the
+    silero-vad preset. The audio the server hears is the file (Chromium resamples it through its 48 kHz
+    device, and starts it a few ms late: within one chunk); the speech segments the page shows equal
+    silero-vad's own get_speech_timestamps on that audio, within one chunk (512 samples)."""
+    import json
+    import pathlib
+    import wave
+
+    import numpy as np
+    import torch
+
+    silero_vad = pytest.importorskip("silero_vad")
+    from cellserve.bench.common import free_port
+    from cellserve.server import websocket
+    from cellserve.server.main import repository_for
+
+    heard = []
+    submit = websocket._Stream.submit_binary
+
+    def recorded(self, data):
+        heard.append(np.frombuffer(data, np.float32).copy())
+        return submit(self, data)
+
+    monkeypatch.setattr(websocket._Stream, "submit_binary", recorded)
+    wav = pathlib.Path(__file__).parent / "data" / "speech_16k.wav"
+    with wave.open(str(wav)) as f:
+        file_samples = np.frombuffer(f.readframes(f.getnframes()), np.int16).astype(np.float32) / 32768.0
+    chunks = len(file_samples) // 512
+    if CHROMIUM is None:
+        pytest.fail("no Chromium: `make test-browser` installs Debian's chromium package")
+    with BackgroundServer(create_app(repository_for("silero-vad"))) as server:
+        debug = free_port()
+        browser = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={debug}",
+             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={wav}%noloop", "--autoplay-policy=no-user-gesture-required",
+             f"{server.url}/?listen=silero-vad"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            read = ("JSON.stringify({chunks: +(document.querySelector('.listen') || {dataset: {}}).dataset.chunks || 0, "
+                    "segments: [...document.querySelectorAll('.segments li')].map(li => [+li.dataset.start, "
+                    "+li.dataset.end])})")
+            while True:
+                shown = json.loads(_evaluate(debug, read, deadline))
+                if shown["chunks"] >= chunks + 16 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        finally:
+            browser.terminate()
+            browser.wait(10)
+    audio = np.concatenate(heard)[: shown["chunks"] * 512]
+    assert shown["chunks"] >= chunks + 16, shown
+    # the file, as Chromium delivered it: the best lag within one chunk, nearly the same waveform
+    window = file_samples[: 4 * 16000]
+    lags = range(0, 512)
+    lag = max(lags, key=lambda d: float(np.dot(audio[d:d + len(window)], window)))
+    match = np.corrcoef(audio[lag:lag + len(window)], window)[0, 1]
+    assert lag < 512 and match > 0.97, (lag, match)
+    want = [(s["start"], s["end"]) for s in silero_vad.get_speech_timestamps(
+        torch.from_numpy(audio), silero_vad.load_silero_vad(onnx=True))]
+    got = [tuple(s) for s in shown["segments"]]
+    assert len(want) >= 2 and len(got) == len(want), (got, want)
+    for (start, end), (s, e) in zip(got, want):
+        assert abs(start - s) <= 512 and abs(end - e) <= 512, (got, want)

@@ -130,6 +130,7 @@ def _summary(series: ModelSeries, samples: list[dict], interval_s: float) -> dic
         "version": served.version, "policy": engine.policy, "max_batch": engine.max_batch,
         "max_running": engine.max_running, "step_loop": engine.runner.step_loop,
         "queue_depth": engine.queue_depth, "running": engine.active, "sessions": served.sessions,
+        "listen": served.listen_input(),
         "window": {"seconds": len(samples) * interval_s, "completed": completed,
                    "failed": sum(x["failed"] for x in samples),
                    "throughput_rps": completed / (len(samples) * interval_s) if samples else 0.0,

@@ -52,6 +52,16 @@ class ServedModel:
                 "parameters": {"architecture": self.model.config()["arch"], "policy": self.config.policy,
                                "stateful": self.stateful, "block_steps": self.config.block_steps}}
 
+    def listen_input(self) -> dict | None:
+        """What the live page's microphone panel sends: {"input", "samples", "rate"} for a stateful model whose
+        streaming input is FP32 rows of a fixed sample count (Silero VAD: 512 at 16 kHz), else None."""
+        inputs = [s for s in self.inputs if s.name != "sequence_snapshot"]
+        if not self.stateful or not inputs or inputs[0].datatype != "FP32" or len(inputs[0].shape) != 2 \
+                or inputs[0].shape[1] < 1:
+            return None
+        return {"input": inputs[0].name, "samples": inputs[0].shape[1],
+                "rate": int(self.config.controls.get("sr", 16000))}
+
     def model_config(self) -> dict:
         """The model's configuration in Triton's JSON shape (GET /v2/models/<m>/config)."""
         def tensors(specs):
