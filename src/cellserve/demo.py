@@ -1,11 +1,13 @@
-"""`cellserve demo`: start the server on the embedded models, spell some numbers over HTTP, stream a
-session of audio-like frames, send a burst of concurrent requests, print latency percentiles, compare
-batching policies on the same trace in-process, and stop the server."""
+"""`cellserve demo`: start the server on the embedded models (a process of its own), spell some numbers over
+HTTP, stream a session of audio-like frames, send a burst of concurrent requests over HTTP and gRPC from load
+generators that leave the server its cores (the bench's: requests encoded before the clock starts; 16
+threads of a blocking HTTP client took most of the 2 cores and gave 498 req/s), print latency percentiles and
+which front end served, compare batching policies on the same trace in-process, and stop the server."""
 
 from __future__ import annotations
 
+import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -20,6 +22,14 @@ from cellserve.tasks.speller import MAX_NUMBER, encode_number, spell
 def _text_request(numbers) -> dict:
     return {"inputs": [{"name": "text", "shape": [len(numbers)], "datatype": "BYTES",
                         "data": [str(n) for n in numbers]}]}
+
+
+def _loadgen_built() -> bool:
+    try:
+        from cellserve.bench import _loadgen  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _percentiles(latencies_ms) -> dict:
@@ -38,18 +48,35 @@ def saturated_throughput(model, policy: str, rng, count: int = 2000) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _burst_http_request(number: int) -> bytes:
+    body = json.dumps(_text_request([number])).encode()
+    return (b"POST /v2/models/speller/infer HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def _burst_grpc_request(number: int, index: int) -> bytes:
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="speller", id=str(index))
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    text = str(number).encode()
+    request.raw_input_contents.append(len(text).to_bytes(4, "little") + text)
+    return request.SerializeToString()
+
+
 def run(seed: int = 0, rate: float = 1500.0) -> dict:
-    from cellserve.server.app import create_app
-    from cellserve.server.background import BackgroundServer
+    from cellserve.bench.common import ServeProcess
+    from cellserve.bench.http import _run_grpc, _run_http
     from cellserve.server.repository import Repository
 
     rng = np.random.default_rng(seed)
-    repository = Repository.defaults()
-    with limit_threads(1), BackgroundServer(create_app(repository)) as server:
-        base = server.url
-        console.print(f"[bold]cellserve demo[/]: serving {sorted(repository.models)} at {base} "
-                      f"(Open Inference Protocol v2; metrics at {base}/metrics)\n")
+    with ServeProcess() as server:
+        base = f"http://127.0.0.1:{server.port}"
         http = httpx.Client(base_url=base, timeout=60)
+        meta = http.get("/v2").json()
+        console.print(f"[bold]cellserve demo[/]: serving {sorted(m['name'] for m in http.post('/v2/repository/index').json())} "
+                      f"at {base} (Open Inference Protocol v2; metrics at {base}/metrics), gRPC on port "
+                      f"{server.grpc_port}\n")
 
         numbers = [7, 15, 300, 4096, 12345, 99017, 500000, int(rng.integers(0, MAX_NUMBER + 1))]
         reply = http.post("/v2/models/speller/infer", json=_text_request(numbers)).json()
@@ -73,27 +100,32 @@ def run(seed: int = 0, rate: float = 1500.0) -> dict:
             console.print(f"   chunk {i + 1}: {b - a:3d} frames in -> {shape[0]:3d} outputs of {shape[1]}, "
                           f"{out['parameters']['frames_pending']} frame(s) wait for a full block "
                           f"({(time.perf_counter() - start) * 1000:.1f} ms)")
-
-        total, clients = 300, 16
-        console.print(f"\n3. A burst of {total} spelling requests from {clients} concurrent HTTP clients:")
-        burst = [int(n) for n in rng.integers(0, MAX_NUMBER + 1, total)]
-
-        def one(n):
-            start = time.perf_counter()
-            r = http.post("/v2/models/speller/infer", json=_text_request([n]))
-            return (time.perf_counter() - start) * 1000, r.status_code
-
-        start = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            results = list(pool.map(one, burst))
-        elapsed = time.perf_counter() - start
-        ok = sum(code == 200 for _, code in results)
-        pct = _percentiles([ms for ms, _ in results])
-        console.print(f"   {ok}/{total} answered in {elapsed:.2f} s ({total / elapsed:.0f} req/s); latency "
-                      f"p50 {pct['p50_ms']:.1f} ms, p90 {pct['p90_ms']:.1f} ms, p99 {pct['p99_ms']:.1f} ms")
         http.close()
+
+        total, clients = 2000, 16
+        burst = [int(n) for n in rng.integers(0, MAX_NUMBER + 1, total)]
+        console.print(f"\n3. A burst of {total} spelling requests (text in, words out) from {clients} clients in flight; "
+                      "the clients are load generators (requests encoded before the clock starts), so they take "
+                      "little of the server's 2 cores:")
+        wires = [("HTTP", "the Python front end (uvicorn, FastAPI)", "keep-alive connections on one event loop",
+                  lambda: _run_http(server.port, [_burst_http_request(n) for n in burst], clients))]
+        if meta.get("grpc_frontend") == "native" and _loadgen_built():
+            wires.append(("gRPC", "the native front end (grpc++; the speller's requests never reach Python)",
+                          "the native load generator",
+                          lambda: _run_grpc(server.grpc_port, [_burst_grpc_request(n, i) for i, n in enumerate(burst)],
+                                            clients)))
+        bursts = {}
+        for wire, front, client, send in wires:
+            cpu0, start = time.process_time(), time.perf_counter()
+            latencies = send()
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+            pct = bursts[wire] = {**_percentiles(latencies), "rps": total / elapsed}
+            console.print(f"   {wire:4s} {total} answered in {elapsed:.2f} s ({total / elapsed:.0f} req/s); latency p50 "
+                          f"{pct['p50_ms']:.1f} ms, p90 {pct['p90_ms']:.1f} ms, p99 {pct['p99_ms']:.1f} ms; served by "
+                          f"{front}; client: {client}, {cpu / total * 1e6:.0f} us of CPU per request")
     console.print("   server stopped.\n")
 
+    repository = Repository.defaults()
     model = repository.get("speller").model
     with limit_threads(1):
         graph_max = saturated_throughput(model, "graph", rng)
@@ -126,4 +158,4 @@ def run(seed: int = 0, rate: float = 1500.0) -> dict:
                       f"{graph['p99_ms']:.1f} ms.")
     none = next(r for r in rows if r["policy"] == "none")
     console.print(f"No batching keeps up with {none['throughput_rps']:.0f} of {rate:.0f} req/s.")
-    return {"examples_correct": right, "burst_ok": ok, "burst": pct, "rows": rows}
+    return {"examples_correct": right, "bursts": bursts, "rows": rows}
