@@ -25,26 +25,36 @@ STREAMS, CHUNKS, FRAMES = 8, 300, 4
 
 def unpaced_streams(grpc_port: int, model: str, frames: np.ndarray, frames_per_chunk: int = FRAMES,
                     input_name: str = "frames", output_name: str = "outputs"):
-    """Each of len(frames) sessions sends its chunks on its own gRPC stream without waiting for answers,
-    as a live audio client does; returns (outputs per session in chunk order, errors)."""
+    """Each of len(frames) sessions opens with its first chunk, then (once every session is open) sends the
+    rest on its own gRPC stream without waiting for answers, as a live audio client does; returns (outputs per
+    session in chunk order, errors). (Load may refuse a session's first chunk: one stream starting late,
+    behind the others' floods, was refused so under a loaded test run.)"""
     streams, chunks = len(frames), frames.shape[1] // frames_per_chunk
     outputs, errors = [dict() for _ in range(streams)], []
+    opened = threading.Barrier(streams, timeout=300)
 
     def stream(s):
         client = tritonclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         answers: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        for k in range(chunks):
-            chunk = tritonclient.InferInput(input_name, [frames_per_chunk, frames.shape[2]], "FP32")
-            chunk.set_data_from_numpy(frames[s, k * frames_per_chunk:(k + 1) * frames_per_chunk])
-            client.async_stream_infer(model, [chunk], sequence_id=f"s{s}", sequence_start=k == 0,
-                                      sequence_end=k == chunks - 1, request_id=str(k))
-        for _ in range(chunks):
+
+        def answered():
             result, error = answers.get(timeout=300)
             if error is not None:
                 errors.append(str(error))
             else:
                 outputs[s][int(result.get_response().id)] = result.as_numpy(output_name)
+
+        for k in range(chunks):
+            chunk = tritonclient.InferInput(input_name, [frames_per_chunk, frames.shape[2]], "FP32")
+            chunk.set_data_from_numpy(frames[s, k * frames_per_chunk:(k + 1) * frames_per_chunk])
+            client.async_stream_infer(model, [chunk], sequence_id=f"s{s}", sequence_start=k == 0,
+                                      sequence_end=k == chunks - 1, request_id=str(k))
+            if k == 0:
+                answered()
+                opened.wait()
+        for _ in range(chunks - 1):
+            answered()
         client.stop_stream()
         client.close()
 
