@@ -1,5 +1,6 @@
-"""The native gRPC front end's token lanes (server/native/token_lanes.cpp): the speller's stateless requests
-are parsed, coded, admitted into its engine's running step loop and answered natively. Every answer, good
+"""The native gRPC front end's token lanes (server/native/token_lanes.cpp): the speller's and a language
+model's stateless requests are parsed, coded, admitted into their engine's running step loop and answered
+natively. Every answer, good
 or bad, equals the Python front end's byte for byte; what the lane does not take goes to Python; under
 concurrent clients each answer equals the model's unbatched run and none is lost; statistics count them."""
 
@@ -16,6 +17,7 @@ from cellserve.server.backend import LocalBackend
 from cellserve.server.native import grpc_front
 from cellserve.server.repository import ModelConfig, Repository, serve_model
 from cellserve.tasks.speller import MAX_NUMBER, decode_words, encode_number, load_default
+from test_server import LM, VOCAB, lm_reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not getattr(grpc_front._grpc_front, "LANES", 0),
                                 reason="this build has no native lanes (grpc++ or tritonclient missing)")
@@ -24,7 +26,8 @@ SPELLER = load_default()
 
 
 def repository() -> Repository:
-    return Repository([serve_model("speller", SPELLER, ModelConfig(text_codec="number-speller"))])
+    return Repository([serve_model("speller", SPELLER, ModelConfig(text_codec="number-speller")),
+                       serve_model("lm", LM, ModelConfig())])
 
 
 def text_request(texts, rid="", raw=True, outputs=(), limits=None, shape=None) -> pb.ModelInferRequest:
@@ -46,9 +49,11 @@ def text_request(texts, rid="", raw=True, outputs=(), limits=None, shape=None) -
     return request
 
 
-def token_request(tokens, rid="", datatype="INT64") -> pb.ModelInferRequest:
+def token_request(tokens, rid="", datatype="INT64", model="speller", outputs=()) -> pb.ModelInferRequest:
     tokens = np.asarray(tokens)
-    request = pb.ModelInferRequest(model_name="speller", id=rid)
+    request = pb.ModelInferRequest(model_name=model, id=rid)
+    for name in outputs:
+        request.outputs.add(name=name)
     request.inputs.add(name="tokens", datatype=datatype, shape=list(tokens.shape))
     request.raw_input_contents.append(tokens.astype(np.int64 if datatype == "INT64" else np.int32).tobytes())
     return request
@@ -58,12 +63,15 @@ GOOD = [text_request(["40712"], "a"), text_request(["7", " 123 ", "999999", "000
         text_request(["31"], "c", raw=False), text_request(["5", "6"], "d", limits=[3]),
         text_request(["5", "60"], "e", limits=[1, 4], raw=False), text_request(["88"], "f", outputs=["text"]),
         text_request(["88"], "g", outputs=["lengths", "tokens", "lengths"]), text_request(["1", "2"], shape=[2, 1]),
-        token_request([[1, 2, 3, 4], [5, 6, 7, 8]], "h"), token_request([9, 0, 1], "i")]
+        token_request([[1, 2, 3, 4], [5, 6, 7, 8]], "h"), token_request([9, 0, 1], "i"),
+        token_request([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], "lm1", model="lm"), token_request([7], "lm2", model="lm"),
+        token_request([2, 7, 1], "lm3", model="lm", outputs=["next_token"])]
 # all of these go to Python, which answers (or refuses) them as it always has
 PYTHON = [text_request(["12a"], "j"), text_request(["1234567"], "k"), text_request(["١٢"], "l"),
           text_request([""], "m"), text_request(["5"], "n", limits=[0]), text_request(["5"], "o", outputs=["nope"]),
           text_request(["5", "6", "7"], "p", limits=[1, 2]), token_request([[1, 2, 30]], "q"),
-          token_request([[1, 2, 3]], "r", datatype="INT32")]
+          token_request([[1, 2, 3]], "r", datatype="INT32"), token_request([[1, VOCAB]], "lm4", model="lm"),
+          token_request([[1, 2]], "lm5", model="lm", outputs=["tokens"])]
 
 
 def with_parameter(request: pb.ModelInferRequest) -> pb.ModelInferRequest:
@@ -119,6 +127,10 @@ def test_both_front_ends_answer_byte_identical_and_the_lane_takes_exactly_what_i
     first = pb.ModelInferResponse.FromString(seen["native"][0])
     words = first.raw_output_contents[[o.name for o in first.outputs].index("text")][4:].decode()
     assert words == "forty thousand seven hundred twelve"
+    lm = pb.ModelInferResponse.FromString(seen["native"][GOOD.index(next(r for r in GOOD if r.id == "lm1"))])
+    for row, ll, nxt in zip([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.frombuffer(lm.raw_output_contents[0], np.float64),
+                            np.frombuffer(lm.raw_output_contents[1], np.int64)):
+        assert ll == pytest.approx(lm_reference(row)[0], rel=1e-5) and nxt == lm_reference(row)[1]
     assert isinstance(seen["native"][len(GOOD)], tuple)  # "12a": refused, as Python refuses it
     assert seen["native"][len(GOOD)][0] == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -27,6 +27,9 @@ class LanguageModelFamily(Family):
             return NativeLanguageModelRunner(self.model, capacity, layers)
         return LanguageModelRunner(self.model, capacity)
 
+    def lane_spec(self, runner) -> dict | None:
+        return {"stage": 0, "scores": 1} if isinstance(runner, NativeLanguageModelRunner) else None
+
     def requests(self, tensors):
         self.check_names(tensors)
         return [{"tokens": row} for row in token_rows(tensors["tokens"], "tokens")]

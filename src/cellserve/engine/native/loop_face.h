@@ -15,7 +15,7 @@ extern "C" {
 #endif
 
 #define CELLSERVE_LOOP_FACE "cellserve.engine._steploop.face"
-#define CELLSERVE_LOOP_FACE_VERSION 1
+#define CELLSERVE_LOOP_FACE_VERSION 2
 
 typedef struct {
     int stage;             /* a READ or GENERATE stage */
@@ -30,6 +30,7 @@ typedef struct {
     const int64_t *tokens; /* GENERATE: the tokens it produced */
     int count;
     double score;          /* READ with a head: its log-likelihood */
+    long long next_token;  /* READ with a head: the argmax after its last token */
 } cs_loop_left_t;
 
 /* Called on the worker thread, without the GIL and without the loop's locks, once per step that finished

@@ -928,7 +928,7 @@ struct Core {
         std::vector<cs_loop_left_t> mine;
         for (const Left &l : left)
             if (l.id >= from && l.code == LEFT_FINISHED)
-                mine.push_back({l.id, l.tokens.data(), (int)l.tokens.size(), l.score});
+                mine.push_back({l.id, l.tokens.data(), (int)l.tokens.size(), l.score, l.next_token});
         if (mine.empty()) return;
         on_left(on_left_ctx, mine.data(), (int)mine.size());
         left.erase(std::remove_if(left.begin(), left.end(),

@@ -1,5 +1,5 @@
 // Token lanes: the stateless requests of a token model whose step loop is native (the number speller, a
-// seq2seq model decoding greedily), parsed, checked, admitted into the engine's running loop and answered
+// seq2seq model decoding greedily; a language model scoring its tokens), parsed, checked, admitted into the engine's running loop and answered
 // here, without Python per request.
 //
 // The path: grpc++'s thread parses the ModelInferRequest and checks it against the model's inputs; its rows
@@ -43,7 +43,9 @@ struct Pending {
   bool stream;
   std::string id;
   std::vector<std::string> wanted;  // output names, in order, without repeats
-  std::vector<std::vector<int64_t>> out;
+  std::vector<std::vector<int64_t>> out;  // a generating model's tokens per row
+  std::vector<double> score;              // a scoring model's log-likelihood and next token per row
+  std::vector<int64_t> next;
   int left;
   double arrival;
 };
@@ -58,6 +60,8 @@ struct TokenLane {
   PyObject *loop_ref = nullptr;  // the engine's Loop: keeps its face valid
   const cs_loop_face_t *face = nullptr;
   int stage = 0, vocab = 0;
+  bool scores = false;           // a scoring model (a language model: log_likelihood, next_token) rather than
+                                 // a generating one (seq2seq: tokens, lengths, text)
   int64_t eos = -1;
   int default_max_len = -1;      // -1: twice the source plus 10 (the runner's default)
   int max_inflight = 0;          // requests under way here; past it Python queues or refuses them
@@ -178,7 +182,7 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
       for (int64_t t : values)
         if (t < 0 || t >= vocab) return Offer{};
       for (size_t at = 0; at < count; at += length) sources.emplace_back(values.begin() + at, values.begin() + at + length);
-    } else if (tensor.name() == "text" && codec() && !has_source) {
+    } else if (tensor.name() == "text" && codec() && !scores && !has_source) {
       has_source = true;
       if (tensor.datatype() != "BYTES" || tensor.shape_size() < 1) return Offer{};
       std::vector<std::string> texts;
@@ -186,7 +190,7 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
       sources.resize(texts.size());
       for (size_t r = 0; r < texts.size(); r++)
         if (!digits_source(*this, texts[r], sources[r])) return Offer{};
-    } else if (tensor.name() == "max_output_tokens" && !has_limit) {
+    } else if (tensor.name() == "max_output_tokens" && !scores && !has_limit) {
       has_limit = true;
       if (tensor.datatype() != "INT64" || tensor.shape_size() < 1) return Offer{};
       if (!int64_values(request, i, count, limits)) return Offer{};
@@ -201,20 +205,24 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
   auto pending = std::make_shared<Pending>();
   for (const auto &asked : request.outputs()) {
     const std::string &name = asked.name();
-    if (!asked.parameters().empty() || !(name == "tokens" || name == "lengths" || (name == "text" && codec())))
-      return Offer{};
+    const bool known = scores ? (name == "log_likelihood" || name == "next_token")
+                              : (name == "tokens" || name == "lengths" || (name == "text" && codec()));
+    if (!asked.parameters().empty() || !known) return Offer{};
     if (std::find(pending->wanted.begin(), pending->wanted.end(), name) == pending->wanted.end())
       pending->wanted.push_back(name);
   }
   if (pending->wanted.empty()) {
-    pending->wanted = {"tokens", "lengths"};
-    if (codec()) pending->wanted.push_back("text");
+    pending->wanted = scores ? std::vector<std::string>{"log_likelihood", "next_token"}
+                             : std::vector<std::string>{"tokens", "lengths"};
+    if (codec() && !scores) pending->wanted.push_back("text");
   }
   const int n = static_cast<int>(sources.size());
   pending->call = call;
   pending->stream = stream;
   pending->id = request.id();
   pending->out.resize(n);
+  pending->score.resize(n);
+  pending->next.resize(n);
   pending->left = n;
   pending->arrival = clock_s();
   std::vector<cs_loop_row_t> admitted(n);
@@ -222,8 +230,9 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
     std::lock_guard<std::mutex> lock(mu);
     if (draining || stopped || inflight >= max_inflight || !face->running(face->loop)) return Offer{};
     for (int r = 0; r < n; r++) {
-      int max_len = has_limit ? static_cast<int>(limits[limits.size() == 1 ? 0 : r])
-                              : default_max_len > 0 ? default_max_len : 2 * static_cast<int>(sources[r].size()) + 10;
+      int max_len = scores      ? 1  // (a scoring row reads its tokens and leaves)
+                    : has_limit ? static_cast<int>(limits[limits.size() == 1 ? 0 : r])
+                    : default_max_len > 0 ? default_max_len : 2 * static_cast<int>(sources[r].size()) + 10;
       admitted[r] = {stage, next_id + r, sources[r].data(), static_cast<int>(sources[r].size()), max_len, 1,
                      pending->arrival};
     }
@@ -246,7 +255,10 @@ void TokenLane::finished(const cs_loop_left_t *left, int count) {
       auto it = rows.find(left[i].id);
       if (it == rows.end()) continue;
       auto pending = it->second.first;
-      pending->out[it->second.second].assign(left[i].tokens, left[i].tokens + left[i].count);
+      const int r = it->second.second;
+      pending->out[r].assign(left[i].tokens, left[i].tokens + left[i].count);
+      pending->score[r] = left[i].score;
+      pending->next[r] = left[i].next_token;
       rows.erase(it);
       if (--pending->left == 0) {
         done.push_back(std::move(pending));
@@ -321,7 +333,15 @@ std::string TokenLane::answer(const Pending &p) const {
     auto *tensor = out.add_outputs();
     tensor->set_name(name);
     std::string raw;
-    if (name == "tokens") {  // [rows, longest], shorter rows padded with EOS
+    if (name == "log_likelihood") {  // (families/lm.py's outputs_of)
+      tensor->set_datatype("FP64");
+      tensor->add_shape(n);
+      raw.assign(reinterpret_cast<const char *>(p.score.data()), p.score.size() * sizeof(double));
+    } else if (name == "next_token") {
+      tensor->set_datatype("INT64");
+      tensor->add_shape(n);
+      raw.assign(reinterpret_cast<const char *>(p.next.data()), p.next.size() * sizeof(int64_t));
+    } else if (name == "tokens") {  // [rows, longest], shorter rows padded with EOS
       tensor->set_datatype("INT64");
       tensor->add_shape(n);
       tensor->add_shape(static_cast<int64_t>(longest));
@@ -366,8 +386,9 @@ Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &requ
   return lane->offer(request, call, stream);
 }
 
-// add_token_lane(model, version, loop, spec, record) with the GIL; spec (families' lane_spec): stage, eos,
-// max_inflight, default_max_len, and for a text codec digits_max, digits_chars, words, unspoken.
+// add_token_lane(model, version, loop, spec, record) with the GIL; spec (families' lane_spec): stage, scores (a
+// scoring model), eos, max_inflight, default_max_len, and for a text codec digits_max, digits_chars, words,
+// unspoken.
 TokenLane *token_lane_new(Front *front, PyObject *args) {
   const char *model, *version;
   PyObject *loop, *spec, *record;
@@ -396,6 +417,7 @@ TokenLane *token_lane_new(Front *front, PyObject *args) {
   lane->version = version;
   lane->face = face;
   lane->stage = static_cast<int>(integer("stage", 0));
+  lane->scores = integer("scores", 0) != 0;
   lane->eos = integer("eos", -1);
   lane->max_inflight = static_cast<int>(integer("max_inflight", 0));
   lane->default_max_len = static_cast<int>(integer("default_max_len", -1));
