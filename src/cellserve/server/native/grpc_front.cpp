@@ -131,9 +131,11 @@ void Call::OnWriteDone(bool ok) {
   if (!ok) {  // the client is gone
     out_.clear();
     finish_locked(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
-  } else if (!out_.empty()) {
-    writing_ = true;
-    StartWrite(&out_.front());
+  } else if (!out_.empty()) {  // answers queued meanwhile: all but the last may wait in grpc's buffer, so a
+    writing_ = true;              // burst leaves in a few sends, not one each
+    grpc::WriteOptions options;
+    if (out_.size() > 1) options.set_buffer_hint();
+    StartWrite(&out_.front(), options);
   } else if (finish_after_writes_ && unanswered_ == 0) {
     finish_locked(grpc::Status::OK);
   }
