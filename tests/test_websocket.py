@@ -163,3 +163,13 @@ def test_bench_streams_drives_the_websocket_deployment_and_writes_its_row(tmp_pa
     assert row["deployment"] == "cellular-ws" and row["sustained"] and row["lost"] == 0 and row["refused"] == 0
     assert row["client_cpu_us_per_message"] > 0 and row["server_cpu_us_per_message"] > 0
     assert json.loads(out.read_text())["rows"][0]["streams"] == 4
+
+
+def test_each_message_gets_an_access_line(server, audio, caplog):
+    samples, _ = audio
+    with caplog.at_level("INFO", logger="cellserve.access"), connect(server.ws) as ws:
+        probabilities(ws, samples[: 2 * CHUNK])
+        ws.send(b"\x00\x01")
+        json.loads(ws.recv(timeout=30))
+    lines = [r.getMessage() for r in caplog.records if r.name == "cellserve.access" and " websocket " in r.getMessage()]
+    assert len(lines) == 3 and sum("status=200" in line for line in lines) == 2 and "status=400" in lines[-1]

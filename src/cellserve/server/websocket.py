@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import time
 import uuid
 
 import numpy as np
@@ -29,6 +31,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from cellserve.server.auth import refusal
 from cellserve.server.backend import ServiceError
+from cellserve.server.telemetry import ACCESS, access_line, new_request_id
 from cellserve.server.protocol import (DTYPES, HEADER_LENGTH, InferRequest, ProtocolError, build_response,
                                        parse_infer_request, to_binary)
 
@@ -150,7 +153,14 @@ class _Stream:
             parsed.append(parse())
             return parsed[0]
 
+        start = time.perf_counter()
+
         def done(response, error) -> None:  # on the engine's thread
+            if ACCESS.isEnabledFor(logging.INFO):
+                status = 200 if error is None else getattr(error, "status", 500)
+                rid = (parsed[0].id if parsed else None) or new_request_id()
+                access_line(rid, self.name, "websocket", status, time.perf_counter() - start,
+                            response.timing if response is not None else {})
             self.loop.call_soon_threadsafe(_settle, future, response, error)
 
         sub = self.backend.infer_then(self.name, parse_kept, self.version, done)
