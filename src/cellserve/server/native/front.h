@@ -120,7 +120,9 @@ struct TokenLane;
 
 // lanes.cpp (only where the protocol's messages were generated: CELLSERVE_LANES)
 Lanes *lanes_new(Front *front);
-Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload);  // under the call's lock
+// under the call's lock; logged_id: the call's x-request-id header (a unary call's), which names the request in
+// the access log as on the Python path (its answer keeps the message's id)
+Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload, const std::string &logged_id);
 void lanes_stop(Lanes *lanes);     // without the GIL: the workers finish their steps and end
 void lanes_delete(Lanes *lanes);   // with the GIL (drops the step functions)
 PyObject *lanes_add(Lanes *lanes, PyObject *args);  // with the GIL: Front.add_lane's arguments

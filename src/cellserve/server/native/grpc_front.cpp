@@ -76,7 +76,12 @@ void Call::OnReadDone(bool ok) {
   }
   in_.Clear();
   if (front_->lanes) {  // a lane's session message is answered without Python
-    Offer offer = lanes_offer(front_->lanes, id_, stream_, item.payload);
+    std::string logged_id;
+    if (!stream_) {  // (a stream's messages are named by their own ids, as on the Python path)
+      auto header = ctx_->client_metadata().find("x-request-id");
+      if (header != ctx_->client_metadata().end()) logged_id.assign(header->second.data(), header->second.size());
+    }
+    Offer offer = lanes_offer(front_->lanes, id_, stream_, item.payload, logged_id);
     if (offer.what == Offer::FAILED) return fail(offer.code, offer.message);
     if (offer.what != Offer::PYTHON) {
       if (!stream_) return;  // (a unary call reads nothing more)

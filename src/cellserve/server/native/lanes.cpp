@@ -39,7 +39,7 @@ double now_s() {
 struct Job {
   uint64_t call;
   bool stream, start, end, snapshot;
-  std::string id, sid;
+  std::string id, sid, logged_id;  // logged_id: the access log's name for it (id, or the call's x-request-id)
   int chunks;
   std::vector<float> samples;       // chunks x the lane's samples per chunk
   std::vector<std::string> wanted;  // the outputs asked for, in order (none: all)
@@ -115,7 +115,7 @@ struct Lane {
     if (helpers_wanted()) helpers_cv.notify_one();
   }
 
-  Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
+  Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream, const std::string &logged_id);
   // refused(), counted (the worker tells Python, with its next step or alone); under mu
   Offer refuse(const inference::ModelInferRequest &request, bool stream, grpc::StatusCode code,
                const std::string &text) {
@@ -130,7 +130,8 @@ struct Lane {
 };
 
 // token_lanes.cpp's face
-Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream);
+Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream,
+                       const std::string &logged_id);
 TokenLane *token_lane_new(Front *front, PyObject *args);
 const std::string &token_lane_model(const TokenLane *lane);
 void token_lane_drain(TokenLane *lane);
@@ -149,7 +150,7 @@ Lanes *lanes_new(Front *front) { return new Lanes{front, {}, {}, {}}; }
 
 // --- taking a message --------------------------------------------------------------------------------------
 
-Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload) {
+Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &payload, const std::string &logged_id) {
   inference::ModelInferRequest request;
   if (!request.ParseFromString(payload)) return Offer{};  // Python words the error
   Lane *lane = nullptr;
@@ -165,10 +166,12 @@ Offer lanes_offer(Lanes *lanes, uint64_t call, bool stream, const std::string &p
       tokens = t->second;
     }
   }
-  return lane ? lane->offer(request, call, stream) : token_lane_offer(tokens, request, call, stream);
+  return lane ? lane->offer(request, call, stream, logged_id)
+              : token_lane_offer(tokens, request, call, stream, logged_id);
 }
 
-Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream) {
+Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream,
+                  const std::string &logged_id) {
   if (!request.model_version().empty() && request.model_version() != version) return Offer{};
   // the sequence parameters: exactly as the Python path reads them, else Python answers
   const auto &params = request.parameters();
@@ -202,7 +205,8 @@ Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bo
     return Offer{};
   const int chunks = static_cast<int>(tensor.shape(0));
   const size_t count = static_cast<size_t>(chunks) * chunk;
-  Job job{call, stream, start, end, snapshot, request.id(), sid, chunks, {}, {}, now_s()};
+  Job job{call, stream, start, end, snapshot, request.id(), sid, logged_id.empty() ? request.id() : logged_id,
+          chunks, {}, {}, now_s()};
   job.samples.resize(count);
   if (request.raw_input_contents_size() == 1) {
     const std::string &raw = request.raw_input_contents(0);
@@ -402,7 +406,8 @@ void Lane::run(int index) {
       const Py_ssize_t row = context + chunk;
       PyObject *snap_rows = PyList_New(0), *ids = PyList_New(n);
       for (int i = 0; snap_rows && ids && i < n; i++) {
-        PyObject *id = PyUnicode_DecodeUTF8(jobs[i].id.data(), static_cast<Py_ssize_t>(jobs[i].id.size()), "replace");
+        const std::string &logged = jobs[i].logged_id;
+        PyObject *id = PyUnicode_DecodeUTF8(logged.data(), static_cast<Py_ssize_t>(logged.size()), "replace");
         if (!id) Py_CLEAR(ids);
         if (ids) PyList_SET_ITEM(ids, i, id);
         if (!jobs[i].snapshot) continue;

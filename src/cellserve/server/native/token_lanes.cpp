@@ -41,7 +41,7 @@ const double RECORD_EVERY_S = 0.02;
 struct Pending {
   uint64_t call;
   bool stream;
-  std::string id;
+  std::string id, logged_id;  // the answer's id; the access log's (the call's x-request-id, else id)
   std::vector<std::string> wanted;  // output names, in order, without repeats
   std::vector<std::vector<int64_t>> out;  // a generating model's tokens per row
   std::vector<double> score;              // a scoring model's log-likelihood and next token per row
@@ -86,7 +86,7 @@ struct TokenLane {
   bool draining = false, stopped = false;
 
   bool codec() const { return digits_max >= 0; }
-  Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream);
+  Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream, const std::string &logged_id);
   void finished(const cs_loop_left_t *left, int count);
   void flush();
   std::string answer(const Pending &p) const;
@@ -155,7 +155,8 @@ static bool digits_source(const TokenLane &lane, const std::string &text, std::v
   return true;
 }
 
-Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream) {
+Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream,
+                       const std::string &logged_id) {
   if (!request.model_version().empty() && request.model_version() != version) return Offer{};
   if (!request.parameters().empty()) return Offer{};  // sessions and every other parameter: Python's
   const int n_inputs = request.inputs_size();
@@ -220,6 +221,7 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
   pending->call = call;
   pending->stream = stream;
   pending->id = request.id();
+  pending->logged_id = logged_id.empty() ? request.id() : logged_id;
   pending->out.resize(n);
   pending->score.resize(n);
   pending->next.resize(n);
@@ -274,7 +276,7 @@ void TokenLane::finished(const cs_loop_left_t *left, int count) {
     for (const auto &pending : done) {
       answered_latency.push_back(now - pending->arrival);
       answered_rows.push_back(static_cast<long>(pending->out.size()));
-      answered_ids.push_back(pending->id);
+      answered_ids.push_back(pending->logged_id);
     }
     due = now - recorded_at >= RECORD_EVERY_S;
   }
@@ -382,8 +384,9 @@ std::string TokenLane::answer(const Pending &p) const {
 
 // --- the registry's hooks (lanes.cpp) ---------------------------------------------------------------------
 
-Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream) {
-  return lane->offer(request, call, stream);
+Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream,
+                       const std::string &logged_id) {
+  return lane->offer(request, call, stream, logged_id);
 }
 
 // add_token_lane(model, version, loop, spec, record) with the GIL; spec (families' lane_spec): stage, scores (a
@@ -476,7 +479,7 @@ void token_lane_drain(TokenLane *lane) {
 }
 
 // Without the GIL: the loop forgets this lane (its rows still running leave through the engine's outbox,
-// which drops them unknown) and the lane takes no more.
+// which drops them unknown), the lane takes no more, and what it answered is recorded.
 void token_lane_stop(TokenLane *lane) {
   {
     std::lock_guard<std::mutex> lock(lane->mu);
@@ -484,6 +487,7 @@ void token_lane_stop(TokenLane *lane) {
     lane->stopped = true;
   }
   lane->face->listen(lane->face->loop, 0, nullptr, nullptr);
+  lane->flush();
 }
 
 void token_lane_delete(TokenLane *lane) {  // with the GIL, after token_lane_stop
