@@ -33,6 +33,7 @@ GRPC_FRONT = "src/cellserve/server/native/grpc_front.cpp"
 LANES = ["src/cellserve/server/native/lanes.cpp", "src/cellserve/server/native/token_lanes.cpp"]
 LOOP_FACE = "src/cellserve/engine/native/loop_face.h"
 FRONT_HEADER = "src/cellserve/server/native/front.h"
+LANES_HEADER = "src/cellserve/server/native/lanes.h"
 LOADGEN = "src/cellserve/bench/native/loadgen.cpp"
 PROTOCOL_FILES = ("model_config.proto", "grpc_service.proto")
 
@@ -68,7 +69,7 @@ def grpc_extensions():
         print("cellserve: tritonclient is not importable here (an isolated build): building the gRPC front end "
               "without its stream lanes, and without the benches' native load generator", file=sys.stderr)
     front = Extension("cellserve.server.native._grpc_front", sources=[GRPC_FRONT, *(LANES if protocol else [])],
-                      depends=[FRONT_HEADER, LOOP_FACE], include_dirs=[os.path.dirname(LOOP_FACE)],
+                      depends=[FRONT_HEADER, LANES_HEADER, LOOP_FACE], include_dirs=[os.path.dirname(LOOP_FACE)],
                       extra_compile_args=compile_flags + (["-DCELLSERVE_LANES"] if protocol else []),
                       extra_link_args=link_flags, language="c++")
     front.protocol = protocol

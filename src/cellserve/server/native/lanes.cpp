@@ -26,15 +26,11 @@
 #include <unordered_set>
 
 #include "front.h"
-#include "grpc_service.pb.h"
+#include "lanes.h"
 
 namespace cellserve_front {
 
 namespace {
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 struct Job {
   uint64_t call;
@@ -532,12 +528,8 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
       }
       continue;
     }
-    inference::ModelStreamInferResponse stream_answer;
-    inference::ModelInferResponse unary_answer;
-    inference::ModelInferResponse &answer = job.stream ? *stream_answer.mutable_infer_response() : unary_answer;
-    answer.set_model_name(model);
-    answer.set_model_version(version);
-    answer.set_id(job.id);
+    LaneAnswer envelope(job.stream, model, version, job.id);
+    inference::ModelInferResponse &answer = envelope.response();
     auto &parameters = *answer.mutable_parameters();
     if (job.chunks == 1) parameters["frames_pending"].set_int64_param(0);  // (blocks of one frame hold none back)
     parameters["sequence_id"].set_string_param(job.sid);
@@ -573,10 +565,7 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
           if (outputs[o].name == name) add(o);
       }
     }
-    if (job.stream)
-      stream_answer.SerializeToString(&bytes);
-    else
-      unary_answer.SerializeToString(&bytes);
+    bytes = envelope.bytes();
     front->with_call(job.call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !job.stream); });
   }
   for (uint64_t call : released) front->with_call(call, [](Call *c) { c->release_hold(); });

@@ -16,21 +16,16 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <chrono>
 #include <cstring>
 #include <unordered_map>
 
 #include "front.h"
-#include "grpc_service.pb.h"
+#include "lanes.h"
 #include "loop_face.h"
 
 namespace cellserve_front {
 
 namespace {
-
-double clock_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 const long long FIRST_ID = 1LL << 62;  // the engine's runner counts its row ids from 0
 // Statistics go to Python in batches: one call (the GIL, and Python's allocator returning arenas) per finishing
@@ -226,7 +221,7 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
   pending->score.resize(n);
   pending->next.resize(n);
   pending->left = n;
-  pending->arrival = clock_s();
+  pending->arrival = now_s();
   std::vector<cs_loop_row_t> admitted(n);
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -269,7 +264,7 @@ void TokenLane::finished(const cs_loop_left_t *left, int count) {
     }
   }
   if (done.empty()) return;
-  const double now = clock_s();
+  const double now = now_s();
   bool due;
   {
     std::lock_guard<std::mutex> lock(mu);
@@ -298,7 +293,7 @@ void TokenLane::flush() {
     latency.swap(answered_latency);
     counts.swap(answered_rows);
     ids.swap(answered_ids);
-    recorded_at = clock_s();
+    recorded_at = now_s();
   }
   if (latency.empty()) return;
   PyGILState_STATE gil = PyGILState_Ensure();
@@ -322,12 +317,8 @@ void TokenLane::flush() {
 
 // The answer as the Python path encodes it (families/seq2seq.py's outputs_of, grpc_service.encode_response).
 std::string TokenLane::answer(const Pending &p) const {
-  inference::ModelStreamInferResponse stream_answer;
-  inference::ModelInferResponse unary_answer;
-  inference::ModelInferResponse &out = p.stream ? *stream_answer.mutable_infer_response() : unary_answer;
-  out.set_model_name(model);
-  out.set_model_version(version);
-  out.set_id(p.id);
+  LaneAnswer envelope(p.stream, model, version, p.id);
+  inference::ModelInferResponse &out = envelope.response();
   const int n = static_cast<int>(p.out.size());
   size_t longest = 0;
   for (const auto &row : p.out) longest = std::max(longest, row.size());
@@ -374,12 +365,7 @@ std::string TokenLane::answer(const Pending &p) const {
     }
     out.add_raw_output_contents(std::move(raw));
   }
-  std::string bytes;
-  if (p.stream)
-    stream_answer.SerializeToString(&bytes);
-  else
-    unary_answer.SerializeToString(&bytes);
-  return bytes;
+  return envelope.bytes();
 }
 
 // --- the registry's hooks (lanes.cpp) ---------------------------------------------------------------------
