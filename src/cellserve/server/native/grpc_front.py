@@ -402,14 +402,14 @@ class _TokenLaneRecord:
         self.served = served
         self.success = backend.metrics.requests.labels(served.name, "success")
 
-    def __call__(self, latencies: list, rows: list, ids: list) -> None:
+    def __call__(self, latencies: list, rows: list, ids: list, protocols: list) -> None:
         served, n, total = self.served, len(latencies), sum(latencies)
         served.stats.record(True, total, infer=total, rows=sum(rows), requests=n)
         self.success.inc(n)
         served.engine.count_lane_requests(latencies)
         if ACCESS.isEnabledFor(logging.INFO):
-            for rid, seconds, count in zip(ids, latencies, rows):
-                access_line(rid or new_request_id(), served.name, "grpc", 200, seconds,
+            for rid, seconds, count, protocol in zip(ids, latencies, rows, protocols):
+                access_line(rid or new_request_id(), served.name, protocol, 200, seconds,
                             {"rows": count, "parse_s": 0.0, "queue_s": 0.0, "compute_s": seconds})
 
 

@@ -27,6 +27,7 @@
 
 #include "front.h"
 #include "lanes.h"
+#include "token_lanes.h"
 
 namespace cellserve_front {
 
@@ -143,6 +144,12 @@ struct Lanes {
 };
 
 Lanes *lanes_new(Front *front) { return new Lanes{front, {}, {}, {}}; }
+
+TokenLane *lanes_token_lane(Lanes *lanes, const std::string &model) {
+  std::lock_guard<std::mutex> lock(lanes->mu);
+  auto it = lanes->tokens.find(model);
+  return it == lanes->tokens.end() ? nullptr : it->second;
+}
 
 // --- taking a message --------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@
 #include "front.h"
 #include "lanes.h"
 #include "loop_face.h"
+#include "token_lanes.h"
 
 namespace cellserve_front {
 
@@ -32,11 +33,11 @@ const long long FIRST_ID = 1LL << 62;  // the engine's runner counts its row ids
 // step cost the worker a tenth of its time at 16 clients, and stalled its steps while another thread held the GIL
 const double RECORD_EVERY_S = 0.02;
 
-// One request: its call, its rows' tokens as they finish, and what it asked for.
+// One request: its rows' tokens as they finish, what it asked for, and where the answer goes.
 struct Pending {
-  uint64_t call;
-  bool stream;
-  std::string id, logged_id;  // the answer's id; the access log's (the call's x-request-id, else id)
+  TokenReply reply;
+  const char *protocol;
+  std::string logged_id;  // the access log's name of it (the x-request-id header, else the request's id)
   std::vector<std::string> wanted;  // output names, in order, without repeats
   std::vector<std::vector<int64_t>> out;  // a generating model's tokens per row
   std::vector<double> score;              // a scoring model's log-likelihood and next token per row
@@ -75,58 +76,77 @@ struct TokenLane {
   std::vector<double> answered_latency;
   std::vector<long> answered_rows;
   std::vector<std::string> answered_ids;
+  std::vector<const char *> answered_protocols;
   double recorded_at = 0.0;
   long long next_id = FIRST_ID;
   int inflight = 0;
   bool draining = false, stopped = false;
 
   bool codec() const { return digits_max >= 0; }
-  Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream, const std::string &logged_id);
+  bool take(const TokenAsk &ask, const std::string &logged_id, const char *protocol, TokenReply reply);
   void finished(const cs_loop_left_t *left, int count);
   void flush();
-  std::string answer(const Pending &p) const;
+  std::vector<LaneTensor> answer(const Pending &p) const;
 };
 
 namespace {
 
 void on_left(void *ctx, const cs_loop_left_t *left, int count) { static_cast<TokenLane *>(ctx)->finished(left, count); }
 
-// A tensor's values: raw contents when the request carries them (one per input), else the typed contents.
-// False where they do not match the shape exactly (Python words that error).
-bool int64_values(const inference::ModelInferRequest &request, int index, size_t count, std::vector<int64_t> &out) {
-  if (request.raw_input_contents_size()) {
-    const std::string &raw = request.raw_input_contents(index);
-    if (raw.size() != count * sizeof(int64_t)) return false;
-    out.resize(count);
-    memcpy(out.data(), raw.data(), raw.size());
-    return true;
+// The values of a gRPC request's input as its datatype says: raw contents when the request carries them (one
+// per input), else the typed contents. values_ok stays false where they cannot be read so.
+void read_values(const inference::ModelInferRequest &request, int index, TokenAsk::Input &in) {
+  const bool raw = request.raw_input_contents_size() > 0;
+  const std::string *bytes = raw ? &request.raw_input_contents(index) : nullptr;
+  if (in.datatype == "INT64") {
+    if (raw) {
+      if (bytes->size() % sizeof(int64_t)) return;
+      in.ints.resize(bytes->size() / sizeof(int64_t));
+      memcpy(in.ints.data(), bytes->data(), bytes->size());
+    } else {
+      const auto &values = request.inputs(index).contents().int64_contents();
+      in.ints.assign(values.begin(), values.end());
+    }
+    in.values_ok = true;
+  } else if (in.datatype == "BYTES") {
+    if (raw) {  // each element after its 4-byte little-endian length
+      size_t at = 0;
+      while (at < bytes->size()) {
+        uint32_t size;
+        if (bytes->size() - at < sizeof(size)) return;
+        memcpy(&size, bytes->data() + at, sizeof(size));
+        at += sizeof(size);
+        if (bytes->size() - at < size) return;
+        in.texts.emplace_back(bytes->data() + at, size);
+        at += size;
+      }
+    } else {
+      const auto &values = request.inputs(index).contents().bytes_contents();
+      in.texts.assign(values.begin(), values.end());
+    }
+    in.values_ok = true;
   }
-  const auto &values = request.inputs(index).contents().int64_contents();
-  if (static_cast<size_t>(values.size()) != count) return false;
-  out.assign(values.begin(), values.end());
-  return true;
 }
 
-bool bytes_values(const inference::ModelInferRequest &request, int index, size_t count, std::vector<std::string> &out) {
-  out.clear();
-  if (request.raw_input_contents_size()) {  // each element after its 4-byte little-endian length
-    const std::string &raw = request.raw_input_contents(index);
-    size_t at = 0;
-    while (at < raw.size()) {
-      uint32_t size;
-      if (raw.size() - at < sizeof(size)) return false;
-      memcpy(&size, raw.data() + at, sizeof(size));
-      at += sizeof(size);
-      if (raw.size() - at < size) return false;
-      out.emplace_back(raw.data() + at, size);
-      at += size;
+// A ModelInferResponse's output from a lane's tensor (raw contents, as the Python path answers).
+void add_output(inference::ModelInferResponse &out, const LaneTensor &tensor) {
+  auto *t = out.add_outputs();
+  t->set_name(tensor.name);
+  t->set_datatype(tensor.datatype);
+  for (int64_t d : tensor.shape) t->add_shape(d);
+  std::string raw;
+  if (tensor.datatype == "BYTES") {
+    for (const auto &text : tensor.texts) {
+      const uint32_t size = static_cast<uint32_t>(text.size());
+      raw.append(reinterpret_cast<const char *>(&size), sizeof(size));
+      raw += text;
     }
-    return out.size() == count;
+  } else if (tensor.datatype == "FP64") {
+    raw.assign(reinterpret_cast<const char *>(tensor.reals.data()), tensor.reals.size() * sizeof(double));
+  } else {
+    raw.assign(reinterpret_cast<const char *>(tensor.ints.data()), tensor.ints.size() * sizeof(int64_t));
   }
-  const auto &values = request.inputs(index).contents().bytes_contents();
-  if (static_cast<size_t>(values.size()) != count) return false;
-  out.assign(values.begin(), values.end());
-  return true;
+  out.add_raw_output_contents(std::move(raw));
 }
 
 }  // namespace
@@ -150,60 +170,55 @@ static bool digits_source(const TokenLane &lane, const std::string &text, std::v
   return true;
 }
 
-Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t call, bool stream,
-                       const std::string &logged_id) {
-  if (!request.model_version().empty() && request.model_version() != version) return Offer{};
-  if (!request.parameters().empty()) return Offer{};  // sessions and every other parameter: Python's
-  const int n_inputs = request.inputs_size();
-  if (n_inputs < 1 || n_inputs > 2) return Offer{};
-  if (request.raw_input_contents_size() && request.raw_input_contents_size() != n_inputs) return Offer{};
+bool TokenLane::take(const TokenAsk &ask, const std::string &logged_id, const char *protocol, TokenReply reply) {
+  if (!ask.version.empty() && ask.version != version) return false;
+  if (ask.parameters) return false;  // sessions and every other parameter: Python's
+  const size_t n_inputs = ask.inputs.size();
+  if (n_inputs < 1 || n_inputs > 2) return false;
   std::vector<std::vector<int64_t>> sources;
   std::vector<int64_t> limits;
   bool has_source = false, has_limit = false;
-  for (int i = 0; i < n_inputs; i++) {
-    const auto &tensor = request.inputs(i);
-    if (!tensor.parameters().empty()) return Offer{};
+  for (const auto &tensor : ask.inputs) {
+    if (tensor.parameters || !tensor.values_ok) return false;
     size_t count = 1;
-    for (int64_t d : tensor.shape()) {
-      if (d < 1 || d > (1 << 24)) return Offer{};
+    for (int64_t d : tensor.shape) {
+      if (d < 1 || d > (1 << 24)) return false;
       count *= static_cast<size_t>(d);
-      if (count > (1 << 24)) return Offer{};
+      if (count > (1 << 24)) return false;
     }
-    if (tensor.name() == "tokens" && !has_source) {
+    if (tensor.name == "tokens" && !has_source) {
       has_source = true;
-      if (tensor.datatype() != "INT64" || tensor.shape_size() < 1 || tensor.shape_size() > 2) return Offer{};
-      const size_t length = static_cast<size_t>(tensor.shape(tensor.shape_size() - 1));
-      std::vector<int64_t> values;
-      if (!int64_values(request, i, count, values)) return Offer{};
+      if (tensor.datatype != "INT64" || tensor.shape.size() < 1 || tensor.shape.size() > 2) return false;
+      const size_t length = static_cast<size_t>(tensor.shape.back());
+      const auto &values = tensor.ints;
+      if (values.size() != count) return false;
       for (int64_t t : values)
-        if (t < 0 || t >= vocab) return Offer{};
+        if (t < 0 || t >= vocab) return false;
       for (size_t at = 0; at < count; at += length) sources.emplace_back(values.begin() + at, values.begin() + at + length);
-    } else if (tensor.name() == "text" && codec() && !scores && !has_source) {
+    } else if (tensor.name == "text" && codec() && !scores && !has_source) {
       has_source = true;
-      if (tensor.datatype() != "BYTES" || tensor.shape_size() < 1) return Offer{};
-      std::vector<std::string> texts;
-      if (!bytes_values(request, i, count, texts)) return Offer{};
-      sources.resize(texts.size());
-      for (size_t r = 0; r < texts.size(); r++)
-        if (!digits_source(*this, texts[r], sources[r])) return Offer{};
-    } else if (tensor.name() == "max_output_tokens" && !scores && !has_limit) {
+      if (tensor.datatype != "BYTES" || tensor.shape.size() < 1 || tensor.texts.size() != count) return false;
+      sources.resize(count);
+      for (size_t r = 0; r < count; r++)
+        if (!digits_source(*this, tensor.texts[r], sources[r])) return false;
+    } else if (tensor.name == "max_output_tokens" && !scores && !has_limit) {
       has_limit = true;
-      if (tensor.datatype() != "INT64" || tensor.shape_size() < 1) return Offer{};
-      if (!int64_values(request, i, count, limits)) return Offer{};
+      if (tensor.datatype != "INT64" || tensor.shape.size() < 1 || tensor.ints.size() != count) return false;
+      limits = tensor.ints;
       for (int64_t v : limits)
-        if (v < 1 || v > 4096) return Offer{};
+        if (v < 1 || v > 4096) return false;
     } else {
-      return Offer{};
+      return false;
     }
   }
-  if (!has_source || sources.empty()) return Offer{};
-  if (has_limit && limits.size() != 1 && limits.size() != sources.size()) return Offer{};
+  if (!has_source || sources.empty()) return false;
+  if (has_limit && limits.size() != 1 && limits.size() != sources.size()) return false;
   auto pending = std::make_shared<Pending>();
-  for (const auto &asked : request.outputs()) {
-    const std::string &name = asked.name();
+  for (const auto &asked : ask.outputs) {
+    const std::string &name = asked.name;
     const bool known = scores ? (name == "log_likelihood" || name == "next_token")
                               : (name == "tokens" || name == "lengths" || (name == "text" && codec()));
-    if (!asked.parameters().empty() || !known) return Offer{};
+    if (asked.parameters || !known) return false;
     if (std::find(pending->wanted.begin(), pending->wanted.end(), name) == pending->wanted.end())
       pending->wanted.push_back(name);
   }
@@ -213,10 +228,9 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
     if (codec() && !scores) pending->wanted.push_back("text");
   }
   const int n = static_cast<int>(sources.size());
-  pending->call = call;
-  pending->stream = stream;
-  pending->id = request.id();
-  pending->logged_id = logged_id.empty() ? request.id() : logged_id;
+  pending->reply = std::move(reply);
+  pending->protocol = protocol;
+  pending->logged_id = logged_id.empty() ? ask.id : logged_id;
   pending->out.resize(n);
   pending->score.resize(n);
   pending->next.resize(n);
@@ -225,7 +239,7 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
   std::vector<cs_loop_row_t> admitted(n);
   {
     std::lock_guard<std::mutex> lock(mu);
-    if (draining || stopped || inflight >= max_inflight || !face->running(face->loop)) return Offer{};
+    if (draining || stopped || inflight >= max_inflight || !face->running(face->loop)) return false;
     for (int r = 0; r < n; r++) {
       int max_len = scores      ? 1  // (a scoring row reads its tokens and leaves)
                     : has_limit ? static_cast<int>(limits[limits.size() == 1 ? 0 : r])
@@ -233,14 +247,12 @@ Offer TokenLane::offer(const inference::ModelInferRequest &request, uint64_t cal
       admitted[r] = {stage, next_id + r, sources[r].data(), static_cast<int>(sources[r].size()), max_len, 1,
                      pending->arrival};
     }
-    if (!face->admit(face->loop, admitted.data(), n)) return Offer{};
+    if (!face->admit(face->loop, admitted.data(), n)) return false;
     for (int r = 0; r < n; r++) rows[next_id + r] = {pending, r};
     next_id += n;
     inflight++;
   }
-  Offer taken;
-  taken.what = Offer::TAKEN;
-  return taken;
+  return true;
 }
 
 // On the loop's worker: the rows that finished; the requests whose last row this was are answered.
@@ -272,14 +284,12 @@ void TokenLane::finished(const cs_loop_left_t *left, int count) {
       answered_latency.push_back(now - pending->arrival);
       answered_rows.push_back(static_cast<long>(pending->out.size()));
       answered_ids.push_back(pending->logged_id);
+      answered_protocols.push_back(pending->protocol);
     }
     due = now - recorded_at >= RECORD_EVERY_S;
   }
   if (due) flush();
-  for (const auto &pending : done) {
-    const std::string bytes = answer(*pending);
-    front->with_call(pending->call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !pending->stream); });
-  }
+  for (const auto &pending : done) pending->reply(answer(*pending));
 }
 
 // The requests answered since the last call, to Python's record(latencies, rows, ids): statistics, metrics and
@@ -288,69 +298,64 @@ void TokenLane::flush() {
   std::vector<double> latency;
   std::vector<long> counts;
   std::vector<std::string> ids;
+  std::vector<const char *> protocols;
   {
     std::lock_guard<std::mutex> lock(mu);
     latency.swap(answered_latency);
     counts.swap(answered_rows);
     ids.swap(answered_ids);
+    protocols.swap(answered_protocols);
     recorded_at = now_s();
   }
   if (latency.empty()) return;
   PyGILState_STATE gil = PyGILState_Ensure();
   const Py_ssize_t n = static_cast<Py_ssize_t>(latency.size());
-  PyObject *latencies = PyList_New(n), *rows_list = PyList_New(n), *id_list = PyList_New(n);
-  for (Py_ssize_t i = 0; latencies && rows_list && id_list && i < n; i++) {
+  PyObject *latencies = PyList_New(n), *rows_list = PyList_New(n), *id_list = PyList_New(n),
+           *protocol_list = PyList_New(n);
+  for (Py_ssize_t i = 0; latencies && rows_list && id_list && protocol_list && i < n; i++) {
     PyList_SET_ITEM(latencies, i, PyFloat_FromDouble(latency[i]));
     PyList_SET_ITEM(rows_list, i, PyLong_FromLong(counts[i]));
     PyList_SET_ITEM(id_list, i, PyUnicode_DecodeUTF8(ids[i].data(), static_cast<Py_ssize_t>(ids[i].size()), "replace"));
+    PyList_SET_ITEM(protocol_list, i, PyUnicode_FromString(protocols[i]));
   }
-  PyObject *result = latencies && rows_list && id_list && !PyErr_Occurred()
-                         ? PyObject_CallFunctionObjArgs(record, latencies, rows_list, id_list, nullptr)
+  PyObject *result = latencies && rows_list && id_list && protocol_list && !PyErr_Occurred()
+                         ? PyObject_CallFunctionObjArgs(record, latencies, rows_list, id_list, protocol_list, nullptr)
                          : nullptr;
   if (!result) PyErr_WriteUnraisable(record);  // (these statistics are lost; the answers went out)
   Py_XDECREF(result);
   Py_XDECREF(latencies);
   Py_XDECREF(rows_list);
   Py_XDECREF(id_list);
+  Py_XDECREF(protocol_list);
   PyGILState_Release(gil);
 }
 
-// The answer as the Python path encodes it (families/seq2seq.py's outputs_of, grpc_service.encode_response).
-std::string TokenLane::answer(const Pending &p) const {
-  LaneAnswer envelope(p.stream, model, version, p.id);
-  inference::ModelInferResponse &out = envelope.response();
-  const int n = static_cast<int>(p.out.size());
+// The answer's outputs as the Python path makes them (families/seq2seq.py's and lm.py's outputs_of).
+std::vector<LaneTensor> TokenLane::answer(const Pending &p) const {
+  std::vector<LaneTensor> outputs;
+  const int64_t n = static_cast<int64_t>(p.out.size());
   size_t longest = 0;
   for (const auto &row : p.out) longest = std::max(longest, row.size());
   for (const std::string &name : p.wanted) {
-    auto *tensor = out.add_outputs();
-    tensor->set_name(name);
-    std::string raw;
-    if (name == "log_likelihood") {  // (families/lm.py's outputs_of)
-      tensor->set_datatype("FP64");
-      tensor->add_shape(n);
-      raw.assign(reinterpret_cast<const char *>(p.score.data()), p.score.size() * sizeof(double));
+    LaneTensor tensor;
+    tensor.name = name;
+    tensor.shape = {n};
+    if (name == "log_likelihood") {
+      tensor.datatype = "FP64";
+      tensor.reals = p.score;
     } else if (name == "next_token") {
-      tensor->set_datatype("INT64");
-      tensor->add_shape(n);
-      raw.assign(reinterpret_cast<const char *>(p.next.data()), p.next.size() * sizeof(int64_t));
+      tensor.datatype = "INT64";
+      tensor.ints = p.next;
     } else if (name == "tokens") {  // [rows, longest], shorter rows padded with EOS
-      tensor->set_datatype("INT64");
-      tensor->add_shape(n);
-      tensor->add_shape(static_cast<int64_t>(longest));
-      std::vector<int64_t> padded(static_cast<size_t>(n) * longest, eos);
-      for (int r = 0; r < n; r++) std::copy(p.out[r].begin(), p.out[r].end(), padded.begin() + r * longest);
-      raw.assign(reinterpret_cast<const char *>(padded.data()), padded.size() * sizeof(int64_t));
+      tensor.datatype = "INT64";
+      tensor.shape.push_back(static_cast<int64_t>(longest));
+      tensor.ints.assign(static_cast<size_t>(n) * longest, eos);
+      for (int64_t r = 0; r < n; r++) std::copy(p.out[r].begin(), p.out[r].end(), tensor.ints.begin() + r * longest);
     } else if (name == "lengths") {
-      tensor->set_datatype("INT64");
-      tensor->add_shape(n);
-      for (const auto &row : p.out) {
-        const int64_t length = static_cast<int64_t>(row.size());
-        raw.append(reinterpret_cast<const char *>(&length), sizeof(length));
-      }
-    } else {  // text: each row's words, BYTES (each after its 4-byte length)
-      tensor->set_datatype("BYTES");
-      tensor->add_shape(n);
+      tensor.datatype = "INT64";
+      for (const auto &row : p.out) tensor.ints.push_back(static_cast<int64_t>(row.size()));
+    } else {  // text: each row's words
+      tensor.datatype = "BYTES";
       for (const auto &row : p.out) {
         std::string text;
         for (int64_t t : row) {
@@ -358,21 +363,55 @@ std::string TokenLane::answer(const Pending &p) const {
           if (!text.empty()) text += ' ';
           text += words[t];
         }
-        const uint32_t size = static_cast<uint32_t>(text.size());
-        raw.append(reinterpret_cast<const char *>(&size), sizeof(size));
-        raw += text;
+        tensor.texts.push_back(std::move(text));
       }
     }
-    out.add_raw_output_contents(std::move(raw));
+    outputs.push_back(std::move(tensor));
   }
-  return envelope.bytes();
+  return outputs;
 }
 
-// --- the registry's hooks (lanes.cpp) ---------------------------------------------------------------------
+// --- the wires' hooks ----------------------------------------------------------------------------------------
 
+bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &logged_id, const char *protocol,
+                     TokenReply reply) {
+  return lane->take(ask, logged_id, protocol, std::move(reply));
+}
+
+const std::string &token_lane_version(const TokenLane *lane) { return lane->version; }
+
+// gRPC (lanes.cpp): a ModelInferRequest read into a TokenAsk; the answer encoded as grpc_service.encode_response
+// does, inside a ModelStreamInferResponse on a stream, and written to its call.
 Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream,
                        const std::string &logged_id) {
-  return lane->offer(request, call, stream, logged_id);
+  if (request.raw_input_contents_size() && request.raw_input_contents_size() != request.inputs_size()) return Offer{};
+  TokenAsk ask;
+  ask.version = request.model_version();
+  ask.id = request.id();
+  ask.parameters = !request.parameters().empty();
+  for (int i = 0; i < request.inputs_size(); i++) {
+    const auto &tensor = request.inputs(i);
+    TokenAsk::Input in;
+    in.name = tensor.name();
+    in.datatype = tensor.datatype();
+    in.shape.assign(tensor.shape().begin(), tensor.shape().end());
+    in.parameters = !tensor.parameters().empty();
+    read_values(request, i, in);
+    ask.inputs.push_back(std::move(in));
+  }
+  for (const auto &asked : request.outputs()) ask.outputs.push_back({asked.name(), !asked.parameters().empty()});
+  Front *front = lane->front;
+  const std::string model = lane->model, version = lane->version, id = request.id();
+  TokenReply reply = [front, call, stream, model, version, id](std::vector<LaneTensor> &&outputs) {
+    LaneAnswer envelope(stream, model, version, id);
+    for (const auto &tensor : outputs) add_output(envelope.response(), tensor);
+    const std::string bytes = envelope.bytes();
+    front->with_call(call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !stream); });
+  };
+  if (!lane->take(ask, logged_id, "grpc", std::move(reply))) return Offer{};
+  Offer taken;
+  taken.what = Offer::TAKEN;
+  return taken;
 }
 
 // add_token_lane(model, version, loop, spec, record) with the GIL; spec (families' lane_spec): stage, scores (a

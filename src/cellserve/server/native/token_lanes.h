@@ -1,0 +1,56 @@
+// A token lane's face to the wires (token_lanes.cpp): gRPC (lanes.cpp) and HTTP (http_front.cpp) each read a
+// stateless request into a TokenAsk, and encode the LaneTensors the lane answers with. The lane's checks and
+// its admission into the step loop are one code for both, so both wires take exactly the same requests.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace cellserve_front {
+
+struct Lanes;
+struct TokenLane;
+
+// A request as a wire gives it, before the lane's checks. Anything a wire cannot express here exactly as
+// Python would read it sets `parameters` (or `values_ok` false), and the request goes to Python.
+struct TokenAsk {
+  struct Input {
+    std::string name, datatype;
+    std::vector<int64_t> shape;
+    bool parameters = false;  // parameters the lane does not read
+    bool values_ok = false;   // values read as the datatype says (INT64: ints, BYTES: texts)
+    std::vector<int64_t> ints;
+    std::vector<std::string> texts;
+  };
+  struct Output {
+    std::string name;
+    bool parameters = false;
+  };
+  std::string version, id;
+  bool parameters = false;
+  std::vector<Input> inputs;
+  std::vector<Output> outputs;
+};
+
+// One output tensor of an answer, in the requested order; one of ints, reals or texts holds its values.
+struct LaneTensor {
+  std::string name, datatype;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> ints;
+  std::vector<double> reals;
+  std::vector<std::string> texts;
+};
+
+// Called on the step loop's worker with the answer; it encodes it for its wire and writes it.
+using TokenReply = std::function<void(std::vector<LaneTensor> &&outputs)>;
+
+TokenLane *lanes_token_lane(Lanes *lanes, const std::string &model);  // nullptr: the model has none
+const std::string &token_lane_version(const TokenLane *lane);
+// True: taken (reply runs once, later, on the loop's worker); false: Python's (nothing was kept).
+// protocol: "grpc" or "http", for the access log.
+bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &logged_id, const char *protocol,
+                     TokenReply reply);
+
+}  // namespace cellserve_front
