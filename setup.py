@@ -34,6 +34,8 @@ LANES = ["src/cellserve/server/native/lanes.cpp", "src/cellserve/server/native/t
 LOOP_FACE = "src/cellserve/engine/native/loop_face.h"
 FRONT_HEADER = "src/cellserve/server/native/front.h"
 LANES_HEADER = "src/cellserve/server/native/lanes.h"
+HTTP_FRONT = "src/cellserve/server/native/http_front.cpp"
+HTTP_HEADERS = ["src/cellserve/server/native/http_front.h", "src/cellserve/server/native/token_lanes.h"]
 LOADGEN = "src/cellserve/bench/native/loadgen.cpp"
 PROTOCOL_FILES = ("model_config.proto", "grpc_service.proto")
 
@@ -46,6 +48,20 @@ def grpc_flags() -> list[str] | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return flags if shutil.which("protoc") else None
+
+
+def http_flags() -> list[str] | None:
+    """Flags for the native HTTP front end: Boost.Beast and RapidJSON (headers) and OpenSSL, or None where
+    one is missing."""
+    headers = ("boost/beast/http.hpp", "boost/asio/ssl.hpp", "rapidjson/document.h")
+    roots = ("/usr/include", "/usr/local/include", "/opt/homebrew/include")
+    if not all(any(os.path.exists(os.path.join(root, h)) for root in roots) for h in headers):
+        return None
+    try:
+        return subprocess.run(["pkg-config", "--cflags", "--libs", "openssl"], capture_output=True, text=True,
+                              check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def grpc_extensions():
@@ -68,10 +84,19 @@ def grpc_extensions():
         protocol = False
         print("cellserve: tritonclient is not importable here (an isolated build): building the gRPC front end "
               "without its stream lanes, and without the benches' native load generator", file=sys.stderr)
-    front = Extension("cellserve.server.native._grpc_front", sources=[GRPC_FRONT, *(LANES if protocol else [])],
-                      depends=[FRONT_HEADER, LANES_HEADER, LOOP_FACE], include_dirs=[os.path.dirname(LOOP_FACE)],
-                      extra_compile_args=compile_flags + (["-DCELLSERVE_LANES"] if protocol else []),
-                      extra_link_args=link_flags, language="c++")
+    web = http_flags() if protocol else None
+    if protocol and web is None:
+        print("cellserve: Boost (Beast), RapidJSON or OpenSSL not found (Debian/Ubuntu: apt-get install libboost-dev "
+              "rapidjson-dev libssl-dev); building without the native HTTP front end: HTTP is served by uvicorn",
+              file=sys.stderr)
+    web_sources, web_compile, web_link = ([HTTP_FRONT], ["-DCELLSERVE_HTTP", *(f for f in web if not f.startswith(("-l", "-L")))],
+                                          [f for f in web if f.startswith(("-l", "-L"))]) if web is not None else ([], [], [])
+    front = Extension("cellserve.server.native._grpc_front",
+                      sources=[GRPC_FRONT, *(LANES if protocol else []), *web_sources],
+                      depends=[FRONT_HEADER, LANES_HEADER, LOOP_FACE, *HTTP_HEADERS],
+                      include_dirs=[os.path.dirname(LOOP_FACE)],
+                      extra_compile_args=compile_flags + (["-DCELLSERVE_LANES"] if protocol else []) + web_compile,
+                      extra_link_args=link_flags + web_link, language="c++")
     front.protocol = protocol
     units = [front]
     if protocol:

@@ -177,7 +177,8 @@ def test_http_and_lane_requests_share_the_engine_and_both_stay_exact():
     app = create_app(repository(), grpc_port=0, grpc_frontend="native")
     numbers = [str(n) for n in np.random.default_rng(8).integers(0, MAX_NUMBER + 1, 60)]
     errors = []
-    with BackgroundServer(app) as server, grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+    with BackgroundServer(app, frontend="python") as server, \
+            grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:  # (HTTP through Python)
         unary = channel.unary_unary(METHOD + "ModelInfer", request_serializer=None, response_deserializer=None)
 
         def over_grpc():

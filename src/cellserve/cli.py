@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC (KServe v2 / Triton) port; 0 turns it off")
     serve.add_argument("--frontend", choices=["native", "python"], default=None,
-                       help="gRPC front end: native (grpc++; the default where it was built) or python (grpcio)")
+                       help="HTTP and gRPC front ends: native (Boost.Beast and grpc++; the default where they were "
+                       "built) or python (uvicorn and grpcio)")
     serve.add_argument("--max-body-mb", type=int, default=16, help="largest request body accepted")
     serve.add_argument("--model-control-mode", choices=["none", "explicit"], default="none",
                        help="none: the repository is fixed while serving (load/unload refused); explicit: they are "

@@ -63,12 +63,21 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
         target = app.state.backend
         if hasattr(target, "start"):
             target.start()
-        grpc_server = None
+        grpc_server = http_server = None
         if grpc_port is not None:
             grpc_server, app.state.grpc_port = await start(current, grpc_host, grpc_port, restricted=restricted,
                                                            tls=tls)
             log.info("gRPC on %s:%d, %s front end", grpc_host, app.state.grpc_port, app.state.grpc_frontend)
+        native_http = getattr(app.state, "native_http", None)  # (set by whoever runs uvicorn: background.py)
+        if native_http is not None:
+            from cellserve.server.native.grpc_front import start_native_http
+
+            http_server, app.state.http_port = await start_native_http(grpc_server, current, native_http,
+                                                                       max_body_bytes, restricted)
+            log.info("HTTP on %s:%d, native front end", native_http["host"], app.state.http_port)
         yield
+        if http_server is not None and http_server is not grpc_server:
+            await http_server.stop(grace=5)
         if grpc_server is not None:
             await grpc_server.stop(grace=5)
         if hasattr(target, "stop"):  # graceful: running requests finish (or fail clearly), nothing hangs
@@ -158,7 +167,8 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
                 headers.get("x-request-id"), headers)
         except ServiceError as exc:
             return _error(exc.status, str(exc))
-        response_headers["X-Request-ID"] = request_id
+        if request_id.isascii() and request_id.isprintable():  # (a body's id may hold what no header can)
+            response_headers["X-Request-ID"] = request_id
         return 200, content, response_headers
 
     @app.post("/v2/models/{name}/infer", summary="Inference", openapi_extra=INFER_DOC)

@@ -4,6 +4,7 @@ SIGTERM. Setup problems are ValueErrors the command reports as usage errors."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import uvicorn
 
 from cellserve.server.app import create_app
 from cellserve.server.auth import parse_restriction
-from cellserve.server.background import DrainingServer
+from cellserve.server.background import DrainingServer, http_frontend_of, native_http_config
 from cellserve.server.presets import PRESETS, preset
 from cellserve.server.repository import Repository
 
@@ -57,10 +58,19 @@ def serve(repository: Repository, host: str, port: int, grpc_port: int, max_body
     https = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if tls else {}
     if ssl_ca_certfile:
         https.update(ssl_ca_certs=ssl_ca_certfile, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    http_frontend, folder = http_frontend_of(frontend), None
+    if http_frontend == "native":  # (the native front end takes the port; uvicorn serves it on a Unix socket)
+        listen, folder = native_http_config(app, host, port, https)
+    else:
+        listen = {"host": host, "port": port, **https}
     base = f"{'https' if tls else 'http'}://{host}:{port}"
     grpc = (f"; gRPC (KServe v2 / Triton{', TLS' if tls else ''}) on {host}:{grpc_port}, "
             f"{app.state.grpc_frontend} front end" if grpc_port else "")
-    print(f"cellserve {', '.join(repository.models)} on {base}: inference {base}/v2/models/<name>/infer, "
-          f"metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
-    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
-                                  timeout_graceful_shutdown=exit_timeout_s, **https), app.state.backend).run()
+    print(f"cellserve {', '.join(repository.models)} on {base} ({http_frontend} HTTP front end): inference "
+          f"{base}/v2/models/<name>/infer, metrics {base}/metrics, API docs {base}/docs{grpc}", flush=True)
+    try:
+        DrainingServer(uvicorn.Config(app, log_level=log_level, log_config=None, access_log=False,
+                                      timeout_graceful_shutdown=exit_timeout_s, **listen), app.state.backend).run()
+    finally:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)

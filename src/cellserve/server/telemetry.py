@@ -65,14 +65,14 @@ def configure_telemetry(log_level: str = "info", log_format: str = "text", trace
         tracing.configure(trace, ratio=trace_ratio)
 
 
-_ID_PREFIX = uuid.uuid4().hex[:6]  # this process's: ids stay distinct across restarts
+ID_PREFIX = uuid.uuid4().hex[:6]  # this process's: ids stay distinct across restarts
 _ID_COUNTER = itertools.count()
 
 
 def new_request_id() -> str:
     """16 hex digits, unique in this process: a random prefix and a counter (uuid4 per request read
     os.urandom each time: 2% of a loaded HTTP server's samples)."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFF:010x}"
+    return f"{ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFF:010x}"
 
 
 async def observed_infer(backend, name: str, parse, version: str | None, protocol: str, encode,

@@ -58,6 +58,7 @@ struct Offer {
 
 struct Front;
 struct Lanes;
+struct HttpFront;  // http_front.cpp (CELLSERVE_HTTP builds)
 
 class Call : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
@@ -100,6 +101,7 @@ struct Front : grpc::CallbackGenericService {
   std::atomic<uint64_t> next_id{1};
   std::unique_ptr<grpc::Server> server;
   Lanes *lanes = nullptr;  // built with the protocol's messages (lanes.cpp); else every message goes to Python
+  HttpFront *http = nullptr;  // the HTTP front end, where Python asked for it (serve_http)
 
   grpc::ServerGenericBidiReactor *CreateReactor(grpc::GenericCallbackServerContext *ctx) override;
 

@@ -16,6 +16,9 @@
 #include <chrono>
 
 #include "front.h"
+#ifdef CELLSERVE_HTTP
+#include "http_front.h"
+#endif
 
 namespace cellserve_front {
 
@@ -216,7 +219,7 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
   static const char *kw[] = {"address", "max_message_bytes", "key", "cert", "ca", nullptr};
   const char *address, *key = nullptr, *cert = nullptr, *ca = nullptr;
   int max_bytes;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "si|zzz", const_cast<char **>(kw), &address, &max_bytes, &key,
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "zi|zzz", const_cast<char **>(kw), &address, &max_bytes, &key,
                                    &cert, &ca))
     return nullptr;
   std::shared_ptr<grpc::ServerCredentials> credentials;
@@ -236,6 +239,7 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
   self->front->lanes = lanes_new(self->front);
 #endif
   self->port = 0;
+  if (!address) return reinterpret_cast<PyObject *>(self);  // lanes and HTTP only: no gRPC port
   grpc::ServerBuilder builder;
   builder.AddListeningPort(address, credentials, &self->port);
   builder.SetMaxReceiveMessageSize(max_bytes);
@@ -253,6 +257,9 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
 }
 
 void shutdown(Front *front, double grace_s) {
+#ifdef CELLSERVE_HTTP
+  if (front->http) http_stop(front->http);
+#endif
   if (front->server) {
     front->server->Shutdown(std::chrono::system_clock::now() +
                             std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000)));
@@ -271,6 +278,9 @@ void front_dealloc(FrontObject *self) {
     shutdown(self->front, 0.0);
     Py_END_ALLOW_THREADS
     if (self->front->lanes) lanes_delete(self->front->lanes);
+#ifdef CELLSERVE_HTTP
+    if (self->front->http) http_delete(self->front->http);
+#endif
     delete self->front;
   }
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject *>(self));
@@ -430,6 +440,48 @@ PyObject *front_lane_sessions(FrontObject *self, PyObject *arg) {
 
 PyObject *front_get_port(FrontObject *self, void *) { return PyLong_FromLong(self->port); }
 
+// serve_http(host, port, upstream, max_body_bytes, id_prefix, key=None, cert=None, ca=None) -> the bound port
+PyObject *front_serve_http(FrontObject *self, PyObject *args, PyObject *kwargs) {
+#ifdef CELLSERVE_HTTP
+  static const char *kw[] = {"host", "port", "upstream", "max_body_bytes", "id_prefix", "key", "cert", "ca", nullptr};
+  const char *host, *upstream, *prefix, *key = nullptr, *cert = nullptr, *ca = nullptr;
+  int port;
+  Py_ssize_t max_body;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sisns|zzz", const_cast<char **>(kw), &host, &port, &upstream,
+                                   &max_body, &prefix, &key, &cert, &ca))
+    return nullptr;
+  if (self->front->http) {
+    PyErr_SetString(PyExc_RuntimeError, "serve_http: this front serves HTTP already");
+    return nullptr;
+  }
+  if (max_body < 1) {
+    PyErr_SetString(PyExc_ValueError, "serve_http: max_body_bytes must be positive");
+    return nullptr;
+  }
+  std::string error;
+  HttpFront *http;
+  Py_BEGIN_ALLOW_THREADS
+  http = http_new(self->front->lanes, host, port, upstream, static_cast<size_t>(max_body), prefix, key, cert, ca, error);
+  Py_END_ALLOW_THREADS
+  if (!http) {
+    PyErr_SetString(PyExc_OSError, error.c_str());
+    return nullptr;
+  }
+  self->front->http = http;
+  return PyLong_FromLong(http_port(http));
+#else
+  PyErr_SetString(PyExc_RuntimeError, "this build has no native HTTP front end (Boost or RapidJSON was missing)");
+  return nullptr;
+#endif
+}
+
+PyObject *front_http_drain(FrontObject *self, PyObject *) {
+#ifdef CELLSERVE_HTTP
+  if (self->front->http) http_drain(self->front->http);
+#endif
+  Py_RETURN_NONE;
+}
+
 PyMethodDef front_methods[] = {
     {"take", reinterpret_cast<PyCFunction>(front_take), METH_O,
      "take(timeout_s): the messages that arrived, [(call, kind, method, payload, metadata)]; None once stopped"},
@@ -454,6 +506,12 @@ PyMethodDef front_methods[] = {
      "flush_lanes(): the requests token lanes answered, recorded in their statistics now"},
     {"lane_sessions", reinterpret_cast<PyCFunction>(front_lane_sessions), METH_O,
      "lane_sessions(model): the sessions its lane holds (-1: no lane)"},
+    {"serve_http", reinterpret_cast<PyCFunction>(front_serve_http), METH_VARARGS | METH_KEYWORDS,
+     "serve_http(host, port, upstream, max_body_bytes, id_prefix, key=None, cert=None, ca=None): HTTP/1.1 on "
+     "host:port, inference answered by the token lanes, everything else passed to the app on the Unix socket "
+     "`upstream`; returns the bound port"},
+    {"http_drain", reinterpret_cast<PyCFunction>(front_http_drain), METH_NOARGS,
+     "http_drain(): the HTTP port accepts no new connections"},
     {"shutdown", reinterpret_cast<PyCFunction>(front_shutdown), METH_O,
      "shutdown(grace_s): stop listening, let calls finish for grace_s, cancel the rest"},
     {nullptr, nullptr, 0, nullptr}};
@@ -494,6 +552,11 @@ PyMODINIT_FUNC PyInit__grpc_front(void) {
   PyModule_AddIntConstant(m, "STREAM_CLOSED", STREAM_CLOSED);
   PyModule_AddIntConstant(m, "CALL_ENDED", CALL_ENDED);
   PyModule_AddIntConstant(m, "WOKEN", WOKEN);
+#ifdef CELLSERVE_HTTP
+  PyModule_AddIntConstant(m, "HTTP", 1);
+#else
+  PyModule_AddIntConstant(m, "HTTP", 0);
+#endif
 #ifdef CELLSERVE_LANES
   PyModule_AddIntConstant(m, "LANES", 1);
 #else

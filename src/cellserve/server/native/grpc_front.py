@@ -48,6 +48,7 @@ from cellserve.server.backend import GRPC_CODES, LocalBackend, ServiceError
 from cellserve.server.snapshot import to_text
 from cellserve.server.grpc_service import (InferenceServicer, _failed, _sequence_id, decode_request, encode_response,
                                            tls_pem)
+from cellserve.server import telemetry
 from cellserve.server.telemetry import ACCESS, access_line, internal_error, new_request_id
 
 try:
@@ -101,7 +102,8 @@ class NativeGrpcServer:
     """Serves `inference.GRPCInferenceService` through grpc++; `await stop(grace)` drains it as grpc.aio's
     server does (no new calls; calls under way get `grace` seconds)."""
 
-    def __init__(self, backend, address: str, max_message_bytes: int, restricted=(), tls: dict | None = None):
+    def __init__(self, backend, address: str | None, max_message_bytes: int, restricted=(), tls: dict | None = None):
+        """address None: no gRPC port (the lanes and the native HTTP front end only)."""
         self.backend = backend  # () -> the Backend
         self.servicer = InferenceServicer(backend)
         self.restricted = list(restricted)
@@ -148,8 +150,18 @@ class NativeGrpcServer:
         if names:
             backend.drain_hooks.append(self.front.drain)
             backend.read_hooks.append(self.front.flush_lanes)
-            log.info("gRPC lanes (requests answered natively): %s", ", ".join(names))
+            log.info("native lanes (their requests answered without Python): %s", ", ".join(names))
         return names
+
+    def serve_http(self, host: str, port: int, upstream: str, max_body_bytes: int, tls: dict | None) -> int:
+        """The native HTTP front end on host:port (http_front.cpp), passing what its lanes do not answer to the
+        app's uvicorn on the Unix socket `upstream`; the bound port."""
+        pem = {k: v.decode() for k, v in tls_pem(tls).items() if v is not None} if tls else {}
+        bound = self.front.serve_http(host, port, upstream, max_body_bytes, telemetry.ID_PREFIX, **pem)
+        target = self.backend()
+        if hasattr(target, "drain_hooks"):  # SIGTERM: no new connections, as uvicorn's own port
+            target.drain_hooks.append(self.front.http_drain)
+        return bound
 
     async def stop(self, grace: float | None = None) -> None:
         await self.loop.run_in_executor(None, self.front.shutdown, float(grace or 0.0))
@@ -418,6 +430,15 @@ async def start_native_grpc(backend, host: str, port: int, max_message_bytes: in
     """The native front end on the running event loop; returns (server, bound port)."""
     server = NativeGrpcServer(backend, f"{host}:{port}", max_message_bytes, restricted, tls)
     return server, server.port
+
+
+async def start_native_http(grpc_server, backend, config: dict, max_body_bytes: int, restricted=()):
+    """The native HTTP front end (config: background.native_http_config's), on the native gRPC server's front
+    where one runs (its lanes serve both wires), else on a front of its own; returns (server, bound port)."""
+    server = grpc_server if isinstance(grpc_server, NativeGrpcServer) else NativeGrpcServer(
+        backend, None, max_body_bytes, restricted)
+    port = server.serve_http(config["host"], config["port"], config["upstream"], max_body_bytes, config["tls"])
+    return server, port
 
 
 FRONTENDS = ("native", "python")

@@ -380,6 +380,8 @@ bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &lo
 
 const std::string &token_lane_version(const TokenLane *lane) { return lane->version; }
 
+bool token_lane_scores(const TokenLane *lane) { return lane->scores; }
+
 // gRPC (lanes.cpp): a ModelInferRequest read into a TokenAsk; the answer encoded as grpc_service.encode_response
 // does, inside a ModelStreamInferResponse on a stream, and written to its call.
 Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &request, uint64_t call, bool stream,

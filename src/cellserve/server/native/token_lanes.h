@@ -48,6 +48,7 @@ using TokenReply = std::function<void(std::vector<LaneTensor> &&outputs)>;
 
 TokenLane *lanes_token_lane(Lanes *lanes, const std::string &model);  // nullptr: the model has none
 const std::string &token_lane_version(const TokenLane *lane);
+bool token_lane_scores(const TokenLane *lane);  // a scoring model (log_likelihood, next_token)
 // True: taken (reply runs once, later, on the loop's worker); false: Python's (nothing was kept).
 // protocol: "grpc" or "http", for the access log.
 bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &logged_id, const char *protocol,
