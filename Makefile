@@ -7,9 +7,11 @@ DEPS := $(VENV)/.deps-installed
 NATIVE := $(VENV)/.native-built
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard src/cellserve/kernels/native/*) $(wildcard src/cellserve/engine/native/*) \
 	$(wildcard src/cellserve/server/native/*.cpp) $(wildcard src/cellserve/server/native/*.h) $(wildcard src/cellserve/bench/native/*.cpp)
-# The native gRPC front end builds on the distribution's grpc++; installed here when missing and we are root
-# (without it the build goes on, and gRPC is served by the Python front end).
+# The native gRPC front end builds on the distribution's grpc++, the native HTTP front end on Boost.Beast,
+# RapidJSON and OpenSSL; installed here when missing and we are root (without them the build goes on, and
+# gRPC and HTTP are served by the Python front ends).
 GRPC_PACKAGES := libgrpc++-dev libprotobuf-dev protobuf-compiler pkg-config
+HTTP_PACKAGES := libboost-dev rapidjson-dev libssl-dev
 
 .PHONY: demo test test-slow test-browser test-sanitize triton-env bench native clean
 
@@ -24,6 +26,10 @@ $(NATIVE): $(DEPS) $(NATIVE_SOURCES)
 		! command -v apt-get >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(GRPC_PACKAGES)) || \
 		echo "cellserve: could not install $(GRPC_PACKAGES): gRPC will be served by the Python front end"
+	@(test -f /usr/include/boost/beast/http.hpp && test -f /usr/include/rapidjson/document.h && \
+		pkg-config --exists openssl) >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(HTTP_PACKAGES)) || \
+		echo "cellserve: could not install $(HTTP_PACKAGES): HTTP will be served by the Python front end (uvicorn)"
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(NATIVE)
 

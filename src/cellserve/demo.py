@@ -107,7 +107,9 @@ def run(seed: int = 0, rate: float = 1500.0) -> dict:
         console.print(f"\n3. A burst of {total} spelling requests (text in, words out) from {clients} clients in flight; "
                       "the clients are load generators (requests encoded before the clock starts), so they take "
                       "little of the server's 2 cores:")
-        wires = [("HTTP", "the Python front end (uvicorn, FastAPI)", "keep-alive connections on one event loop",
+        http_front = ("the native front end (Boost.Beast; the speller's requests never reach Python)"
+                      if meta.get("http_frontend") == "native" else "the Python front end (uvicorn, FastAPI)")
+        wires = [("HTTP", http_front, "keep-alive connections on one event loop",
                   lambda: _run_http(server.port, [_burst_http_request(n) for n in burst], clients))]
         if meta.get("grpc_frontend") == "native" and _loadgen_built():
             wires.append(("gRPC", "the native front end (grpc++; the speller's requests never reach Python)",

@@ -32,6 +32,7 @@ from cellserve.bench.common import (ServeProcess, StolenTime, console, free_port
                                     process_cpu_seconds, write_json)
 from cellserve.engine import Engine
 from cellserve.families import make_runner
+from cellserve.server.background import http_frontend_of
 from cellserve.server.native.grpc_front import AVAILABLE as NATIVE_GRPC
 from cellserve.tasks.speller import MAX_NUMBER, encode_number, load_default
 
@@ -90,11 +91,25 @@ def _infer_body(number: str) -> bytes:
                                    "data": [16]}]}).encode()
 
 
-def _http_request(number: str) -> bytes:
-    """The inference request for one number, as the client sends it."""
-    body = _infer_body(number)
-    return (b"POST /v2/models/speller/infer HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+def _binary_body(number: str) -> tuple[bytes, int]:
+    """The same request with binary tensors (tritonclient.http's default): body and JSON header length."""
+    tokens, limit = np.array([encode_number(number)], np.int64).tobytes(), np.array([16], np.int64).tobytes()
+    header = json.dumps({"inputs": [
+        {"name": "tokens", "shape": [1, len(number)], "datatype": "INT64", "parameters": {"binary_data_size": len(tokens)}},
+        {"name": "max_output_tokens", "shape": [1], "datatype": "INT64",
+         "parameters": {"binary_data_size": len(limit)}}]}).encode()
+    return header + tokens + limit, len(header)
+
+
+def _http_request(number: str, binary: bool = False) -> bytes:
+    """The inference request for one number, as the client sends it: JSON, or binary tensors."""
+    if binary:
+        body, header_length = _binary_body(number)
+        extra = b"inference-header-content-length: %d\r\ncontent-type: application/octet-stream\r\n" % header_length
+    else:
+        body, extra = _infer_body(number), b"content-type: application/json\r\n"
+    return (b"POST /v2/models/speller/infer HTTP/1.1\r\nhost: 127.0.0.1\r\n%scontent-length: %d\r\n\r\n%s"
+            % (extra, len(body), body))
 
 
 def _run_http(port: int, requests: list[bytes], clients: int) -> np.ndarray:
@@ -173,32 +188,33 @@ def kernel_seconds(port: int) -> float:
                if line.startswith("cellserve_kernel_seconds_total"))
 
 
-def _measured_grpc(server: ServeProcess, requests: list[bytes], clients: int) -> dict:
-    """Latencies and CPU per request (client, server, server outside the kernels) of one gRPC phase."""
+def _measured_phase(server: ServeProcess, run, n: int) -> dict:
+    """Latencies and CPU per request (client, server, server outside the kernels) of one phase: run() sends
+    n requests to `server` and returns their latencies."""
     client0, server0, kernel0 = time.process_time(), process_cpu_seconds(server.pid), kernel_seconds(server.port)
-    latencies = _run_grpc(server.grpc_port, requests, clients)
-    n = len(requests)
+    latencies = run()
     server_cpu = process_cpu_seconds(server.pid) - server0
     return {"latencies": latencies, "client_cpu_ms": (time.process_time() - client0) / n * 1000,
             "server_cpu_ms": server_cpu / n * 1000,
             "server_outside_kernels_us": (server_cpu - (kernel_seconds(server.port) - kernel0)) / n * 1e6}
 
 
+PROTOCOLS = (("http", "HTTP JSON"), ("binary", "HTTP binary"), ("grpc", "gRPC"))
+
+
 def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None,
         triton_env: str = ".venv-triton") -> list[dict]:
     rng = np.random.default_rng(seed)
     numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
-    frontends = ["native", "python"] if _loadgen is not None and NATIVE_GRPC else []
-    if not frontends:
-        console.print("this build has no native gRPC front end or load generator (grpc++ was missing): gRPC rows "
-                      "are skipped")
+    native = http_frontend_of(None) == "native" or (_loadgen is not None and NATIVE_GRPC)
+    frontends = ["native", "python"] if native else ["python"]
+    protocols = [p for p in PROTOCOLS if p[0] != "grpc" or _loadgen is not None]
+    if not native:
+        console.print("this build has no native front ends (grpc++ or Boost were missing): their rows are skipped")
     rows = []
     with contextlib.ExitStack() as started:
-        servers = {"http": started.enter_context(ServeProcess())}
-        for frontend in frontends:
-            servers[frontend] = servers["http"] if frontend == "native" else \
-                started.enter_context(ServeProcess(frontend=frontend))
-        port = servers["http"].port
+        servers = {f: started.enter_context(ServeProcess(frontend=f)) for f in frontends}
+        port = servers[frontends[0]].port
         with limit_threads(1):
             engine = Engine(make_runner(load_default(), 1024), "cellular", max_batch=64).start()
 
@@ -214,58 +230,60 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None,
                                                                  daemon=True)
             floor.start()
             _wait_listening(floor_port)
-            http_requests = [_http_request(n) for n in numbers]
-            grpc_requests = [_grpc_request(n, i) for i, n in enumerate(numbers)]
+            sent = {"http": [_http_request(n) for n in numbers], "binary": [_http_request(n, True) for n in numbers],
+                    "grpc": [_grpc_request(n, i) for i, n in enumerate(numbers)]}
+
+            def phase(f: str, protocol: str, count: int):
+                server = servers[f]
+                if protocol == "grpc":
+                    return lambda: _run_grpc(server.grpc_port, sent["grpc"][:count], clients)
+                return lambda: _run_http(server.port, sent[protocol][:count], clients)
 
             for clients in concurrency:
                 _run(in_process, numbers[:20], clients)  # warm-up
-                for to_port in (port, floor_port):
-                    _run_http(to_port, http_requests[:20], clients)
-                for frontend in frontends:
-                    _run_grpc(servers[frontend].grpc_port, grpc_requests[:20], clients)
+                _run_http(floor_port, sent["http"][:20], clients)
+                for f in frontends:
+                    for protocol, _ in protocols:
+                        phase(f, protocol, 20)()
                 with StolenTime() as stolen:
                     local = _run(in_process, numbers, clients)
-                    alone = _run_http(floor_port, http_requests, clients)
-                    remote, http_client_cpu, http_server_cpu = _measured(
-                        lambda: _run_http(port, http_requests, clients), requests, servers["http"].pid)
-                    over_grpc = {f: _measured_grpc(servers[f], grpc_requests, clients) for f in frontends}
-                row = {"clients": clients, "requests": requests, "http_client_cpu_ms": http_client_cpu,
-                       "http_server_cpu_ms": http_server_cpu, "steal_share": stolen.share}
-                for f, measured in over_grpc.items():
-                    row.update({f"grpc_{f}_client_cpu_ms": measured["client_cpu_ms"],
-                                f"grpc_{f}_server_cpu_ms": measured["server_cpu_ms"],
-                                f"grpc_{f}_server_outside_kernels_us": measured["server_outside_kernels_us"]})
+                    alone = _run_http(floor_port, sent["http"], clients)
+                    measured = {(f, p): _measured_phase(servers[f], phase(f, p, requests), requests)
+                                for f in frontends for p, _ in protocols}
+                row = {"clients": clients, "requests": requests, "steal_share": stolen.share}
                 for q in (50, 99):
                     row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
-                    row[f"http_p{q}_ms"] = float(np.percentile(remote, q))
-                    row[f"overhead_p{q}_ms"] = row[f"http_p{q}_ms"] - row[f"engine_p{q}_ms"]
                     row[f"floor_p{q}_ms"] = float(np.percentile(alone, q))
-                    for f, measured in over_grpc.items():
-                        row[f"grpc_{f}_p{q}_ms"] = float(np.percentile(measured["latencies"], q))
-                        row[f"grpc_{f}_overhead_p{q}_ms"] = row[f"grpc_{f}_p{q}_ms"] - row[f"engine_p{q}_ms"]
+                for (f, p), m in measured.items():
+                    row.update({f"{p}_{f}_client_cpu_ms": m["client_cpu_ms"], f"{p}_{f}_server_cpu_ms": m["server_cpu_ms"],
+                                f"{p}_{f}_server_outside_kernels_us": m["server_outside_kernels_us"]})
+                    for q in (50, 99):
+                        row[f"{p}_{f}_p{q}_ms"] = float(np.percentile(m["latencies"], q))
+                        row[f"{p}_{f}_overhead_p{q}_ms"] = row[f"{p}_{f}_p{q}_ms"] - row[f"engine_p{q}_ms"]
                 rows.append(row)
             engine.stop()
             floor.terminate()
-    grpc_columns = [column for f in frontends for column in (
-        (f"grpc_{f}_p50_ms", f"gRPC {f} p50"), (f"grpc_{f}_overhead_p50_ms", f"gRPC {f} +p50 ms"),
-        (f"grpc_{f}_p99_ms", f"gRPC {f} p99"), (f"grpc_{f}_server_cpu_ms", f"gRPC {f} server CPU ms/req"),
-        (f"grpc_{f}_server_outside_kernels_us", f"gRPC {f} server CPU outside kernels us/req"),
-        (f"grpc_{f}_client_cpu_ms", f"gRPC {f} client CPU ms/req"))]
-    print_table("server overhead: the speller in-process vs over loopback HTTP (JSON) and gRPC", rows,
-                [("clients", "clients"), ("engine_p50_ms", "engine p50"), ("http_p50_ms", "HTTP p50"),
-                 ("overhead_p50_ms", "HTTP +p50 ms"), ("floor_p50_ms", "client alone p50"),
-                 ("engine_p99_ms", "engine p99"), ("http_p99_ms", "HTTP p99"), ("overhead_p99_ms", "HTTP +p99 ms"),
-                 ("http_client_cpu_ms", "HTTP client CPU ms/req"), ("http_server_cpu_ms", "HTTP server CPU ms/req"),
-                 *grpc_columns, ("steal_share", "CPU stolen")],
-                caption="servers in processes of their own (gRPC native and python: one each, the same models); HTTP "
-                        "clients are connections on one event loop here, gRPC clients the native load generator's "
-                        "calls in flight, in-process clients one thread each; CPU per request: each process's user + "
-                        "system time over the phase / requests (all share 2 cores); outside kernels: the server's CPU "
-                        "less its models' compute time (/metrics cellserve_kernel_seconds); client alone = the HTTP "
-                        "client against a server that answers at once; CPU stolen = the hypervisor's share of the "
-                        "machine's CPU time during the row")
+    table = [{"clients": row["clients"], "frontend": f, "protocol": label, "engine_p50_ms": row["engine_p50_ms"],
+              **{key: row[f"{p}_{f}_{key}"] for key in ("p50_ms", "overhead_p50_ms", "p99_ms", "overhead_p99_ms",
+                                                        "server_cpu_ms", "server_outside_kernels_us", "client_cpu_ms")},
+              "floor_p50_ms": row["floor_p50_ms"], "steal_share": row["steal_share"]}
+             for row in rows for f in frontends for p, label in protocols]
+    print_table("server overhead: the speller in-process vs over loopback HTTP (JSON and binary tensors) and gRPC, on "
+                "the native and the Python front ends", table,
+                [("clients", "clients"), ("frontend", "front end"), ("protocol", "wire"), ("engine_p50_ms", "engine p50"),
+                 ("p50_ms", "p50"), ("overhead_p50_ms", "+p50 ms"), ("p99_ms", "p99"), ("overhead_p99_ms", "+p99 ms"),
+                 ("server_cpu_ms", "server CPU ms/req"), ("server_outside_kernels_us", "outside kernels us/req"),
+                 ("client_cpu_ms", "client CPU ms/req"), ("floor_p50_ms", "HTTP client alone p50"),
+                 ("steal_share", "CPU stolen")],
+                caption="servers in processes of their own (native: `serve`, python: `serve --frontend python`, the same "
+                        "models); +p50 / +p99: over the engine in-process; HTTP clients are connections on one event "
+                        "loop here, gRPC clients the native load generator's calls in flight, in-process clients one "
+                        "thread each; CPU per request: each process's user + system time over the phase / requests (all "
+                        "share 2 cores); outside kernels: the server's CPU less its models' compute time (/metrics "
+                        "cellserve_kernel_seconds); HTTP client alone = the HTTP client against a server that answers at "
+                        "once; CPU stolen = the hypervisor's share of the machine's CPU time during the row")
     vad = silero_rows(concurrency, max(requests, 4000), triton_env)
-    write_json(json_path, {"rows": rows, "silero": vad})
+    write_json(json_path, {"rows": rows, "table": table, "silero": vad})
     console.print("done")
     return rows
 

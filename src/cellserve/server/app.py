@@ -74,6 +74,7 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
 
             http_server, app.state.http_port = await start_native_http(grpc_server, current, native_http,
                                                                        max_body_bytes, restricted)
+            app.state.http_frontend = "native"
             log.info("HTTP on %s:%d, native front end", native_http["host"], app.state.http_port)
         yield
         if http_server is not None and http_server is not grpc_server:
@@ -118,7 +119,8 @@ def create_app(backend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend_pr
     @app.get("/v2", summary="Server metadata")
     async def server_metadata():
         meta = await current().server_metadata()
-        return {**meta, "grpc_frontend": app.state.grpc_frontend} if app.state.grpc_frontend else meta
+        fronts = {f"{wire}_frontend": getattr(app.state, f"{wire}_frontend", None) for wire in ("grpc", "http")}
+        return {**meta, **{key: name for key, name in fronts.items() if name}}
 
     @app.get("/v2/health/live", summary="Liveness")
     async def live():

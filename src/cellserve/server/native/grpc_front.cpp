@@ -258,7 +258,7 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
 
 void shutdown(Front *front, double grace_s) {
 #ifdef CELLSERVE_HTTP
-  if (front->http) http_stop(front->http);
+  if (front->http) http_stop(front->http, grace_s);
 #endif
   if (front->server) {
     front->server->Shutdown(std::chrono::system_clock::now() +

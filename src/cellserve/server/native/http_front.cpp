@@ -346,6 +346,11 @@ struct HttpFront {
   std::atomic<uint64_t> next_id{uint64_t(1) << 39};  // (Python's request ids count from 0 with the same prefix)
   std::thread thread;
   int port = 0;
+  std::atomic<int> busy{0};  // connections with a request read (or being read) and not answered yet
+  std::atomic<bool> draining{false};  // answers close their connections; stop waits for the busy ones
+  // keeps the thread running while every connection waits for a lane's answer (no operation pending) and
+  // the acceptor is closed (draining)
+  asio::executor_work_guard<asio::io_context::executor_type> work = asio::make_work_guard(io);
 
   void accept();
   std::string new_request_id() {
@@ -404,6 +409,10 @@ class Conn : public HttpConn, public std::enable_shared_from_this<Conn<Stream>> 
     if (ec == http::error::end_of_stream || ec == asio::error::eof || ec == beast::error::timeout ||
         ec == asio::error::connection_reset || ec == asio::error::operation_aborted)
       return close();
+    if (!busy_) {
+      busy_ = true;
+      front_->busy++;
+    }
     if (ec) return refuse(http::status::bad_request, "text/plain; charset=utf-8", "Invalid HTTP request received.");
     const auto declared = parser_->content_length();
     if (declared && *declared > front_->max_body)
@@ -569,10 +578,11 @@ class Conn : public HttpConn, public std::enable_shared_from_this<Conn<Stream>> 
 
   // own: an answer made here (its length set here); else the app's, passed on as it came
   void send(std::shared_ptr<http::response<http::string_body>> res, bool own = true) {
-    const bool keep = request_.keep_alive() && res->keep_alive() && !closing_;
+    const bool keep = request_.keep_alive() && res->keep_alive() && !closing_ && !front_->draining;
     res->keep_alive(keep);
     if (own) res->prepare_payload();
     http::async_write(stream_, *res, [self = this->shared_from_this(), res, keep](beast::error_code ec, size_t) {
+      self->done();
       if (ec || !keep) return self->close();
       self->read_header();
     });
@@ -587,7 +597,15 @@ class Conn : public HttpConn, public std::enable_shared_from_this<Conn<Stream>> 
     send(std::move(res));
   }
 
+  void done() {  // this request is answered (or never will be)
+    if (busy_) {
+      busy_ = false;
+      front_->busy--;
+    }
+  }
+
   void close() {
+    done();
     beast::error_code ignored;
     up_.close(ignored);
     if (closed_) return;
@@ -613,7 +631,7 @@ class Conn : public HttpConn, public std::enable_shared_from_this<Conn<Stream>> 
   local::socket up_;
   beast::flat_buffer up_buffer_;
   std::optional<http::response_parser<http::string_body>> up_parser_;
-  bool closing_ = false, closed_ = false;
+  bool closing_ = false, closed_ = false, busy_ = false;
 };
 
 }  // namespace
@@ -686,15 +704,19 @@ HttpFront *http_new(Lanes *lanes, const std::string &host, int port, const std::
 
 int http_port(const HttpFront *front) { return front->port; }
 
-void http_drain(HttpFront *front) {  // no new connections (the ones open are served on)
+void http_drain(HttpFront *front) {  // no new connections; the ones open close after their next answer
+  front->draining = true;
   asio::post(front->io, [front] {
     beast::error_code ignored;
     front->acceptor.close(ignored);
   });
 }
 
-void http_stop(HttpFront *front) {  // without the GIL
+void http_stop(HttpFront *front, double grace_s) {  // without the GIL
   http_drain(front);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace_s);
+  while (front->busy > 0 && std::chrono::steady_clock::now() < deadline)  // the requests read get their answers
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   front->io.stop();
   if (front->thread.joinable()) front->thread.join();
 }

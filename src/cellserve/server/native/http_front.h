@@ -15,7 +15,7 @@ HttpFront *http_new(Lanes *lanes, const std::string &host, int port, const std::
                     const std::string &id_prefix, const char *key, const char *cert, const char *ca, std::string &error);
 int http_port(const HttpFront *front);
 void http_drain(HttpFront *front);   // accept no new connections
-void http_stop(HttpFront *front);    // without the GIL: its thread ends
+void http_stop(HttpFront *front, double grace_s);  // without the GIL: answers under way get grace_s, its thread ends
 void http_delete(HttpFront *front);  // after http_stop and after the lanes stopped
 
 }  // namespace cellserve_front
