@@ -229,7 +229,7 @@ def test_metrics_expose_requests_latency_batches_sessions_and_pool(client):
     assert 'outcome="http_400"' in text
 
 
-def test_tritonclient_http_works_unchanged():
+def test_tritonclient_http_works_unchanged(http_frontend):
     tritonclient = pytest.importorskip("tritonclient.http")
     with BackgroundServer(create_app(make_repository())) as server:
         client = tritonclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
@@ -258,7 +258,7 @@ def test_tritonclient_http_works_unchanged():
         client.close()
 
 
-def test_graceful_shutdown_finishes_or_fails_in_flight_requests():
+def test_graceful_shutdown_finishes_or_fails_in_flight_requests(http_frontend):
     import httpx
 
     statuses = []

@@ -19,6 +19,7 @@ from websockets.sync.client import connect  # noqa: E402
 
 from cellserve.server.app import create_app  # noqa: E402
 from cellserve.server.background import BackgroundServer  # noqa: E402
+from conftest import HTTP_FRONTENDS  # noqa: E402
 from cellserve.server.main import repository_for  # noqa: E402
 
 SILERO = pathlib.Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
@@ -45,10 +46,11 @@ def reference(samples: np.ndarray) -> np.ndarray:
     return np.array(out, np.float32)
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=HTTP_FRONTENDS)
+def server(request):
+    """Each test on each HTTP front end (the native one passes the upgrade and the frames to the app)."""
     repository = repository_for("silero-vad", settings={"max_pending_chunks": 4})
-    with BackgroundServer(create_app(repository)) as background:
+    with BackgroundServer(create_app(repository), frontend=request.param) as background:
         background.ws = background.url.replace("http://", "ws://") + "/v2/models/silero-vad/stream"
         yield background
 
