@@ -5,6 +5,7 @@ import json
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -15,6 +16,7 @@ from cellserve.models.lm import log_softmax
 from cellserve.server.app import create_app
 from cellserve.server.background import BackgroundServer
 from cellserve.server.repository import ModelConfig, Repository, serve_model
+from conftest import HTTP_FRONTENDS
 
 VOCAB = 30
 LM = LanguageModel.random(VOCAB, 8, 12, num_layers=2, seed=1)
@@ -29,9 +31,16 @@ def make_repository(idle_timeout_s=60.0):
                        serve_model("stream", STREAM, ModelConfig(block_steps=3, idle_timeout_s=idle_timeout_s))])
 
 
-@pytest.fixture(scope="module")
-def client():
-    with TestClient(create_app(make_repository(), max_body_bytes=2**20)) as c:
+@pytest.fixture(scope="module", params=HTTP_FRONTENDS)
+def client(request):
+    """The app in process (Starlette's TestClient: the Python front end), and where the build has it behind the
+    native HTTP front end over a socket (the models with a token lane answered natively, the rest passed on)."""
+    app = create_app(make_repository(), max_body_bytes=2**20)
+    if request.param == "python":
+        with TestClient(app) as c:
+            yield c
+        return
+    with BackgroundServer(app, frontend="native") as server, httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
 
