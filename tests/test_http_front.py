@@ -277,12 +277,11 @@ def test_keep_alive_mixes_native_and_passed_on_requests_on_one_connection_and_od
 def test_garbage_and_cut_requests_fuzzed_for_a_bounded_time_leave_a_well_formed_client_correct():
     app = create_app(repository(), max_body_bytes=1 << 14)
     rng = random.Random(11)
+    binary_body, binary_headers = binary([("text", "BYTES", [1], texts_raw(["8"]))], "b")
     seeds = [infer_bytes(text(["12"], "f")), infer_bytes(text(["12"], "f"), "Expect: 100-continue\r\n"),
              b"GET /v2/models/speller/ready HTTP/1.1\r\nHost: x\r\n\r\n",
-             B(binary([("text", "BYTES", [1], texts_raw(["8"]))], "b"))[1]]
-    binary_body, binary_headers = binary([("text", "BYTES", [1], texts_raw(["8"]))], "b")
-    seeds[3] = (f"POST /v2/models/speller/infer HTTP/1.1\r\nHost: x\r\n{HEADER_LENGTH}: "
-                f"{binary_headers[HEADER_LENGTH]}\r\nContent-Length: {len(binary_body)}\r\n\r\n").encode() + binary_body
+             (f"POST /v2/models/speller/infer HTTP/1.1\r\nHost: x\r\n{HEADER_LENGTH}: {binary_headers[HEADER_LENGTH]}"
+              f"\r\nContent-Length: {len(binary_body)}\r\n\r\n").encode() + binary_body]
     stop, errors = threading.Event(), []
     with BackgroundServer(app, frontend="native") as server:
         def well_formed():

@@ -77,23 +77,6 @@ void json_string(std::string &out, const std::string &text) {
   out += '"';
 }
 
-// A tensor's values as the binary tensor extension carries them (little-endian; BYTES each after its length).
-std::string binary_of(const LaneTensor &tensor) {
-  std::string raw;
-  if (tensor.datatype == "BYTES") {
-    for (const auto &text : tensor.texts) {
-      const uint32_t size = static_cast<uint32_t>(text.size());
-      raw.append(reinterpret_cast<const char *>(&size), sizeof(size));
-      raw += text;
-    }
-  } else if (tensor.datatype == "FP64") {
-    raw.assign(reinterpret_cast<const char *>(tensor.reals.data()), tensor.reals.size() * sizeof(double));
-  } else {
-    raw.assign(reinterpret_cast<const char *>(tensor.ints.data()), tensor.ints.size() * sizeof(int64_t));
-  }
-  return raw;
-}
-
 // What the HTTP request asked beyond the lane's TokenAsk: how to encode the answer.
 struct HttpAsk {
   TokenAsk ask;
@@ -126,7 +109,7 @@ Answer encode(const HttpAsk &request, const std::string &model, const std::strin
     json += "],\"datatype\":";
     json_string(json, tensor.datatype);
     if (request.binary_for(tensor.name)) {
-      const std::string blob = binary_of(tensor);
+      const std::string blob = raw_of(tensor);
       json += ",\"parameters\":{\"binary_data_size\":" + std::to_string(blob.size()) + "}}";
       blobs += blob;
       continue;
@@ -195,25 +178,8 @@ bool read_input(const Value &spec, const char *binary, size_t binary_size, size_
     if (size == params->MemberEnd() || params->MemberCount() != 1 || !size->value.IsUint64()) return false;
     const uint64_t bytes = size->value.GetUint64();
     if (bytes > binary_size - offset) return false;
-    const char *raw = binary + offset;
+    read_raw(binary + offset, bytes, in);  // (values_ok false where the bytes do not parse: Python's)
     offset += bytes;
-    if (in.datatype == "INT64") {
-      if (bytes % sizeof(int64_t)) return false;
-      in.ints.resize(bytes / sizeof(int64_t));
-      memcpy(in.ints.data(), raw, bytes);
-    } else {
-      size_t at = 0;
-      while (at < bytes) {
-        uint32_t length;
-        if (bytes - at < sizeof(length)) return false;
-        memcpy(&length, raw + at, sizeof(length));
-        at += sizeof(length);
-        if (bytes - at < length) return false;
-        in.texts.emplace_back(raw + at, length);
-        at += length;
-      }
-    }
-    in.values_ok = true;
     return true;
   }
   auto data = spec.FindMember("data");

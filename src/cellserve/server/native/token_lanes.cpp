@@ -96,34 +96,16 @@ void on_left(void *ctx, const cs_loop_left_t *left, int count) { static_cast<Tok
 // The values of a gRPC request's input as its datatype says: raw contents when the request carries them (one
 // per input), else the typed contents. values_ok stays false where they cannot be read so.
 void read_values(const inference::ModelInferRequest &request, int index, TokenAsk::Input &in) {
-  const bool raw = request.raw_input_contents_size() > 0;
-  const std::string *bytes = raw ? &request.raw_input_contents(index) : nullptr;
+  if (request.raw_input_contents_size()) {
+    const std::string &raw = request.raw_input_contents(index);
+    return read_raw(raw.data(), raw.size(), in);
+  }
+  const auto &contents = request.inputs(index).contents();
   if (in.datatype == "INT64") {
-    if (raw) {
-      if (bytes->size() % sizeof(int64_t)) return;
-      in.ints.resize(bytes->size() / sizeof(int64_t));
-      memcpy(in.ints.data(), bytes->data(), bytes->size());
-    } else {
-      const auto &values = request.inputs(index).contents().int64_contents();
-      in.ints.assign(values.begin(), values.end());
-    }
+    in.ints.assign(contents.int64_contents().begin(), contents.int64_contents().end());
     in.values_ok = true;
   } else if (in.datatype == "BYTES") {
-    if (raw) {  // each element after its 4-byte little-endian length
-      size_t at = 0;
-      while (at < bytes->size()) {
-        uint32_t size;
-        if (bytes->size() - at < sizeof(size)) return;
-        memcpy(&size, bytes->data() + at, sizeof(size));
-        at += sizeof(size);
-        if (bytes->size() - at < size) return;
-        in.texts.emplace_back(bytes->data() + at, size);
-        at += size;
-      }
-    } else {
-      const auto &values = request.inputs(index).contents().bytes_contents();
-      in.texts.assign(values.begin(), values.end());
-    }
+    in.texts.assign(contents.bytes_contents().begin(), contents.bytes_contents().end());
     in.values_ok = true;
   }
 }
@@ -134,19 +116,7 @@ void add_output(inference::ModelInferResponse &out, const LaneTensor &tensor) {
   t->set_name(tensor.name);
   t->set_datatype(tensor.datatype);
   for (int64_t d : tensor.shape) t->add_shape(d);
-  std::string raw;
-  if (tensor.datatype == "BYTES") {
-    for (const auto &text : tensor.texts) {
-      const uint32_t size = static_cast<uint32_t>(text.size());
-      raw.append(reinterpret_cast<const char *>(&size), sizeof(size));
-      raw += text;
-    }
-  } else if (tensor.datatype == "FP64") {
-    raw.assign(reinterpret_cast<const char *>(tensor.reals.data()), tensor.reals.size() * sizeof(double));
-  } else {
-    raw.assign(reinterpret_cast<const char *>(tensor.ints.data()), tensor.ints.size() * sizeof(int64_t));
-  }
-  out.add_raw_output_contents(std::move(raw));
+  out.add_raw_output_contents(raw_of(tensor));
 }
 
 }  // namespace
@@ -372,6 +342,43 @@ std::vector<LaneTensor> TokenLane::answer(const Pending &p) const {
 }
 
 // --- the wires' hooks ----------------------------------------------------------------------------------------
+
+std::string raw_of(const LaneTensor &tensor) {
+  std::string raw;
+  if (tensor.datatype == "BYTES") {
+    for (const auto &text : tensor.texts) {
+      const uint32_t size = static_cast<uint32_t>(text.size());
+      raw.append(reinterpret_cast<const char *>(&size), sizeof(size));
+      raw += text;
+    }
+  } else if (tensor.datatype == "FP64") {
+    raw.assign(reinterpret_cast<const char *>(tensor.reals.data()), tensor.reals.size() * sizeof(double));
+  } else {
+    raw.assign(reinterpret_cast<const char *>(tensor.ints.data()), tensor.ints.size() * sizeof(int64_t));
+  }
+  return raw;
+}
+
+void read_raw(const char *data, size_t size, TokenAsk::Input &in) {
+  if (in.datatype == "INT64") {
+    if (size % sizeof(int64_t)) return;
+    in.ints.resize(size / sizeof(int64_t));
+    if (size) memcpy(in.ints.data(), data, size);
+    in.values_ok = true;
+  } else if (in.datatype == "BYTES") {
+    size_t at = 0;
+    while (at < size) {
+      uint32_t length;
+      if (size - at < sizeof(length)) return;
+      memcpy(&length, data + at, sizeof(length));
+      at += sizeof(length);
+      if (size - at < length) return;
+      in.texts.emplace_back(data + at, length);
+      at += length;
+    }
+    in.values_ok = true;
+  }
+}
 
 bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &logged_id, const char *protocol,
                      TokenReply reply) {

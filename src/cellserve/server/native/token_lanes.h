@@ -3,6 +3,7 @@
 // its admission into the step loop are one code for both, so both wires take exactly the same requests.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -42,6 +43,12 @@ struct LaneTensor {
   std::vector<double> reals;
   std::vector<std::string> texts;
 };
+
+// The binary form both wires share (gRPC's raw contents, HTTP's binary tensor extension): little-endian values,
+// BYTES each after its 4-byte length. read_raw fills in.ints or in.texts as in.datatype says, and sets
+// values_ok where the bytes parse so.
+std::string raw_of(const LaneTensor &tensor);
+void read_raw(const char *data, size_t size, TokenAsk::Input &in);
 
 // Called on the step loop's worker with the answer; it encodes it for its wire and writes it.
 using TokenReply = std::function<void(std::vector<LaneTensor> &&outputs)>;
