@@ -503,40 +503,26 @@ class Conn : public HttpConn, public std::enable_shared_from_this<Conn<Stream>> 
   void upgrade(std::shared_ptr<http::response<http::string_body>> res) {
     http::async_write(stream_, *res, [self = this->shared_from_this(), res](beast::error_code ec, size_t) {
       if (ec) return self->close();
-      self->pump_to_upstream();
-      self->pump_to_client();
+      self->pump(self->stream_, self->up_, self->buffer_);    // client -> app (what was read ahead first)
+      self->pump(self->up_, self->stream_, self->up_buffer_);  // app -> client
     });
   }
 
-  void pump_to_upstream() {
-    if (buffer_.size()) {
-      auto self = this->shared_from_this();
-      return asio::async_write(up_, buffer_.data(), [self](beast::error_code ec, size_t n) {
+  // Bytes from one side to the other until either closes: what `buffer` holds is written first, then read on.
+  template <class From, class To>
+  void pump(From &from, To &to, beast::flat_buffer &buffer) {
+    auto self = this->shared_from_this();
+    if (buffer.size()) {
+      return asio::async_write(to, buffer.data(), [self, &from, &to, &buffer](beast::error_code ec, size_t n) {
         if (ec) return self->close();
-        self->buffer_.consume(n);
-        self->pump_to_upstream();
+        buffer.consume(n);
+        self->pump(from, to, buffer);
       });
     }
-    stream_.async_read_some(buffer_.prepare(1 << 16), [self = this->shared_from_this()](beast::error_code ec, size_t n) {
+    from.async_read_some(buffer.prepare(1 << 16), [self, &from, &to, &buffer](beast::error_code ec, size_t n) {
       if (ec) return self->close();
-      self->buffer_.commit(n);
-      self->pump_to_upstream();
-    });
-  }
-
-  void pump_to_client() {
-    if (up_buffer_.size()) {
-      auto self = this->shared_from_this();
-      return asio::async_write(stream_, up_buffer_.data(), [self](beast::error_code ec, size_t n) {
-        if (ec) return self->close();
-        self->up_buffer_.consume(n);
-        self->pump_to_client();
-      });
-    }
-    up_.async_read_some(up_buffer_.prepare(1 << 16), [self = this->shared_from_this()](beast::error_code ec, size_t n) {
-      if (ec) return self->close();
-      self->up_buffer_.commit(n);
-      self->pump_to_client();
+      buffer.commit(n);
+      self->pump(from, to, buffer);
     });
   }
 
