@@ -47,7 +47,7 @@ test-slow: $(NATIVE)
 # The native code's tests (gRPC and HTTP front ends, load generator, step loop, kernels) with AddressSanitizer and
 # UndefinedBehaviorSanitizer: the extensions are rebuilt in place with both, Python loads their runtimes first,
 # and the normal build is put back afterwards, whatever the tests gave.
-SANITIZE_TESTS ?= tests/test_grpc.py tests/test_stream_lanes.py tests/test_token_lanes.py tests/test_http_front.py tests/test_steploop.py tests/test_kernels.py tests/test_bf16.py tests/test_faults.py
+SANITIZE_TESTS ?= tests/test_grpc.py tests/test_stream_lanes.py tests/test_token_lanes.py tests/test_http_front.py tests/test_websocket.py tests/test_steploop.py tests/test_kernels.py tests/test_bf16.py tests/test_faults.py
 SANITIZE_ENV := ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)"
 test-sanitize: $(NATIVE)

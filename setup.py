@@ -34,9 +34,11 @@ LANES = ["src/cellserve/server/native/lanes.cpp", "src/cellserve/server/native/t
 LOOP_FACE = "src/cellserve/engine/native/loop_face.h"
 FRONT_HEADER = "src/cellserve/server/native/front.h"
 LANES_HEADER = "src/cellserve/server/native/lanes.h"
-HTTP_FRONT = "src/cellserve/server/native/http_front.cpp"
-HTTP_HEADERS = ["src/cellserve/server/native/http_front.h", "src/cellserve/server/native/token_lanes.h"]
+HTTP_FRONT = ["src/cellserve/server/native/http_front.cpp", "src/cellserve/server/native/websocket_front.cpp"]
+HTTP_HEADERS = ["src/cellserve/server/native/http_front.h", "src/cellserve/server/native/token_lanes.h",
+                "src/cellserve/server/native/websocket_front.h", "src/cellserve/server/native/stream_lanes.h"]
 LOADGEN = "src/cellserve/bench/native/loadgen.cpp"
+WSLOAD = "src/cellserve/bench/native/wsload.cpp"
 PROTOCOL_FILES = ("model_config.proto", "grpc_service.proto")
 
 
@@ -89,7 +91,7 @@ def grpc_extensions():
         print("cellserve: Boost (Beast), RapidJSON or OpenSSL not found (Debian/Ubuntu: apt-get install libboost-dev "
               "rapidjson-dev libssl-dev); building without the native HTTP front end: HTTP is served by uvicorn",
               file=sys.stderr)
-    web_sources, web_compile, web_link = ([HTTP_FRONT], ["-DCELLSERVE_HTTP", *(f for f in web if not f.startswith(("-l", "-L")))],
+    web_sources, web_compile, web_link = (HTTP_FRONT, ["-DCELLSERVE_HTTP", *(f for f in web if not f.startswith(("-l", "-L")))],
                                           [f for f in web if f.startswith(("-l", "-L"))]) if web is not None else ([], [], [])
     front = Extension("cellserve.server.native._grpc_front",
                       sources=[GRPC_FRONT, *(LANES if protocol else []), *web_sources],
@@ -103,6 +105,10 @@ def grpc_extensions():
         loadgen = Extension("cellserve.bench._loadgen", sources=[LOADGEN], extra_compile_args=compile_flags,
                             extra_link_args=link_flags, language="c++")
         units.append(loadgen)  # (it reads the protocol through tritonclient's descriptors at run time)
+    if web is not None:  # the WebSocket load generator: Boost.Beast's headers only
+        units.append(Extension("cellserve.bench._wsload", sources=[WSLOAD],
+                               extra_compile_args=["-O2", "-std=c++17", "-fvisibility=hidden", "-Wall", *SANITIZE],
+                               extra_link_args=[*SANITIZE, "-lpthread"], language="c++"))
     return units
 
 

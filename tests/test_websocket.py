@@ -6,6 +6,7 @@ correct; JSON messages ride the same session; closing the connection ends its se
 import json
 import pathlib
 import threading
+import time
 import wave
 
 import httpx
@@ -51,6 +52,7 @@ def server(request):
     """Each test on each HTTP front end (the native one passes the upgrade and the frames to the app)."""
     repository = repository_for("silero-vad", settings={"max_pending_chunks": 4})
     with BackgroundServer(create_app(repository), frontend=request.param) as background:
+        background.repository = repository
         background.ws = background.url.replace("http://", "ws://") + "/v2/models/silero-vad/stream"
         yield background
 
@@ -175,3 +177,170 @@ def test_each_message_gets_an_access_line(server, audio, caplog):
         json.loads(ws.recv(timeout=30))
     lines = [r.getMessage() for r in caplog.records if r.name == "cellserve.access" and " websocket " in r.getMessage()]
     assert len(lines) == 3 and sum("status=200" in line for line in lines) == 2 and "status=400" in lines[-1]
+
+
+def test_the_native_front_end_holds_the_session_in_its_lane(server, audio):
+    """On the native HTTP front end a Silero connection is served by the model's stream lane (no Python per
+    binary message): the lane holds its session while it is open, and not after it closes."""
+    if server.frontend != "native":
+        pytest.skip("the Python front end's sessions live in the engine")
+    samples, _ = audio
+    served = server.repository.get("silero-vad")
+    with connect(server.ws + "?sequence_id=held-natively") as ws:
+        probabilities(ws, samples[: 2 * CHUNK])
+        assert served.lane_sessions() == 1 and served.engine.sessions == 0
+    for _ in range(100):  # (the server sees the close a moment later)
+        if served.lane_sessions() == 0:
+            break
+        time.sleep(0.02)
+    assert served.lane_sessions() == 0
+
+
+def _text_answers(frontend: str, samples: np.ndarray) -> list:
+    """The same session of text (JSON) and binary messages on one front end: every answer as it came."""
+    repository = repository_for("silero-vad", settings={"max_pending_chunks": 4})
+    chunk = lambda i: samples[i * CHUNK:(i + 1) * CHUNK].tolist()  # noqa: E731
+    messages = [
+        {"id": "a", "inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "FP32", "data": chunk(0)}]},
+        {"inputs": [{"name": "input", "shape": [2, CHUNK], "datatype": "FP32", "data": chunk(1) + chunk(2)}],
+         "outputs": [{"name": "output", "parameters": {"binary_data": True}}]},
+        samples[3 * CHUNK:5 * CHUNK].tobytes(),
+        {"inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "FP32", "data": chunk(5)}],
+         "parameters": {"binary_data_output": True}},
+        {"inputs": [{"name": "input", "shape": [1, 7], "datatype": "FP32", "data": [0.0] * 7}]},  # wrong shape
+        {"inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "INT64", "data": [0] * CHUNK}]},
+        b"\x00" * (CHUNK * 4 + 2),
+        np.full(CHUNK, np.nan, np.float32).tobytes(),
+        "[1, 2]",
+        {"id": "z", "inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "FP32", "data": chunk(7)}]},
+        {"inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "FP32", "data": chunk(8)}],
+         "outputs": [{"name": "nope"}]},  # (last: the Python front end refuses it after its step, not before)
+    ]
+    with BackgroundServer(create_app(repository), frontend=frontend) as background:
+        url = background.url.replace("http://", "ws://") + "/v2/models/silero-vad/stream?sequence_id=same"
+        with connect(url) as ws:
+            answers = []
+            for message in messages:
+                ws.send(json.dumps(message) if isinstance(message, dict) else message)
+                answers.append(ws.recv(timeout=30))
+    return answers
+
+
+@pytest.mark.skipif(HTTP_FRONTENDS == ["python"], reason="built without the native HTTP front end")
+def test_native_and_python_sessions_answer_alike_byte_for_byte(audio):
+    """Text messages (JSON tensors, binary outputs, errors) and binary ones on a native session get the
+    Python front end's answers: the same bytes, text or binary alike (probabilities within float rounding of
+    the batch: compared at rtol 1e-5 where they are numbers)."""
+    samples, _ = audio
+    native, python = _text_answers("native", samples), _text_answers("python", samples)
+    assert len(native) == len(python)
+    for got, want in zip(native, python):
+        assert type(got) is type(want), (got, want)
+        if isinstance(want, str):
+            g, w = json.loads(got), json.loads(want)
+            if "error" in w:
+                assert got == want
+            for out_g, out_w in zip(g.get("outputs", []), w.get("outputs", [])):
+                np.testing.assert_allclose(out_g.pop("data", []), out_w.pop("data", []), rtol=1e-5, atol=1e-6)
+            assert g == w
+            continue
+        assert len(got) == len(want)
+        if want.startswith(b"{"):  # the binary extension: a JSON header, then the values
+            (head_w, end), (head_g, _) = (json.JSONDecoder().raw_decode(x.decode("latin-1")) for x in (want, got))
+            assert head_g == head_w and got[:end] == want[:end]
+            got, want = got[end:], want[end:]
+        np.testing.assert_allclose(np.frombuffer(got, np.float32), np.frombuffer(want, np.float32), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_a_message_over_the_limit_is_refused_and_the_session_goes_on(audio):
+    samples, want = audio
+    for frontend in HTTP_FRONTENDS:
+        repository = repository_for("silero-vad")
+        with BackgroundServer(create_app(repository, max_body_bytes=8 * CHUNK * 4), frontend=frontend) as background:
+            url = background.url.replace("http://", "ws://") + "/v2/models/silero-vad/stream"
+            with connect(url) as ws:
+                got = probabilities(ws, samples[: 2 * CHUNK])
+                ws.send(samples[: 9 * CHUNK].tobytes())
+                assert json.loads(ws.recv(timeout=30)) == {"error": f"message exceeds the limit of {8 * CHUNK * 4} bytes"}
+                got += probabilities(ws, samples[2 * CHUNK: 4 * CHUNK])
+        np.testing.assert_allclose(got, want[:4], rtol=1e-4, atol=1e-5)
+
+
+def _frame(opcode: int, payload: bytes, rng) -> bytes:
+    """A client's WebSocket frame (masked, as RFC 6455 requires of clients)."""
+    key = bytes(rng.randrange(256) for _ in range(4))
+    size = len(payload)
+    head = bytes([0x80 | opcode])
+    head += bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big") if size < 65536 \
+        else bytes([0x80 | 127]) + size.to_bytes(8, "big")
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.mark.skipif(HTTP_FRONTENDS == ["python"], reason="built without the native HTTP front end")
+def test_fuzzed_upgrades_and_frames_for_a_bounded_time_leave_a_well_formed_session_correct(audio):
+    """Mutated upgrade requests and frames (bad opcodes, lengths, masks, payloads, cut connections) against
+    the native WebSocket sessions for a bounded time, while a well-formed session gets ONNX Runtime's
+    probabilities throughout."""
+    import random
+    import socket
+
+    samples, want = audio
+    rng = random.Random(5)
+    repository = repository_for("silero-vad", settings={"max_pending_chunks": 4})
+    chunk = samples[:CHUNK]
+    payloads = [(2, chunk.tobytes()), (2, samples[: 3 * CHUNK].tobytes()), (2, b"\x00\x01"), (1, b"{not json"),
+                (1, json.dumps({"inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "FP32",
+                                            "data": chunk.tolist()}]}).encode()),
+                (9, b"ping"), (8, b"\x03\xe8"), (0, b"continued"), (3, b"reserved opcode")]
+    stop, errors = threading.Event(), []
+    with BackgroundServer(create_app(repository, max_body_bytes=1 << 16), frontend="native") as server:
+        url = server.url.replace("http://", "ws://") + "/v2/models/silero-vad/stream"
+
+        def well_formed():
+            rounds = 0
+            while not stop.is_set() or rounds == 0:
+                try:
+                    with connect(url) as ws:
+                        got = probabilities(ws, samples[: 24 * CHUNK])
+                    np.testing.assert_allclose(got, want[:24], rtol=1e-4, atol=1e-5)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+                rounds += 1
+
+        checker = threading.Thread(target=well_formed)
+        checker.start()
+        deadline, sent = time.time() + 6, 0
+        while time.time() < deadline:
+            upgrade = bytearray((f"GET /v2/models/silero-vad/stream?sequence_id=fuzz-{sent} HTTP/1.1\r\n"
+                                 f"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                                 ).encode())
+            if rng.random() < 0.2:
+                upgrade[rng.randrange(len(upgrade))] = rng.randrange(256)
+            frames = bytearray()
+            for _ in range(rng.randint(1, 6)):
+                opcode, payload = rng.choice(payloads)
+                frame = bytearray(_frame(opcode, payload, rng))
+                for _ in range(rng.randint(0, 3)):
+                    frame[rng.randrange(len(frame))] = rng.randrange(256)
+                frames += frame
+            if rng.random() < 0.3:
+                frames = frames[: rng.randrange(len(frames) + 1)]  # cut short
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=2) as raw:
+                    raw.sendall(bytes(upgrade))
+                    raw.recv(4096)
+                    raw.sendall(bytes(frames))
+                    raw.settimeout(0.2)
+                    while raw.recv(65536):
+                        pass
+            except OSError:
+                pass
+            sent += 1
+        stop.set()
+        checker.join(120)
+        assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+        with connect(url) as ws:  # and a new session after it all
+            np.testing.assert_allclose(probabilities(ws, samples[: 4 * CHUNK]), want[:4], rtol=1e-4, atol=1e-5)
+    assert sent > 50 and not errors

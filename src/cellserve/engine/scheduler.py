@@ -235,6 +235,11 @@ class Engine:
             self._remember(session.id, reason)
             return True
 
+    def note_ended(self, sequence_id: str, reason: str) -> None:
+        """A session a native lane held ended (its WebSocket closed): later chunks naming it hear `reason`."""
+        with self._cv:
+            self._remember(str(sequence_id), reason)
+
     @property
     def sessions(self) -> int:
         return len(self._sessions)

@@ -44,7 +44,10 @@ import numpy as np
 from cellserve.engine.lane import StreamStep
 from cellserve.server import tracing
 from cellserve.server.auth import GRPC_GROUPS, refusal
-from cellserve.server.backend import GRPC_CODES, LocalBackend, ServiceError
+from cellserve.server.backend import GRPC_CODES, LocalBackend, ServiceError, _sequence_parameters
+from cellserve.server.protocol import (HEADER_LENGTH, InferResponse, ProtocolError, build_response,
+                                       parse_infer_request)
+from cellserve.server.websocket import SESSION_KEYS
 from cellserve.server.snapshot import to_text
 from cellserve.server.grpc_service import (InferenceServicer, _failed, _sequence_id, decode_request, encode_response,
                                            tls_pem)
@@ -140,11 +143,15 @@ class NativeGrpcServer:
                 log.debug("model %s: no native stream lane (%s)", served.name, step)
                 continue
             config = served.config
+            meta = served.metadata()  # the WebSocket route's default input and output (websocket.py)
+            first_input = next(t["name"] for t in meta["inputs"] if t["name"] != "sequence_snapshot")
+            first_output = next(t["name"] for t in meta["outputs"] if t["name"] != "sequence_snapshot")
+            websocket = first_input == step.input and first_output == step.outputs[0]["name"]
             self.front.add_lane(served.name, served.version, step.input, step.samples, step.context, step.width,
                                 config.max_batch, config.max_sessions or served.engine.runner.capacity,
                                 config.max_pending_chunks, float(config.idle_timeout_s),
                                 [(o["name"], o["rest"]) for o in step.outputs], _LaneStep(backend, served, step),
-                                LANE_WORKERS)
+                                LANE_WORKERS, websocket)
             served.lane_sessions = functools.partial(self.front.lane_sessions, served.name)
             names.append(served.name)
         if names:
@@ -367,7 +374,7 @@ class _LaneStep:
         self.success = backend.metrics.requests.labels(served.name, "success")
         self.failure = backend.metrics.requests.labels(served.name, "http_500")
 
-    def __call__(self, x, counts, state, queued, n, most, row, snapshot_rows, ids):
+    def __call__(self, x, counts, state, queued, n, most, row, snapshot_rows, ids, protocols):
         start, served = time.perf_counter(), self.served
         x = np.frombuffer(x, np.float32).reshape(n, most, row)
         counts = np.frombuffer(counts, np.int32)
@@ -393,17 +400,69 @@ class _LaneStep:
         latencies = queued + seconds
         served.engine.count_lane_step(n, seconds, kernel, latencies)
         if ACCESS.isEnabledFor(logging.INFO):
-            for rid, wait, chunks in zip(ids, queued.tolist(), counts.tolist()):
-                access_line(rid or new_request_id(), served.name, "grpc", 200, wait + seconds,
+            for rid, wait, chunks, protocol in zip(ids, queued.tolist(), counts.tolist(), protocols):
+                access_line(rid or new_request_id(), served.name, protocol, 200, wait + seconds,
                             {"rows": chunks, "parse_s": 0.0, "queue_s": wait, "compute_s": seconds})
         return outputs, final, snapshots
 
-    def refused(self, statuses: list[int]) -> None:
-        """Requests the lane refused since its last step (sessions full, draining, a busy restart), with
-        the HTTP statuses the Python path gives them: counted as its failures are."""
+    def refused(self, statuses: list[int], ids: list[str], protocols: list[str]) -> None:
+        """Requests the lane (or a native WebSocket) refused since its last step (sessions full, draining, a
+        busy restart, a malformed message), with the HTTP statuses the Python path gives them: counted and
+        logged as its failures are."""
         for status, count in collections.Counter(statuses).items():
             self.served.stats.record(False, 0.0, requests=count)
             self.backend.metrics.requests.labels(self.served.name, f"http_{status}").inc(count)
+        if ACCESS.isEnabledFor(logging.INFO):
+            for status, rid, protocol in zip(statuses, ids, protocols):
+                access_line(rid or new_request_id(), self.served.name, protocol, status, 0.0, {})
+
+    def closed(self, sids: list[str]) -> None:
+        """Sessions whose native WebSocket closed: a later message naming one hears why, as on the Python
+        front end (websocket.py)."""
+        for sid in sids:
+            self.served.engine.note_ended(sid, f"sequence {sid!r} ended when its WebSocket closed")
+
+    # A native WebSocket's text messages (websocket_front.cpp): read and answered here, one call each way, so
+    # that they are taken and worded exactly as the Python front end's (binary messages never come here).
+    def read_text(self, text: bytes, sid: str, start: bool):
+        """A JSON request on session `sid`: (samples bytes, chunks, id, wanted outputs, snapshot, request) for
+        the lane, or the error's message."""
+        try:
+            req = parse_infer_request(text, None)
+            for key in SESSION_KEYS:
+                req.parameters.pop(key, None)
+            req.parameters.update(sequence_id=sid, sequence_start=start)
+            sequence = _sequence_parameters(req.parameters, True)
+            self.served.requests(req.inputs)  # the model's own checks and messages
+            name = self.step.input
+            if set(req.inputs) != {name}:
+                raise ProtocolError(f"a stream message carries input {name!r} only, got {sorted(req.inputs)}")
+            samples = np.ascontiguousarray(req.inputs[name], np.float32)
+            if samples.ndim != 2 or samples.shape[1] != self.step.samples:
+                raise ProtocolError(f"input {name!r} must have shape [chunks, {self.step.samples}], got "
+                                    f"{list(samples.shape)}")
+            outputs = [o["name"] for o in self.step.outputs] + ["sequence_snapshot"] * bool(sequence.get(
+                "sequence_snapshot"))
+            unknown = set(req.outputs) - set(outputs)
+            if unknown:
+                raise ProtocolError(f"unknown output(s) {sorted(unknown)}; this model has {sorted(outputs)}")
+        except ValueError as exc:
+            return str(exc)
+        return (samples.tobytes(), samples.shape[0], req.id or "", list(req.outputs),
+                bool(sequence.get("sequence_snapshot")), req)
+
+    def answer_text(self, req, sid: str, chunks: int, names: list[str], raws: list[bytes]):
+        """The JSON answer (or the binary extension's body) to a text message: (bytes, is_text)."""
+        rests = {o["name"]: o["rest"] for o in self.step.outputs}
+        outputs = {name: np.array([raw], dtype=object) if name == "sequence_snapshot"
+                   else np.frombuffer(raw, np.float32).reshape(chunks, *rests[name])
+                   for name, raw in zip(names, raws)}
+        parameters = {"frames_pending": 0} if chunks == 1 else {}
+        parameters["sequence_id"] = sid
+        served = self.served
+        content, headers = build_response(InferResponse(served.name, served.version, req.id, outputs, parameters),
+                                          req)
+        return content, HEADER_LENGTH not in headers
 
 
 class _TokenLaneRecord:

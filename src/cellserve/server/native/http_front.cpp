@@ -15,6 +15,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
+#include <boost/beast/websocket/rfc6455.hpp>
 #include <rapidjson/document.h>
 
 #include <atomic>
@@ -28,6 +29,7 @@
 
 #include "http_front.h"
 #include "token_lanes.h"
+#include "websocket_front.h"
 
 namespace cellserve_front {
 
@@ -285,14 +287,14 @@ bool infer_target(std::string_view target, std::string &model, std::string &vers
   return !model.empty() && !version.empty() && version.find('/') == std::string::npos;
 }
 
+}  // namespace
+
 // {"error": message} as the Python path's json.dumps writes it (its messages here are ASCII)
 std::string error_json(const std::string &message) {
   std::string body = "{\"error\": ";
   json_string(body, message);
   return body + "}";
 }
-
-}  // namespace
 
 // --- the server --------------------------------------------------------------------------------------------
 
@@ -411,7 +413,21 @@ class Conn : public HttpConn, public std::enable_shared_from_this<Conn<Stream>> 
     if (ec) return close();
     request_ = parser_->release();
     beast::get_lowest_layer(stream_).expires_never();
+    if (open_websocket()) return;
     if (!take()) forward(false);
+  }
+
+  // A WebSocket upgrade a stream lane serves: the connection becomes its session (websocket_front.cpp).
+  bool open_websocket() {
+    WsPlan plan;
+    if (!front_->lanes || !beast::websocket::is_upgrade(request_) ||
+        !ws_plan(front_->lanes, std::string_view(request_.target().data(), request_.target().size()),
+                 front_->max_body, plan))
+      return false;
+    done();
+    closed_ = true;  // (the stream is the session's now)
+    ws_open(std::move(stream_), std::move(request_), std::move(plan));
+    return true;
   }
 
   // The request answered by a token lane: true when one took it.

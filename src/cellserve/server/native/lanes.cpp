@@ -27,6 +27,7 @@
 
 #include "front.h"
 #include "lanes.h"
+#include "stream_lanes.h"
 #include "token_lanes.h"
 
 namespace cellserve_front {
@@ -41,11 +42,29 @@ struct Job {
   std::vector<float> samples;       // chunks x the lane's samples per chunk
   std::vector<std::string> wanted;  // the outputs asked for, in order (none: all)
   double arrival;
+  const char *protocol = "grpc";    // the access log's name of its wire
+  StreamReply reply;                // another wire's (a WebSocket's): called with the answer; else gRPC's call
+};
+
+// A message the lane (or its wire) refused, for Python's statistics, metrics and access log.
+struct Refusal {
+  int status;
+  std::string id;
+  const char *protocol;
+};
+
+// What Lane::admit did with a message.
+struct Admission {
+  enum What { TAKEN, PYTHON, REFUSED } what = PYTHON;
+  bool hold = false;  // TAKEN from a gRPC stream whose session is past its pending chunks
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  std::string text;
 };
 
 struct Session {
   std::vector<float> state, context;
   bool busy = false, ending = false;  // ending: its last message has arrived
+  bool closed = false;                // its WebSocket closed: it ends when its message in a step is answered
   std::deque<Job> waiting;            // its messages behind the one in a step
   int pending = 0;                    // its chunks not answered yet
   std::vector<uint64_t> holding;      // streams held for it (pending past the limit)
@@ -88,6 +107,7 @@ struct Lane {
   std::string model, version, input;
   int chunk, context, width, max_rows, max_sessions, max_pending;
   double idle_timeout;
+  bool websocket = false;  // its sessions may open as native WebSockets (websocket_front.cpp)
   std::vector<Output> outputs;
   PyObject *step;  // step(x, counts, state, queued, n, most, row, snapshot_rows, ids) -> (outputs, state, snapshots)
 
@@ -96,7 +116,8 @@ struct Lane {
   std::unordered_map<std::string, Session> sessions;
   std::unordered_set<std::string> python_owned;  // sessions opened through Python (restores): theirs
   std::deque<Job> ready;
-  std::vector<int> refusals;  // the HTTP statuses of requests refused since the last step, for the statistics
+  std::vector<Refusal> refusals;  // requests refused since the last step, for the statistics
+  std::vector<std::string> closed_sids;  // sessions whose WebSocket closed, for Python to remember why
   bool stopping = false, draining = false;
   std::vector<std::thread> workers;  // each takes its own steps; a session is in one step at a time
   // Worker 0 takes whatever is ready; the others (helpers, on their own condition) only once this many
@@ -113,14 +134,16 @@ struct Lane {
   }
 
   Offer offer(const inference::ModelInferRequest &request, uint64_t call, bool stream, const std::string &logged_id);
-  // refused(), counted (the worker tells Python, with its next step or alone); under mu
-  Offer refuse(const inference::ModelInferRequest &request, bool stream, grpc::StatusCode code,
-               const std::string &text) {
-    refusals.push_back(code == grpc::StatusCode::UNAVAILABLE ? 503 : 400);
-    cv.notify_one();  // (worker 0 counts them)
-    return refused(request, stream, code, text);
+  Admission admit(Job &&job, bool restore);
+  // a refusal, counted (worker 0 tells Python, with its next step or alone); under mu
+  Admission refuse(const Job &job, grpc::StatusCode code, std::string text) {
+    refusals.push_back({code == grpc::StatusCode::UNAVAILABLE ? 503 : 400, job.logged_id, job.protocol});
+    cv.notify_one();
+    return Admission{Admission::REFUSED, false, code, std::move(text)};
   }
   void run(int index);
+  StreamResult result_of(const Job &job, int i, const std::vector<std::vector<float>> &outs,
+                         const std::vector<std::string> &snapshots, const std::string &error, int most) const;
   void finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector<std::vector<float>> &outs,
               std::vector<std::string> &snapshots, const std::string &error, std::vector<float> &x, int width_x,
               int most);
@@ -229,63 +252,134 @@ Offer Lane::offer(const inference::ModelInferRequest &request, uint64_t call, bo
     if (!known) return Offer{};
     job.wanted.push_back(asked.name());
   }
-  // the session: where it lives decides who answers
-  Offer taken;
-  taken.what = Offer::TAKEN;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (stopping) return Offer{};
-    if (restore) {  // the engine opens it from the snapshot (a session of that name here is replaced)
-      auto here = sessions.find(sid);
-      if (here != sessions.end() && !here->second.busy) sessions.erase(here);
-      if (!end) python_owned.insert(sid);
-      return Offer{};
-    }
-    if (python_owned.count(sid)) {
-      if (end) python_owned.erase(sid);  // (its next opening may be ours)
-      return Offer{};
-    }
-    auto it = sessions.find(sid);
-    if (start) {
-      if (draining)
-        return refuse(request, stream, grpc::StatusCode::UNAVAILABLE,
-                       "the server is shutting down: it finishes open sessions but takes no new work; retry on "
-                       "another replica");
-      if (it != sessions.end()) {
-        if (it->second.busy)
-          return refuse(request, stream, grpc::StatusCode::INVALID_ARGUMENT,
-                         "sequence " + quoted(sid) + " has chunks in flight; end it before restarting");
-        it->second = Session{};
-      } else {
-        if (static_cast<int>(sessions.size()) >= max_sessions)
-          return refuse(request, stream, grpc::StatusCode::UNAVAILABLE,
-                         "this model holds its maximum of " + std::to_string(max_sessions) +
-                             " open sequences; end one (sequence_end) or retry later");
-        it = sessions.emplace(sid, Session{}).first;
-      }
-      it->second.state.assign(width, 0.0f);
-      it->second.context.assign(context, 0.0f);
-    } else if (it == sessions.end() || it->second.ending) {
-      return Offer{};  // unknown or ended here: the engine knows it, or says why not
-    }
-    Session &session = it->second;
-    session.last_active = job.arrival;
-    session.ending = end;
-    session.pending += chunks;
-    if (stream && session.pending > max_pending &&
-        std::find(session.holding.begin(), session.holding.end(), call) == session.holding.end()) {
-      session.holding.push_back(call);
-      taken.hold = true;
-    }
-    if (session.busy) {
-      session.waiting.push_back(std::move(job));
+  Admission admitted = admit(std::move(job), restore);
+  Offer offer;
+  if (admitted.what == Admission::TAKEN) {
+    offer.what = Offer::TAKEN;
+    offer.hold = admitted.hold;
+  } else if (admitted.what == Admission::REFUSED) {
+    offer = refused(request, stream, admitted.code, admitted.text);
+  }
+  return offer;
+}
+
+// The session decides: where it lives answers it (Python's sessions, restores and unknown ones: PYTHON).
+Admission Lane::admit(Job &&job, bool restore) {
+  const std::string sid = job.sid;
+  const bool start = job.start, end = job.end;
+  Admission taken{Admission::TAKEN};
+  std::lock_guard<std::mutex> lock(mu);
+  if (stopping) return Admission{};
+  if (restore) {  // the engine opens it from the snapshot (a session of that name here is replaced)
+    auto here = sessions.find(sid);
+    if (here != sessions.end() && !here->second.busy) sessions.erase(here);
+    if (!end) python_owned.insert(sid);
+    return Admission{};
+  }
+  if (python_owned.count(sid)) {
+    if (end) python_owned.erase(sid);  // (its next opening may be ours)
+    return Admission{};
+  }
+  auto it = sessions.find(sid);
+  if (start) {
+    if (draining)
+      return refuse(job, grpc::StatusCode::UNAVAILABLE,
+                    "the server is shutting down: it finishes open sessions but takes no new work; retry on "
+                    "another replica");
+    if (it != sessions.end()) {
+      if (it->second.busy)
+        return refuse(job, grpc::StatusCode::INVALID_ARGUMENT,
+                      "sequence " + quoted(sid) + " has chunks in flight; end it before restarting");
+      it->second = Session{};
     } else {
-      session.busy = true;
-      ready.push_back(std::move(job));
-      wake();
+      if (static_cast<int>(sessions.size()) >= max_sessions)
+        return refuse(job, grpc::StatusCode::UNAVAILABLE,
+                      "this model holds its maximum of " + std::to_string(max_sessions) +
+                          " open sequences; end one (sequence_end) or retry later");
+      it = sessions.emplace(sid, Session{}).first;
     }
+    it->second.state.assign(width, 0.0f);
+    it->second.context.assign(context, 0.0f);
+  } else if (it == sessions.end() || it->second.ending || it->second.closed) {
+    return Admission{};  // unknown or ended here: the engine knows it, or says why not
+  }
+  Session &session = it->second;
+  session.last_active = job.arrival;
+  session.ending = end;
+  session.pending += job.chunks;
+  if (job.stream && session.pending > max_pending &&
+      std::find(session.holding.begin(), session.holding.end(), job.call) == session.holding.end()) {
+    session.holding.push_back(job.call);
+    taken.hold = true;
+  }
+  if (session.busy) {
+    session.waiting.push_back(std::move(job));
+  } else {
+    session.busy = true;
+    ready.push_back(std::move(job));
+    wake();
   }
   return taken;
+}
+
+// --- the other wires' face (stream_lanes.h) ------------------------------------------------------------------
+
+Lane *lanes_stream_lane(Lanes *lanes, const std::string &model) {
+  std::lock_guard<std::mutex> lock(lanes->mu);
+  auto it = lanes->by_model.find(model);
+  return it == lanes->by_model.end() ? nullptr : it->second.get();
+}
+
+StreamLaneInfo stream_lane_info(const Lane *lane) {
+  StreamLaneInfo info;
+  info.version = lane->version;
+  info.input = lane->input;
+  info.chunk = lane->chunk;
+  info.max_pending = lane->max_pending;
+  for (const auto &out : lane->outputs) info.outputs.push_back(out.name);
+  info.step = lane->step;
+  info.websocket = lane->websocket;
+  return info;
+}
+
+std::string stream_lane_admit(Lane *lane, StreamAsk &&ask, const char *protocol, StreamReply reply, int &status) {
+  Job job{0, false, ask.start, false, ask.snapshot, ask.id, ask.sid, ask.id, ask.chunks, std::move(ask.samples),
+          std::move(ask.wanted), now_s(), protocol, std::move(reply)};
+  const std::string sid = job.sid;
+  Admission admitted = lane->admit(std::move(job), false);
+  if (admitted.what == Admission::TAKEN) return "";
+  if (admitted.what == Admission::REFUSED) {
+    status = admitted.code == grpc::StatusCode::UNAVAILABLE ? 503 : 400;
+    return admitted.text;
+  }
+  // a session this wire opened and the lane no longer holds: expired (or opened elsewhere since)
+  status = 400;
+  char idle[32];
+  snprintf(idle, sizeof idle, "%g", lane->idle_timeout);
+  std::string text = "sequence " + quoted(sid) + " expired after " + idle +
+                     " s idle; start a new one with sequence_start";
+  std::lock_guard<std::mutex> lock(lane->mu);
+  lane->refusals.push_back({status, ask.id, protocol});
+  lane->cv.notify_one();
+  return text;
+}
+
+void stream_lane_refused(Lane *lane, int status, const std::string &id, const char *protocol) {
+  std::lock_guard<std::mutex> lock(lane->mu);
+  lane->refusals.push_back({status, id, protocol});
+  lane->cv.notify_one();
+}
+
+void stream_lane_close(Lane *lane, const std::string &sid) {
+  std::lock_guard<std::mutex> lock(lane->mu);
+  auto it = lane->sessions.find(sid);
+  if (it == lane->sessions.end() || it->second.closed) return;
+  if (it->second.busy)
+    it->second.closed = true;  // (finish ends it after its last message)
+  else
+    lane->sessions.erase(it);
+  lane->closed_sids.push_back(sid);
+  lane->cv.notify_one();
 }
 
 // --- the worker: one step per batch of ready messages --------------------------------------------------------
@@ -338,14 +432,15 @@ void Lane::run(int index) {
   std::vector<float> x, state;
   std::vector<int32_t> counts;
   std::vector<double> queued;
-  std::vector<int> refused_now;
+  std::vector<Refusal> refused_now;
+  std::vector<std::string> closed_now;
   for (;;) {
     int most = 0;  // the most chunks of a message in this step
     {
       std::unique_lock<std::mutex> lock(mu);
       if (index == 0)
         cv.wait_for(lock, std::chrono::duration<double>(sweep),
-                    [&] { return stopping || !ready.empty() || !refusals.empty(); });
+                    [&] { return stopping || !ready.empty() || !refusals.empty() || !closed_sids.empty(); });
       else
         helpers_cv.wait_for(lock, std::chrono::duration<double>(sweep), [&] { return stopping || helpers_wanted(); });
       if (ready.empty() && stopping) return;
@@ -363,8 +458,10 @@ void Lane::run(int index) {
       if (index == 0) {
         refused_now.swap(refusals);
         refusals.clear();
+        closed_now.swap(closed_sids);
+        closed_sids.clear();
       }
-      if (jobs.empty() && refused_now.empty()) continue;
+      if (jobs.empty() && refused_now.empty() && closed_now.empty()) continue;
       for (auto &job : jobs) most = std::max(most, job.chunks);
       const int n = static_cast<int>(jobs.size()), row = context + chunk;
       x.assign(static_cast<size_t>(n) * most * row, 0.0f);
@@ -391,15 +488,34 @@ void Lane::run(int index) {
     std::vector<std::string> snapshots(n);
     std::string error;
     PyGILState_STATE gil = PyGILState_Ensure();
-    if (!refused_now.empty()) {  // step.refused([status, ...]): the refusals' statistics, in one call
-      PyObject *statuses = PyList_New(static_cast<Py_ssize_t>(refused_now.size()));
-      for (size_t i = 0; statuses && i < refused_now.size(); i++)
-        PyList_SET_ITEM(statuses, i, PyLong_FromLong(refused_now[i]));
-      PyObject *done = statuses ? PyObject_CallMethod(step, "refused", "(O)", statuses) : nullptr;
+    if (!refused_now.empty()) {  // step.refused(statuses, ids, protocols): their statistics, in one call
+      const Py_ssize_t count = static_cast<Py_ssize_t>(refused_now.size());
+      PyObject *statuses = PyList_New(count), *ids = PyList_New(count), *protocols = PyList_New(count);
+      for (Py_ssize_t i = 0; statuses && ids && protocols && i < count; i++) {
+        const Refusal &r = refused_now[i];
+        PyList_SET_ITEM(statuses, i, PyLong_FromLong(r.status));
+        PyList_SET_ITEM(ids, i, PyUnicode_DecodeUTF8(r.id.data(), static_cast<Py_ssize_t>(r.id.size()), "replace"));
+        PyList_SET_ITEM(protocols, i, PyUnicode_FromString(r.protocol));
+      }
+      PyObject *done = statuses && ids && protocols
+                           ? PyObject_CallMethod(step, "refused", "(OOO)", statuses, ids, protocols) : nullptr;
       if (!done) python_error();
       Py_XDECREF(done);
       Py_XDECREF(statuses);
+      Py_XDECREF(ids);
+      Py_XDECREF(protocols);
       refused_now.clear();
+    }
+    if (!closed_now.empty()) {  // step.closed(sids): Python remembers why they ended
+      PyObject *sids = PyList_New(static_cast<Py_ssize_t>(closed_now.size()));
+      for (size_t i = 0; sids && i < closed_now.size(); i++)
+        PyList_SET_ITEM(sids, i, PyUnicode_DecodeUTF8(closed_now[i].data(),
+                                                      static_cast<Py_ssize_t>(closed_now[i].size()), "replace"));
+      PyObject *done = sids ? PyObject_CallMethod(step, "closed", "(O)", sids) : nullptr;
+      if (!done) python_error();
+      Py_XDECREF(done);
+      Py_XDECREF(sids);
+      closed_now.clear();
     }
     if (n == 0) {
       PyGILState_Release(gil);
@@ -407,12 +523,15 @@ void Lane::run(int index) {
     }
     {
       const Py_ssize_t row = context + chunk;
-      PyObject *snap_rows = PyList_New(0), *ids = PyList_New(n);
-      for (int i = 0; snap_rows && ids && i < n; i++) {
+      PyObject *snap_rows = PyList_New(0), *ids = PyList_New(n), *protocols = PyList_New(n);
+      for (int i = 0; snap_rows && ids && protocols && i < n; i++) {
         const std::string &logged = jobs[i].logged_id;
         PyObject *id = PyUnicode_DecodeUTF8(logged.data(), static_cast<Py_ssize_t>(logged.size()), "replace");
         if (!id) Py_CLEAR(ids);
         if (ids) PyList_SET_ITEM(ids, i, id);
+        PyObject *protocol = PyUnicode_FromString(jobs[i].protocol);
+        if (!protocol) Py_CLEAR(protocols);
+        if (protocols) PyList_SET_ITEM(protocols, i, protocol);
         if (!jobs[i].snapshot) continue;
         PyObject *index = PyLong_FromLong(i);
         if (!index || PyList_Append(snap_rows, index) < 0) Py_CLEAR(snap_rows);
@@ -426,9 +545,9 @@ void Lane::run(int index) {
           PyMemoryView_FromMemory(reinterpret_cast<char *>(state.data()), state.size() * sizeof(float), PyBUF_READ),
           PyMemoryView_FromMemory(reinterpret_cast<char *>(queued.data()), queued.size() * sizeof(double), PyBUF_READ)};
       const bool viewed = views[0] && views[1] && views[2] && views[3];
-      PyObject *result = snap_rows && ids && viewed
-          ? PyObject_CallFunction(step, "(OOOOiiiOO)", views[0], views[1], views[2], views[3], n, most,
-                                  static_cast<int>(row), snap_rows, ids)
+      PyObject *result = snap_rows && ids && protocols && viewed
+          ? PyObject_CallFunction(step, "(OOOOiiiOOO)", views[0], views[1], views[2], views[3], n, most,
+                                  static_cast<int>(row), snap_rows, ids, protocols)
           : nullptr;
       PyObject *type, *value, *trace;
       PyErr_Fetch(&type, &value, &trace);  // (a failed step's traceback may still hold its arrays)
@@ -443,6 +562,7 @@ void Lane::run(int index) {
       PyErr_Restore(type, value, trace);
       Py_XDECREF(snap_rows);
       Py_XDECREF(ids);
+      Py_XDECREF(protocols);
       bool ok = result && PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 3 &&
                 PyList_Check(PyTuple_GET_ITEM(result, 0)) &&
                 PyList_GET_SIZE(PyTuple_GET_ITEM(result, 0)) == static_cast<Py_ssize_t>(outputs.size()) &&
@@ -510,7 +630,7 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
       if (!session.waiting.empty()) {
         ready.push_back(std::move(session.waiting.front()));
         session.waiting.pop_front();
-      } else if (job.end) {
+      } else if (job.end || session.closed) {
         released.insert(released.end(), session.holding.begin(), session.holding.end());
         sessions.erase(it);
       } else {
@@ -522,6 +642,10 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
   std::string bytes;
   for (int i = 0; i < n; i++) {
     const Job &job = jobs[i];
+    if (job.reply) {
+      job.reply(result_of(job, i, outs, snapshots, error, most));
+      continue;
+    }
     if (!error.empty()) {
       if (job.stream) {
         inference::ModelStreamInferResponse answer;
@@ -578,6 +702,37 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
   for (uint64_t call : released) front->with_call(call, [](Call *c) { c->release_hold(); });
 }
 
+// A message's answer for another wire: its outputs' bytes in the order asked for.
+StreamResult Lane::result_of(const Job &job, int i, const std::vector<std::vector<float>> &outs,
+                             const std::vector<std::string> &snapshots, const std::string &error, int most) const {
+  StreamResult result;
+  result.chunks = job.chunks;
+  if (!error.empty()) {
+    result.error = error;
+    return result;
+  }
+  auto add = [&](size_t o) {
+    const float *values = &outs[o][static_cast<size_t>(i) * most * outputs[o].size];
+    result.names.push_back(outputs[o].name);
+    result.raw.emplace_back(reinterpret_cast<const char *>(values), job.chunks * outputs[o].size * sizeof(float));
+  };
+  if (job.wanted.empty())
+    for (size_t o = 0; o < outputs.size(); o++) add(o);
+  for (const auto &name : job.wanted) {
+    for (size_t o = 0; o < outputs.size(); o++)
+      if (outputs[o].name == name) add(o);
+    if (name == "sequence_snapshot") {
+      result.names.push_back(name);
+      result.raw.push_back(snapshots[i]);
+    }
+  }
+  if (job.wanted.empty() && job.snapshot) {
+    result.names.push_back("sequence_snapshot");
+    result.raw.push_back(snapshots[i]);
+  }
+  return result;
+}
+
 void lanes_stop(Lanes *lanes) {
   std::vector<Lane *> all;
   {
@@ -610,14 +765,16 @@ void lanes_delete(Lanes *lanes) {
 // --- the Python face (grpc_front.cpp's Front object calls these) ------------------------------------------
 
 // add_lane(model, version, input, chunk, context, width, max_rows, max_sessions, max_pending_chunks,
-//          idle_timeout_s, outputs [(name, [dims after the batch axis])], step, workers)
+//          idle_timeout_s, outputs [(name, [dims after the batch axis])], step, workers, websocket=False)
+// websocket: its sessions may open as native WebSockets (the stream route's default input and output, as
+// Python reads them from the model's metadata, are the lane's input and first output)
 PyObject *lanes_add(Lanes *lanes, PyObject *args) {
   const char *model, *version, *input;
-  int chunk, context, width, max_rows, max_sessions, max_pending, workers;
+  int chunk, context, width, max_rows, max_sessions, max_pending, workers, websocket = 0;
   double idle_timeout;
   PyObject *outputs, *step;
-  if (!PyArg_ParseTuple(args, "sssiiiiiidOOi", &model, &version, &input, &chunk, &context, &width, &max_rows,
-                        &max_sessions, &max_pending, &idle_timeout, &outputs, &step, &workers))
+  if (!PyArg_ParseTuple(args, "sssiiiiiidOOi|p", &model, &version, &input, &chunk, &context, &width, &max_rows,
+                        &max_sessions, &max_pending, &idle_timeout, &outputs, &step, &workers, &websocket))
     return nullptr;
   if (chunk < 1 || context < 0 || width < 1 || max_rows < 1 || max_sessions < 1 || max_pending < 1 ||
       !(idle_timeout > 0) || !PyCallable_Check(step) || workers < 1 || workers > 64) {
@@ -637,6 +794,7 @@ PyObject *lanes_add(Lanes *lanes, PyObject *args) {
   lane->max_sessions = max_sessions;
   lane->max_pending = max_pending;
   lane->idle_timeout = idle_timeout;
+  lane->websocket = websocket;
   PyObject *seq = PySequence_Fast(outputs, "add_lane: outputs is a list of (name, dims)");
   if (!seq) return nullptr;
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
