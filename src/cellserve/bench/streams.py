@@ -11,9 +11,10 @@ swept upward until a deployment no longer sustains it (p99 <= 100 ms, nothing re
                   head batched per step; a message is one request whose rows are its chunks (run in order).
                   On the native gRPC front end where it was built;
   cellular-python the same on the Python gRPC front end (grpcio), the reference;
-  cellular-ws     the same over WebSockets on the HTTP port (server/websocket.py, the Python front end): one
-                  connection per stream, each message one binary frame of its chunks' samples, answered with
-                  their probabilities; driven by an asyncio client of the `websockets` library;
+  cellular-ws     the same over WebSockets on the HTTP port (natively on the stream lanes where the native HTTP
+                  front end was built, else server/websocket.py): one connection per stream, each message one
+                  binary frame of its chunks' samples, answered with their probabilities; driven by the native
+                  WebSocket load generator (bench/native/wsload.cpp), else an asyncio client;
   triton          Triton Inference Server (the nvidia-pytriton wheel's tritonserver), ONNX Runtime in its
                   Python backend under dynamic batching up to 64, the state carried by the client as for
                   graph: what a Triton user deploys today (bench/triton/; its environment, with numpy < 2
@@ -47,6 +48,10 @@ try:
     from cellserve.bench import _loadgen
 except ImportError:  # built without grpc++: the Python client drives every deployment
     _loadgen = None
+try:
+    from cellserve.bench import _wsload
+except ImportError:  # built without Boost.Beast: an asyncio client drives cellular-ws
+    _wsload = None
 
 SR, CHUNK, CONTEXT = 16000, 512, 64
 # S swept: doublings while far from saturation, then steps of at most 1.25x up to 2048 (a deployment's sweep
@@ -287,17 +292,41 @@ def _drive_native(port: int, model: str, streams: int, message_ms: int, seconds:
     return row
 
 
-async def _drive_ws(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int) -> dict:
-    """cellular-ws: a WebSocket per stream (its session), each message one binary frame sent at its scheduled
-    time; a message's latency runs from that time to its answer (answers come in order on a connection)."""
-    from websockets.asyncio.client import connect
-
+def _ws_plan(streams: int, message_ms: int, seconds: float, seed: int) -> tuple[list, int]:
+    """cellular-ws's messages: per stream, (time, binary frame of its chunks' samples); and their count."""
     per = message_ms * SR // 1000 // CHUNK
     schedule = _schedule(streams, message_ms, seconds, seed)
     audio = _audio(streams, (len(schedule) // streams + 2) * per * CHUNK, seed)
     plan: list[list[tuple[float, bytes]]] = [[] for _ in range(streams)]
     for at, s, k in schedule:
         plan[s].append((at, audio[s, k * per * CHUNK:(k + 1) * per * CHUNK].tobytes()))
+    return plan, len(schedule)
+
+
+def _drive_ws_native(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int) -> dict:
+    """cellular-ws from the native load generator (bench/native/wsload.cpp): a WebSocket per stream, each
+    message one binary frame prepared before the clock starts and sent at its scheduled time; a message's
+    latency runs from that time to its answer (answers come in order on a connection)."""
+    plan, count = _ws_plan(streams, message_ms, seconds, seed)
+    targets = [f"/v2/models/{model}/stream?sequence_id=ws-{s}-{seed}" for s in range(streams)]
+    cpu = time.process_time()  # the load generator's thread is this process's
+    latencies, errors = _wsload.run("127.0.0.1", port, targets, [[m for _, m in p] for p in plan],
+                                    [[at for at, _ in p] for p in plan], seconds + 30)
+    client_cpu = time.process_time() - cpu
+    latencies, errors = np.array(latencies), np.array(errors, bool)
+    answered = latencies[~np.isnan(latencies) & ~errors]
+    row = _row("cellular-ws", message_ms, streams, list(answered), 0, int(np.isnan(latencies).sum()),
+               int(errors.sum()))
+    row["client_cpu_us_per_message"] = client_cpu / count * 1e6
+    return row
+
+
+async def _drive_ws(port: int, model: str, streams: int, message_ms: int, seconds: float, seed: int) -> dict:
+    """cellular-ws from an asyncio client of the `websockets` library (where the native one was not built):
+    the same messages on the same schedule."""
+    from websockets.asyncio.client import connect
+
+    plan, count = _ws_plan(streams, message_ms, seconds, seed)
     loop = asyncio.get_running_loop()
     url = f"ws://127.0.0.1:{port}/v2/models/{model}/stream"
     sockets = [await connect(f"{url}?sequence_id=ws-{s}-{seed}", max_queue=None, compression=None)
@@ -325,9 +354,9 @@ async def _drive_ws(port: int, model: str, streams: int, message_ms: int, second
     client_cpu = time.process_time() - cpu
     for ws in sockets:
         await ws.close()
-    lost = len(schedule) - len(latencies) - failed[0]
+    lost = count - len(latencies) - failed[0]
     row = _row("cellular-ws", message_ms, streams, latencies, 0, lost, failed[0])
-    row["client_cpu_us_per_message"] = client_cpu / len(schedule) * 1e6
+    row["client_cpu_us_per_message"] = client_cpu / count * 1e6
     return row
 
 
@@ -454,6 +483,8 @@ def run(message_ms=(96,), streams=STREAMS, deployments=DEPLOYMENTS[:5],
                             elif deployment == "triton":
                                 row = asyncio.run(_drive_server(server.grpc_port, MODELS[deployment], s, ms, seconds,
                                                                 seed, server_state=False, state_shape=(1, 2, 128)))
+                            elif deployment == "cellular-ws" and _wsload is not None:
+                                row = _drive_ws_native(server.port, MODELS[deployment], s, ms, seconds, seed + i)
                             elif deployment == "cellular-ws":
                                 row = asyncio.run(_drive_ws(server.port, MODELS[deployment], s, ms, seconds, seed + i))
                             elif deployment != "graph" and _loadgen is not None:
