@@ -344,3 +344,25 @@ def test_fuzzed_upgrades_and_frames_for_a_bounded_time_leave_a_well_formed_sessi
         with connect(url) as ws:  # and a new session after it all
             np.testing.assert_allclose(probabilities(ws, samples[: 4 * CHUNK]), want[:4], rtol=1e-4, atol=1e-5)
     assert sent > 50 and not errors
+
+
+def test_a_snapshot_taken_on_the_websocket_restores_over_http(server, audio):
+    """A text message with sequence_snapshot returns the session's snapshot (the native session's as the
+    Python one's); restored over HTTP under another sequence_id, it goes on exactly as the WebSocket does."""
+    samples, want = audio
+    chunk = lambda i: samples[i * CHUNK:(i + 1) * CHUNK]  # noqa: E731
+    with connect(server.ws + "?sequence_id=to-snapshot") as ws:
+        probabilities(ws, samples[: 5 * CHUNK])
+        ws.send(json.dumps({"inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "FP32",
+                                        "data": chunk(5).tolist()}], "parameters": {"sequence_snapshot": True}}))
+        answer = json.loads(ws.recv(timeout=30))
+        (blob,) = next(o["data"] for o in answer["outputs"] if o["name"] == "sequence_snapshot")
+        going_on = probabilities(ws, samples[6 * CHUNK: 8 * CHUNK])
+    body = {"inputs": [{"name": "input", "shape": [1, CHUNK], "datatype": "FP32", "data": chunk(6).tolist()},
+                       {"name": "sequence_snapshot", "shape": [1], "datatype": "BYTES", "data": [blob]}],
+            "parameters": {"sequence_id": "restored", "sequence_restore": True}}
+    reply = httpx.post(f"{server.url}/v2/models/silero-vad/infer", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    restored = reply.json()["outputs"][0]["data"][0]
+    np.testing.assert_allclose([restored], going_on[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(going_on, want[6:8], rtol=1e-4, atol=1e-5)

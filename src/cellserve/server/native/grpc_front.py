@@ -438,7 +438,7 @@ class _LaneStep:
             if set(req.inputs) != {name}:
                 raise ProtocolError(f"a stream message carries input {name!r} only, got {sorted(req.inputs)}")
             samples = np.ascontiguousarray(req.inputs[name], np.float32)
-            if samples.ndim != 2 or samples.shape[1] != self.step.samples:
+            if samples.ndim != 2 or samples.shape[1] != self.step.samples or samples.shape[0] < 1:
                 raise ProtocolError(f"input {name!r} must have shape [chunks, {self.step.samples}], got "
                                     f"{list(samples.shape)}")
             outputs = [o["name"] for o in self.step.outputs] + ["sequence_snapshot"] * bool(sequence.get(
