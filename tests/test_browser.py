@@ -110,16 +110,24 @@ def test_the_page_listens_through_the_microphone_and_shows_silero_vads_segments(
     silero_vad = pytest.importorskip("silero_vad")
     from cellserve.bench.common import free_port
     from cellserve.server import websocket
+    from cellserve.server.native import grpc_front
     from cellserve.server.main import repository_for
 
-    heard = []
-    submit = websocket._Stream.submit_binary
+    heard = []  # what the server heard: through the native lane's steps, or the Python front end's messages
+    submit, step = websocket._Stream.submit_binary, grpc_front._LaneStep.__call__
 
     def recorded(self, data):
         heard.append(np.frombuffer(data, np.float32).copy())
         return submit(self, data)
 
+    def stepped(self, x, counts, state, queued, n, most, row, *rest):
+        chunks = np.frombuffer(x, np.float32).reshape(n, most, row)
+        for i, count in enumerate(np.frombuffer(counts, np.int32)):  # (each chunk after its context)
+            heard.append(chunks[i, :count, row - 512:].reshape(-1).copy())
+        return step(self, x, counts, state, queued, n, most, row, *rest)
+
     monkeypatch.setattr(websocket._Stream, "submit_binary", recorded)
+    monkeypatch.setattr(grpc_front._LaneStep, "__call__", stepped)
     wav = pathlib.Path(__file__).parent / "data" / "speech_16k.wav"
     with wave.open(str(wav)) as f:
         file_samples = np.frombuffer(f.readframes(f.getnframes()), np.int16).astype(np.float32) / 32768.0
