@@ -1,5 +1,7 @@
 // Stream lanes: the session messages of a streaming model (ModelInfer and ModelStreamInfer with a
 // sequence_id), parsed, checked, held per session, batched and answered here, without Python per message.
+// Native WebSocket sessions (websocket_front.cpp) admit theirs into the same sessions and steps through
+// stream_lanes.h, and get their outputs back to encode for their wire.
 //
 // Python registers a lane per model it can hand over (server/native/grpc_front.py): the one input a client
 // sends (FP32 [chunks, samples]), the samples of context a session keeps, the width of its flat state, the
@@ -10,8 +12,8 @@
 // message (BatchMaker: one cell invocation per step, whatever the request count).
 //
 // What a lane does not take goes to Python as before: other models, malformed or ill-shaped requests (Python
-// words the error), sessions it does not hold (unknown, expired, restored from a snapshot, or opened over
-// HTTP), and restores. A session lives where it was opened; its later messages follow it.
+// words the error), sessions it does not hold (unknown, expired, restored from a snapshot, or opened by an
+// HTTP POST), and restores. A session lives where it was opened; its later messages follow it.
 //
 // Locks: a call's lock is held while it offers a message (OnReadDone), so the lane never takes a call's or
 // the registry's lock under its own; the worker answers (and releases held streams) after letting it go.
@@ -109,7 +111,8 @@ struct Lane {
   double idle_timeout;
   bool websocket = false;  // its sessions may open as native WebSockets (websocket_front.cpp)
   std::vector<Output> outputs;
-  PyObject *step;  // step(x, counts, state, queued, n, most, row, snapshot_rows, ids) -> (outputs, state, snapshots)
+  // step(x, counts, state, queued, n, most, row, snapshot_rows, ids, protocols) -> (outputs, state, snapshots)
+  PyObject *step;
 
   std::mutex mu;
   std::condition_variable cv;
@@ -356,12 +359,8 @@ std::string stream_lane_admit(Lane *lane, StreamAsk &&ask, const char *protocol,
   status = 400;
   char idle[32];
   snprintf(idle, sizeof idle, "%g", lane->idle_timeout);
-  std::string text = "sequence " + quoted(sid) + " expired after " + idle +
-                     " s idle; start a new one with sequence_start";
-  std::lock_guard<std::mutex> lock(lane->mu);
-  lane->refusals.push_back({status, ask.id, protocol});
-  lane->cv.notify_one();
-  return text;
+  stream_lane_refused(lane, status, ask.id, protocol);
+  return "sequence " + quoted(sid) + " expired after " + idle + " s idle; start a new one with sequence_start";
 }
 
 void stream_lane_refused(Lane *lane, int status, const std::string &id, const char *protocol) {
