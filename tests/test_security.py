@@ -2,8 +2,6 @@
 refuses calls without its header (401 / UNAUTHENTICATED) or with a wrong value (403 / PERMISSION_DENIED)
 and serves those with it; the other groups stay open; a self-signed certificate serves both wires."""
 
-import datetime
-import ipaddress
 import ssl
 
 import httpx
@@ -66,31 +64,6 @@ def test_parse_restriction_names_what_is_wrong():
                           ("inference:k=", "GROUPS:HEADER=VALUE")):
         with pytest.raises(ValueError, match=message):
             parse_restriction(text)
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 and localhost."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
 def test_tls_on_http_and_grpc_with_the_real_clients(certificate, grpc_frontend):

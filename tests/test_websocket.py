@@ -366,3 +366,21 @@ def test_a_snapshot_taken_on_the_websocket_restores_over_http(server, audio):
     restored = reply.json()["outputs"][0]["data"][0]
     np.testing.assert_allclose([restored], going_on[:1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(going_on, want[6:8], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("frontend", HTTP_FRONTENDS)
+def test_a_session_over_tls_gives_the_same_probabilities(certificate, audio, frontend):
+    """wss:// on the TLS port: the native front end's sessions run over its TLS stream as over TCP."""
+    import ssl
+
+    cert, key = certificate
+    samples, want = audio
+    repository = repository_for("silero-vad")
+    with BackgroundServer(create_app(repository), frontend=frontend, ssl_certfile=cert, ssl_keyfile=key) as server:
+        url = f"wss://localhost:{server.port}/v2/models/silero-vad/stream?sequence_id=over-tls"
+        with connect(url, ssl=ssl.create_default_context(cafile=cert)) as ws:
+            assert ws.response.headers["X-Sequence-Id"] == "over-tls"
+            got = probabilities(ws, samples[: 6 * CHUNK])
+            if frontend == "native":
+                assert repository.get("silero-vad").lane_sessions() == 1
+    np.testing.assert_allclose(got, want[:6], rtol=1e-4, atol=1e-5)
