@@ -83,6 +83,15 @@ async def serve_stream(websocket: WebSocket, backend, name: str, version: str | 
         stream.end()
 
 
+def in_session(request: InferRequest, sid: str, start: bool) -> InferRequest:
+    """A message of the connection's session: its session parameters are the connection's (a sequence_snapshot
+    flag passes through). Also the native sessions' text messages (server/native/grpc_front.py)."""
+    for key in SESSION_KEYS:
+        request.parameters.pop(key, None)
+    request.parameters.update(sequence_id=sid, sequence_start=start)
+    return request
+
+
 async def _refuse(websocket: WebSocket, message: str) -> None:
     await websocket.accept()
     await websocket.send_text(json.dumps({"error": message}))
@@ -139,11 +148,7 @@ class _Stream:
         self._submit(parse, binary=True)
 
     def _in_session(self, request: InferRequest) -> InferRequest:
-        if self.stateful:
-            for key in SESSION_KEYS:
-                request.parameters.pop(key, None)
-            request.parameters.update(sequence_id=self.sid, sequence_start=not self.started)
-        return request
+        return in_session(request, self.sid, not self.started) if self.stateful else request
 
     def _submit(self, parse, binary: bool) -> None:
         future = self.loop.create_future()

@@ -47,7 +47,7 @@ from cellserve.server.auth import GRPC_GROUPS, refusal
 from cellserve.server.backend import GRPC_CODES, LocalBackend, ServiceError, _sequence_parameters
 from cellserve.server.protocol import (HEADER_LENGTH, InferResponse, ProtocolError, build_response,
                                        parse_infer_request)
-from cellserve.server.websocket import SESSION_KEYS
+from cellserve.server.websocket import in_session
 from cellserve.server.snapshot import to_text
 from cellserve.server.grpc_service import (InferenceServicer, _failed, _sequence_id, decode_request, encode_response,
                                            tls_pem)
@@ -428,10 +428,7 @@ class _LaneStep:
         """A JSON request on session `sid`: (samples bytes, chunks, id, wanted outputs, snapshot, request) for
         the lane, or the error's message."""
         try:
-            req = parse_infer_request(text, None)
-            for key in SESSION_KEYS:
-                req.parameters.pop(key, None)
-            req.parameters.update(sequence_id=sid, sequence_start=start)
+            req = in_session(parse_infer_request(text, None), sid, start)
             sequence = _sequence_parameters(req.parameters, True)
             self.served.requests(req.inputs)  # the model's own checks and messages
             name = self.step.input
