@@ -14,7 +14,8 @@ from cellserve.kernels.quantized import quantize_rows
 from cellserve.kernels.recurrence import gru_sequence, gru_step, lstm_sequence, lstm_step
 
 SHAPES = [(1, 1, 1), (1, 3, 17), (3, 17, 255), (17, 255, 3), (255, 17, 33), (2, 300, 70), (13, 64, 96),
-          (16, 129, 64), (33, 40, 31), (1, 1000, 45), (70, 5, 257)]
+          (16, 129, 64), (33, 40, 31), (1, 1000, 45), (70, 5, 257),
+          (40, 300, 70)]  # the last: several row tiles over three k blocks of fp32 (K_BLOCK 128)
 
 
 @pytest.fixture(params=kernels.isas())
@@ -49,13 +50,15 @@ def test_packing_round_trips_and_packed_equals_unpacked(isa, rng):
     np.testing.assert_array_equal(dense(x), first)
 
 
-def test_addend_bias_and_strided_rows(isa, rng):
-    """out = addend + x @ W^T + bias, with x a row-strided view (no copy) and the addend aliasing out."""
-    w = rng.standard_normal((40, 23)).astype(np.float32)
-    big = rng.standard_normal((11, 50)).astype(np.float32)
-    x = big[:, 3:26]  # rows 50 floats apart
+@pytest.mark.parametrize("m,k", [(11, 23), (30, 300)])
+def test_addend_bias_and_strided_rows(isa, m, k, rng):
+    """out = addend + x @ W^T + bias, with x a row-strided view (no copy) and the addend aliasing out (also
+    where fp32 sums pass through several k blocks before out is written)."""
+    w = rng.standard_normal((40, k)).astype(np.float32)
+    big = rng.standard_normal((m, k + 27)).astype(np.float32)
+    x = big[:, 3:k + 3]  # rows k + 27 floats apart
     bias = rng.standard_normal(40).astype(np.float32)
-    out = rng.standard_normal((11, 40)).astype(np.float32)
+    out = rng.standard_normal((m, 40)).astype(np.float32)
     expected = out.astype(np.float64) + x.astype(np.float64) @ w.T + bias
     _native.gemm(x, Dense(w).packed, out, out, bias)
     close(out, expected)

@@ -42,6 +42,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <pthread.h>
 #include <string.h>
 #include <thread>
 #include <unordered_map>
@@ -1560,7 +1561,10 @@ PyObject *loop_start(LoopObject *self, PyObject *args) {
     c.worker_plan = p;
     c.stopping = false;
     c.worker_running = true;
-    c.worker = std::thread([&c] { c.work(); });
+    c.worker = std::thread([&c] {
+        pthread_setname_np(pthread_self(), "cs-steploop");  // for top -H, perf and py-spy
+        c.work();
+    });
     Py_RETURN_NONE;
 }
 

@@ -65,7 +65,10 @@ struct Pool {
         }
         while ((int)workers.size() < n - 1) {
             int tid = (int)workers.size() + 1;
-            workers.emplace_back([this, tid] { worker(tid); });
+            workers.emplace_back([this, tid] {
+                pthread_setname_np(pthread_self(), "cs-kernel-pool");
+                worker(tid);
+            });
             workers.back().detach();
         }
         fn = f;

@@ -16,6 +16,7 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 #include <boost/beast/websocket/rfc6455.hpp>
+#include <pthread.h>
 #include <rapidjson/document.h>
 
 #include <atomic>
@@ -666,7 +667,10 @@ HttpFront *http_new(Lanes *lanes, const std::string &host, int port, const std::
   front->port = front->acceptor.local_endpoint().port();
   front->accept();
   HttpFront *raw = front.release();
-  raw->thread = std::thread([raw] { raw->io.run(); });
+  raw->thread = std::thread([raw] {
+    pthread_setname_np(pthread_self(), "cs-http");  // for top -H, perf and py-spy
+    raw->io.run();
+  });
   return raw;
 }
 

@@ -27,6 +27,8 @@
 #include <thread>
 #include <unordered_set>
 
+#include <pthread.h>
+
 #include "front.h"
 #include "lanes.h"
 #include "stream_lanes.h"
@@ -836,7 +838,10 @@ PyObject *lanes_add(Lanes *lanes, PyObject *args) {
     }
     lanes->by_model[model] = std::move(lane);
   }
-  for (int i = 0; i < workers; i++) raw->workers.emplace_back([raw, i] { raw->run(i); });
+  for (int i = 0; i < workers; i++) raw->workers.emplace_back([raw, i] {
+    pthread_setname_np(pthread_self(), "cs-lane");  // for top -H, perf and py-spy
+    raw->run(i);
+  });
   Py_RETURN_NONE;
 }
 
