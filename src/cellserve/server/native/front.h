@@ -1,5 +1,5 @@
 // The native gRPC front end's parts, shared by its translation units: the inbox Python drains (grpc_front.cpp),
-// the calls (grpc++ reactors, grpc_front.cpp) and the stream lanes (lanes.cpp), which answer the session
+// the calls (grpc++'s asynchronous API, grpc_front.cpp) and the stream lanes (lanes.cpp), which answer the session
 // messages of the models Python hands them without Python per message.
 #pragma once
 
@@ -7,7 +7,6 @@
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/support/server_callback.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -16,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -60,10 +60,11 @@ struct Front;
 struct Lanes;
 struct HttpFront;  // http_front.cpp (CELLSERVE_HTTP builds)
 
-class Call : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+// One call of any method (a generic call is a bidirectional stream of byte buffers). Its operations complete
+// on the front's completion queue, whose one thread runs completed(): no grpc thread pool, no executor hop.
+class Call {
  public:
-  Call(Front *front, grpc::GenericCallbackServerContext *ctx, uint64_t id);
-  void start();
+  explicit Call(Front *front);  // asks the service for the next call
   void write(const char *data, size_t size, bool last);  // last: finish OK after it (a unary answer)
   void fail(grpc::StatusCode code, const std::string &message);
   void finish_when_written();  // a stream: finish OK once every message read is answered and written
@@ -71,39 +72,56 @@ class Call : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> 
   void resume();
   void release_hold();  // a lane's session is back under its pending chunks: read on (when nothing else holds)
 
-  void OnReadDone(bool ok) override;
-  void OnWriteDone(bool ok) override;
-  void OnCancel() override;
-  void OnDone() override;
+  enum OpKind { STARTED = 0, READ, WRITE, FINISH, DONE };
+  struct Op {  // a completion queue tag: which call, which of its operations
+    Call *call;
+    OpKind kind;
+  };
+  void completed(OpKind kind, bool ok);  // the completion queue's thread
 
  private:
+  void started(bool ok);
+  void read_done(bool ok);
+  void take_locked(bool ok);  // a message read (ok), or the end of the client's messages
+  void write_done(bool ok);
+  void start_read_locked();
+  void start_write_locked();
   void finish_locked(const grpc::Status &status);
-  void read_next_locked();
+  void send_finish_locked();
   bool reading_held() const;
+  bool over_locked() const { return done_ && !reading_ && !writing_ && !finishing_; }
+  void end();  // out of the registry, Python told, deleted
 
   Front *front_;
-  grpc::GenericCallbackServerContext *ctx_;
-  uint64_t id_;
-  bool stream_;
+  grpc::GenericServerContext ctx_;
+  grpc::GenericServerAsyncReaderWriter rpc_{&ctx_};
+  Op ops_[5];
+  uint64_t id_ = 0;
+  bool stream_ = false;
   std::recursive_mutex mu_;
   grpc::ByteBuffer in_;
   std::deque<grpc::ByteBuffer> out_;
-  bool writing_ = false, finished_ = false, finish_after_writes_ = false, paused_ = false, read_waiting_ = false;
+  grpc::Status status_;  // the status to send once the write in flight is done
+  bool reading_ = false, writing_ = false, finishing_ = false, done_ = false, finish_waits_ = false;
+  bool finished_ = false, finish_after_writes_ = false, paused_ = false, read_waiting_ = false;
   bool answered_ = false, sent_metadata_ = false;
   int unanswered_ = 0;  // a stream's messages read and not answered yet (Python's and the lanes')
   int lane_holds_ = 0;  // lane sessions of this stream past their pending chunks
 };
 
-struct Front : grpc::CallbackGenericService {
+struct Front {
   Inbox inbox;
   std::mutex registry_mu;
   std::unordered_map<uint64_t, Call *> calls;
   std::atomic<uint64_t> next_id{1};
+  grpc::AsyncGenericService service;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq;
   std::unique_ptr<grpc::Server> server;
+  std::thread poller;       // runs every call's completions
+  std::mutex accept_mu;     // stopping and asking for the next call, one at a time
+  bool stopping = false;
   Lanes *lanes = nullptr;  // built with the protocol's messages (lanes.cpp); else every message goes to Python
   HttpFront *http = nullptr;  // the HTTP front end, where Python asked for it (serve_http)
-
-  grpc::ServerGenericBidiReactor *CreateReactor(grpc::GenericCallbackServerContext *ctx) override;
 
   // Runs `op` on a live call under the registry lock (so the call cannot be deleted meanwhile); false when
   // the call is gone. Lock order: registry, then a call's, then a lane's.
