@@ -89,7 +89,8 @@ class Call {
   void finish_locked(const grpc::Status &status);
   void send_finish_locked();
   bool reading_held() const;
-  bool over_locked() const { return done_ && !reading_ && !writing_ && !finishing_; }
+  // over: done, nothing in flight, and started (a done notification may come before started() ran)
+  bool over_locked() const { return id_ != 0 && done_ && !reading_ && !writing_ && !finishing_; }
   void end();  // out of the registry, Python told, deleted
 
   Front *front_;

@@ -80,8 +80,13 @@ void Call::started(bool ok) {
     std::lock_guard<std::mutex> lock(front_->registry_mu);
     front_->calls[id_] = this;
   }
-  std::lock_guard<std::recursive_mutex> lock(mu_);
-  start_read_locked();
+  bool over;
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    start_read_locked();  // (nothing, if the call was cancelled before this: then it is over already)
+    over = over_locked();
+  }
+  if (over) end();
 }
 
 void Call::end() {
