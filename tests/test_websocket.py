@@ -368,6 +368,57 @@ def test_a_snapshot_taken_on_the_websocket_restores_over_http(server, audio):
     np.testing.assert_allclose(going_on, want[6:8], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(HTTP_FRONTENDS == ["python"], reason="built without the native HTTP front end")
+def test_grpc_continues_snapshots_and_restores_a_websockets_session(audio):
+    """One server on both native wires: a ModelInfer naming the sequence_id of a session a WebSocket holds (in
+    the lanes both wires share) runs its chunk in that session and returns the snapshot; the WebSocket goes
+    on from it, and the snapshot restored under another id gives the same next probability."""
+    grpc = pytest.importorskip("grpc")
+    from tritonclient.grpc import service_pb2 as pb
+
+    samples, want = audio
+    chunk = lambda i: samples[i * CHUNK:(i + 1) * CHUNK].reshape(1, CHUNK)  # noqa: E731
+
+    def infer(channel, x, sid, **flags):
+        message = pb.ModelInferRequest(model_name="silero-vad")
+        message.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK])
+        message.raw_input_contents.append(x.tobytes())
+        message.parameters["sequence_id"].string_param = sid
+        for key, value in flags.items():
+            message.parameters[key].bool_param = value
+        return pb.ModelInferResponse.FromString(channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer")(message.SerializeToString(), timeout=30))
+
+    app = create_app(repository_for("silero-vad", settings={"max_pending_chunks": 4}), grpc_port=0,
+                     grpc_frontend="native")
+    with BackgroundServer(app, frontend="native") as background, \
+            grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+        url = background.url.replace("http://", "ws://") + "/v2/models/silero-vad/stream?sequence_id=shared"
+        with connect(url) as ws:
+            before = probabilities(ws, samples[: 5 * CHUNK])
+            served = app.state.backend.repository.get("silero-vad")
+            assert served.lane_sessions() == 1 and served.engine.sessions == 0  # the lane holds it, not Python
+            answer = infer(channel, chunk(5), "shared", sequence_snapshot=True)
+            names = [o.name for o in answer.outputs]
+            on_grpc = np.frombuffer(answer.raw_output_contents[0], np.float32)[0]
+            blob = answer.raw_output_contents[names.index("sequence_snapshot")]
+            going_on = probabilities(ws, samples[6 * CHUNK: 8 * CHUNK])
+        restore = pb.ModelInferRequest(model_name="silero-vad")
+        restore.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK])
+        restore.raw_input_contents.append(chunk(6).tobytes())
+        restore.inputs.add(name="sequence_snapshot", datatype="BYTES", shape=[1])
+        restore.raw_input_contents.append(blob)  # (raw BYTES: the length prefix the snapshot output carries)
+        restore.parameters["sequence_id"].string_param = "copy"
+        restore.parameters["sequence_restore"].bool_param = True
+        restored = pb.ModelInferResponse.FromString(channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer")(restore.SerializeToString(), timeout=30))
+    np.testing.assert_allclose(before, want[:5], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([on_grpc], want[5:6], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(going_on, want[6:8], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.frombuffer(restored.raw_output_contents[0], np.float32)[:1], going_on[:1],
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("frontend", HTTP_FRONTENDS)
 def test_a_session_over_tls_gives_the_same_probabilities(certificate, audio, frontend):
     """wss:// on the TLS port: the native front end's sessions run over its TLS stream as over TCP."""
