@@ -379,10 +379,13 @@ def test_grpc_continues_snapshots_and_restores_a_websockets_session(audio):
     samples, want = audio
     chunk = lambda i: samples[i * CHUNK:(i + 1) * CHUNK].reshape(1, CHUNK)  # noqa: E731
 
-    def infer(channel, x, sid, **flags):
+    def infer(channel, x, sid, snapshot=None, **flags):
         message = pb.ModelInferRequest(model_name="silero-vad")
         message.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK])
         message.raw_input_contents.append(x.tobytes())
+        if snapshot is not None:  # (raw BYTES: the length prefix the snapshot output carries)
+            message.inputs.add(name="sequence_snapshot", datatype="BYTES", shape=[1])
+            message.raw_input_contents.append(snapshot)
         message.parameters["sequence_id"].string_param = sid
         for key, value in flags.items():
             message.parameters[key].bool_param = value
@@ -403,15 +406,7 @@ def test_grpc_continues_snapshots_and_restores_a_websockets_session(audio):
             on_grpc = np.frombuffer(answer.raw_output_contents[0], np.float32)[0]
             blob = answer.raw_output_contents[names.index("sequence_snapshot")]
             going_on = probabilities(ws, samples[6 * CHUNK: 8 * CHUNK])
-        restore = pb.ModelInferRequest(model_name="silero-vad")
-        restore.inputs.add(name="input", datatype="FP32", shape=[1, CHUNK])
-        restore.raw_input_contents.append(chunk(6).tobytes())
-        restore.inputs.add(name="sequence_snapshot", datatype="BYTES", shape=[1])
-        restore.raw_input_contents.append(blob)  # (raw BYTES: the length prefix the snapshot output carries)
-        restore.parameters["sequence_id"].string_param = "copy"
-        restore.parameters["sequence_restore"].bool_param = True
-        restored = pb.ModelInferResponse.FromString(channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer")(restore.SerializeToString(), timeout=30))
+        restored = infer(channel, chunk(6), "copy", snapshot=blob, sequence_restore=True)
     np.testing.assert_allclose(before, want[:5], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose([on_grpc], want[5:6], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(going_on, want[6:8], rtol=1e-4, atol=1e-5)

@@ -148,7 +148,8 @@ const isa_t *platform_path(int i);
 extern thread_local int native_threads;
 void *aligned_zeros(size_t bytes);
 /* per-thread scratch buffers, 64-byte aligned, grown on demand; NULL when out of memory */
-enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_SUMS, SLOT_PACKED_A, SLOT_TILE_SUMS, SLOT_PANEL, SLOT_LUT, NUM_SLOTS };
+enum { SLOT_GATES = 0, SLOT_GATES2, SLOT_CODES, SLOT_SCALES, SLOT_SUMS, SLOT_PACKED_A, SLOT_TILE_SUMS, SLOT_PANEL,
+       SLOT_LUT, NUM_SLOTS };
 void *scratch(int slot, size_t bytes);
 
 /* ---- pool.cpp: run fn(ctx, tid, nthreads) on nthreads threads, the caller being tid 0 */

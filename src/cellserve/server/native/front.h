@@ -1,6 +1,6 @@
 // The native gRPC front end's parts, shared by its translation units: the inbox Python drains (grpc_front.cpp),
-// the calls (grpc++'s asynchronous API, grpc_front.cpp) and the stream lanes (lanes.cpp), which answer the session
-// messages of the models Python hands them without Python per message.
+// the calls (grpc++'s asynchronous API, grpc_front.cpp) and the stream lanes (lanes.cpp), which answer the
+// session messages of the models Python hands them without Python per message.
 #pragma once
 
 #include <Python.h>
