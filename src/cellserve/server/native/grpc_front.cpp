@@ -22,6 +22,8 @@
 
 #include <pthread.h>
 
+#include <absl/synchronization/mutex.h>
+
 #include "front.h"
 #ifdef CELLSERVE_HTTP
 #include "http_front.h"
@@ -302,6 +304,9 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
 #endif
   self->port = 0;
   if (!address) return reinterpret_cast<PyObject *>(self);  // lanes and HTTP only: no gRPC port
+  // Debian builds Abseil without NDEBUG, so each absl::Mutex lock that grpc++ takes also walks a lock-order
+  // graph for deadlock detection (GraphCycles::GetId in profiles); this is a server, not a test of Abseil
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(address, credentials, &self->port);
   builder.SetMaxReceiveMessageSize(max_bytes);
