@@ -25,6 +25,7 @@ from cellserve import kernels
 from cellserve.engine.policies import POLICY_CLASSES, EngineConfig
 from cellserve.engine.request import EngineFull, EngineStopped, Request, Session, SessionError, SessionsFull
 from cellserve.engine.runner import DONE, NO_ROOM, Runner
+from cellserve.engine.steps import StepLog, step_records
 
 
 @dataclass
@@ -44,6 +45,7 @@ class EngineStats:
 
 
 STEP_LOG = 2048  # a traced request longer than this many steps keeps its last ones
+LANE = ("lane",)  # the cell type of the steps a native front end's lanes run
 
 
 def calm_gc(threshold: int = 50_000) -> None:
@@ -74,7 +76,7 @@ class Engine:
         self.observer = observer
         # the last steps (end, seconds, cell type, rows, number), on time.perf_counter's clock: a traced
         # request's spans are read from it (server/tracing.py)
-        self.step_log: collections.deque = collections.deque(maxlen=STEP_LOG)
+        self.step_log = StepLog(STEP_LOG)
         self.idle_timeout = float(config.idle_timeout_s)
         self.max_wait_steps = int(config.max_wait_steps)
         self.pick = config.pick or runner.default_pick
@@ -368,33 +370,33 @@ class Engine:
         """Every stage to completion in one call of a native loop (run()'s bookkeeping for each step); returns
         the requests that left."""
         left, steps = self.runner.run_steps(max_rows, pad_to)
-        self._count_steps(steps)
+        self._count_steps(self.runner.cell_types, steps)
         return left
 
-    def _count_steps(self, steps: list[tuple]) -> None:
-        """run()'s bookkeeping for steps a native loop ran: (cell type, rows, padded rows, seconds, kernel, end,
-        number). A worker hands hundreds at once (every 20 ms while busy), so they are counted list by list,
-        not step by step: at one client this is a request's largest cost outside the kernels."""
-        if not steps:
+    def _count_steps(self, cell_types, steps: np.ndarray) -> None:
+        """run()'s bookkeeping for steps a native loop or lane ran (engine/steps.py's STEP_RECORD; a stage is an
+        index into cell_types). A worker hands hundreds at once (every 20 ms while busy), so they are counted
+        array by array, not step by step: at one client this was a request's largest cost outside the kernels."""
+        if not len(steps):
             return
         stats, first = self.stats, self.stats.steps + 1
-        cell_types = [s[0] for s in steps]
-        padded = [s[2] for s in steps]
-        sizes = [s[1] + p for s, p in zip(steps, padded)]
-        seconds = [s[3] for s in steps]
-        self.step_log.extend(zip([s[5] for s in steps], seconds, cell_types, sizes, [s[6] for s in steps]))
+        stages, padded = steps["stage"], steps["padded"]
+        sizes = steps["rows"] + padded
+        self.step_log.add(cell_types, steps)
         stats.steps += len(steps)
-        self.last_run.update(zip(cell_types, range(first, first + len(steps))))  # (a type's last step wins)
-        stats.batch_sizes.update(zip(cell_types, sizes))
-        stats.rows_run += sum(sizes)
-        stats.rows_padded += sum(padded)
-        if hasattr(self.observer, "on_batches"):  # an observer that takes a cell type's steps together
-            for cell_type in dict.fromkeys(cell_types):
-                mine = [i for i, c in enumerate(cell_types) if c == cell_type]
-                self.observer.on_batches(cell_type, [sizes[i] for i in mine], [seconds[i] for i in mine])
-        elif self.observer:
-            for cell_type, size, took in zip(cell_types, sizes, seconds):
-                self.observer.on_batch(cell_type, size, took)
+        stats.rows_run += int(sizes.sum())
+        stats.rows_padded += int(padded.sum())
+        by_batch = hasattr(self.observer, "on_batches")  # an observer that takes a cell type's steps together
+        for stage in np.unique(stages).tolist():
+            cell_type, mine = cell_types[stage], stages == stage
+            self.last_run[cell_type] = first + int(np.flatnonzero(mine)[-1])
+            values, counts = np.unique(sizes[mine], return_counts=True)
+            stats.batch_sizes.update(dict(zip([(cell_type, v) for v in values.tolist()], counts.tolist())))
+            if by_batch:
+                self.observer.on_batches(cell_type, sizes[mine], steps["seconds"][mine])
+            elif self.observer:
+                for size, took in zip(sizes[mine].tolist(), steps["seconds"][mine].tolist()):
+                    self.observer.on_batch(cell_type, size, took)
 
     def count_lane_step(self, rows: int, seconds: float, kernel: float, latencies, ok: bool = True) -> None:
         """A step that a native front end's lane (engine/lane.py) ran for this model, outside this engine:
@@ -402,7 +404,8 @@ class Engine:
         metrics and the live page show the model whole. latencies: each request's seconds from arrival
         to result."""
         with self._cv:
-            self._count_steps([("lane", rows, 0, seconds, kernel, time.perf_counter(), self.stats.steps + 1)])
+            self._count_steps(LANE, step_records(rows=[rows], seconds=[seconds], kernel=[kernel],
+                                                 end=[time.perf_counter()], number=[self.stats.steps + 1]))
         self._account(seconds, kernel, 1)
         self.count_lane_requests(latencies, ok)
 
@@ -439,9 +442,9 @@ class Engine:
                 if self._queue and len(self._running) < self.max_running:
                     self.admit(self.max_running)
                 left, steps = runner.collect(0.25)
-                if steps:
-                    self._count_steps(steps)
-                    self._account(sum(s[3] for s in steps), sum(s[4] for s in steps), len(steps))
+                if len(steps):
+                    self._count_steps(runner.cell_types, steps)
+                    self._account(float(steps["seconds"].sum()), float(steps["kernel"].sum()), len(steps))
                 self.retire(left)
         except Exception as exc:  # a bug must not leave callers waiting: fail what runs, stop stepping
             with self._cv:
@@ -476,7 +479,8 @@ class Engine:
         self.last_run[cell_type] = self.stats.steps
         size = max(self.runner.last_rows, pad_to)
         end = time.perf_counter()
-        self.step_log.append((end, end - start, cell_type, size, self.stats.steps))
+        self.step_log.add((cell_type,), step_records(rows=[size], seconds=[end - start], end=[end],
+                                                     number=[self.stats.steps]))
         self.stats.batch_sizes[(cell_type, size)] += 1
         self.stats.rows_run += size
         self.stats.rows_padded += size - self.runner.last_rows + self.runner.last_padding

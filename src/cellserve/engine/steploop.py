@@ -24,6 +24,7 @@ from cellserve.cells import GRUCell, LSTMCell, QRNNCell, SRUCell
 from cellserve.engine import _steploop
 from cellserve.engine.request import Request
 from cellserve.engine.runner import ADMITTED, Runner
+from cellserve.engine.steps import STEP_RECORD
 
 READ, GENERATE = 0, 1  # a stage feeds its requests' tokens, or its own argmax
 PICKS = {"stage": 0, "fullest": 1, "oldest": 2, "earliest": 3}
@@ -107,13 +108,12 @@ class NativeLoopRunner(Runner):
     def step(self, cell_type, max_rows, pad_to=0):
         """One step of one stage (the Runner interface; the engine's policies call run_steps or the worker)."""
         left, steps = self._finish(*self.loop.run(self.cancel_flags, max_rows, pad_to, self.cell_types.index(cell_type)))
-        self.last_rows = steps[0][1] if steps else 0
+        self.last_rows = int(steps["rows"][0]) if len(steps) else 0
         return left
 
     def run_steps(self, max_rows: int, pad_to: int = 0) -> tuple[list[Request], list[tuple]]:
         """Every stage in turn to completion on this thread, each step padded to pad_to rows (graph). Returns
-        (requests that left, steps), a step being (cell type, rows, padded rows, seconds, kernel seconds, end
-        time on time.perf_counter's clock, its number)."""
+        (requests that left, steps): engine/steps.py's STEP_RECORD array, a stage indexing cell_types."""
         return self._finish(*self.loop.run(self.cancel_flags, max_rows, pad_to, -1))
 
     def start_worker(self, max_rows: int, pick: str, max_wait_steps: int, max_running: int, threads: int) -> None:
@@ -131,7 +131,7 @@ class NativeLoopRunner(Runner):
     def wake(self) -> None:
         self.loop.wake()
 
-    def _finish(self, left, steps):
+    def _finish(self, left, records: bytes):
         out, finished = [], []
         for row, code, value, next_token, numbers in left:
             req = self._reqs.pop(row, None)
@@ -144,6 +144,6 @@ class NativeLoopRunner(Runner):
                 finished.append((req, value, next_token))
             out.append(req)
         self._set_results(finished)
-        steps = [(self.cell_types[s], *rest) for s, *rest in steps]
-        self.kernel_seconds += sum(step[4] for step in steps)
+        steps = np.frombuffer(records, STEP_RECORD)
+        self.kernel_seconds += float(steps["kernel"].sum())
         return out, steps

@@ -71,7 +71,7 @@ def configure(exporter: SpanExporter | str | None, processor=BatchSpanProcessor,
 def request_steps(log, requests, start: float, end: float) -> list[tuple]:
     """A request's steps from the engine's step log (end, seconds, cell type, rows, number): those its rows
     took part in, where the step loop names them (the native loop), else every step of its time."""
-    entries = list(log)  # a copy: the engine's thread appends meanwhile
+    entries = log.entries()  # a copy: the engine's thread adds meanwhile
     entries = entries[bisect_left(entries, (start,)):]
     named = [r.step_numbers for r in requests if r.step_numbers is not None]
     if named:

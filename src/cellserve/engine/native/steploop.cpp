@@ -39,6 +39,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstddef>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -155,10 +156,14 @@ struct Left {
  * included), the part inside the model's compute, and when it ended (CLOCK_MONOTONIC seconds, Python's
  * time.perf_counter). */
 struct StepRecord {
-    int stage, rows, padded;
+    int32_t stage, rows, padded;
     double seconds, kernel, end;
-    long long number;  // the loop's count of steps: what a traced row's `steps` name
+    int64_t number;  // the loop's count of steps: what a traced row's `steps` name
 };
+/* Python reads the records as one bytes object of these structs (engine/steploop.py's STEP_RECORD): a tuple of
+ * seven objects per step cost the engine's thread more per request at one client than its decoding. */
+static_assert(sizeof(StepRecord) == 48 && offsetof(StepRecord, seconds) == 16 && offsetof(StepRecord, number) == 40,
+              "STEP_RECORD in engine/steploop.py reads this layout");
 
 /* The engine's policy settings for a run() call (max_rows, pad_to) or the worker (the rest too). */
 struct Plan {
@@ -1493,23 +1498,13 @@ PyObject *left_list(std::vector<Left> &left) {
     return out;
 }
 
-PyObject *record_list(const std::vector<StepRecord> &records) {
-    PyObject *out = PyList_New((Py_ssize_t)records.size());
-    for (size_t i = 0; out && i < records.size(); i++) {
-        const StepRecord &r = records[i];
-        PyObject *item = Py_BuildValue("iiidddL", r.stage, r.rows, r.padded, r.seconds, r.kernel, r.end, r.number);
-        if (!item) {
-            Py_CLEAR(out);
-            break;
-        }
-        PyList_SET_ITEM(out, i, item);
-    }
-    return out;
+PyObject *record_bytes(const std::vector<StepRecord> &records) {
+    return PyBytes_FromStringAndSize((const char *)records.data(), (Py_ssize_t)(records.size() * sizeof(StepRecord)));
 }
 
 /* run(cancel_flags, max_rows, pad_to, stage) -> (left, steps) on the calling thread, without the GIL: one step
  * of `stage`, or (stage -1) every stage in order to completion, each step padded to pad_to rows.
- * left: [(id, code, tokens list | score, next_token)]; steps: [(stage, rows, padded, seconds, kernel seconds)]. */
+ * left: [(id, code, tokens list | score, next_token, step numbers)]; steps: the StepRecords, as bytes. */
 PyObject *loop_run(LoopObject *self, PyObject *args) {
     PyObject *cancel_obj;
     Plan p;
@@ -1538,7 +1533,7 @@ PyObject *loop_run(LoopObject *self, PyObject *args) {
         PyErr_Format(PyExc_RuntimeError, "cannot pad a step to %d rows: the stages hold %d", p.pad_to, c.capacity);
         return nullptr;
     }
-    return Py_BuildValue("NN", left_list(left), record_list(records));
+    return Py_BuildValue("NN", left_list(left), record_bytes(records));
 }
 
 /* start(cancel_flags, queued, max_rows, pick, max_wait_steps, max_running, threads): the worker thread. */
@@ -1592,7 +1587,7 @@ PyObject *loop_collect(LoopObject *self, PyObject *arg) {
         records.swap(c.out_records);
     }
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("NN", left_list(left), record_list(records));
+    return Py_BuildValue("NN", left_list(left), record_bytes(records));
 }
 
 /* wake(): collect() returns now (a request was queued for admission, or the engine is stopping). */
