@@ -15,7 +15,8 @@ from cellserve.kernels.recurrence import gru_sequence, gru_step, lstm_sequence, 
 
 SHAPES = [(1, 1, 1), (1, 3, 17), (3, 17, 255), (17, 255, 3), (255, 17, 33), (2, 300, 70), (13, 64, 96),
           (16, 129, 64), (33, 40, 31), (1, 1000, 45), (70, 5, 257),
-          (40, 300, 70)]  # the last: several row tiles over three k blocks of fp32 (K_BLOCK 128)
+          (40, 300, 70),  # several row tiles over three k blocks of fp32 (K_BLOCK 128)
+          (21, 1100, 70)]  # and of int8 (128 chunks of 4 k), the last tile short, the last k block too
 
 
 @pytest.fixture(params=kernels.isas())
@@ -75,13 +76,14 @@ def test_int8_product_is_exact(isa, m, k, n, rng):
     np.testing.assert_array_equal(dense.int_codes(), q)
 
 
-def test_int8_extremes_do_not_overflow(isa):
+@pytest.mark.parametrize("m", [5, 20])  # one row tile; several, their sums carried between k blocks
+def test_int8_extremes_do_not_overflow(isa, m):
     """All-(+-127) operands at K = 4096: the largest sums an int8 product can meet, still exact in int32."""
     k = 4096
     q = np.full((33, k), -127, np.int8)
     q[::2] = 127
-    xq = np.full((5, k), -127, np.int8)
-    out = np.empty((5, 33), np.int32)
+    xq = np.full((m, k), -127, np.int8)
+    out = np.empty((m, 33), np.int32)
     _native.gemm_s32(xq, QuantizedDense(q, np.ones(33, np.float32)).packed, out)
     np.testing.assert_array_equal(out, xq.astype(np.int64) @ q.T.astype(np.int64))
 

@@ -239,9 +239,76 @@ LUT_TARGET void gemm_lut1_panels(const qgemm_t *g, int p0, int p1) {
     }
 }
 
+/* 8-bit weights and two or more row tiles: panel outer, blocks of KB_S8 chunks (4 k each; 128 chunks are
+ * 16 KB of the panel, which stays in L1), every row tile inner, as the fp32 product orders it (kernels.inc,
+ * f32_panels_kblocked): the panel is read from L1 by every tile, and only a tile's rows of A come from L2. A
+ * tile's int32 sums pass between k blocks through a per-thread M x NR buffer. */
+constexpr int KB_S8 = 128;
+
+template <int mr>
+void tile_s8_kblock(const qgemm_t *g, int m0, int p, int c0, int32_t *sums) {
+    const packed_t *w = g->w;
+    const int chunks = w->kpad / 4, c1 = c0 + KB_S8 < chunks ? c0 + KB_S8 : chunks;
+    const uint8_t *b = (const uint8_t *)w->data + (size_t)p * w->panel_stride;
+    const uint8_t *a = g->act.codes + (ptrdiff_t)m0 * w->kpad;
+    int32_t *tile = sums + (ptrdiff_t)m0 * NR;
+    __m512i acc[mr][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+        for (int h = 0; h < 2; h++)
+            acc[i][h] = c0 == 0 ? _mm512_setzero_si512() : _mm512_load_si512((const void *)(tile + i * NR + 16 * h));
+    for (int c = c0; c < c1; c++) {
+        const __m512i v0 = _mm512_load_si512((const void *)(b + (size_t)c * NR * 4));
+        const __m512i v1 = _mm512_load_si512((const void *)(b + (size_t)c * NR * 4 + 64));
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            int32_t four;
+            memcpy(&four, a + i * w->kpad + c * 4, 4);
+            const __m512i av = _mm512_set1_epi32(four);
+            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, v0);
+            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, v1);
+        }
+    }
+    if (c1 < chunks) {
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++)
+            for (int h = 0; h < 2; h++) _mm512_store_si512((void *)(tile + i * NR + 16 * h), acc[i][h]);
+        return;
+    }
+    const int32_t *colsum = w->colsum128 + p * NR;  /* (activations are codes + 128) */
+    alignas(64) int32_t out[mr * NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++)
+        for (int h = 0; h < 2; h++)
+            _mm512_store_si512((void *)(out + i * NR + 16 * h),
+                               _mm512_sub_epi32(acc[i][h], _mm512_loadu_si512((const void *)(colsum + 16 * h))));
+    store_s8_tile(g, m0, mr, p, out);
+}
+
+void gemm_s8_panels_kblocked(const qgemm_t *g, int p0, int p1) {
+    int32_t *sums = (int32_t *)scratch(SLOT_TILE_SUMS, (size_t)g->m * NR * sizeof(int32_t));
+    if (!sums) return;
+    const int chunks = g->w->kpad / 4;
+    for (int p = p0; p < p1; p++)
+        for (int c0 = 0; c0 < chunks; c0 += KB_S8)
+            for (int m0 = 0; m0 < g->m; m0 += MR_S8) {
+                switch (g->m - m0 < MR_S8 ? g->m - m0 : MR_S8) {
+                    case 1: tile_s8_kblock<1>(g, m0, p, c0, sums); break;
+                    case 2: tile_s8_kblock<2>(g, m0, p, c0, sums); break;
+                    case 3: tile_s8_kblock<3>(g, m0, p, c0, sums); break;
+                    case 4: tile_s8_kblock<4>(g, m0, p, c0, sums); break;
+                    case 5: tile_s8_kblock<5>(g, m0, p, c0, sums); break;
+                    case 6: tile_s8_kblock<6>(g, m0, p, c0, sums); break;
+                    case 7: tile_s8_kblock<7>(g, m0, p, c0, sums); break;
+                    default: tile_s8_kblock<MR_S8>(g, m0, p, c0, sums); break;
+                }
+            }
+}
+
 /* Panel blocks outer, then row tiles, then the block's panels (see panels_per_block in kernels.inc). */
 void gemm_s8_panels(const qgemm_t *g, int p0, int p1) {
     const int bits = g->w->bits;
+    if (bits == 8 && g->m > MR_S8) return gemm_s8_panels_kblocked(g, p0, p1);
     const int block = panels_per_block(g->w->panel_stride);
     for (int b0 = p0; b0 < p1; b0 += block) {
         const int b1 = b0 + block < p1 ? b0 + block : p1;
