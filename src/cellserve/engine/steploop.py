@@ -111,7 +111,7 @@ class NativeLoopRunner(Runner):
         self.last_rows = int(steps["rows"][0]) if len(steps) else 0
         return left
 
-    def run_steps(self, max_rows: int, pad_to: int = 0) -> tuple[list[Request], list[tuple]]:
+    def run_steps(self, max_rows: int, pad_to: int = 0) -> tuple[list[Request], np.ndarray]:
         """Every stage in turn to completion on this thread, each step padded to pad_to rows (graph). Returns
         (requests that left, steps): engine/steps.py's STEP_RECORD array, a stage indexing cell_types."""
         return self._finish(*self.loop.run(self.cancel_flags, max_rows, pad_to, -1))
@@ -123,7 +123,7 @@ class NativeLoopRunner(Runner):
     def stop_worker(self) -> None:
         self.loop.stop()
 
-    def collect(self, timeout_s: float) -> tuple[list[Request], list[tuple]]:
+    def collect(self, timeout_s: float) -> tuple[list[Request], np.ndarray]:
         """The worker's finished requests and steps since the last call, waiting up to timeout_s for one to
         leave or for wake()."""
         return self._finish(*self.loop.collect(timeout_s))
