@@ -380,23 +380,26 @@ class Engine:
         if not len(steps):
             return
         stats, first = self.stats, self.stats.steps + 1
-        stages, padded = steps["stage"], steps["padded"]
-        sizes = steps["rows"] + padded
+        stages, sizes, seconds = steps["stage"], steps["rows"] + steps["padded"], steps["seconds"]
         self.step_log.add(cell_types, steps)
         stats.steps += len(steps)
         stats.rows_run += int(sizes.sum())
-        stats.rows_padded += int(padded.sum())
+        stats.rows_padded += int(steps["padded"].sum())
+        stage_list = stages.tolist()
+        distinct = set(stage_list)  # (one or two stages; a lane's step is one record of one)
         by_batch = hasattr(self.observer, "on_batches")  # an observer that takes a cell type's steps together
-        for stage in np.unique(stages).tolist():
-            cell_type, mine = cell_types[stage], stages == stage
-            self.last_run[cell_type] = first + int(np.flatnonzero(mine)[-1])
-            values, counts = np.unique(sizes[mine], return_counts=True)
-            stats.batch_sizes.update(dict(zip([(cell_type, v) for v in values.tolist()], counts.tolist())))
+        for stage in distinct:
+            cell_type = cell_types[stage]
+            mine = slice(None) if len(distinct) == 1 else stages == stage
+            self.last_run[cell_type] = first + len(stage_list) - 1 - stage_list[::-1].index(stage)
+            counts = np.bincount(sizes[mine])  # (rows per step: small non-negative ints)
+            seen = np.flatnonzero(counts)
+            stats.batch_sizes.update(dict(zip([(cell_type, size) for size in seen.tolist()], counts[seen].tolist())))
             if by_batch:
-                self.observer.on_batches(cell_type, sizes[mine], steps["seconds"][mine])
-            elif self.observer:
-                for size, took in zip(sizes[mine].tolist(), steps["seconds"][mine].tolist()):
-                    self.observer.on_batch(cell_type, size, took)
+                self.observer.on_batches(cell_type, sizes[mine], seconds[mine])
+        if self.observer and not by_batch:  # one step at a time, in the order they ran
+            for stage, size, took in zip(stage_list, sizes.tolist(), seconds.tolist()):
+                self.observer.on_batch(cell_types[stage], size, took)
 
     def count_lane_step(self, rows: int, seconds: float, kernel: float, latencies, ok: bool = True) -> None:
         """A step that a native front end's lane (engine/lane.py) ran for this model, outside this engine:
