@@ -160,10 +160,10 @@ struct StepRecord {
     double seconds, kernel, end;
     int64_t number;  // the loop's count of steps: what a traced row's `steps` name
 };
-/* Python reads the records as one bytes object of these structs (engine/steploop.py's STEP_RECORD): a tuple of
+/* Python reads the records as one bytes object of these structs (engine/steps.py's STEP_RECORD): a tuple of
  * seven objects per step cost the engine's thread more per request at one client than its decoding. */
 static_assert(sizeof(StepRecord) == 48 && offsetof(StepRecord, seconds) == 16 && offsetof(StepRecord, number) == 40,
-              "STEP_RECORD in engine/steploop.py reads this layout");
+              "STEP_RECORD in engine/steps.py reads this layout");
 
 /* The engine's policy settings for a run() call (max_rows, pad_to) or the worker (the rest too). */
 struct Plan {
