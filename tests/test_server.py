@@ -2,6 +2,7 @@
 bad input answered with 4xx while everything else keeps working, metrics, graceful shutdown."""
 
 import json
+import os
 import threading
 import time
 
@@ -320,6 +321,31 @@ def test_bench_floor_server_answers_every_request_on_a_kept_connection():
         assert len(latencies) == len(requests) and (latencies > 0).all()
     finally:
         floor.terminate()
+
+
+def test_bench_process_cpu_counts_finer_than_ticks_and_keeps_ended_threads():
+    """The benches' CPU per request: a 30 ms burn reads as 30 ms, not 0 or 40 (the 10 ms ticks of
+    /proc/<pid>/stat), and a thread that ended between two reads still counts."""
+    import threading
+
+    from cellserve.bench.common import process_cpu_seconds
+
+    def burn(seconds):
+        start = time.thread_time()
+        while time.thread_time() - start < seconds:
+            pass
+
+    pid = os.getpid()
+    before = process_cpu_seconds(pid)
+    burn(0.03)
+    assert 0.029 <= process_cpu_seconds(pid) - before < 0.037
+    thread = threading.Thread(target=burn, args=(0.03,))
+    thread.start()
+    middle = process_cpu_seconds(pid)  # (the thread seen alive)
+    thread.join()
+    after = process_cpu_seconds(pid)
+    assert 0.01 <= after - before - 0.03 < 0.05  # (the ended thread to the 10 ms tick)
+    assert after >= middle
 
 
 def test_json_tensors_are_converted_and_checked_and_answers_keep_every_value():
