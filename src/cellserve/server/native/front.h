@@ -23,7 +23,9 @@
 namespace cellserve_front {
 
 extern const char STREAM_METHOD[];
-enum Kind { UNARY = 0, STREAM_MESSAGE = 1, STREAM_CLOSED = 2, CALL_ENDED = 3, WOKEN = 4 };
+// RECORDS: a token lane has answered requests to record (statistics, metrics, access lines): Python's
+// dispatcher records them (Front.flush_lanes), so no step loop waits for the GIL or runs Python for them.
+enum Kind { UNARY = 0, STREAM_MESSAGE = 1, STREAM_CLOSED = 2, CALL_ENDED = 3, WOKEN = 4, RECORDS = 5 };
 
 struct Inbound {
   uint64_t call;

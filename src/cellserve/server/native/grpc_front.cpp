@@ -647,6 +647,7 @@ PyMODINIT_FUNC PyInit__grpc_front(void) {
   PyModule_AddIntConstant(m, "STREAM_CLOSED", STREAM_CLOSED);
   PyModule_AddIntConstant(m, "CALL_ENDED", CALL_ENDED);
   PyModule_AddIntConstant(m, "WOKEN", WOKEN);
+  PyModule_AddIntConstant(m, "RECORDS", RECORDS);
 #ifdef CELLSERVE_HTTP
   PyModule_AddIntConstant(m, "HTTP", 1);
 #else

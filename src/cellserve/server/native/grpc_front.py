@@ -150,8 +150,8 @@ class NativeGrpcServer:
             self.front.add_lane(served.name, served.version, step.input, step.samples, step.context, step.width,
                                 config.max_batch, config.max_sessions or served.engine.runner.capacity,
                                 config.max_pending_chunks, float(config.idle_timeout_s),
-                                [(o["name"], o["rest"]) for o in step.outputs], _LaneStep(backend, served, step),
-                                LANE_WORKERS, websocket)
+                                [(o["name"], o["rest"]) for o in step.outputs],
+                                _LaneStep(backend, served, step, self._defer), LANE_WORKERS, websocket)
             served.lane_sessions = functools.partial(self.front.lane_sessions, served.name)
             names.append(served.name)
         if names:
@@ -186,8 +186,9 @@ class NativeGrpcServer:
             self._answer_finished()
 
     def _defer(self, function, *args) -> None:
-        """Called on the engine's thread when a request finishes: its response is made and written on this
-        front's dispatcher thread, so the engine's thread goes back to stepping at once."""
+        """Called on a step loop's thread (the engine's, a lane's) when requests finish: their responses (or
+        access lines) are made and written on this front's dispatcher thread, so the loop goes back to
+        stepping at once."""
         self.finished.append((function, args))
         if len(self.finished) == 1:
             self.front.wake()
@@ -203,6 +204,8 @@ class NativeGrpcServer:
     def _dispatch(self, call: int, kind: int, method: str, payload: bytes, metadata: tuple) -> None:
         if kind == _grpc_front.WOKEN:
             return None
+        if kind == _grpc_front.RECORDS:
+            return self.front.flush_lanes()
         if kind == _grpc_front.CALL_ENDED:
             return self._ended(call)
         if kind == _grpc_front.STREAM_CLOSED:
@@ -367,10 +370,11 @@ class NativeGrpcServer:
 
 class _LaneStep:
     """A model's StreamStep as lanes.cpp calls it, once per step: the step's arrays as bytes in, arrays out,
-    and the step's statistics, metrics and access lines recorded together."""
+    and the step's statistics and metrics recorded together. Its access lines, one a message, are written on
+    the front's dispatcher thread (`defer`): this is the lane's step loop."""
 
-    def __init__(self, backend: LocalBackend, served, step: StreamStep):
-        self.backend, self.served, self.step = backend, served, step
+    def __init__(self, backend: LocalBackend, served, step: StreamStep, defer):
+        self.backend, self.served, self.step, self.defer = backend, served, step, defer
         self.success = backend.metrics.requests.labels(served.name, "success")
         self.failure = backend.metrics.requests.labels(served.name, "http_500")
 
@@ -400,10 +404,13 @@ class _LaneStep:
         latencies = queued + seconds
         served.engine.count_lane_step(n, seconds, kernel, latencies)
         if ACCESS.isEnabledFor(logging.INFO):
-            for rid, wait, chunks, protocol in zip(ids, queued.tolist(), counts.tolist(), protocols):
-                access_line(rid or new_request_id(), served.name, protocol, 200, wait + seconds,
-                            {"rows": chunks, "parse_s": 0.0, "queue_s": wait, "compute_s": seconds})
+            self.defer(self._access_lines, ids, queued.tolist(), counts.tolist(), protocols, seconds)
         return outputs, final, snapshots
+
+    def _access_lines(self, ids: list, waits: list, counts: list, protocols: list, seconds: float) -> None:
+        for rid, wait, chunks, protocol in zip(ids, waits, counts, protocols):
+            access_line(rid or new_request_id(), self.served.name, protocol, 200, wait + seconds,
+                        {"rows": chunks, "parse_s": 0.0, "queue_s": wait, "compute_s": seconds})
 
     def refused(self, statuses: list[int], ids: list[str], protocols: list[str]) -> None:
         """Requests the lane (or a native WebSocket) refused since its last step (sessions full, draining, a
@@ -464,7 +471,8 @@ class _LaneStep:
 
 class _TokenLaneRecord:
     """The statistics, metrics and access lines of the requests a token lane (token_lanes.cpp) answered, in
-    one call every 20 ms and before statistics or metrics are read (LocalBackend.read_hooks)."""
+    one call on the front's dispatcher thread at most every 20 ms (the lane asks with a RECORDS item; its step
+    loop never waits for the GIL), and before statistics or metrics are read (LocalBackend.read_hooks)."""
 
     def __init__(self, backend: LocalBackend, served):
         self.served = served

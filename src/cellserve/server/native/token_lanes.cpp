@@ -71,13 +71,16 @@ struct TokenLane {
 
   std::mutex mu;
   std::unordered_map<long long, std::pair<std::shared_ptr<Pending>, int>> rows;  // row id -> (request, index)
-  // answered, not yet recorded: handed to `record` at most every RECORD_EVERY_S by the worker, and whenever
-  // Python reads statistics or metrics (flush, through the backend's read hooks)
+  // answered, not yet recorded: handed to `record` by Python's dispatcher, which the worker asks (a RECORDS
+  // item in the front's inbox) at most every RECORD_EVERY_S, and whenever Python reads statistics or metrics
+  // (flush, through the backend's read hooks). Recorded on the worker, with the GIL, they had stopped the
+  // step loop every 20 ms for 250 us, 3.7 ms with access lines (16 gRPC clients, speller).
   std::vector<double> answered_latency;
   std::vector<long> answered_rows;
   std::vector<std::string> answered_ids;
   std::vector<const char *> answered_protocols;
   double recorded_at = 0.0;
+  bool records_asked = false;  // a RECORDS item is in the inbox
   long long next_id = FIRST_ID;
   int inflight = 0;
   bool draining = false, stopped = false;
@@ -256,9 +259,10 @@ void TokenLane::finished(const cs_loop_left_t *left, int count) {
       answered_ids.push_back(pending->logged_id);
       answered_protocols.push_back(pending->protocol);
     }
-    due = now - recorded_at >= RECORD_EVERY_S;
+    due = !records_asked && now - recorded_at >= RECORD_EVERY_S;
+    records_asked = records_asked || due;
   }
-  if (due) flush();
+  if (due) front->inbox.push(Inbound{0, RECORDS, {}, {}, {}});
   for (const auto &pending : done) pending->reply(answer(*pending));
 }
 
@@ -276,6 +280,7 @@ void TokenLane::flush() {
     ids.swap(answered_ids);
     protocols.swap(answered_protocols);
     recorded_at = now_s();
+    records_asked = false;
   }
   if (latency.empty()) return;
   PyGILState_STATE gil = PyGILState_Ensure();
