@@ -88,6 +88,17 @@ def test_stolen_time_is_steals_share_of_all_cpu_time(monkeypatch):
     assert stolen.share is None
 
 
+def test_bench_http_rounds_keep_every_latency_and_the_median_of_each_cpu_figure():
+    from cellserve.bench.http import _median_of_rounds
+
+    rounds = [{"latencies": np.array([1.0, 2.0]), "client_cpu_ms": 0.1, "server_cpu_ms": 0.5,
+               "server_outside_kernels_us": outside} for outside in (90.0, 60.0, 300.0)]
+    merged = _median_of_rounds(rounds)
+    assert merged["latencies"].tolist() == [1.0, 2.0] * 3
+    assert merged["server_outside_kernels_us"] == 90.0 and merged["server_cpu_ms"] == 0.5
+    assert merged["outside_kernels_rounds_us"] == [90.0, 60.0, 300.0]
+
+
 @pytest.mark.parametrize("argv", [
     ["bench", "cells", "--cells", "transformer"],
     ["bench", "cells", "--hidden", "abc"],
@@ -97,6 +108,7 @@ def test_stolen_time_is_steals_share_of_all_cpu_time(monkeypatch):
     ["bench", "serving", "--duration", "-1"],
     ["bench", "serving", "--min-requests", "-1"],
     ["bench", "serving", "--repeats", "0"],
+    ["bench", "http", "--rounds", "0"],
     ["info", "/nonexistent/model.safetensors"],
     ["import-torch", "/nonexistent.pt", "/tmp/x.safetensors"],
     ["no-such-command"],

@@ -163,9 +163,9 @@ def _bench_multistep(args):
 def _bench_http(args):
     from cellserve.bench import http
 
-    if args.requests < 1 or min(args.clients) < 1:
-        raise UsageError("--requests and --clients must be positive")
-    http.run(args.requests, args.clients, json_path=args.json, triton_env=args.triton_env)
+    if args.requests < 1 or min(args.clients) < 1 or args.rounds < 1:
+        raise UsageError("--requests, --clients and --rounds must be positive")
+    http.run(args.requests, args.clients, json_path=args.json, triton_env=args.triton_env, rounds=args.rounds)
 
 
 def _bench_streams(args):
@@ -481,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--json", help="write the rows to this file")
     hb.add_argument("--requests", type=int, default=400)
     hb.add_argument("--clients", type=_ints, default=[1, 16], help="concurrent clients to measure")
+    hb.add_argument("--rounds", type=int, default=1, help="measure every phase this many times, one round after "
+                    "another; CPU figures are the rounds' medians")
     hb.add_argument("--triton-env", default=".venv-triton", help="the Python environment with nvidia-pytriton that "
                     "the Silero VAD rows run Triton from (make triton-env); without it those rows leave Triton out")
     hb.set_defaults(func=_bench_http)

@@ -203,8 +203,19 @@ def _measured_phase(server: ServeProcess, run, n: int) -> dict:
 PROTOCOLS = (("http", "HTTP JSON"), ("binary", "HTTP binary"), ("grpc", "gRPC"))
 
 
+def _median_of_rounds(rounds: list[dict]) -> dict:
+    """One phase measured in several rounds: every round's latencies, the median of each CPU figure, and the
+    outside-kernels figure of every round (on a shared 2-core host one round can move by half)."""
+    cpu = ("client_cpu_ms", "server_cpu_ms", "server_outside_kernels_us")
+    return {"latencies": np.concatenate([r["latencies"] for r in rounds]),
+            **{key: float(np.median([r[key] for r in rounds])) for key in cpu},
+            "outside_kernels_rounds_us": [r["server_outside_kernels_us"] for r in rounds]}
+
+
 def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None,
-        triton_env: str = ".venv-triton") -> list[dict]:
+        triton_env: str = ".venv-triton", rounds: int = 1) -> list[dict]:
+    """rounds: every phase that many times, the phases of one round after another (so a slow spell of the host
+    falls on all of them); the CPU figures are the rounds' medians, the percentiles over all their requests."""
     rng = np.random.default_rng(seed)
     numbers = [str(n) for n in rng.integers(0, MAX_NUMBER + 1, requests)]
     native = http_frontend_of(None) == "native" or (_loadgen is not None and NATIVE_GRPC)
@@ -246,18 +257,23 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None,
                 for f in frontends:
                     for protocol, _ in protocols:
                         phase(f, protocol, 20)()
+                local, alone, runs = [], [], {(f, p): [] for f in frontends for p, _ in protocols}
                 with StolenTime() as stolen:
-                    local = _run(in_process, numbers, clients)
-                    alone = _run_http(floor_port, sent["http"], clients)
-                    measured = {(f, p): _measured_phase(servers[f], phase(f, p, requests), requests)
-                                for f in frontends for p, _ in protocols}
-                row = {"clients": clients, "requests": requests, "steal_share": stolen.share}
+                    for _ in range(rounds):
+                        local.append(_run(in_process, numbers, clients))
+                        alone.append(_run_http(floor_port, sent["http"], clients))
+                        for (f, p), done in runs.items():
+                            done.append(_measured_phase(servers[f], phase(f, p, requests), requests))
+                local, alone = np.concatenate(local), np.concatenate(alone)
+                measured = {key: _median_of_rounds(done) for key, done in runs.items()}
+                row = {"clients": clients, "requests": requests, "rounds": rounds, "steal_share": stolen.share}
                 for q in (50, 99):
                     row[f"engine_p{q}_ms"] = float(np.percentile(local, q))
                     row[f"floor_p{q}_ms"] = float(np.percentile(alone, q))
                 for (f, p), m in measured.items():
                     row.update({f"{p}_{f}_client_cpu_ms": m["client_cpu_ms"], f"{p}_{f}_server_cpu_ms": m["server_cpu_ms"],
-                                f"{p}_{f}_server_outside_kernels_us": m["server_outside_kernels_us"]})
+                                f"{p}_{f}_server_outside_kernels_us": m["server_outside_kernels_us"],
+                                f"{p}_{f}_outside_kernels_rounds_us": m["outside_kernels_rounds_us"]})
                     for q in (50, 99):
                         row[f"{p}_{f}_p{q}_ms"] = float(np.percentile(m["latencies"], q))
                         row[f"{p}_{f}_overhead_p{q}_ms"] = row[f"{p}_{f}_p{q}_ms"] - row[f"engine_p{q}_ms"]
@@ -280,9 +296,10 @@ def run(requests: int = 400, concurrency=(1, 16), seed: int = 0, json_path=None,
                         "models); +p50 / +p99: over the engine in-process; HTTP clients are connections on one event "
                         "loop here, gRPC clients the native load generator's calls in flight, in-process clients one "
                         "thread each; CPU per request: each process's user + system time over the phase / requests (all "
-                        "share 2 cores); outside kernels: the server's CPU less its models' compute time (/metrics "
-                        "cellserve_kernel_seconds); HTTP client alone = the HTTP client against a server that answers at "
-                        "once; CPU stolen = the hypervisor's share of the machine's CPU time during the row")
+                        "share 2 cores; with --rounds, the rounds' median); outside kernels: the server's CPU less its "
+                        "models' compute time (/metrics cellserve_kernel_seconds); HTTP client alone = the HTTP client "
+                        "against a server that answers at once; CPU stolen = the hypervisor's share of the machine's CPU "
+                        "time during the row")
     vad = silero_rows(concurrency, max(requests, 4000), triton_env)
     write_json(json_path, {"rows": rows, "table": table, "silero": vad})
     console.print("done")
