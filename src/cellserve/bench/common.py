@@ -108,13 +108,14 @@ def memory_bandwidth_gbs(megabytes: int = 256) -> float:
 
 
 _thread_ns: dict[tuple[int, int, int], int] = {}  # (pid, its start time, thread id) -> runtime when last read
+_unseen_s: dict[tuple[int, int], float] = {}  # (pid, start time) -> ticks of threads that ended before its first read
 
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc): the sum of its threads' runtimes in ns
     (task/*/schedstat), a thread that has ended counted as last read. /proc/<pid>/stat counts whole 10 ms
-    ticks, which is +-25 us a request over a phase of 400; its count is taken where it is the larger (a
-    thread that ran and ended between two reads)."""
+    ticks, which is +-25 us a request over a phase of 400; its count (less what threads that ended before the
+    first read ran) is taken where it is more than a tick above (a thread that ran and ended between reads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     process = (pid, int(fields[19]))  # (a pid used again is another process)
@@ -128,7 +129,8 @@ def process_cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
             continue
     precise = sum(ns for key, ns in _thread_ns.items() if key[:2] == process) / 1e9
-    return max(precise, ticks)
+    counted = ticks - _unseen_s.setdefault(process, max(0.0, ticks - precise))
+    return counted if counted > precise + 0.011 else precise
 
 
 def tree_cpu_seconds(pid: int) -> float:
