@@ -5,6 +5,7 @@
 
 #include <Python.h>
 
+#include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 
@@ -124,6 +125,19 @@ struct Front {
   std::mutex accept_mu;     // stopping and asking for the next call, one at a time
   bool stopping = false;
   Lanes *lanes = nullptr;  // built with the protocol's messages (lanes.cpp); else every message goes to Python
+  // Answers from other threads (a step loop's worker), written by the poller: see post()
+  struct Outgoing {
+    uint64_t call;
+    std::string bytes;
+    bool last;
+  };
+  std::mutex outbox_mu;
+  std::vector<Outgoing> outbox;
+  bool outbox_kicked = false, outbox_open = true;
+  grpc::Alarm kick;
+  Call::Op kick_op{nullptr, Call::STARTED};
+  void post(uint64_t call, std::string &&bytes, bool last);
+  void write_outbox();  // the poller, on kick_op
   HttpFront *http = nullptr;  // the HTTP front end, where Python asked for it (serve_http)
 
   // Runs `op` on a live call under the registry lock (so the call cannot be deleted meanwhile); false when

@@ -6,7 +6,8 @@
 // the native load generator: 146-156 -> 62-65 us of server CPU per call at 1 client, 39-40 -> 21 at 16.
 // Each call's messages go to one inbox that Python drains in batches (take: one GIL acquisition for every
 // message that arrived meanwhile, never a task or a thread switch per message), or to a lane, which answers
-// them natively; Python's answers come back by call id (reply / fail / finish) and are written from here. A
+// them natively; Python's answers come back by call id (reply / fail / finish) and are written from here, and
+// the lanes' answers are posted to the poller thread, which writes them (Front::post). A
 // stream is read ahead until Python pauses it (flow control), and its answers are queued and written one at
 // a time, as grpc allows one write in flight.
 //
@@ -329,10 +330,41 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     bool ok;
     while (front->cq->Next(&tag, &ok)) {
       auto *op = static_cast<Call::Op *>(tag);
+      if (!op->call) {
+        front->write_outbox();
+        continue;
+      }
       op->call->completed(op->kind, ok);
     }
   });
   return reinterpret_cast<PyObject *>(self);
+}
+
+// A lane's answers are written by the poller, which reads the requests too, not by the step loop's worker that
+// made them: the worker goes back to stepping, and the poller writes the answers of a step together, as a
+// bare grpc++ server answering on its completion queue's thread does (15-21 us of server CPU per echo at
+// 16 clients, against 28-30 when a second thread writes). Measured, speller over gRPC, two servers side by
+// side (6-8 alternating rounds): 64 -> 45 us outside the kernels per request at 16 clients, 212 -> 157 at
+// one, p50 0.49 -> 0.38 ms there. The poller is woken by an alarm already due (grpc queues it at once), set
+// once per burst.
+void Front::post(uint64_t call, std::string &&bytes, bool last) {
+  std::lock_guard<std::mutex> lock(outbox_mu);
+  if (!outbox_open) return;  // the queue has shut down: every call is over
+  outbox.push_back(Outgoing{call, std::move(bytes), last});
+  if (!outbox_kicked) {
+    outbox_kicked = true;
+    kick.Set(cq.get(), gpr_time_0(GPR_CLOCK_MONOTONIC), &kick_op);
+  }
+}
+
+void Front::write_outbox() {
+  std::vector<Outgoing> out;
+  {
+    std::lock_guard<std::mutex> lock(outbox_mu);
+    out.swap(outbox);
+    outbox_kicked = false;
+  }
+  for (auto &o : out) with_call(o.call, [&](Call *c) { c->write(o.bytes.data(), o.bytes.size(), o.last); });
 }
 
 void shutdown(Front *front, double grace_s) {
@@ -356,6 +388,10 @@ void shutdown(Front *front, double grace_s) {
         if (front->calls.empty()) break;
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    {
+      std::lock_guard<std::mutex> lock(front->outbox_mu);
+      front->outbox_open = false;
     }
     front->cq->Shutdown();
     front->poller.join();

@@ -654,7 +654,7 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
         answer.mutable_infer_response()->set_model_name(model);
         answer.mutable_infer_response()->set_id(job.id);
         answer.SerializeToString(&bytes);
-        front->with_call(job.call, [&](Call *c) { c->write(bytes.data(), bytes.size(), false); });
+        front->post(job.call, std::move(bytes), false);
       } else {
         front->with_call(job.call, [&](Call *c) { c->fail(grpc::StatusCode::INTERNAL, error); });
       }
@@ -697,8 +697,7 @@ void Lane::finish(std::vector<Job> &jobs, std::vector<float> &state, std::vector
           if (outputs[o].name == name) add(o);
       }
     }
-    bytes = envelope.bytes();
-    front->with_call(job.call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !job.stream); });
+    front->post(job.call, envelope.bytes(), !job.stream);
   }
   for (uint64_t call : released) front->with_call(call, [](Call *c) { c->release_hold(); });
 }

@@ -5,7 +5,7 @@
 // The path: grpc++'s thread parses the ModelInferRequest and checks it against the model's inputs; its rows
 // join the loop at the worker's next step (engine/native/loop_face.h), beside the rows the Python engine
 // admits; the worker hands their tokens back when they finish, and this file builds the answer there and
-// writes it. Python runs once per step that finishes any of them (the statistics, metrics and access lines of
+// posts it to the front end's poller, which writes it (Front::post). Python runs once per step that finishes any of them (the statistics, metrics and access lines of
 // all of them in one call), never per request.
 //
 // A family whose text codec has a native form (the speller's digits in, words out: families/seq2seq.py says)
@@ -419,8 +419,7 @@ Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &requ
   TokenReply reply = [front, call, stream, model, version, id](std::vector<LaneTensor> &&outputs) {
     LaneAnswer envelope(stream, model, version, id);
     for (const auto &tensor : outputs) add_output(envelope.response(), tensor);
-    const std::string bytes = envelope.bytes();
-    front->with_call(call, [&](Call *c) { c->write(bytes.data(), bytes.size(), !stream); });
+    front->post(call, envelope.bytes(), !stream);
   };
   if (!lane->take(ask, logged_id, "grpc", std::move(reply))) return Offer{};
   Offer taken;
