@@ -134,7 +134,9 @@ struct Front {
   std::mutex outbox_mu;
   std::vector<Outgoing> outbox;
   bool outbox_kicked = false, outbox_open = true;
-  grpc::Alarm kick;
+  // made with the gRPC server only: an Alarm, like the server, holds grpc's library (grpc_init), which a front
+  // that serves HTTP alone never took
+  std::unique_ptr<grpc::Alarm> kick;
   Call::Op kick_op{nullptr, Call::STARTED};
   void post(uint64_t call, std::string &&bytes, bool last);
   void write_outbox();  // the poller, on kick_op

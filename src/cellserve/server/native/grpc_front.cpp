@@ -323,6 +323,7 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     Py_DECREF(self);
     return nullptr;
   }
+  front->kick = std::make_unique<grpc::Alarm>();
   new Call(front);  // the first call; each call that starts asks for the next
   front->poller = std::thread([front] {
     pthread_setname_np(pthread_self(), "cs-grpc");  // for top -H, perf and py-spy
@@ -349,11 +350,11 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
 // once per burst.
 void Front::post(uint64_t call, std::string &&bytes, bool last) {
   std::lock_guard<std::mutex> lock(outbox_mu);
-  if (!outbox_open) return;  // the queue has shut down: every call is over
+  if (!outbox_open || !kick) return;  // the queue has shut down (every call is over), or there never was one
   outbox.push_back(Outgoing{call, std::move(bytes), last});
   if (!outbox_kicked) {
     outbox_kicked = true;
-    kick.Set(cq.get(), gpr_time_0(GPR_CLOCK_MONOTONIC), &kick_op);
+    kick->Set(cq.get(), gpr_time_0(GPR_CLOCK_MONOTONIC), &kick_op);
   }
 }
 
@@ -395,6 +396,7 @@ void shutdown(Front *front, double grace_s) {
     }
     front->cq->Shutdown();
     front->poller.join();
+    front->kick.reset();
     front->server.reset();
   }
   if (front->lanes) lanes_stop(front->lanes);
