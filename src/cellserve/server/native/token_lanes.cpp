@@ -5,8 +5,8 @@
 // The path: grpc++'s thread parses the ModelInferRequest and checks it against the model's inputs; its rows
 // join the loop at the worker's next step (engine/native/loop_face.h), beside the rows the Python engine
 // admits; the worker hands their tokens back when they finish, and this file builds the answer there and
-// posts it to the front end's poller, which writes it (Front::post). Python runs once per step that finishes any of them (the statistics, metrics and access lines of
-// all of them in one call), never per request.
+// posts it to the front end's poller, which writes it (Front::post). Python runs once per step that finishes
+// any of them (the statistics, metrics and access lines of all of them in one call), never per request.
 //
 // A family whose text codec has a native form (the speller's digits in, words out: families/seq2seq.py says)
 // has its text coded here; other families come with tokens only. Anything this lane does not take exactly as
