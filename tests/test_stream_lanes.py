@@ -172,3 +172,27 @@ def test_lane_streams_beside_cut_and_stalled_clients_then_idle_expiry_and_drain(
             refused = unary(channel, request(noise, "new", "2", sequence_start=True))
             assert refused[0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused[1]
             assert isinstance(unary(channel, request(noise, "open", "3", sequence_end=True)), pb.ModelInferResponse)
+
+
+def test_a_lane_streams_answers_in_the_order_of_its_messages(tmp_path):
+    """The lane's answers are written by the front end's poller from one outbox (grpc_front.cpp Front::post):
+    a session's answers on a stream come back in the order its messages went out, whatever the bursts, and
+    two sessions sharing a stream keep their own orders."""
+    app = create_app(make_repository(tmp_path), grpc_port=0, grpc_frontend="native")
+    rng = np.random.default_rng(3)
+    messages = []
+    for i in range(60):  # two sessions interleaved, one to three chunks a message, sent without waiting
+        sid = "even" if i % 2 == 0 else "odd"
+        chunks = rng.standard_normal((1 + i % 3, CHUNK)).astype(np.float32) * 0.1
+        messages.append(request(chunks, sid, f"{sid}-{i // 2}", sequence_start=i < 2, sequence_end=i >= 58))
+    with BackgroundServer(app), grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+        call = channel.stream_stream(METHOD + "ModelStreamInfer",
+                                     response_deserializer=pb.ModelStreamInferResponse.FromString)
+        answers = list(call(iter([m.SerializeToString() for m in messages]), timeout=60))
+        channel.unary_unary(METHOD + "ModelStatistics")(pb.ModelStatisticsRequest(name="vad").SerializeToString())
+        served = app.state.backend.repository.get("vad")  # (a statistics read records the lane's steps first)
+        assert sum(n for (kind, _), n in served.engine.stats.batch_sizes.items() if kind == "lane") > 0
+    assert [a.error_message for a in answers] == [""] * 60
+    for sid in ("even", "odd"):
+        ids = [a.infer_response.id for a in answers if a.infer_response.id.startswith(sid)]
+        assert ids == [f"{sid}-{k}" for k in range(30)]
