@@ -41,6 +41,30 @@ def test_rounding_is_to_nearest_even(isa):
     assert out[0, 0] == np.float32(bf16(ties).astype(np.float64).sum())
 
 
+def test_a_nan_activation_gives_nan_in_its_row_only(isa, rng):
+    w = rng.standard_normal((40, 300)).astype(np.float32)
+    x = rng.standard_normal((20, 300)).astype(np.float32)
+    x[7, 123] = np.nan
+    out = Bf16Dense(w)(x)
+    assert np.isnan(out[7]).all()
+    keep = np.arange(20) != 7
+    close(out[keep], product(x[keep], w))
+
+
+def test_the_default_path_takes_the_faster_bf16_product_for_the_cpu():
+    """vdpbf16ps issues at half the FMA rate on Intel's cores and at the full rate on AMD's Zen 4, so an Intel
+    CPU with AVX512-BF16 defaults to a path whose bf16 product runs on FMAs (platform.cpp), an AMD one to the
+    best path it has."""
+    if not any("bf16" in path for path in kernels.isas()):
+        pytest.skip("this CPU has no AVX512-BF16")
+    vendor = next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id"))
+    if vendor == "GenuineIntel":
+        assert "bf16" not in kernels.isa()
+        assert kernels.isa() == next(path for path in kernels.isas() if "bf16" not in path)
+    else:
+        assert kernels.isa() == kernels.isas()[0]
+
+
 def test_addend_bias_and_strided_rows(isa, rng):
     w = rng.standard_normal((40, 23)).astype(np.float32)
     big = rng.standard_normal((11, 50)).astype(np.float32)

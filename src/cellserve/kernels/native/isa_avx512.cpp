@@ -409,6 +409,29 @@ BF16_TARGET void pack_rows_dpbf16(const float *a, ptrdiff_t lda, int rows, int k
     }
 }
 
+/* The dpbf16 loop: blocks of panels that fit in L2 outer, row tiles, then the block's panels. a is A packed
+ * tile by tile (pack_rows_dpbf16). */
+struct Dpbf16Job {
+    const gemm_t *g;
+    const uint32_t *a;
+};
+
+BF16_TARGET void dpbf16_panels(void *ctx, int tid, int nth) {
+    const Dpbf16Job *job = (const Dpbf16Job *)ctx;
+    const gemm_t *g = job->g;
+    const int panels = g->w->panels, tiles = tile_count(g->m), pairs = g->w->kpad / 2;
+    const int p0 = (int)((long long)panels * tid / nth), p1 = (int)((long long)panels * (tid + 1) / nth);
+    const int block = panels_per_block(g->w->panel_stride * sizeof(uint16_t));
+    for (int b0 = p0; b0 < p1; b0 += block) {
+        const int b1 = b0 + block < p1 ? b0 + block : p1;
+        for (int t = 0, m0 = 0; t < tiles; t++) {
+            const int rows = tile_rows(g->m, m0, t, tiles);
+            for (int p = b0; p < b1; p++) rows_dpbf16(g, job->a + (ptrdiff_t)m0 * pairs, m0, rows, p);
+            m0 += rows;
+        }
+    }
+}
+
 int supported() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -419,7 +442,19 @@ int supported() {
 }  // namespace
 
 int avx512_bf16_supported() { return supported() && __builtin_cpu_supports("avx512bf16"); }
-void avx512_bf16_gemm(const gemm_t *g, int threads) { gemm_bf16_with(g, threads, rows_dpbf16, pack_rows_dpbf16); }
+/* x rounded to bf16 and packed once per call (M*K against M*K*N multiply-adds), then the tiles. */
+void avx512_bf16_gemm(const gemm_t *g, int threads) {
+    const int pairs = g->w->kpad / 2, tiles = tile_count(g->m);
+    uint32_t *packed = (uint32_t *)scratch(SLOT_PACKED_A, (size_t)g->m * pairs * sizeof(uint32_t));
+    if (!packed) return;
+    for (int t = 0, m0 = 0; t < tiles; t++) {
+        const int rows = tile_rows(g->m, m0, t, tiles);
+        pack_rows_dpbf16(g->a + (ptrdiff_t)m0 * g->lda, g->lda, rows, g->w->k, packed + (ptrdiff_t)m0 * pairs);
+        m0 += rows;
+    }
+    Dpbf16Job job = {g, packed};
+    pool_run(threads, dpbf16_panels, &job);
+}
 int avx512_vbmi_supported() { return supported() && __builtin_cpu_supports("avx512vbmi"); }
 void avx512_vbmi_gemm_s8(const qgemm_t *g, int threads) {
     pool_run(threads, split_panels<gemm_s8_panels_vbmi>, (void *)g);
