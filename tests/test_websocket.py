@@ -416,17 +416,31 @@ def test_grpc_continues_snapshots_and_restores_a_websockets_session(audio):
 
 @pytest.mark.parametrize("frontend", HTTP_FRONTENDS)
 def test_a_session_over_tls_gives_the_same_probabilities(certificate, audio, frontend):
-    """wss:// on the TLS port: the native front end's sessions run over its TLS stream as over TCP."""
+    """wss:// on the TLS port: the native front end's sessions run over its TLS stream as over TCP.
+
+    The client is websockets' asyncio one. Its sync client reads an SSL socket in one thread while it writes
+    the socket in another, which OpenSSL does not allow (python/cpython#137583, python-socketio#1568), and
+    with it three full test runs lost the opening handshake: no answer in 10 s, with either front end."""
+    import asyncio
     import ssl
+
+    from websockets.asyncio.client import connect as connect_async
 
     cert, key = certificate
     samples, want = audio
     repository = repository_for("silero-vad")
-    with BackgroundServer(create_app(repository), frontend=frontend, ssl_certfile=cert, ssl_keyfile=key) as server:
-        url = f"wss://localhost:{server.port}/v2/models/silero-vad/stream?sequence_id=over-tls"
-        with connect(url, ssl=ssl.create_default_context(cafile=cert)) as ws:
+
+    async def session(url: str) -> list[float]:
+        out = []
+        async with connect_async(url, ssl=ssl.create_default_context(cafile=cert), open_timeout=30) as ws:
             assert ws.response.headers["X-Sequence-Id"] == "over-tls"
-            got = probabilities(ws, samples[: 6 * CHUNK])
+            for chunk in samples[: 6 * CHUNK].reshape(-1, CHUNK):
+                await ws.send(chunk.tobytes())
+                out.append(float(np.frombuffer(await asyncio.wait_for(ws.recv(), 30), np.float32)[0]))
             if frontend == "native":
                 assert repository.get("silero-vad").lane_sessions() == 1
+        return out
+
+    with BackgroundServer(create_app(repository), frontend=frontend, ssl_certfile=cert, ssl_keyfile=key) as server:
+        got = asyncio.run(session(f"wss://localhost:{server.port}/v2/models/silero-vad/stream?sequence_id=over-tls"))
     np.testing.assert_allclose(got, want[:6], rtol=1e-4, atol=1e-5)
