@@ -22,7 +22,7 @@ int avx512_vbmi_bf16_supported() { return avx512_vbmi_supported() && avx512_bf16
 
 /* vdpbf16ps does 32 multiply-adds where an fp32 FMA does 16, but Intel's cores issue it once per two cycles
  * and their FMAs twice per cycle: measured on Emerald Rapids, 83 GF/s against 170, and the bf16 product on
- * FMAs (kernels.inc) ran 1.7-2.0x the vdpbf16ps one from M = 8 up. Zen 4 issues it once per cycle (2x its
+ * FMAs (kernels.inc) ran 1.6-2.0x the vdpbf16ps one from M = 8 up. Zen 4 issues it once per cycle (2x its
  * fp32 there). So the vdpbf16ps paths are preferred on AMD only; on Intel they stay for CELLSERVE_ISA. */
 int dpbf16_preferred() {
     __builtin_cpu_init();
