@@ -211,3 +211,43 @@ def test_http_and_lane_requests_share_the_engine_and_both_stay_exact():
                     errors.append(("http", n))
         thread.join(120)
     assert not errors
+
+
+def test_front_ends_that_step_an_idle_loop_themselves_hand_it_over_and_stay_exact():
+    """One client per wire: each native front end finds the loop idle and steps its request on its own thread
+    (loop_face.h); with the other front end and the Python path (Arabic-Indic digits, which the lane leaves to
+    Python) admitting meanwhile, the loop passes between them and the worker. Every answer is the unbatched
+    run, none is lost, and the statistics count them all."""
+    import httpx
+
+    numbers = [str(n) for n in np.random.default_rng(11).integers(0, MAX_NUMBER + 1, 40)]
+    want = {n: decode_words(SPELLER.translate(np.array(encode_number(n)), 16)) for n in numbers}
+    models = repository()
+    loop = models.models["speller"].engine.runner.loop
+    app = create_app(models, grpc_port=0, grpc_frontend="native")
+    errors, answered = [], []
+    with BackgroundServer(app, frontend="native") as server, \
+            grpc.insecure_channel(f"127.0.0.1:{app.state.grpc_port}") as channel:
+        unary = channel.unary_unary(METHOD + "ModelInfer", request_serializer=None, response_deserializer=None)
+
+        def over_grpc(python: bool):
+            for n in numbers:
+                text = "".join(chr(0x660 + int(d)) for d in n) if python else n
+                answer = pb.ModelInferResponse.FromString(unary(text_request([text]).SerializeToString(), timeout=60))
+                (errors if answer.raw_output_contents[2][4:].decode() != want[n] else answered).append(n)
+
+        threads = [threading.Thread(target=over_grpc, args=(python,)) for python in (False, True)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for n in numbers:
+                body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [n]}]}
+                out = {o["name"]: o for o in http.post("/v2/models/speller/infer", json=body).json()["outputs"]}
+                (errors if out["text"]["data"][0] != want[n] else answered).append(n)
+        for t in threads:
+            t.join(120)
+        stats = httpx.get(f"{server.url}/v2/models/speller/stats").json()["model_stats"][0]
+    assert not errors and len(answered) == 3 * len(numbers)
+    assert int(stats["inference_stats"]["success"]["count"]) == 3 * len(numbers)
+    assert int(stats["execution_count"]) >= max(len(encode_number(n)) for n in numbers)
+    assert loop.caller_steps > 0

@@ -865,7 +865,8 @@ struct Core {
     }
 
     /* The worker: cellular steps for as long as there are rows, waiting (not spinning) when there are none.
-     * Finished requests go to the outbox at once and wake the collector; step records go with them. */
+     * Finished requests go to the outbox at once and wake the collector; step records go with them. While a
+     * front end's thread steps the idle loop itself (caller_step), the worker waits for it to let go. */
     void work() {
         K->set_threads(worker_plan.threads);
         const Plan &p = worker_plan;
@@ -875,18 +876,7 @@ struct Core {
         std::vector<StepRecord> records;
         double mark = now();
         while (true) {
-            if (!left.empty() && listen_from.load() >= 0) hand_to_listener(left);
-            if (!left.empty()) {  // hand over, then wake the collector with the lock released
-                {
-                    std::lock_guard<std::mutex> g(io);
-                    for (Left &l : left) outbox.push_back(std::move(l));
-                    out_records.insert(out_records.end(), records.begin(), records.end());
-                }
-                left.clear();
-                records.clear();
-                handed = now();
-                wake_collector.notify_one();
-            }
+            hand_over(left, records);
             {
                 std::unique_lock<std::mutex> g(io);
                 if (!records.empty()) {
@@ -896,17 +886,28 @@ struct Core {
                 // Steps whose rows all left through a listener wake nobody: the engine counts them when it
                 // next collects, woken every RECORDS_EVERY_S while busy and once the loop idles IDLE_HAND_S.
                 if (!out_records.empty() && now() - handed >= RECORDS_EVERY_S) hand_records();
-                while (!stopping && inbox.empty() && drops.empty() && !has_rows()) {
+                while (owner == CALLER || (!stopping && inbox.empty() && drops.empty() && !has_rows())) {
+                    if (owner == WORKER) owner = NOBODY;
                     if (!out_records.empty() && !records_due) {
+                        worker_sleep = TIMED;
+                        // (idle since a caller's last step too: while callers step, every RECORDS_EVERY_S)
                         if (wake_worker.wait_for(g, std::chrono::duration<double>(IDLE_HAND_S)) ==
-                            std::cv_status::timeout)
+                                std::cv_status::timeout &&
+                            owner != CALLER && now() - caller_stepped >= IDLE_HAND_S)
                             hand_records();
                     } else {
+                        worker_sleep = UNTIMED;
                         wake_worker.wait(g);
                     }
+                    worker_sleep = AWAKE;
                     mark = now();  // idle time is nobody's overhead
                 }
-                if (stopping) return;
+                if (stopping) {
+                    owner = NOBODY;
+                    return;
+                }
+                owner = WORKER;
+                worker_called = false;
                 in.swap(inbox);
                 gone.swap(drops);
             }
@@ -914,6 +915,77 @@ struct Core {
             const int s = pick(p);
             if (s >= 0) step_recorded(s, p, 0, &mark, left, records);
         }
+    }
+
+    /* A step's finished rows: the listener's to it, the rest to the outbox, waking the collector. */
+    void hand_over(std::vector<Left> &left, std::vector<StepRecord> &records) {
+        if (!left.empty() && listen_from.load() >= 0) hand_to_listener(left);
+        if (left.empty()) return;
+        {  // hand over, then wake the collector with the lock released
+            std::lock_guard<std::mutex> g(io);
+            for (Left &l : left) outbox.push_back(std::move(l));
+            out_records.insert(out_records.end(), records.begin(), records.end());
+            handed = now();
+        }
+        left.clear();
+        records.clear();
+        wake_collector.notify_one();
+    }
+
+    /* Who steps the stages now (under io): nobody (the loop idles), the worker, or a front end's thread that
+     * admitted into the idle loop and steps it itself (caller_step), sparing the two thread wake-ups (worker,
+     * then the front end again to write) that cost more than the request's own steps at one client. */
+    enum Owner { NOBODY, WORKER, CALLER } owner = NOBODY;
+    enum Sleep { AWAKE, TIMED, UNTIMED } worker_sleep = AWAKE;
+    /* The worker was woken for work: callers step no more until it has taken the loop (so a second request
+     * hands a busy loop to the worker, and both cores work, rather than the front end stepping everything). */
+    bool worker_called = false;
+    double caller_stepped = 0.0;  // when a caller last stepped
+    std::atomic<long long> caller_steps{0};
+
+    /* Whether the worker is running, idle and nobody steps: admissions now may be stepped by their caller. */
+    bool idle_locked() const {
+        return worker_running && !stopping && owner == NOBODY && inbox.empty() && drops.empty() && !has_rows();
+    }
+
+    /* One step on the calling thread if nobody else steps; 1: rows remain, call again (after the caller's own
+     * I/O); 0: the loop is idle, or is the worker's now (work came from elsewhere meanwhile, or it stops). */
+    int caller_step() {
+        std::vector<std::pair<int, Row>> in;
+        std::vector<long long> gone;
+        {
+            std::lock_guard<std::mutex> g(io);
+            if (owner != NOBODY || worker_called || stopping || !worker_running) return 0;
+            if (inbox.empty() && drops.empty() && !has_rows()) return 0;
+            owner = CALLER;
+            in.swap(inbox);
+            gone.swap(drops);
+        }
+        const Plan &p = worker_plan;
+        K->set_threads(p.threads);
+        double mark = now();
+        std::vector<Left> left;
+        std::vector<StepRecord> records;
+        apply(in, gone);
+        const int s = pick(p);
+        if (s >= 0 && step_recorded(s, p, 0, &mark, left, records)) caller_steps++;
+        hand_over(left, records);
+        bool more, wake;
+        {
+            std::lock_guard<std::mutex> g(io);
+            owner = NOBODY;
+            caller_stepped = now();
+            out_records.insert(out_records.end(), records.begin(), records.end());
+            if (!out_records.empty() && now() - handed >= RECORDS_EVERY_S) hand_records();
+            const bool elsewhere = !inbox.empty() || !drops.empty() || stopping;
+            worker_called = worker_called || elsewhere;
+            more = has_rows() && !elsewhere;
+            // the worker takes what came meanwhile, or the rest on stopping; or it hands the records of an
+            // idle loop to the collector after IDLE_HAND_S, as after its own steps
+            wake = elsewhere || (!more && !out_records.empty() && !records_due && worker_sleep == UNTIMED);
+        }
+        if (wake) wake_worker.notify_one();
+        return more ? 1 : 0;
     }
 
     /* The collector takes the step records (under io). */
@@ -953,7 +1025,7 @@ int face_vocab(void *loop, int stage) {
     return c.stages[stage].vocab;
 }
 
-int face_admit(void *loop, const cs_loop_row_t *rows, int count) {
+int face_admit(void *loop, const cs_loop_row_t *rows, int count, int caller_steps) {
     Core &c = *(Core *)loop;
     std::vector<std::pair<int, Row>> in;
     for (int i = 0; i < count; i++) {
@@ -973,13 +1045,19 @@ int face_admit(void *loop, const cs_loop_row_t *rows, int count) {
         in.push_back({r.stage, std::move(row)});
     }
     c.active += count;
+    bool idle;
     {
         std::lock_guard<std::mutex> g(c.io);
+        idle = caller_steps && c.idle_locked();
+        c.worker_called = c.worker_called || !idle;
         for (auto &p : in) c.inbox.push_back(std::move(p));
     }
+    if (idle) return 2;
     c.wake_worker.notify_one();
     return 1;
 }
+
+int face_step(void *loop) { return ((Core *)loop)->caller_step(); }
 
 void face_listen(void *loop, long long first_id, cs_loop_on_left on_left, void *ctx) {
     Core &c = *(Core *)loop;
@@ -1197,6 +1275,7 @@ PyObject *queued(Core &c, std::vector<std::pair<int, Row>> &rows) {
        // hands it to another Python thread for up to a switch interval, which the event loop then waits out)
         std::lock_guard<std::mutex> g(c.io);
         for (auto &r : rows) c.inbox.push_back(std::move(r));
+        c.worker_called = true;
     }
     c.wake_worker.notify_one();
     Py_RETURN_NONE;
@@ -1394,6 +1473,7 @@ PyObject *loop_drop(LoopObject *self, PyObject *arg) {
     {  // with the GIL, as admit
         std::lock_guard<std::mutex> g(c.io);
         c.drops.push_back(id);
+        c.worker_called = true;
     }
     c.wake_worker.notify_one();
     Py_RETURN_NONE;
@@ -1555,6 +1635,7 @@ PyObject *loop_start(LoopObject *self, PyObject *args) {
     if (!signals(cancel_obj, queued_obj, &c.worker_cancel, &c.worker_queued, p)) return nullptr;
     c.worker_plan = p;
     c.stopping = false;
+    c.worker_called = false;
     c.worker_running = true;
     c.worker = std::thread([&c] {
         pthread_setname_np(pthread_self(), "cs-steploop");  // for top -H, perf and py-spy
@@ -1605,13 +1686,14 @@ PyObject *loop_wake(LoopObject *self, PyObject *) {
  * lives (the front end keeps a reference to it). */
 PyObject *loop_lane_face(LoopObject *self, PyObject *) {
     Core &c = *self->core;
-    c.face = {CELLSERVE_LOOP_FACE_VERSION, &c, face_vocab, face_admit, face_listen, face_running};
+    c.face = {CELLSERVE_LOOP_FACE_VERSION, &c, face_vocab, face_admit, face_listen, face_running, face_step};
     return PyCapsule_New(&c.face, CELLSERVE_LOOP_FACE, nullptr);
 }
 
 PyObject *loop_get_used(LoopObject *self, void *) { return PyLong_FromLong(self->core->active.load()); }
 PyObject *loop_get_kernel_seconds(LoopObject *self, void *) { return PyFloat_FromDouble(self->core->kernel_seconds); }
 PyObject *loop_get_running(LoopObject *self, void *) { return PyBool_FromLong(self->core->worker_running); }
+PyObject *loop_get_caller_steps(LoopObject *self, void *) { return PyLong_FromLongLong(self->core->caller_steps); }
 
 PyMethodDef LOOP_METHODS[] = {
     {"add_stage", (PyCFunction)loop_add_stage, METH_VARARGS, "add a stage (before any request); returns its index"},
@@ -1637,6 +1719,8 @@ PyGetSetDef LOOP_GETSET[] = {
     {"used", (getter)loop_get_used, nullptr, "rows held (one per running request)", nullptr},
     {"kernel_seconds", (getter)loop_get_kernel_seconds, nullptr, "time inside the model's compute", nullptr},
     {"running", (getter)loop_get_running, nullptr, "whether the worker thread runs", nullptr},
+    {"caller_steps", (getter)loop_get_caller_steps, nullptr,
+     "steps a native front end's thread took on the idle loop itself, rather than waking the worker", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_steploop", "the engine's native step loop", -1, nullptr};

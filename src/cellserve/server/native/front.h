@@ -50,6 +50,8 @@ struct Inbox {
   }
 };
 
+struct TokenLane;
+
 // What a lane does with a message it was offered (Lanes::offer).
 struct Offer {
   enum What { PYTHON, TAKEN, ANSWERED, FAILED } what = PYTHON;
@@ -57,6 +59,7 @@ struct Offer {
   std::string answer;              // ANSWERED: a stream's error message (ModelStreamInferResponse)
   grpc::StatusCode code = grpc::StatusCode::OK;  // FAILED: a unary call's status
   std::string message;
+  TokenLane *step = nullptr;       // TAKEN into an idle step loop: the poller steps it (Front::stepping)
 };
 
 struct Front;
@@ -141,6 +144,11 @@ struct Front {
   void post(uint64_t call, std::string &&bytes, bool last);
   void write_outbox();  // the poller, on kick_op
   HttpFront *http = nullptr;  // the HTTP front end, where Python asked for it (serve_http)
+  // The poller's own: token lanes whose idle loop it steps itself between its completions (a request at one
+  // client then wakes no other thread: loop_face.h)
+  std::vector<TokenLane *> stepping;
+  void step_soon(TokenLane *lane);
+  void step_lanes();
 
   // Runs `op` on a live call under the registry lock (so the call cannot be deleted meanwhile); false when
   // the call is gone. Lock order: registry, then a call's, then a lane's.
@@ -155,7 +163,7 @@ struct Front {
 };
 
 // token_lanes.cpp: the stateless requests of a model on a native step loop (the lanes' registry offers them)
-struct TokenLane;
+bool token_lane_step(TokenLane *lane);  // (token_lanes.h)
 
 // lanes.cpp (only where the protocol's messages were generated: CELLSERVE_LANES)
 Lanes *lanes_new(Front *front);

@@ -152,6 +152,7 @@ void Call::take_locked(bool ok) {
     }
     Offer offer = lanes_offer(front_->lanes, id_, stream_, item.payload, logged_id);
     if (offer.what == Offer::FAILED) return fail(offer.code, offer.message);
+    if (offer.step) front_->step_soon(offer.step);
     if (offer.what != Offer::PYTHON) {
       if (!stream_) return;  // (a unary call reads nothing more)
       unanswered_++;
@@ -329,7 +330,17 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     pthread_setname_np(pthread_self(), "cs-grpc");  // for top -H, perf and py-spy
     void *tag;
     bool ok;
-    while (front->cq->Next(&tag, &ok)) {
+    while (true) {
+      if (front->stepping.empty()) {
+        if (!front->cq->Next(&tag, &ok)) break;
+      } else {  // completions first; a step of the lanes' loops whenever none is waiting
+        auto got = front->cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));
+        if (got == grpc::CompletionQueue::SHUTDOWN) break;
+        if (got == grpc::CompletionQueue::TIMEOUT) {
+          front->step_lanes();
+          continue;
+        }
+      }
       auto *op = static_cast<Call::Op *>(tag);
       if (!op->call) {
         front->write_outbox();
@@ -356,6 +367,15 @@ void Front::post(uint64_t call, std::string &&bytes, bool last) {
     outbox_kicked = true;
     kick->Set(cq.get(), gpr_time_0(GPR_CLOCK_MONOTONIC), &kick_op);
   }
+}
+
+void Front::step_soon(TokenLane *lane) {
+  if (std::find(stepping.begin(), stepping.end(), lane) == stepping.end()) stepping.push_back(lane);
+}
+
+void Front::step_lanes() {
+  stepping.erase(std::remove_if(stepping.begin(), stepping.end(), [](TokenLane *lane) { return !token_lane_step(lane); }),
+                 stepping.end());
 }
 
 void Front::write_outbox() {

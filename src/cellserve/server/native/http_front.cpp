@@ -322,6 +322,22 @@ struct HttpFront {
   asio::executor_work_guard<asio::io_context::executor_type> work = asio::make_work_guard(io);
 
   void accept();
+  // The io thread's own: token lanes whose idle loop it steps itself, a step per turn of its queue, between
+  // the connections' I/O (a request at one client then wakes no other thread: loop_face.h)
+  std::vector<TokenLane *> stepping;
+  bool step_posted = false;
+  void step_soon(TokenLane *lane) {
+    if (std::find(stepping.begin(), stepping.end(), lane) == stepping.end()) stepping.push_back(lane);
+    if (step_posted) return;
+    step_posted = true;
+    asio::post(io, [this] {
+      step_posted = false;
+      stepping.erase(std::remove_if(stepping.begin(), stepping.end(),
+                                    [](TokenLane *lane) { return !token_lane_step(lane); }),
+                     stepping.end());
+      if (!stepping.empty()) step_soon(stepping.front());
+    });
+  }
   std::string new_request_id() {
     char digits[16];
     snprintf(digits, sizeof digits, "%010llx", static_cast<unsigned long long>(next_id++ & 0xFFFFFFFFFFULL));
@@ -461,7 +477,10 @@ class Conn : public HttpConn, public std::enable_shared_from_this<Conn<Stream>> 
       Answer answer = encode(*ask, model_name, served_version, outputs);
       asio::post(front->io, [self, answer = std::move(answer)]() mutable { self->deliver(std::move(answer)); });
     };
-    return token_lane_take(lane, ask->ask, request_id_, "http", std::move(reply));
+    bool step_here = false;
+    if (!token_lane_take(lane, ask->ask, request_id_, "http", std::move(reply), &step_here)) return false;
+    if (step_here) front->step_soon(lane);
+    return true;
   }
 
   // --- passing a request to the app behind, and its answer back ---

@@ -4,8 +4,10 @@
 //
 // The path: grpc++'s thread parses the ModelInferRequest and checks it against the model's inputs; its rows
 // join the loop at the worker's next step (engine/native/loop_face.h), beside the rows the Python engine
-// admits; the worker hands their tokens back when they finish, and this file builds the answer there and
-// posts it to the front end's poller, which writes it (Front::post). Python runs once per step that finishes
+// admits; the thread that steps hands their tokens back when they finish, and this file builds the answer there
+// and posts it to the front end's poller, which writes it (Front::post). That thread is the loop's worker, or,
+// where the loop was idle, the front end's own thread (token_lane_step), so that a request at one client
+// wakes no other thread. Python runs once per step that finishes
 // any of them (the statistics, metrics and access lines of all of them in one call), never per request.
 //
 // A family whose text codec has a native form (the speller's digits in, words out: families/seq2seq.py says)
@@ -32,6 +34,7 @@ const long long FIRST_ID = 1LL << 62;  // the engine's runner counts its row ids
 // Statistics go to Python in batches: one call (the GIL, and Python's allocator returning arenas) per finishing
 // step cost the worker a tenth of its time at 16 clients, and stalled its steps while another thread held the GIL
 const double RECORD_EVERY_S = 0.02;
+const double STEP_TURN_S = 100e-6;  // token_lane_step
 
 // One request: its rows' tokens as they finish, what it asked for, and where the answer goes.
 struct Pending {
@@ -86,7 +89,8 @@ struct TokenLane {
   bool draining = false, stopped = false;
 
   bool codec() const { return digits_max >= 0; }
-  bool take(const TokenAsk &ask, const std::string &logged_id, const char *protocol, TokenReply reply);
+  bool take(const TokenAsk &ask, const std::string &logged_id, const char *protocol, TokenReply reply,
+            bool *step_here);
   void finished(const cs_loop_left_t *left, int count);
   void flush();
   std::vector<LaneTensor> answer(const Pending &p) const;
@@ -143,7 +147,8 @@ static bool digits_source(const TokenLane &lane, const std::string &text, std::v
   return true;
 }
 
-bool TokenLane::take(const TokenAsk &ask, const std::string &logged_id, const char *protocol, TokenReply reply) {
+bool TokenLane::take(const TokenAsk &ask, const std::string &logged_id, const char *protocol, TokenReply reply,
+                     bool *step_here) {
   if (!ask.version.empty() && ask.version != version) return false;
   if (ask.parameters) return false;  // sessions and every other parameter: Python's
   const size_t n_inputs = ask.inputs.size();
@@ -210,6 +215,7 @@ bool TokenLane::take(const TokenAsk &ask, const std::string &logged_id, const ch
   pending->left = n;
   pending->arrival = now_s();
   std::vector<cs_loop_row_t> admitted(n);
+  int how;
   {
     std::lock_guard<std::mutex> lock(mu);
     if (draining || stopped || inflight >= max_inflight || !face->running(face->loop)) return false;
@@ -220,15 +226,17 @@ bool TokenLane::take(const TokenAsk &ask, const std::string &logged_id, const ch
       admitted[r] = {stage, next_id + r, sources[r].data(), static_cast<int>(sources[r].size()), max_len, 1,
                      pending->arrival};
     }
-    if (!face->admit(face->loop, admitted.data(), n)) return false;
+    how = face->admit(face->loop, admitted.data(), n, 1);
+    if (!how) return false;
     for (int r = 0; r < n; r++) rows[next_id + r] = {pending, r};
     next_id += n;
     inflight++;
   }
+  *step_here = how == 2;
   return true;
 }
 
-// On the loop's worker: the rows that finished; the requests whose last row this was are answered.
+// On the thread that stepped: the rows that finished; the requests whose last row this was are answered.
 void TokenLane::finished(const cs_loop_left_t *left, int count) {
   std::vector<std::shared_ptr<Pending>> done;
   {
@@ -386,8 +394,18 @@ void read_raw(const char *data, size_t size, TokenAsk::Input &in) {
 }
 
 bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &logged_id, const char *protocol,
-                     TokenReply reply) {
-  return lane->take(ask, logged_id, protocol, std::move(reply));
+                     TokenReply reply, bool *step_here) {
+  return lane->take(ask, logged_id, protocol, std::move(reply), step_here);
+}
+
+// Steps back to back for up to a turn, then lets the caller's I/O run: a syscall to poll its sockets between
+// every two steps cost more than the steps' own bookkeeping, and a turn keeps the wait of the connections
+// that have something to read short.
+bool token_lane_step(TokenLane *lane) {
+  const double until = now_s() + STEP_TURN_S;
+  while (lane->face->step(lane->face->loop))
+    if (now_s() >= until) return true;
+  return false;
 }
 
 const std::string &token_lane_version(const TokenLane *lane) { return lane->version; }
@@ -421,9 +439,11 @@ Offer token_lane_offer(TokenLane *lane, const inference::ModelInferRequest &requ
     for (const auto &tensor : outputs) add_output(envelope.response(), tensor);
     front->post(call, envelope.bytes(), !stream);
   };
-  if (!lane->take(ask, logged_id, "grpc", std::move(reply))) return Offer{};
+  bool step_here = false;
+  if (!lane->take(ask, logged_id, "grpc", std::move(reply), &step_here)) return Offer{};
   Offer taken;
   taken.what = Offer::TAKEN;
+  if (step_here) taken.step = lane;
   return taken;
 }
 

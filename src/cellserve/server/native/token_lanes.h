@@ -50,15 +50,18 @@ struct LaneTensor {
 std::string raw_of(const LaneTensor &tensor);
 void read_raw(const char *data, size_t size, TokenAsk::Input &in);
 
-// Called on the step loop's worker with the answer; it encodes it for its wire and writes it.
+// Called on the thread that steps the loop with the answer; it encodes it for its wire and writes it.
 using TokenReply = std::function<void(std::vector<LaneTensor> &&outputs)>;
 
 TokenLane *lanes_token_lane(Lanes *lanes, const std::string &model);  // nullptr: the model has none
 const std::string &token_lane_version(const TokenLane *lane);
 bool token_lane_scores(const TokenLane *lane);  // a scoring model (log_likelihood, next_token)
-// True: taken (reply runs once, later, on the loop's worker); false: Python's (nothing was kept).
-// protocol: "grpc" or "http", for the access log.
+// True: taken (reply runs once, later, on the thread that steps the loop); false: Python's (nothing was kept).
+// protocol: "grpc" or "http", for the access log. step_here: the loop was idle and its worker was not woken;
+// the caller steps it (token_lane_step) until that says no more, between its own I/O.
 bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &logged_id, const char *protocol,
-                     TokenReply reply);
+                     TokenReply reply, bool *step_here);
+// One step of the lane's loop on this thread; true: call again (after the caller's pending I/O).
+bool token_lane_step(TokenLane *lane);
 
 }  // namespace cellserve_front
