@@ -401,15 +401,17 @@ class Engine:
             for stage, size, took in zip(stage_list, sizes.tolist(), seconds.tolist()):
                 self.observer.on_batch(cell_types[stage], size, took)
 
-    def count_lane_step(self, rows: int, seconds: float, kernel: float, latencies, ok: bool = True) -> None:
-        """A step that a native front end's lane (engine/lane.py) ran for this model, outside this engine:
-        counted with the engine's own (each message one request submitted and answered), so statistics,
-        metrics and the live page show the model whole. latencies: each request's seconds from arrival
-        to result."""
+    def count_lane_steps(self, rows: list, seconds: list, kernel: list, ends: list, latencies,
+                         ok: bool = True) -> None:
+        """Steps that a native front end's lane (engine/lane.py) ran for this model, outside this engine, one
+        list entry each (a lane hands them over together): counted with the engine's own (each message one
+        request submitted and answered), so statistics, metrics and the live page show the model whole.
+        latencies: each request's seconds from arrival to result."""
         with self._cv:
-            self._count_steps(LANE, step_records(rows=[rows], seconds=[seconds], kernel=[kernel],
-                                                 end=[time.perf_counter()], number=[self.stats.steps + 1]))
-        self._account(seconds, kernel, 1)
+            first = self.stats.steps + 1
+            self._count_steps(LANE, step_records(rows=rows, seconds=seconds, kernel=kernel, end=ends,
+                                                 number=range(first, first + len(rows))))
+        self._account(sum(seconds), sum(kernel), len(rows))
         self.count_lane_requests(latencies, ok)
 
     def count_lane_requests(self, latencies, ok: bool = True) -> None:
