@@ -15,7 +15,7 @@ from cellserve.kernels.recurrence import gru_sequence, gru_step, lstm_sequence, 
 
 SHAPES = [(1, 1, 1), (1, 3, 17), (3, 17, 255), (17, 255, 3), (255, 17, 33), (2, 300, 70), (13, 64, 96),
           (16, 129, 64), (33, 40, 31), (1, 1000, 45), (70, 5, 257),
-          (40, 300, 70),  # several row tiles over three k blocks of fp32 (K_BLOCK 128)
+          (40, 300, 70), (30, 600, 40),  # several row tiles over 2-5 k blocks (k_block_rows: 128 or 256)
           (21, 1100, 70)]  # and of int8 (128 chunks of 4 k), the last tile short, the last k block too
 
 

@@ -142,6 +142,7 @@ static inline int unsigned_codes(const isa_t *isa, const packed_t *w) { return i
 /* ---- platform.cpp: per-kernel dispatch (MLAS's way: the best path's table, with the kernels a newer
  * extension adds put over it), the calling thread's thread count, per-thread scratch */
 const isa_t *platform(void);           /* the dispatch table in use */
+int k_block_rows(void);                /* the k-blocked products' rows of a panel per block, for this CPU */
 int platform_select(const char *name); /* 0, or -1 unknown name, -2 not supported by this CPU */
 int platform_count(void);              /* the paths, best first */
 const isa_t *platform_path(int i);
