@@ -1,7 +1,7 @@
 /* The step loop's C face for native front ends (server/native/token_lanes.cpp): a front end admits token
- * requests into a running loop and is handed their results on the thread that steps it (the loop's worker, or
- * the front end's own), with no Python per request. Plain C types only: the loop and the front end are separate extension modules, and this struct,
- * passed in a PyCapsule (Loop.lane_face()), is all they share.
+ * requests into a running loop and is handed their results on the thread that steps it (the loop's worker,
+ * or the front end's own), with no Python per request. Plain C types only: the loop and the front end are
+ * separate extension modules, and this struct, passed in a PyCapsule (Loop.lane_face()), is all they share.
  *
  * At one client a front end steps the idle loop on its own thread (admit's caller_steps, then step): a request
  * then wakes no other thread.

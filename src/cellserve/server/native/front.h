@@ -148,7 +148,6 @@ struct Front {
   // client then wakes no other thread: loop_face.h)
   std::vector<TokenLane *> stepping;
   void step_soon(TokenLane *lane);
-  void step_lanes();
 
   // Runs `op` on a live call under the registry lock (so the call cannot be deleted meanwhile); false when
   // the call is gone. Lock order: registry, then a call's, then a lane's.
@@ -163,7 +162,7 @@ struct Front {
 };
 
 // token_lanes.cpp: the stateless requests of a model on a native step loop (the lanes' registry offers them)
-bool token_lane_step(TokenLane *lane);  // (token_lanes.h)
+void token_lanes_step(std::vector<TokenLane *> &lanes);  // (token_lanes.h)
 
 // lanes.cpp (only where the protocol's messages were generated: CELLSERVE_LANES)
 Lanes *lanes_new(Front *front);

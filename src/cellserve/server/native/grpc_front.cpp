@@ -337,7 +337,7 @@ PyObject *front_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
         auto got = front->cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC));
         if (got == grpc::CompletionQueue::SHUTDOWN) break;
         if (got == grpc::CompletionQueue::TIMEOUT) {
-          front->step_lanes();
+          token_lanes_step(front->stepping);
           continue;
         }
       }
@@ -371,11 +371,6 @@ void Front::post(uint64_t call, std::string &&bytes, bool last) {
 
 void Front::step_soon(TokenLane *lane) {
   if (std::find(stepping.begin(), stepping.end(), lane) == stepping.end()) stepping.push_back(lane);
-}
-
-void Front::step_lanes() {
-  stepping.erase(std::remove_if(stepping.begin(), stepping.end(), [](TokenLane *lane) { return !token_lane_step(lane); }),
-                 stepping.end());
 }
 
 void Front::write_outbox() {

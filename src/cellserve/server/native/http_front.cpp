@@ -322,20 +322,20 @@ struct HttpFront {
   asio::executor_work_guard<asio::io_context::executor_type> work = asio::make_work_guard(io);
 
   void accept();
-  // The io thread's own: token lanes whose idle loop it steps itself, a step per turn of its queue, between
-  // the connections' I/O (a request at one client then wakes no other thread: loop_face.h)
+  // The io thread's own: token lanes whose idle loop it steps itself, one turn (token_lanes_step) per pass of
+  // its queue, between the connections' I/O (a request at one client then wakes no other thread: loop_face.h)
   std::vector<TokenLane *> stepping;
   bool step_posted = false;
   void step_soon(TokenLane *lane) {
     if (std::find(stepping.begin(), stepping.end(), lane) == stepping.end()) stepping.push_back(lane);
-    if (step_posted) return;
+    if (!step_posted) post_steps();
+  }
+  void post_steps() {
     step_posted = true;
     asio::post(io, [this] {
       step_posted = false;
-      stepping.erase(std::remove_if(stepping.begin(), stepping.end(),
-                                    [](TokenLane *lane) { return !token_lane_step(lane); }),
-                     stepping.end());
-      if (!stepping.empty()) step_soon(stepping.front());
+      token_lanes_step(stepping);
+      if (!stepping.empty()) post_steps();
     });
   }
   std::string new_request_id() {

@@ -58,10 +58,11 @@ const std::string &token_lane_version(const TokenLane *lane);
 bool token_lane_scores(const TokenLane *lane);  // a scoring model (log_likelihood, next_token)
 // True: taken (reply runs once, later, on the thread that steps the loop); false: Python's (nothing was kept).
 // protocol: "grpc" or "http", for the access log. step_here: the loop was idle and its worker was not woken;
-// the caller steps it (token_lane_step) until that says no more, between its own I/O.
+// the caller steps it (token_lanes_step) until that leaves it out, between its own I/O.
 bool token_lane_take(TokenLane *lane, const TokenAsk &ask, const std::string &logged_id, const char *protocol,
                      TokenReply reply, bool *step_here);
-// One step of the lane's loop on this thread; true: call again (after the caller's pending I/O).
-bool token_lane_step(TokenLane *lane);
+// A turn of stepping each lane's loop on this thread; lanes whose loop has idled or gone to its worker leave
+// the list. Call again, after the caller's pending I/O, while any remain.
+void token_lanes_step(std::vector<TokenLane *> &lanes);
 
 }  // namespace cellserve_front
