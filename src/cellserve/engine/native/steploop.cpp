@@ -933,8 +933,9 @@ struct Core {
     }
 
     /* Who steps the stages now (under io): nobody (the loop idles), the worker, or a front end's thread that
-     * admitted into the idle loop and steps it itself (caller_step), sparing the two thread wake-ups (worker,
-     * then the front end again to write) that cost more than the request's own steps at one client. */
+     * admitted into the idle loop and steps it itself (caller_step), sparing two thread wake-ups (the worker,
+     * then the front end again to write): at one client, side by side, 179 -> 142 us of server CPU outside
+     * the kernels per speller request over gRPC, 135 -> 101 over HTTP. */
     enum Owner { NOBODY, WORKER, CALLER } owner = NOBODY;
     enum Sleep { AWAKE, TIMED, UNTIMED } worker_sleep = AWAKE;
     /* The worker was woken for work: callers step no more until it has taken the loop (so a second request
