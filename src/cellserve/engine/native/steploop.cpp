@@ -879,13 +879,7 @@ struct Core {
             hand_over(left, records);
             {
                 std::unique_lock<std::mutex> g(io);
-                if (!records.empty()) {
-                    out_records.insert(out_records.end(), records.begin(), records.end());
-                    records.clear();
-                }
-                // Steps whose rows all left through a listener wake nobody: the engine counts them when it
-                // next collects, woken every RECORDS_EVERY_S while busy and once the loop idles IDLE_HAND_S.
-                if (!out_records.empty() && now() - handed >= RECORDS_EVERY_S) hand_records();
+                keep_records_locked(records);
                 while (owner == CALLER || (!stopping && inbox.empty() && drops.empty() && !has_rows())) {
                     if (owner == WORKER) owner = NOBODY;
                     if (!out_records.empty() && !records_due) {
@@ -911,10 +905,26 @@ struct Core {
                 in.swap(inbox);
                 gone.swap(drops);
             }
-            apply(in, gone);
-            const int s = pick(p);
-            if (s >= 0) step_recorded(s, p, 0, &mark, left, records);
+            step_next(in, gone, p, &mark, left, records);
         }
+    }
+
+    /* The admissions and drops taken from the inbox join, then one step of the stage the plan picks; false
+     * where none ran. */
+    bool step_next(std::vector<std::pair<int, Row>> &in, std::vector<long long> &gone, const Plan &p, double *mark,
+                   std::vector<Left> &left, std::vector<StepRecord> &records) {
+        apply(in, gone);
+        const int s = pick(p);
+        return s >= 0 && step_recorded(s, p, 0, mark, left, records);
+    }
+
+    /* A step's records join those the collector has not taken (under io). Steps whose rows all left through
+     * a listener wake nobody: the engine counts them when it next collects, woken every RECORDS_EVERY_S while
+     * busy and once the loop idles IDLE_HAND_S. */
+    void keep_records_locked(std::vector<StepRecord> &records) {
+        out_records.insert(out_records.end(), records.begin(), records.end());
+        records.clear();
+        if (!out_records.empty() && now() - handed >= RECORDS_EVERY_S) hand_records();
     }
 
     /* A step's finished rows: the listener's to it, the rest to the outbox, waking the collector. */
@@ -967,17 +977,14 @@ struct Core {
         double mark = now();
         std::vector<Left> left;
         std::vector<StepRecord> records;
-        apply(in, gone);
-        const int s = pick(p);
-        if (s >= 0 && step_recorded(s, p, 0, &mark, left, records)) caller_steps++;
+        if (step_next(in, gone, p, &mark, left, records)) caller_steps++;
         hand_over(left, records);
         bool more, wake;
         {
             std::lock_guard<std::mutex> g(io);
             owner = NOBODY;
             caller_stepped = now();
-            out_records.insert(out_records.end(), records.begin(), records.end());
-            if (!out_records.empty() && now() - handed >= RECORDS_EVERY_S) hand_records();
+            keep_records_locked(records);
             const bool elsewhere = !inbox.empty() || !drops.empty() || stopping;
             worker_called = worker_called || elsewhere;
             more = has_rows() && !elsewhere;
