@@ -23,6 +23,8 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_UNITS = {  # translation unit -> flags; selected at run time by CPU features
     f"{NATIVE}/isa_avx2.cpp": ["-mavx2", "-mfma"],
     f"{NATIVE}/isa_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma"],
+    f"{NATIVE}/isa_amx.cpp": ["-mamx-tile", "-mamx-bf16", "-mamx-int8", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                              "-mavx512vnni", "-mavx512bf16", "-mavx2", "-mfma"],
 } if X86 else {}
 MISSING_COMPILER = ("cellserve builds its native kernels with a C++17 compiler, and the build failed here ({}). "
                     "Install one: Debian/Ubuntu 'apt-get install g++', Fedora 'dnf install gcc-c++', macOS "

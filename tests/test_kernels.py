@@ -374,3 +374,16 @@ def test_block_sparse_equals_dense_on_the_same_masked_weights(isa, m, k, n, rng)
     expected = out.astype(np.float64) + x.astype(np.float64) @ w.T + bias
     _native.gemm(x, sparse.packed, out, out, bias)
     close(out, expected)
+
+
+def test_amx_runs_by_default_where_the_cpu_and_the_os_allow_it():
+    """Where the CPU has AMX-BF16 and AMX-INT8 and Linux grants the tile state, the bf16 and int8 products run on
+    the tile units by default (the fixture above runs every product test on that path as well)."""
+    from cellserve.bench.common import cpu_has_amx, machine_line
+
+    if not cpu_has_amx():
+        pytest.skip("this CPU has no AMX-BF16 and AMX-INT8")
+    if "avx512-amx" not in kernels.isas():
+        assert "AMX refused by the OS" in machine_line()
+        pytest.skip("the OS refused this process AMX's tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+    assert kernels.isa() == "avx512-amx"

@@ -88,11 +88,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU reports AMX-BF16 and AMX-INT8 (/proc/cpuinfo), whatever the OS grants."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"amx_tile", "amx_bf16", "amx_int8"} <= set(flags.split(":", 1)[1].split())
+
+
 def machine_line() -> str:
-    """What a figure was measured on: the CPU, its cores, and the kernel path that ran."""
+    """What a figure was measured on: the CPU, its cores, and the kernel path that ran (and, where the CPU has
+    AMX but the OS refused this process its tile state, that the AVX-512 paths run instead)."""
     from cellserve.kernels import _native
 
-    return f"CPU: {cpu_model()}, {os.cpu_count()} cores; kernel path: {_native.isa()} (of {', '.join(_native.isas())})"
+    refused = "; AMX refused by the OS (arch_prctl), AVX-512 runs" if cpu_has_amx() and "avx512-amx" not in \
+        _native.isas() else ""
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores; kernel path: {_native.isa()} (of {', '.join(_native.isas())})"
+            f"{refused}")
 
 
 def memory_bandwidth_gbs(megabytes: int = 256) -> float:

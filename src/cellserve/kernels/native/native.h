@@ -127,6 +127,12 @@ void avx512_vbmi_gemm_s8(const qgemm_t *g, int threads);
  * over the AVX-512 table. */
 int avx512_bf16_supported(void);
 void avx512_bf16_gemm(const gemm_t *g, int threads);
+/* AMX (isa_amx.cpp): the bf16 and int8 products on tiles, put over the AVX-512 VBMI table. amx_present() says
+ * whether the CPU has AMX-BF16 and AMX-INT8 and the OS granted this process the tile state; where so, the
+ * packers pad k to a whole tile row (32 bf16, 64 int8). */
+int amx_present(void);
+void amx_gemm_bf16(const gemm_t *g, int threads);
+void amx_gemm_s8(const qgemm_t *g, int threads);
 #endif
 
 /* fp32 -> bf16, rounded to nearest even as vcvtneps2bf16 does (a NaN stays a quiet NaN). */

@@ -4,6 +4,17 @@
 
 #include "native.h"
 
+/* k rounded up to a multiple of `unit`, or of a whole AMX tile row of `tile_k` where the AMX kernels may run
+ * (their loops then have no k tail; the other kernels add the zeros). */
+static int padded_k(int k, int unit, int tile_k) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (amx_present()) unit = tile_k;
+#else
+    (void)tile_k;
+#endif
+    return (k + unit - 1) / unit * unit;
+}
+
 void packed_free(packed_t *p) {
     free(p->data);
     free(p->scale);
@@ -43,7 +54,7 @@ int pack_bf16(packed_t *p, const float *w, ptrdiff_t ld, int n, int k) {
     p->bits = 16;
     p->n = n;
     p->k = k;
-    p->kpad = (k + 1) / 2 * 2;
+    p->kpad = padded_k(k, 2, 32);
     p->panels = (n + NR - 1) / NR;
     p->panel_stride = (size_t)p->kpad * NR;
     p->data = aligned_zeros(p->panels * p->panel_stride * sizeof(uint16_t));
@@ -119,7 +130,7 @@ int pack_s8(packed_t *p, const int8_t *codes, ptrdiff_t ld, int n, int k, const 
     p->bits = bits;
     p->n = n;
     p->k = k;
-    p->kpad = (k + 4 * groups - 1) / (4 * groups) * (4 * groups);
+    p->kpad = bits == 8 ? padded_k(k, 4, 64) : padded_k(k, 4 * groups, 4 * groups);
     p->panels = (n + NR - 1) / NR;
     p->panel_stride = (size_t)p->kpad * NR / groups;
     p->act_scale = act_scale;

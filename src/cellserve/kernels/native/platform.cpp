@@ -34,7 +34,7 @@ int dpbf16_preferred() {
  * AVX-512 table: VBMI binary weights by table lookup, BF16 the bf16 product on vdpbf16ps. Every combination
  * the CPU has is a path of its own, so the tests can run each kernel on one machine. */
 struct Paths {
-    Path path[8];
+    Path path[9];
     int count = 0;
 
     isa_t &add(const isa_t &base, int (*preferred)(void) = nullptr) {
@@ -45,6 +45,11 @@ struct Paths {
 
     Paths() {
 #if defined(__x86_64__) || defined(_M_X64)
+        isa_t &amx = add(ISA_AVX512);
+        amx.name = "avx512-amx";
+        amx.supported = amx_present;
+        amx.gemm_s8 = amx_gemm_s8;
+        amx.gemm_bf16 = amx_gemm_bf16;
         isa_t &both = add(ISA_AVX512, dpbf16_preferred);
         both.name = "avx512-vbmi-bf16";
         both.supported = avx512_vbmi_bf16_supported;
