@@ -53,8 +53,8 @@ def test_a_nan_activation_gives_nan_in_its_row_only(isa, rng):
 
 def test_the_default_path_takes_the_faster_bf16_product_for_the_cpu():
     """vdpbf16ps issues at half the FMA rate on Intel's cores and at the full rate on AMD's Zen 4, so an Intel
-    CPU with AVX512-BF16 defaults to a path whose bf16 product runs on FMAs (platform.cpp), an AMD one to the
-    best path it has."""
+    CPU with AVX512-BF16 defaults to a path whose bf16 product runs on FMAs or, where AMX is granted, on tiles
+    (platform.cpp: avx512-amx comes first), an AMD one to the best path it has."""
     if not any("bf16" in path for path in kernels.isas()):
         pytest.skip("this CPU has no AVX512-BF16")
     vendor = next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id"))
