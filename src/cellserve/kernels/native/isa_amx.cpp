@@ -5,8 +5,8 @@
  * The panels need no layout of their own: a bf16 panel (panel[k/2][32][2]) is, per 16 pairs of k, two B tiles
  * side by side (columns 0-15 and 16-31, 64 bytes each, rows 128 bytes apart), and an int8 panel
  * (panel[k/4][32][4]) likewise per 16 quads. Where AMX is present the packers pad k to a whole tile row
- * (amx_present), so no k tail remains. A is converted per call into row-major bf16 (or copied int8 codes),
- * its rows padded to a multiple of 16.
+ * (amx_present), so no k tail remains. A is packed per call into whole tiles (row tile outer, k inner: 1 KB
+ * each, contiguous), rounded to bf16 or copied as int8 codes, its rows padded to a multiple of 16.
  *
  * Every tile is 16 rows x 64 bytes: tmm0-3 accumulate a 32 x 32 block of c (2 row tiles x 2 column tiles),
  * tmm4-5 hold A's two row tiles, tmm6-7 the panel's two column tiles. Per tile row of k, 4 loads feed 4
@@ -238,7 +238,7 @@ void pack_a_s8(const qgemm_t *g, uint8_t *dst) {
 /* Below this many rows the int8 product on VNNI (the AVX-512 VBMI table) runs faster: at M = 1 a tile of
  * 16 rows computes mostly padding, and VNNI measured 1.04-1.12x AMX at 256 x 1024 and 512 x 2048 (1 thread,
  * medians of 5 interleaved rounds; equal at 1024 x 4096, where the weights' stream from memory bounds
- * both). From M = 2 AMX leads (1.2-3x at M = 2-16). The bf16 product on AMX led at every M, 1.6x at M = 1 on
+ * both). From M = 2 AMX leads (1.0-3.2x at M = 2-16). The bf16 product on AMX led at every M, 1.6x at M = 1 on
  * 256 x 1024 and equal at 1024 x 4096. */
 constexpr int AMX_MIN_ROWS_S8 = 2;
 
@@ -246,7 +246,6 @@ constexpr int AMX_MIN_ROWS_S8 = 2;
 
 int amx_present(void) {
     static const int granted = []() -> int {
-        __builtin_cpu_init();
         unsigned eax, ebx, ecx, edx;
         __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
         const int tiles = (edx >> 24) & 1, bf16 = (edx >> 22) & 1, int8 = (edx >> 25) & 1;
