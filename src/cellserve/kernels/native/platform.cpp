@@ -2,9 +2,10 @@
  *
  * Per-kernel dispatch, as MLAS builds its platform: each path is the table of a base ISA with only the
  * kernels that a newer extension adds put over it, so AVX-512 VBMI is the AVX-512 table with one entry
- * (binary weights by table lookup) replaced, and AVX512-BF16 puts its bf16 product over it. The best path
- * the CPU supports and prefers is chosen when the module loads; CELLSERVE_ISA or platform_select() (tests,
- * benchmarks) force another. */
+ * (binary weights by table lookup) replaced, AVX512-BF16 puts its bf16 product over it, and AMX its bf16
+ * and int8 products (where Linux grants the tile state; isa_amx.cpp). The best path the CPU supports and
+ * prefers is chosen when the module loads; CELLSERVE_ISA or platform_select() (tests, benchmarks) force
+ * another. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,8 +32,9 @@ int dpbf16_preferred() {
 #endif
 
 /* The paths, best first; built once, on first use. The AVX-512 extensions each put their kernels over the
- * AVX-512 table: VBMI binary weights by table lookup, BF16 the bf16 product on vdpbf16ps. Every combination
- * the CPU has is a path of its own, so the tests can run each kernel on one machine. */
+ * AVX-512 table: AMX the bf16 and int8 products on tiles, VBMI binary weights by table lookup, BF16 the bf16
+ * product on vdpbf16ps. Every combination the CPU has is a path of its own, so the tests can run each kernel
+ * on one machine. */
 struct Paths {
     Path path[9];
     int count = 0;
