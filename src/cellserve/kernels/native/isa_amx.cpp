@@ -44,6 +44,14 @@ void configure_tiles() {
     _tile_loadconfig(&cfg);
 }
 
+/* tmm c += tmm a x tmm b, int8 (unsigned by signed bytes into int32) or bf16 pairs (into fp32). A macro:
+ * GCC's tile intrinsics paste their tile numbers into the instruction's text, so they must be literals. */
+#define TILE_PRODUCT(c, a, b)                  \
+    do {                                       \
+        if (int8) _tile_dpbusd(c, a, b);       \
+        else _tile_dpbf16ps(c, a, b);          \
+    } while (0)
+
 /* A 32 x 32 (row_tiles = 2) or 16 x 32 block of c over `steps` tile rows of k, added to the block's sums so
  * far (first: from zero). a: A's tile of the block's first row tile at the first step (the second row tile
  * lies row_tile_bytes further on); b: the panel at the first step; sums: 32 x 32 (fp32 or int32, 128-byte
@@ -71,22 +79,12 @@ void tile_block(const uint8_t *a, size_t row_tile_bytes, const uint8_t *b, int s
         _tile_loadd(6, bs, PANEL_ROW_BYTES);
         _tile_loadd(7, bs + TILE_BYTES, PANEL_ROW_BYTES);
         _tile_loadd(4, a + (size_t)s * A_TILE_BYTES, TILE_BYTES);
-        if (int8) {
-            _tile_dpbusd(0, 4, 6);
-            _tile_dpbusd(1, 4, 7);
-        } else {
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-        }
+        TILE_PRODUCT(0, 4, 6);
+        TILE_PRODUCT(1, 4, 7);
         if (row_tiles == 2) {
             _tile_loadd(5, a + row_tile_bytes + (size_t)s * A_TILE_BYTES, TILE_BYTES);
-            if (int8) {
-                _tile_dpbusd(2, 5, 6);
-                _tile_dpbusd(3, 5, 7);
-            } else {
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
+            TILE_PRODUCT(2, 5, 6);
+            TILE_PRODUCT(3, 5, 7);
         }
     }
     _tile_stored(0, o, PANEL_ROW_BYTES);
